@@ -1,0 +1,50 @@
+# clfast: `make demo` runs the default job, `make test` the whole test suite, `make bench` the benchmarks.
+# Each target sets everything up first (a .venv with the PyTorch recipe of ENV.md, the compiled kernels).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+export MAX_JOBS ?= 2
+
+# torch first, pinned (a CUDA 13 build that runs on the CPU too); never build-isolated (see ENV.md).
+TORCH_PKGS := torch==2.14.1 torchvision==0.29.1
+DEPS := timm open_clip_torch faiss-cpu safetensors numpy scipy scikit-learn pyyaml matplotlib tqdm rich \
+        pytest pytest-benchmark pybind11 ninja setuptools wheel
+
+DEPS_STAMP := $(VENV)/.deps-stamp
+EXT_STAMP  := $(VENV)/.ext-stamp
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+
+.PHONY: setup demo test bench bench-quick info clean
+
+setup: $(EXT_STAMP)
+
+$(DEPS_STAMP): Makefile pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PKGS)
+	$(PIP) install -q $(DEPS)
+	touch $@
+
+$(EXT_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
+	$(PIP) install -q -e . --no-build-isolation
+	touch $@
+
+demo: setup
+	$(VENV)/bin/clfast demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/clfast bench ops --write
+
+bench-quick: setup
+	$(VENV)/bin/clfast bench ops --quick
+
+info: setup
+	$(VENV)/bin/clfast info
+
+clean:
+	rm -rf build clfast/_C*.so $(EXT_STAMP)

@@ -1,0 +1,3 @@
+from clfast.cli import main
+
+raise SystemExit(main())

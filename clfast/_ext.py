@@ -1,0 +1,40 @@
+"""Loads the compiled extension ``clfast._C`` once. If it is missing or broken, clfast still imports:
+a single warning is issued and the ops dispatch to their other backends (``clfast info`` says why)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+EXT_ERROR: str | None = None
+try:
+    from clfast import _C  # noqa: F401  (importing runs the kernels' static registrations)
+except Exception as exc:  # ImportError, or an undefined symbol after a torch upgrade
+    EXT_ERROR = f"clfast._C could not be loaded ({type(exc).__name__}: {exc}); rebuild with `pip install -e . --no-build-isolation`"
+    warnings.warn(EXT_ERROR + "; falling back to the Python backends", RuntimeWarning, stacklevel=2)
+
+
+def has_op(name: str) -> bool:
+    """Whether the extension registered the kernel ``torch.ops._clfast_C.<name>``."""
+    if EXT_ERROR is not None:
+        return False
+    return hasattr(torch.ops._clfast_C, name)
+
+
+def missing_op_reason(name: str) -> str | None:
+    if EXT_ERROR is not None:
+        return "compiled extension clfast._C not loaded"
+    if not has_op(name):
+        return f"clfast._C was built without the kernel {name} (rebuild the extension)"
+    return None
+
+
+def build_info() -> str:
+    if EXT_ERROR is not None:
+        return EXT_ERROR
+    return torch.ops._clfast_C.build_info()
+
+
+def built_with_cuda() -> bool:
+    return EXT_ERROR is None and bool(torch.ops._clfast_C.built_with_cuda())

@@ -1,0 +1,497 @@
+"""prefix_attention: multi-head attention whose keys/values are prefixed by prompt tokens.
+
+    out = softmax(scale · q · [prefix_k ; k]ᵀ, masked keys excluded) · [prefix_v ; v]
+
+This one op serves prefix tuning (DualPrompt, CODA-Prompt, ConvPrompt), GPLS's generated prompts (the
+prompt rows are dropped after each block, which is exactly a per-sample prefix), STAR-Prompt's concat
+mode, CluMo's prompt on the fusion cross-attention memory and ATLAS's single-query coefficient attention.
+
+Layers, as for every clfast op: :func:`reference` (the spec) → backends (``torch``: SDPA on the
+concatenation, the bar to beat; ``cpu``: C++ in csrc/prefix_attention; ``triton``: kernels/prefix_attention.py)
+→ the registered op ``clfast::prefix_attention`` (fake + autograd; torch.compile traces it without graph
+breaks) → the public :func:`prefix_attention` and the module :class:`PromptedAttention`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clfast import _ext, _triton
+from clfast.ops import _dispatch
+from clfast.ops._dispatch import Backend, register_backend
+
+__all__ = ["prefix_attention", "reference", "PromptedAttention", "PromptContext"]
+
+OP = "prefix_attention"
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class Inputs(NamedTuple):
+    """What backends look at to decide whether they can run a call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch: int
+    heads: int
+    q_len: int
+    k_len: int
+    prefix_len: int
+    head_dim: int
+    shared_prefix: bool
+    masked: bool
+
+
+# ---------------------------------------------------------------------------------------------------
+# The spec
+# ---------------------------------------------------------------------------------------------------
+
+
+def _expand_prefix(prefix: Optional[Tensor], batch: int) -> Optional[Tensor]:
+    if prefix is None or prefix.dim() == 4:
+        return prefix
+    return prefix.unsqueeze(0).expand(batch, *prefix.shape)
+
+
+def _full_mask(q: Tensor, k: Tensor, prefix_len: int, kv_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(B,1,1,P+Nk) attend-mask over the concatenated keys, with empty rows opened up (their output is
+    zeroed afterwards, so softmax never sees an all -inf row and no NaN reaches the gradients), and the
+    (B,1,1,1) bool saying which rows had anything to attend."""
+    B, Nk = q.shape[0], k.shape[2]
+    if kv_mask is None:
+        kv_mask = torch.ones(B, Nk, dtype=torch.bool, device=q.device)
+    pm = torch.ones(B, prefix_len, dtype=torch.bool, device=q.device)
+    full = torch.cat([pm, kv_mask], dim=1)
+    any_valid = full.any(dim=1)
+    full = full | ~any_valid[:, None]
+    return full[:, None, None, :], any_valid[:, None, None, None]
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None,
+              prefix_v: Optional[Tensor] = None, kv_mask: Optional[Tensor] = None,
+              scale: Optional[float] = None) -> Tensor:
+    """Explicit math on the concatenated keys/values; the definition every backend is tested against.
+
+    Rows with nothing to attend (no prefix and every key masked) give zeros, as flash attention does.
+    """
+    B, _, _, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    pk, pv = _expand_prefix(prefix_k, B), _expand_prefix(prefix_v, B)
+    if pk is not None:
+        k = torch.cat([pk, k], dim=2)
+        v = torch.cat([pv, v], dim=2)
+    P = 0 if pk is None else pk.shape[2]
+    mask, any_valid = _full_mask(q, k[:, :, P:], P, kv_mask)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = scores.softmax(dim=-1) @ v
+    return out.masked_fill(~any_valid, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------
+
+# PyTorch's own low-precision error grows with the reduction length; these are the slack the tests allow
+# on top of "2x stock PyTorch's error at the same dtype", which is checked separately.
+_LOWP_ATOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@register_backend
+class ReferenceBackend(Backend):
+    OP, NAME = OP, "reference"
+    DEVICES = ("cpu", "cuda")
+    DTYPES = _FLOAT
+    ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, **_LOWP_ATOL}
+    GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-4, **_LOWP_ATOL}
+
+    @staticmethod
+    def run(q, k, v, prefix_k, prefix_v, kv_mask, scale):
+        return reference(q, k, v, prefix_k, prefix_v, kv_mask, scale)
+
+
+@register_backend
+class TorchBackend(Backend):
+    """``F.scaled_dot_product_attention`` on the concatenated K/V: the best stock-PyTorch composition."""
+
+    OP, NAME = OP, "torch"
+    DEVICES = ("cpu", "cuda")
+    DTYPES = _FLOAT
+    ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, **_LOWP_ATOL}
+    GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-4, **_LOWP_ATOL}
+
+    @staticmethod
+    def run(q, k, v, prefix_k, prefix_v, kv_mask, scale):
+        B = q.shape[0]
+        P = 0 if prefix_k is None else prefix_k.shape[-2]
+        if P:
+            k = torch.cat([_expand_prefix(prefix_k, B), k], dim=2)
+            v = torch.cat([_expand_prefix(prefix_v, B), v], dim=2)
+        if kv_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        mask, any_valid = _full_mask(q, k[:, :, P:], P, kv_mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.masked_fill(~any_valid, 0.0)
+
+
+class _FusedBackend(Backend):
+    """A backend whose forward/backward kernels run inside the registered op ``clfast::prefix_attention``."""
+
+    FUSED = True
+
+    @staticmethod
+    def forward(q, k, v, prefix_k, prefix_v, kv_mask, scale):  # -> (out, lse)
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale):  # -> 5 grads
+        raise NotImplementedError
+
+    @classmethod
+    def run(cls, q, k, v, prefix_k, prefix_v, kv_mask, scale):
+        return torch.ops.clfast.prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, scale, cls.NAME)[0]
+
+
+@register_backend
+class CpuBackend(_FusedBackend):
+    """C++ (csrc/prefix_attention): blocked online softmax, bf16 GEMM tiles with fp32 accumulation."""
+
+    OP, NAME = OP, "cpu"
+    DEVICES = ("cpu",)
+    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    ATOL = {torch.float32: 2e-5, **_LOWP_ATOL}
+    GRAD_ATOL = {torch.float32: 1e-4, **_LOWP_ATOL}
+
+    @classmethod
+    def unavailable_reason(cls):
+        return _ext.missing_op_reason("prefix_attention_fwd")
+
+    @staticmethod
+    def forward(q, k, v, prefix_k, prefix_v, kv_mask, scale):
+        return torch.ops._clfast_C.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, kv_mask, scale)
+
+    @staticmethod
+    def backward(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale):
+        return torch.ops._clfast_C.prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse,
+                                                        scale)
+
+
+@register_backend
+class TritonBackend(_FusedBackend):
+    """Flash-style Triton kernels (kernels/prefix_attention.py); the default on CUDA."""
+
+    OP, NAME = OP, "triton"
+    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    # fp32 tl.dot may use TF32 on GPUs: looser than the C++ backend.
+    ATOL = {torch.float32: 2e-3 if _triton.CUDA else 2e-5, **_LOWP_ATOL}
+    GRAD_ATOL = {torch.float32: 5e-3 if _triton.CUDA else 1e-4, **_LOWP_ATOL}
+
+    @classmethod
+    def unavailable_reason(cls):
+        return _triton.unavailable_reason()
+
+    @classmethod
+    def devices(cls):
+        return _triton.devices()
+
+    @classmethod
+    def extra_reasons(cls, inputs):
+        return [f"head_dim {inputs.head_dim} > 256"] if inputs.head_dim > 256 else []
+
+    @staticmethod
+    def forward(q, k, v, prefix_k, prefix_v, kv_mask, scale):
+        from clfast.kernels import prefix_attention as kern
+
+        return kern.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, kv_mask, scale)
+
+    @staticmethod
+    def backward(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale):
+        from clfast.kernels import prefix_attention as kern
+
+        return kern.prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale)
+
+
+_dispatch.set_priority(OP, "cpu", ["cpu", "torch", "reference"])
+_dispatch.set_priority(OP, "cuda", ["triton", "torch", "reference"])
+
+
+def _fused(name: str) -> type[_FusedBackend]:
+    cls = _dispatch.backends(OP)[name]
+    if not getattr(cls, "FUSED", False):
+        raise ValueError(f"clfast::prefix_attention: backend {name!r} is not a fused backend")
+    return cls
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registered op: clfast::prefix_attention (+ its backward), with fake implementations and autograd
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("clfast::prefix_attention", mutates_args=())
+def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+                         kv_mask: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (out (B,H,Nq,d) in q's dtype, lse (B,H,Nq) float32). ``lse`` is saved for the backward and
+    is not differentiable."""
+    return _fused(backend).forward(q, k, v, prefix_k, prefix_v, kv_mask, scale)
+
+
+@_prefix_attention_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, kv_mask, scale, backend):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("clfast::prefix_attention_backward", mutates_args=())
+def _prefix_attention_backward_op(
+        dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+        kv_mask: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix grads are empty when there is no prefix."""
+    return _fused(backend).backward(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale)
+
+
+@_prefix_attention_backward_op.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale, backend):
+    def like(t):
+        return q.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(prefix_k), like(prefix_v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, kv_mask, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, kv_mask, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, prefix_k, prefix_v, kv_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv = torch.ops.clfast.prefix_attention_backward(
+        dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, ctx.scale, ctx.backend)
+    if prefix_k is None:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None, None
+
+
+_prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------------
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ",".join(str(s) for s in t.shape) + ")"
+
+
+def _validate(q, k, v, prefix_k, prefix_v, kv_mask, scale) -> Inputs:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"prefix_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT:
+            raise TypeError(f"prefix_attention: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"prefix_attention: {name} must have shape (B,H,N,d), got {_shape(t)}")
+    B, H, Nq, d = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != d:
+        raise ValueError(f"prefix_attention: k must have shape (B,H,Nk,d) = ({B},{H},Nk,{d}) to match q, got {_shape(k)}")
+    if v.shape != k.shape:
+        raise ValueError(f"prefix_attention: v must have the shape of k {_shape(k)}, got {_shape(v)}")
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_attention: prefix_k and prefix_v must be given together (got only "
+                         f"{'prefix_k' if prefix_v is None else 'prefix_v'})")
+    P, shared = 0, False
+    if prefix_k is not None:
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"prefix_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            ok = (t.dim() == 4 and t.shape[:2] == (B, H) and t.shape[3] == d) or (
+                t.dim() == 3 and t.shape[0] == H and t.shape[2] == d)
+            if not ok:
+                raise ValueError(f"prefix_attention: {name} must have shape (B,H,P,d) = ({B},{H},P,{d}) or "
+                                 f"(H,P,d) = ({H},P,{d}), got {_shape(t)}")
+        if prefix_v.shape != prefix_k.shape:
+            raise ValueError(f"prefix_attention: prefix_v must have the shape of prefix_k {_shape(prefix_k)}, "
+                             f"got {_shape(prefix_v)}")
+        P, shared = prefix_k.shape[-2], prefix_k.dim() == 3
+    tensors = [("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)]
+    for name, t in tensors[1:]:
+        if t is None:
+            continue
+        if t.dtype != q.dtype:
+            raise TypeError(f"prefix_attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"prefix_attention: {name} must be on q's device {q.device}, got {t.device}")
+    if kv_mask is not None:
+        if not isinstance(kv_mask, Tensor) or kv_mask.dtype != torch.bool:
+            raise TypeError("prefix_attention: kv_mask must be a bool tensor (True = attend), got "
+                            f"{getattr(kv_mask, 'dtype', type(kv_mask).__name__)}")
+        if kv_mask.shape != (B, k.shape[2]):
+            raise ValueError(f"prefix_attention: kv_mask must have shape (B,Nk) = ({B},{k.shape[2]}), "
+                             f"got {_shape(kv_mask)}")
+        if kv_mask.device != q.device:
+            raise ValueError(f"prefix_attention: kv_mask must be on q's device {q.device}, got {kv_mask.device}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise TypeError(f"prefix_attention: scale must be a finite float or None, got {scale!r}")
+    return Inputs(q.device, q.dtype, B, H, Nq, k.shape[2], P, d, shared, kv_mask is not None)
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None,
+                     prefix_v: Optional[Tensor] = None, *, kv_mask: Optional[Tensor] = None,
+                     scale: Optional[float] = None) -> Tensor:
+    """Attention over prompt-prefixed keys and values, without materialising the concatenation.
+
+    Args:
+        q: ``(B, H, Nq, d)`` queries; float32, bfloat16 or float16 (float64 on the reference/torch backends).
+        k: ``(B, H, Nk, d)`` keys, same dtype and device as ``q``.
+        v: ``(B, H, Nk, d)`` values.
+        prefix_k: prompt keys, per sample ``(B, H, P, d)`` or shared by the batch ``(H, P, d)``; P may be 0.
+        prefix_v: prompt values, the shape of ``prefix_k``. Give both or neither.
+        kv_mask: ``(B, Nk)`` bool, True = attend. Masks sequence keys only; prefix keys are always attended.
+            A row with nothing to attend returns zeros (and zero gradients).
+        scale: softmax scale, default ``d ** -0.5``.
+
+    Returns:
+        ``(B, H, Nq, d)`` in the dtype of ``q``. Differentiable w.r.t. q, k, v, prefix_k and prefix_v
+        (a shared prefix receives the sum over the batch).
+
+    Equivalent PyTorch::
+
+        kc = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
+        vc = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
+        mask = torch.cat([torch.ones(B, P, dtype=torch.bool), kv_mask], dim=1)[:, None, None]
+        out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale)
+
+    The backend is chosen per call (see ``clfast info``); force one with ``clfast.ops.use_backend(name)``
+    or ``CLFAST_BACKEND=name``.
+    """
+    inputs = _validate(q, k, v, prefix_k, prefix_v, kv_mask, scale)
+    scale = float(inputs.head_dim ** -0.5 if scale is None else scale)
+    backend = _dispatch.select(OP, inputs)
+    return backend.run(q, k, v, prefix_k, prefix_v, kv_mask, scale)
+
+
+# ---------------------------------------------------------------------------------------------------
+# nn.Module: a drop-in for timm's Attention
+# ---------------------------------------------------------------------------------------------------
+
+
+class PromptContext:
+    """Carries the prefixes of one forward pass to the :class:`PromptedAttention` layers that share it.
+
+    A model owns one context; its forward sets the prefixes for the layers it prompts::
+
+        with ctx.prompts({0: (pk0, pv0), 3: (pk3, pv3)}):
+            logits = vit(x)
+
+    Prefixes are given per layer index as ``(prefix_k, prefix_v)``, each ``(B,P,C)`` / ``(P,C)`` in model
+    width C (split into heads by the layer) or already ``(B,H,P,d)`` / ``(H,P,d)``. Layers without an entry
+    run unprompted. Optional ``kv_mask`` (B, N) applies to every prompted layer.
+    """
+
+    def __init__(self) -> None:
+        self._prefixes: dict[int, tuple[Tensor, Tensor]] = {}
+        self.kv_mask: Optional[Tensor] = None
+
+    def get(self, layer: int) -> Optional[tuple[Tensor, Tensor]]:
+        return self._prefixes.get(layer)
+
+    class _Scope:
+        def __init__(self, ctx, prefixes, kv_mask):
+            self.ctx, self.new = ctx, (dict(prefixes), kv_mask)
+
+        def __enter__(self):
+            self.old = (self.ctx._prefixes, self.ctx.kv_mask)
+            self.ctx._prefixes, self.ctx.kv_mask = self.new
+            return self.ctx
+
+        def __exit__(self, *exc):
+            self.ctx._prefixes, self.ctx.kv_mask = self.old
+            return False
+
+    def prompts(self, prefixes: dict[int, tuple[Tensor, Tensor]], kv_mask: Optional[Tensor] = None):
+        """Context manager installing ``prefixes`` (layer -> (prefix_k, prefix_v)) for one forward."""
+        return PromptContext._Scope(self, prefixes, kv_mask)
+
+
+class PromptedAttention(torch.nn.Module):
+    """timm ``Attention`` with prompt prefixes, reusing the wrapped module's qkv/proj weights.
+
+    Args:
+        attn: a ``timm.models.vision_transformer.Attention`` (or anything with ``qkv``, ``proj``,
+            ``num_heads``, ``head_dim``, ``scale``, ``q_norm``, ``k_norm``, ``attn_drop``, ``proj_drop``).
+        layer: this block's index, the key into the :class:`PromptContext`.
+        context: the shared :class:`PromptContext`; a fresh private one if None.
+
+    With no prefix for this layer the output equals the wrapped module's. Prefix keys/values enter after the
+    qkv projection and are not normalised by ``k_norm`` (prefix tuning, as DualPrompt defines it).
+    """
+
+    def __init__(self, attn: torch.nn.Module, layer: int = 0, context: Optional[PromptContext] = None) -> None:
+        super().__init__()
+        for name in ("qkv", "proj", "num_heads", "head_dim", "scale"):
+            if not hasattr(attn, name):
+                raise TypeError(f"PromptedAttention: attn must look like timm's Attention (missing .{name}), "
+                                f"got {type(attn).__name__}")
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.attn_dim = getattr(attn, "attn_dim", self.num_heads * self.head_dim)
+        self.q_norm = getattr(attn, "q_norm", torch.nn.Identity())
+        self.k_norm = getattr(attn, "k_norm", torch.nn.Identity())
+        self.norm = getattr(attn, "norm", torch.nn.Identity())
+        self.gate = getattr(attn, "gate", None)
+        self.attn_drop = getattr(attn, "attn_drop", torch.nn.Dropout(0.0))
+        self.proj_drop = getattr(attn, "proj_drop", torch.nn.Dropout(0.0))
+        self.layer = layer
+        self.context = context if context is not None else PromptContext()
+
+    def _heads(self, t: Tensor, batch: int, name: str) -> Tensor:
+        H, d = self.num_heads, self.head_dim
+        if t.dim() == 4 or (t.dim() == 3 and t.shape[0] == H and t.shape[-1] == d):
+            return t
+        if t.shape[-1] != H * d:
+            raise ValueError(f"PromptedAttention(layer {self.layer}): {name} must have width {H * d} "
+                             f"((B,P,C) or (P,C)) or be head-split ((B,H,P,d) or (H,P,d)), got {_shape(t)}")
+        if t.dim() == 2:
+            return t.reshape(t.shape[0], H, d).transpose(0, 1)
+        return t.reshape(t.shape[0], t.shape[1], H, d).transpose(1, 2)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        prefix = self.context.get(self.layer)
+        pk = pv = None
+        if prefix is not None:
+            pk, pv = self._heads(prefix[0], B, "prefix_k"), self._heads(prefix[1], B, "prefix_v")
+            pk, pv = pk.to(q.dtype), pv.to(q.dtype)
+        dropout = self.attn_drop.p if self.training else 0.0
+        if attn_mask is not None or is_causal or dropout > 0.0:
+            # Rare paths (timm masks, causal, attention dropout): SDPA on the concatenation.
+            if pk is not None:
+                if is_causal:
+                    raise ValueError("PromptedAttention: is_causal=True with a prompt prefix is ambiguous")
+                k = torch.cat([_expand_prefix(pk, B), k], dim=2)
+                v = torch.cat([_expand_prefix(pv, B), v], dim=2)
+                if attn_mask is not None:
+                    P = pk.shape[-2]
+                    pad = (P, 0)
+                    attn_mask = (F.pad(attn_mask, pad, value=True) if attn_mask.dtype == torch.bool
+                                 else F.pad(attn_mask, pad, value=0.0))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                                 is_causal=is_causal, scale=self.scale)
+        else:
+            out = prefix_attention(q, k, v, pk, pv, kv_mask=self.context.kv_mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))

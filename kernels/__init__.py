@@ -1,0 +1,20 @@
+"""Triton kernels of clfast's fused ops (the GPU path), installed as ``clfast.kernels``.
+
+One module per op, ``kernels/<op>.py``, holding ``@triton.jit`` kernels and their launchers only; the
+launchers are registered as ``torch.library.triton_op`` ops by ``clfast.ops``. Nothing here imports
+clfast, and every module imports cleanly wherever triton is importable, GPU or not.
+
+Conventions shared by the modules:
+
+* A launchable kernel's name ends in ``_kernel``; other ``@triton.jit`` functions are device helpers
+  inlined into the kernels.
+* Each module exposes ``AOT_CASES``: a list of ``(jit_fn, signature, constexprs[, options])`` tuples,
+  or a function returning one, covering every kernel with each dtype and ``tl.constexpr``
+  combination its launchers use. ``tests/kernels/test_triton_aot.py`` compiles every case ahead of
+  time for sm_80 and sm_90 (no GPU needed) with ``triton.compile(ASTSource(...))``; ``options`` holds
+  ``num_warps``/``num_stages``. Pointer arguments are compiled as 16-byte aligned, as the JIT would
+  specialise them for torch allocations.
+* Under ``TRITON_INTERPRET=1`` (CPU tensors) the launchers upcast 16-bit ``tl.dot`` operands to fp32
+  after rounding them to the storage dtype (the interpreter's bf16 ``tl.dot`` is wrong), and use
+  small blocks so that tiny test shapes still cross block boundaries.
+"""

@@ -1,0 +1,90 @@
+"""Builds clfast._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and nvcc is
+found. Environment: CLFAST_SKIP_CUDA=1 / CLFAST_FORCE_CUDA=1 override the CUDA choice, CLFAST_NATIVE=1
+adds -march=native, MAX_JOBS bounds ninja's parallelism."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _nvcc_home():
+    """CUDA_HOME from the nvcc on PATH (torch's own guess is wrong on machines without a driver)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _want_cuda(torch):
+    if os.environ.get("CLFAST_SKIP_CUDA") == "1":
+        return False, "CLFAST_SKIP_CUDA=1"
+    home = _nvcc_home()
+    if os.environ.get("CLFAST_FORCE_CUDA") == "1":
+        return True, "CLFAST_FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, "torch is not a CUDA build"
+    if home is None:
+        return False, "nvcc not found"
+    cu = glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
+    if not cu:
+        return False, "no CUDA sources in csrc/"
+    return True, f"torch CUDA {torch.version.cuda}, nvcc in {home}"
+
+
+def _nvidia_wheel_includes():
+    """Include folders of the nvidia-* wheels (cuBLAS/cuSPARSE headers ship there, not in the toolkit)."""
+    out = []
+    for p in sys.path:
+        out += glob.glob(os.path.join(p, "nvidia", "*", "include"))
+        out += glob.glob(os.path.join(p, "nvidia", "cu*", "include"))
+    return sorted(set(d for d in out if os.path.isdir(d)))
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
+    if os.environ.get("CLFAST_NATIVE") == "1":
+        cxx.append("-march=native")
+    use_cuda, why = _want_cuda(torch)
+    define = [("CLFAST_BUILD_CUDA", "1" if use_cuda else "0")]
+    build_note = f"cuda={'on' if use_cuda else 'off'} ({why})"
+    define.append(("CLFAST_BUILD_NOTE", f'"{build_note}"'))
+    print(f"[clfast setup] {build_note}", flush=True)
+    if use_cuda:
+        os.environ["CUDA_HOME"] = _nvcc_home() or ""
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        ext = cpp_extension.CUDAExtension(
+            "clfast._C", cpp + cu, define_macros=define,
+            include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(),
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+            py_limited_api=False)
+    else:
+        ext = cpp_extension.CppExtension(
+            "clfast._C", cpp, define_macros=define,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = _extensions()
+setup(
+    packages=find_packages(include=["clfast", "clfast.*"]) + ["clfast.kernels"],
+    package_dir={"clfast": "clfast", "clfast.kernels": "kernels"},
+    package_data={"clfast": ["assets/*", "configs/*.yaml", "data/*.json"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+)
