@@ -1,6 +1,7 @@
 """Builds clfast._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and nvcc is
 found. Environment: CLFAST_SKIP_CUDA=1 / CLFAST_FORCE_CUDA=1 override the CUDA choice, CLFAST_NATIVE=1
-adds -march=native, MAX_JOBS bounds ninja's parallelism."""
+adds -march=native, CLFAST_EXCLUDE_OPS=op1,op2 leaves those csrc/ folders out, MAX_JOBS bounds ninja's
+parallelism."""
 
 import glob
 import os
@@ -52,8 +53,14 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    # CLFAST_EXCLUDE_OPS=a,b leaves csrc/a and csrc/b out (faster builds while working on one op).
+    skip = {s for s in os.environ.get("CLFAST_EXCLUDE_OPS", "").split(",") if s}
+
+    def sources(ext):
+        found = glob.glob(os.path.join("csrc", "**", "*" + ext), recursive=True)
+        return sorted(f for f in found if os.path.normpath(f).split(os.sep)[1] not in skip)
+
+    cpp, cu = sources(".cpp"), sources(".cu")
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
     if os.environ.get("CLFAST_NATIVE") == "1":
         cxx.append("-march=native")

@@ -31,7 +31,7 @@ def cmd_bench(args) -> int:
     results.mkdir(exist_ok=True)
     tag = "quick" if args.quick else "full"
     out_json = results / f"ops_{tag}.json"
-    cmd = [sys.executable, "-m", "pytest", str(bench / "bench_ops.py"), "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", *sorted(str(p) for p in bench.glob("bench_ops*.py")), "-q", "-p", "no:cacheprovider",
            "--benchmark-enable", "--benchmark-only", f"--benchmark-json={out_json}",
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
     if args.quick:

@@ -1,0 +1,86 @@
+"""Side-by-side timings of every op's backends against the "peer" way the official codes compute it.
+
+Run with `make bench` (or `clfast bench ops [--quick]`); `benchmarks/report.py` turns the saved JSON into
+the ratio tables of BENCHMARKS.md. Each case is one pytest-benchmark group; the figures that matter are
+the ratios of medians within a group, never absolute times across machines.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.peers import prefix_attention_peer
+from clfast.ops import _dispatch, prefix_attention, use_backend
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _available(op, name):
+    cls = _dispatch.backends(op).get(name)
+    return cls is not None and cls.available() and "cpu" in cls.devices() and not (
+        name == "triton" and not torch.cuda.is_available())
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(benchmark, fn, *, rounds):
+    def once():
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(once, rounds=rounds, warmup_rounds=2, iterations=1)
+
+
+# ---------------------------------------------------------------- prefix_attention
+# (B, H, N, d, P): ViT-B/16 shapes; the issue's acceptance shape is B=16, P=20.
+PA_SHAPES = [(16, 12, 197, 64, 20), (32, 12, 197, 64, 5), (32, 12, 197, 64, 20)]
+PA_QUICK = [(4, 3, 65, 64, 5), (16, 12, 197, 64, 20)]
+PA_IMPLS = ["peer", "torch", "cpu", "triton"]
+
+
+def _pa_cases(quick):
+    shapes = PA_QUICK if quick else [PA_QUICK[0]] + PA_SHAPES
+    for shape in shapes:
+        for dt in DTYPES:
+            for mode in ("fwd", "fwd+bwd"):
+                for impl in PA_IMPLS:
+                    yield shape, dt, mode, impl
+
+
+def pytest_generate_tests(metafunc):
+    if "pa_case" in metafunc.fixturenames:
+        quick = metafunc.config.getoption("--quick")
+        cases = [c for c in _pa_cases(quick) if c[3] == "peer" or _available("prefix_attention", c[3])]
+        ids = [f"B{s[0]}H{s[1]}N{s[2]}d{s[3]}P{s[4]}-{dt}-{mode}-{impl}" for s, dt, mode, impl in cases]
+        metafunc.parametrize("pa_case", cases, ids=ids)
+
+
+def test_prefix_attention(benchmark, pa_case):
+    (B, H, N, d, P), dt, mode, impl = pa_case
+    dtype, dev = DTYPES[dt], _device()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dev, dtype).requires_grad_(mode != "fwd")  # noqa: E731
+    q, k, v, pk, pv = mk(B, H, N, d), mk(B, H, N, d), mk(B, H, N, d), mk(B, H, P, d), mk(B, H, P, d)
+    dout = torch.randn(B, H, N, d, generator=g).to(dev, dtype)
+    scale = d ** -0.5
+    if impl == "peer":
+        forward = lambda: prefix_attention_peer(q, k, v, pk, pv, scale)  # noqa: E731
+    else:
+        def forward():
+            with use_backend(impl, op="prefix_attention"):
+                return prefix_attention(q, k, v, pk, pv, scale=scale)
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                forward()
+    else:
+        def fn():
+            torch.autograd.grad(forward(), (q, k, v, pk, pv), dout)
+    benchmark.group = f"prefix_attention B{B} H{H} N{N} d{d} P{P} {dt} {mode}"
+    benchmark.extra_info.update(op="prefix_attention", impl=impl, dtype=dt, mode=mode,
+                                shape=dict(B=B, H=H, N=N, d=d, P=P), device=dev)
+    _run(benchmark, fn, rounds=5 if B >= 16 else 20)

@@ -1,0 +1,126 @@
+"""Turn a pytest-benchmark JSON file into the ratio tables of BENCHMARKS.md.
+
+    python benchmarks/report.py benchmarks/results/ops_full.json [--write]
+
+Each group is one case (op, shape, dtype, mode); within it every implementation's median is quoted with
+its speed-up over ``peer`` (the way the official codes compute it) and over ``torch`` (the best stock
+PyTorch composition). Speed-up = other median / this median, so > 1 means faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench:{name}:begin -->", "<!-- bench:{name}:end -->"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def header(data: dict) -> str:
+    import torch
+
+    extra = data.get("benchmarks", [{}])[0].get("extra_info", {}) if data.get("benchmarks") else {}
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except Exception:
+        triton_v = "n/a"
+    dev = extra.get("device", "cpu")
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if dev == "cuda" and torch.cuda.is_available() else ""
+    return (f"Machine: {_cpu_model()}, {os.cpu_count()} cores, torch threads "
+            f"{os.environ.get('CLFAST_BENCH_THREADS', '2')}{gpu}. "
+            f"Versions: Python {platform.python_version()}, torch {torch.__version__}, triton {triton_v}. "
+            f"Commit: {_commit()}. Date: {data.get('datetime', '')[:19]}.")
+
+
+def tables(data: dict) -> dict[str, str]:
+    """op name -> markdown table."""
+    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    op_of: dict[str, str] = {}
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        groups[b["group"]][info["impl"]] = b["stats"]["median"]
+        op_of[b["group"]] = info["op"]
+    out: dict[str, list[str]] = defaultdict(list)
+    for group in groups:
+        op = op_of[group]
+        if not out[op]:
+            out[op] += ["| case | impl | median ms | speed-up vs peer | speed-up vs torch |",
+                        "|---|---|---:|---:|---:|"]
+        meds = groups[group]
+        case = group[len(op):].strip()
+        for impl, med in sorted(meds.items(), key=lambda kv: kv[1], reverse=True):
+            vs_peer = f"{meds['peer'] / med:.2f}×" if "peer" in meds else "–"
+            vs_torch = f"{meds['torch'] / med:.2f}×" if "torch" in meds else "–"
+            out[op].append(f"| {case} | {impl} | {med * 1e3:.2f} | {vs_peer} | {vs_torch} |")
+    return {op: "\n".join(rows) for op, rows in out.items()}
+
+
+def write(path: Path, name: str, body: str) -> None:
+    text = path.read_text() if path.exists() else "# clfast benchmarks\n"
+    begin, end = BEGIN.format(name=name), END.format(name=name)
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        text = pre + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".bench-", suffix=".md")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json", type=Path)
+    p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = p.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    head = header(data)
+    tabs = tables(data)
+    if not tabs:
+        print("no benchmark results in", args.json, file=sys.stderr)
+        return 1
+    print(head)
+    for op, tab in tabs.items():
+        print(f"\n## {op}\n{tab}")
+        if args.write:
+            write(args.out, op, f"### {op}\n\n{head}\n\n{tab}")
+    if args.write:
+        print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
