@@ -3,17 +3,33 @@ torch.library registration and its public function / nn.Module.
 
     clfast.ops.prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask=..., scale=...)
     clfast.ops.PromptedAttention(timm_attention, layer, context)
+    clfast.ops.mahalanobis(x, means, prec_chol), clfast.ops.gaussian_kl(mu, log_var, prior_mean, prec_chol)
+    clfast.ops.GaussianStats(dim, num_groups)
+    clfast.ops.prompt_conv(embeddings, weight, bias, prompt_weights), clfast.ops.PromptConv(...)
+    clfast.ops.retrieve(query, keys, k, metric=..., exact=...) -> (scores, indices)
+    clfast.ops.KeyIndex(dim, metric, exact)   clfast.ops.kmeans(x, n_clusters, n_iter, seed)
 
 Backends are picked per call (``clfast info`` lists them); ``use_backend(name)`` or ``CLFAST_BACKEND`` forces one.
 """
 
 from clfast.ops._dispatch import backends, forced_backend, ops as list_ops, select, use_backend
 from clfast.ops.attention import PromptContext, PromptedAttention, prefix_attention
+from clfast.ops.conv import PromptConv, prompt_conv
+from clfast.ops.gaussian import GaussianStats, gaussian_kl, mahalanobis
+from clfast.ops.retrieval import KeyIndex, kmeans, retrieve
 
 __all__ = [
     "prefix_attention",
     "PromptedAttention",
     "PromptContext",
+    "mahalanobis",
+    "gaussian_kl",
+    "GaussianStats",
+    "prompt_conv",
+    "PromptConv",
+    "retrieve",
+    "KeyIndex",
+    "kmeans",
     "use_backend",
     "backends",
     "forced_backend",

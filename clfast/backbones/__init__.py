@@ -1,0 +1,29 @@
+"""Backbones: timm ViTs and open_clip CLIP towers, and the small pretrained ones clfast ships.
+
+Importing this package registers ``vit_tiny_synth`` with timm and ``clip_tiny_synth`` with open_clip
+(when open_clip is installed), so both load offline:
+
+    import clfast.backbones, timm
+    vit = timm.create_model("vit_tiny_synth", pretrained=True, num_classes=0)
+    clip, preprocess, tokenizer = clfast.backbones.create_clip_tiny_synth()
+"""
+
+from .tokenizer import WordTokenizer
+from .zoo import (ASSET_DIR, CLIP_TINY_SYNTH_CONFIG, CLIP_TINY_SYNTH_FILE, CLIP_TINY_SYNTH_VOCAB,
+                  VIT_TINY_SYNTH_FILE, clip_normalize, clip_tiny_synth_tokenizer, create_clip_tiny_synth,
+                  list_pretrained, register_open_clip_configs, sha256_file, verify_assets, vit_normalize,
+                  vit_tiny_synth)
+from .sentence import DEFAULT_SENTENCE_ENCODER, embed_phrases, load_sentence_encoder
+
+try:  # register the open_clip config when open_clip is present; create_clip_tiny_synth says if not
+    register_open_clip_configs()
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
+
+__all__ = [
+    "WordTokenizer", "vit_tiny_synth", "create_clip_tiny_synth", "clip_tiny_synth_tokenizer",
+    "register_open_clip_configs", "clip_normalize", "vit_normalize", "verify_assets", "sha256_file",
+    "list_pretrained", "load_sentence_encoder", "embed_phrases", "DEFAULT_SENTENCE_ENCODER",
+    "ASSET_DIR", "VIT_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_CONFIG",
+    "CLIP_TINY_SYNTH_VOCAB",
+]

@@ -1,0 +1,19 @@
+"""Datasets, scenarios and the data that ships with clfast.
+
+``create_dataset(name, split, root, transform, **kw)`` builds any registered dataset; ``list_datasets()``
+names them. Shipped with the package (no download): ``synth-pretrain``, ``synth-shapes`` and
+``synth-vqa`` (procedural, :mod:`clfast.data.synth`) and ``digits`` (scikit-learn's real digits).
+This package imports nothing else from clfast.
+"""
+
+from .registry import DatasetInfo, create_dataset, dataset_info, list_datasets, register_dataset
+from . import synth as synth  # noqa: F401  (registers the synth datasets)
+from . import digits as digits  # noqa: F401  (registers "digits")
+from .synth import SynthClassification, SynthVQA
+from .digits import Digits
+from .class_descriptors import load_descriptors, synth_shapes_descriptors
+
+__all__ = [
+    "DatasetInfo", "create_dataset", "dataset_info", "list_datasets", "register_dataset",
+    "SynthClassification", "SynthVQA", "Digits", "load_descriptors", "synth_shapes_descriptors",
+]

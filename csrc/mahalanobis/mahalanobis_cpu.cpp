@@ -1,0 +1,411 @@
+// CPU kernels of clfast's Gaussian ops: mahalanobis (squared distances under a shared precision) and
+// gaussian_kl (KL of diagonal Gaussians from a full-covariance prior), forward and backward.
+//
+// The precision is P = L·Lᵀ with L lower-triangular (only its lower triangle is read) or a diagonal given as
+// a vector l (P = diag(l²)). Everything reduces to products with L, done as GEMMs that skip L's zero triangle:
+//
+//   mahalanobis: Z = [x; μ] − c (c = mean of the means; distances are translation invariant, and centring
+//                keeps ‖y‖² small so the expansion below loses little to cancellation),
+//                Y = Z·L, dist = ‖Y_x‖² + ‖Y_μ‖² − 2 Y_x Y_μᵀ (one GEMM), clamped at 0.
+//                Backward with G = d dist, r = G·1, s = Gᵀ·1:
+//                dY_x = 2(r∘Y_x − G Y_μ), dY_μ = 2(s∘Y_μ − Gᵀ Y_x), dZ = dY·Lᵀ, dL = tril(Zᵀ dY).
+//                (c is a constant here: the distances do not depend on it, so neither do the gradients.)
+//   gaussian_kl: U = (m − mu)·L, kl_b = ½(Σ_d P_dd e^{lv_bd} + U_bd² − lv_bd) − ½(D + log|P|).
+//                Backward with g = d kl: dlv = ½g(P_dd e^{lv} − 1), d(m − mu) = g∘(U·Lᵀ),
+//                dL = tril((g∘δ)ᵀ U) + diag(w)·L − diag(Σg / L_dd), w_d = Σ_b g_b e^{lv_bd}.
+//
+// GEMMs go to ATen (MKL/oneDNN): a hand-written GEMM would not beat them. What is fused here: x and μ are
+// projected by one triangular GEMM, the distance epilogue and the KL row reduction are single parallel passes,
+// and few-row products (a GPLS step has one KL row per layer) run as triangular loops that read half of L.
+// 16-bit inputs compute in fp32; float64 stays float64.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+#include "mahalanobis/mahalanobis.h"
+
+namespace clfast::gaussian {
+namespace {
+
+using at::Tensor;
+
+#define CHECK_SHAPE(t, ...)                                                                        \
+  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t " must have shape (" #__VA_ARGS__ \
+              "), got ", (t).sizes())
+
+// Column block of the triangular GEMMs: big enough for GEMM efficiency, small enough to skip most of the
+// zero triangle (D = 768 in blocks of 128 does 58% of the dense work).
+constexpr int64_t kBlock = 128;
+// Below this many rows, products with L run as loops over its lower triangle instead of GEMMs.
+constexpr int64_t kFewRows = 8;
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// t in dtype, in storage of its own (a copy, never a view of t).
+Tensor owned(const Tensor& t, at::ScalarType dtype) {
+  return t.to(t.options().dtype(dtype), /*non_blocking=*/false, /*copy=*/true);
+}
+
+void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+void check_prec_chol(const Tensor& L, int64_t D, at::ScalarType dtype) {
+  check_float(L, "prec_chol");
+  TORCH_CHECK(L.scalar_type() == dtype, "prec_chol must have the dtype of the other inputs (", dtype, "), got ",
+              L.scalar_type());
+  TORCH_CHECK((L.dim() == 2 && L.size(0) == D && L.size(1) == D) || (L.dim() == 1 && L.size(0) == D),
+              "prec_chol must have shape (D,D) or (D,) with D = ", D, ", got ", L.sizes());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Products with a lower-triangular L (row-major, contiguous, D×D). Z, Y: (N, D) contiguous.
+// ---------------------------------------------------------------------------------------------------
+
+// Y = Z·tril(L). Few rows: y_n = Σ_i z_ni L[i, :i+1], parallel over column chunks.
+template <typename T>
+void tril_project_loops(const T* Z, const T* L, T* Y, int64_t N, int64_t D) {
+  at::parallel_for(0, D, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t n = 0; n < N; ++n) {
+      T* y = Y + n * D;
+      const T* z = Z + n * D;
+      std::fill(y + c0, y + c1, T(0));
+      for (int64_t i = c0; i < D; ++i) {
+        const T zi = z[i];
+        if (zi == T(0)) continue;
+        const T* Li = L + i * D;
+        const int64_t jend = std::min(i + 1, c1);
+        for (int64_t j = c0; j < jend; ++j) y[j] += zi * Li[j];
+      }
+    }
+  });
+}
+
+// Dot product with 8 independent partial sums, so that the compiler vectorises it without -ffast-math.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += a[j + k] * b[j + k];
+  T s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// dZ = dY·tril(L)ᵀ. Few rows: dz_ni = dY[n, :i+1]·L[i, :i+1], parallel over i.
+template <typename T>
+void tril_project_t_loops(const T* dY, const T* L, T* dZ, int64_t N, int64_t D) {
+  at::parallel_for(0, D, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t n = 0; n < N; ++n) dZ[n * D + i] = dot(dY + n * D, L + i * D, i + 1);
+  });
+}
+
+// Out = tril(Aᵀ B) (D×D). Few rows: row i = Σ_n A[n,i] B[n, :i+1], parallel over rows.
+template <typename T>
+void tril_outer_loops(const T* A, const T* Bm, T* Out, int64_t N, int64_t D) {
+  at::parallel_for(0, D, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* o = Out + i * D;
+      std::fill(o, o + D, T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const T a = A[n * D + i];
+        const T* b = Bm + n * D;
+        for (int64_t j = 0; j <= i; ++j) o[j] += a * b[j];
+      }
+    }
+  });
+}
+
+Tensor tril_project(const Tensor& Z, const Tensor& L) {
+  const int64_t N = Z.size(0), D = Z.size(1);
+  Tensor Y = at::empty({N, D}, Z.options());
+  if (N == 0 || D == 0) return Y.zero_();
+  if (N <= kFewRows) {
+    AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tril_project", [&] {
+      tril_project_loops<scalar_t>(Z.data_ptr<scalar_t>(), L.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), N, D);
+    });
+    return Y;
+  }
+  const Tensor Lt = L.tril();
+  if (D <= 2 * kBlock) return at::mm_out(Y, Z, Lt);
+  // Column block J of Y needs rows j >= j0 of L only; each block is written in place (ld = D).
+  for (int64_t j0 = 0; j0 < D; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, D - j0);
+    Tensor out = Y.narrow(1, j0, nb);
+    at::mm_out(out, Z.narrow(1, j0, D - j0), Lt.narrow(0, j0, D - j0).narrow(1, j0, nb));
+  }
+  return Y;
+}
+
+Tensor tril_project_t(const Tensor& dY, const Tensor& L) {
+  const int64_t N = dY.size(0), D = dY.size(1);
+  Tensor dZ = at::empty({N, D}, dY.options());
+  if (N == 0 || D == 0) return dZ.zero_();
+  if (N <= kFewRows) {
+    AT_DISPATCH_FLOATING_TYPES(dY.scalar_type(), "tril_project_t", [&] {
+      tril_project_t_loops<scalar_t>(dY.data_ptr<scalar_t>(), L.data_ptr<scalar_t>(), dZ.data_ptr<scalar_t>(), N,
+                                     D);
+    });
+    return dZ;
+  }
+  const Tensor Lt = L.tril();
+  if (D <= 2 * kBlock) return at::mm_out(dZ, dY, Lt.t());
+  // Column block I of dZ needs columns j < i1 of L's rows I only.
+  for (int64_t i0 = 0; i0 < D; i0 += kBlock) {
+    const int64_t nb = std::min(kBlock, D - i0);
+    Tensor out = dZ.narrow(1, i0, nb);
+    at::mm_out(out, dY.narrow(1, 0, i0 + nb), Lt.narrow(0, i0, nb).narrow(1, 0, i0 + nb).t());
+  }
+  return dZ;
+}
+
+Tensor tril_outer(const Tensor& A, const Tensor& Bm) {
+  const int64_t N = A.size(0), D = A.size(1);
+  if (N <= kFewRows) {
+    Tensor out = at::empty({D, D}, A.options());
+    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "tril_outer", [&] {
+      tril_outer_loops<scalar_t>(A.data_ptr<scalar_t>(), Bm.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, D);
+    });
+    return out;
+  }
+  if (D <= 2 * kBlock) return at::mm(A.t(), Bm).tril_();
+  // Column block J of the lower triangle has rows i >= j0 only; the diagonal blocks are trimmed at the end.
+  Tensor out = at::zeros({D, D}, A.options());
+  for (int64_t j0 = 0; j0 < D; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, D - j0);
+    Tensor blk = out.narrow(0, j0, D - j0).narrow(1, j0, nb);
+    at::mm_out(blk, A.narrow(1, j0, D - j0).t(), Bm.narrow(1, j0, nb));
+  }
+  return out.tril_();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// mahalanobis
+// ---------------------------------------------------------------------------------------------------
+
+void check_mahalanobis(const Tensor& x, const Tensor& means, const Tensor& L) {
+  check_float(x, "x");
+  check_float(means, "means");
+  TORCH_CHECK(x.dim() == 2, "x must have shape (B,D), got ", x.sizes());
+  TORCH_CHECK(means.dim() == 2 && means.size(1) == x.size(1), "means must have shape (K,D) with D = ", x.size(1),
+              ", got ", means.sizes());
+  TORCH_CHECK(means.scalar_type() == x.scalar_type(), "means must have x's dtype ", x.scalar_type(), ", got ",
+              means.scalar_type());
+  check_prec_chol(L, x.size(1), x.scalar_type());
+}
+
+// Z = [x; means] − mean(means), in the compute dtype, contiguous (B+K, D).
+Tensor centred_rows(const Tensor& x, const Tensor& means, at::ScalarType acc) {
+  const int64_t B = x.size(0), K = means.size(0), D = x.size(1);
+  Tensor Z = at::empty({B + K, D}, x.options().dtype(acc));
+  Z.narrow(0, 0, B).copy_(x);
+  Z.narrow(0, B, K).copy_(means);
+  if (K > 0 && D > 0) Z.sub_(Z.narrow(0, B, K).mean(0, /*keepdim=*/true));
+  return Z;
+}
+
+std::tuple<Tensor, Tensor> mahalanobis_fwd(const Tensor& x, const Tensor& means, const Tensor& prec_chol) {
+  check_mahalanobis(x, means, prec_chol);
+  const int64_t B = x.size(0), K = means.size(0);
+  const auto acc = compute_type(x.scalar_type());
+  const Tensor L = prec_chol.to(acc).contiguous();
+  const Tensor Z = centred_rows(x, means, acc);
+  const Tensor Y = L.dim() == 1 ? Z * L : tril_project(Z, L);
+  const Tensor norms = (Y * Y).sum(1);
+  Tensor dist = at::mm(Y.narrow(0, 0, B), Y.narrow(0, B, K).t());  // the cross term, finished in place
+  AT_DISPATCH_FLOATING_TYPES(acc, "mahalanobis_fwd", [&] {
+    scalar_t* d = dist.data_ptr<scalar_t>();
+    const scalar_t* nx = norms.data_ptr<scalar_t>();
+    const scalar_t* nm = nx + B;
+    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t k = 0; k < K; ++k) d[b * K + k] = mahalanobis_epilogue(nx[b], nm[k], d[b * K + k]);
+    });
+  });
+  return {dist.to(x.scalar_type()), Y};
+}
+
+std::tuple<Tensor, Tensor, Tensor> mahalanobis_bwd(const Tensor& grad, const Tensor& x, const Tensor& means,
+                                                   const Tensor& prec_chol, const Tensor& proj) {
+  check_mahalanobis(x, means, prec_chol);
+  const int64_t B = x.size(0), K = means.size(0), D = x.size(1);
+  const auto acc = compute_type(x.scalar_type());
+  CHECK_SHAPE(grad, B, K);
+  CHECK_SHAPE(proj, B + K, D);
+  TORCH_CHECK(proj.scalar_type() == acc, "proj must be the forward's saved projection (", acc, "), got ",
+              proj.scalar_type());
+  const Tensor G = grad.to(acc).contiguous();
+  const Tensor Y = proj.contiguous();
+  const Tensor L = prec_chol.to(acc).contiguous();
+  const Tensor Yx = Y.narrow(0, 0, B), Ym = Y.narrow(0, B, K);
+  Tensor dY = at::empty({B + K, D}, Y.options());
+  Tensor dYx = dY.narrow(0, 0, B), dYm = dY.narrow(0, B, K);  // row blocks: contiguous
+  at::mul_out(dYx, Yx, G.sum(1, true)).addmm_(G, Ym, 1, -1);
+  at::mul_out(dYm, Ym, G.sum(0).unsqueeze(1)).addmm_(G.t(), Yx, 1, -1);
+  dY.mul_(2);
+  const Tensor Z = centred_rows(x, means, acc);
+  Tensor dZ, dL;
+  if (L.dim() == 1) {
+    dZ = dY * L;
+    dL = (Z * dY).sum(0);
+  } else {
+    dZ = tril_project_t(dY, L);
+    dL = tril_outer(Z, dY);
+  }
+  // dx and dmeans are row blocks of dZ: each gets its own storage (outputs of an op may not alias).
+  return {owned(dZ.narrow(0, 0, B), x.scalar_type()), owned(dZ.narrow(0, B, K), means.scalar_type()),
+          dL.to(prec_chol.scalar_type())};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// gaussian_kl
+// ---------------------------------------------------------------------------------------------------
+
+void check_kl(const Tensor& mu, const Tensor& log_var, const Tensor& prior_mean, const Tensor& L) {
+  check_float(mu, "mu");
+  check_float(log_var, "log_var");
+  check_float(prior_mean, "prior_mean");
+  TORCH_CHECK(mu.dim() == 2, "mu must have shape (B,D), got ", mu.sizes());
+  const int64_t B = mu.size(0), D = mu.size(1);
+  CHECK_SHAPE(log_var, B, D);
+  TORCH_CHECK(prior_mean.sizes() == mu.sizes() || (prior_mean.dim() == 1 && prior_mean.size(0) == D),
+              "prior_mean must have shape (B,D) or (D,) with B = ", B, ", D = ", D, ", got ", prior_mean.sizes());
+  TORCH_CHECK(log_var.scalar_type() == mu.scalar_type() && prior_mean.scalar_type() == mu.scalar_type(),
+              "log_var and prior_mean must have mu's dtype ", mu.scalar_type());
+  check_prec_chol(L, D, mu.scalar_type());
+}
+
+// P_dd (squared row norms of tril(L), or l²) and Σ_d log L_dd.
+template <typename T>
+std::pair<Tensor, T> precision_diag(const Tensor& L) {
+  const int64_t D = L.size(0);
+  Tensor diag_p = at::empty({D}, L.options());
+  T* dp = diag_p.data_ptr<T>();
+  const T* l = L.data_ptr<T>();
+  T log_half = 0;
+  if (L.dim() == 1) {
+    for (int64_t d = 0; d < D; ++d) {
+      dp[d] = l[d] * l[d];
+      log_half += std::log(l[d]);
+    }
+  } else {
+    at::parallel_for(0, D, 32, [&](int64_t d0, int64_t d1) {
+      for (int64_t d = d0; d < d1; ++d) dp[d] = dot(l + d * D, l + d * D, d + 1);
+    });
+    for (int64_t d = 0; d < D; ++d) log_half += std::log(l[d * D + d]);
+  }
+  return {diag_p, log_half};
+}
+
+std::tuple<Tensor, Tensor> gaussian_kl_fwd(const Tensor& mu, const Tensor& log_var, const Tensor& prior_mean,
+                                           const Tensor& prec_chol) {
+  check_kl(mu, log_var, prior_mean, prec_chol);
+  const int64_t B = mu.size(0), D = mu.size(1);
+  const auto acc = compute_type(mu.scalar_type());
+  const Tensor L = prec_chol.to(acc).contiguous();
+  const Tensor delta = (prior_mean.to(acc) - mu.to(acc)).contiguous();  // (B, D), broadcasting a shared prior
+  const Tensor U = L.dim() == 1 ? delta * L : tril_project(delta, L);
+  const Tensor lv = log_var.to(acc).contiguous();
+  Tensor kl = at::empty({B}, U.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "gaussian_kl_fwd", [&] {
+    auto [diag_p, log_half] = precision_diag<scalar_t>(L);
+    const scalar_t* dp = diag_p.data_ptr<scalar_t>();
+    const scalar_t* u = U.data_ptr<scalar_t>();
+    const scalar_t* v = lv.data_ptr<scalar_t>();
+    scalar_t* out = kl.data_ptr<scalar_t>();
+    const scalar_t offset = scalar_t(0.5) * scalar_t(D) + log_half;  // ½(D + log|P|)
+    at::parallel_for(0, B, std::max<int64_t>(1, 8192 / std::max<int64_t>(D, 1)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scalar_t s = 0;
+        for (int64_t d = 0; d < D; ++d) s += kl_term(dp[d], v[b * D + d], u[b * D + d]);
+        out[b] = scalar_t(0.5) * s - offset;
+      }
+    });
+  });
+  return {kl.to(mu.scalar_type()), U};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_bwd(const Tensor& grad, const Tensor& mu,
+                                                           const Tensor& log_var, const Tensor& prior_mean,
+                                                           const Tensor& prec_chol, const Tensor& proj) {
+  check_kl(mu, log_var, prior_mean, prec_chol);
+  const int64_t B = mu.size(0), D = mu.size(1);
+  const auto acc = compute_type(mu.scalar_type());
+  CHECK_SHAPE(grad, B);
+  CHECK_SHAPE(proj, B, D);
+  TORCH_CHECK(proj.scalar_type() == acc, "proj must be the forward's saved projection (", acc, "), got ",
+              proj.scalar_type());
+  const Tensor g = grad.to(acc).contiguous();
+  const Tensor U = proj.contiguous();
+  const Tensor L = prec_chol.to(acc).contiguous();
+  const Tensor lv = log_var.to(acc).contiguous();
+  const Tensor delta = (prior_mean.to(acc) - mu.to(acc)).contiguous();
+  Tensor dlv = at::empty({B, D}, U.options());
+  Tensor w = at::zeros({D}, U.options());  // Σ_b g_b e^{lv_bd}
+  Tensor dL;
+  AT_DISPATCH_FLOATING_TYPES(acc, "gaussian_kl_bwd", [&] {
+    auto [diag_p, log_half] = precision_diag<scalar_t>(L);
+    (void)log_half;
+    const scalar_t* dp = diag_p.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* v = lv.data_ptr<scalar_t>();
+    scalar_t* out = dlv.data_ptr<scalar_t>();
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t d = d0; d < d1; ++d) {
+          out[b * D + d] = kl_dlog_var(gp[b], dp[d], v[b * D + d]);
+          wp[d] += gp[b] * std::exp(v[b * D + d]);
+        }
+    });
+    const scalar_t gsum = g.sum().item<scalar_t>();
+    const scalar_t* l = L.data_ptr<scalar_t>();
+    if (L.dim() == 1) {
+      dL = (delta * U * g.unsqueeze(1)).sum(0);
+      scalar_t* o = dL.data_ptr<scalar_t>();
+      for (int64_t d = 0; d < D; ++d) o[d] += l[d] * wp[d] - gsum / l[d];
+    } else {
+      dL = tril_outer(delta * g.unsqueeze(1), U);
+      scalar_t* o = dL.data_ptr<scalar_t>();
+      at::parallel_for(0, D, 32, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = 0; j <= i; ++j) o[i * D + j] += l[i * D + j] * wp[i];
+          o[i * D + i] -= gsum / l[i * D + i];
+        }
+      });
+    }
+  });
+  // d(m − mu) = g ∘ (U·Lᵀ)
+  Tensor ddelta = (L.dim() == 1 ? U * L : tril_project_t(U, L)).mul_(g.unsqueeze(1));
+  Tensor dprior = prior_mean.dim() == 1 ? ddelta.sum(0) : ddelta;
+  return {ddelta.neg().to(mu.scalar_type()), dlv.to(log_var.scalar_type()), dprior.to(prior_mean.scalar_type()),
+          dL.to(prec_chol.scalar_type())};
+}
+
+}  // namespace
+}  // namespace clfast::gaussian
+
+TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
+  m.def("mahalanobis_fwd(Tensor x, Tensor means, Tensor prec_chol) -> (Tensor, Tensor)");
+  m.def("mahalanobis_bwd(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor proj) -> (Tensor, Tensor, "
+        "Tensor)");
+  m.def("gaussian_kl_fwd(Tensor mu, Tensor log_var, Tensor prior_mean, Tensor prec_chol) -> (Tensor, Tensor)");
+  m.def("gaussian_kl_bwd(Tensor grad, Tensor mu, Tensor log_var, Tensor prior_mean, Tensor prec_chol, "
+        "Tensor proj) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) {
+  m.impl("mahalanobis_fwd", &clfast::gaussian::mahalanobis_fwd);
+  m.impl("mahalanobis_bwd", &clfast::gaussian::mahalanobis_bwd);
+  m.impl("gaussian_kl_fwd", &clfast::gaussian::gaussian_kl_fwd);
+  m.impl("gaussian_kl_bwd", &clfast::gaussian::gaussian_kl_bwd);
+}

@@ -1,0 +1,1556 @@
+// CPU kernels of clfast::prefix_attention (forward and backward), registered as
+// _clfast_C::prefix_attention_fwd / prefix_attention_bwd. Math: see prefix_attention.h.
+//
+// Layout. Work is split over (b, h) and query blocks. Inside a block everything runs in the
+// "transposed" domain: score tiles are S^T (keys x queries), so the softmax reductions over keys
+// are element-wise across rows, vectorised along the contiguous query axis, and every product
+// is a plain row-major GEMM:
+//   forward   S^T = K q^T          out^T (+)= V^T P^T
+//   backward  S^T = K q^T,  dP^T = V dout^T,  dV += P^T dout,  dK += dS^T q,  dq^T += K^T dS^T
+// The key sequence is the virtual concatenation [prefix ; attended keys]: masked keys are dropped
+// while packing (they cost nothing and get zero gradients), and [prefix ; k] never exists as a
+// tensor. Keys are processed in tiles of at most kMaxBlockK with an online softmax (the prefix
+// leads the first tile).
+//
+// GEMMs are oneDNN micro-kernels through at::native::cpublas::brgemm (fp32 accumulation and
+// output). bf16/fp16 operands are packed in VNNI layout (pairs along the reduction dimension);
+// where the machine has no bf16/fp16 brgemm (probed once), those dtypes are computed in fp32.
+// Without a working fp32 brgemm, GEMMs fall back to at::mm.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define CLFAST_PA_AVX2 1
+#else
+#define CLFAST_PA_AVX2 0
+#endif
+
+#include "prefix_attention/prefix_attention.h"
+
+namespace clfast {
+namespace prefix_attention {
+namespace {
+
+constexpr int64_t kMaxBlockQ = 256;  // queries per block (multiple of 16)
+constexpr int64_t kMaxBlockK = 256;  // keys per tile (even)
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ------------------------------------------------------------------------------------------
+// GEMM: C[M x N] (+)= A[M x K] * B[K x N], all row-major, fp32 C.
+// For bf16/fp16 (vnni) B is packed as B[k/2][n][k%2] with ldb counted in columns.
+
+bool brgemm_disabled() {
+  static const bool disabled = [] {
+    const char* env = std::getenv("CLFAST_CPU_DISABLE_BRGEMM");
+    return env != nullptr && env[0] == '1';
+  }();
+  return disabled;
+}
+
+template <typename C>
+bool probe_brgemm() {
+  constexpr bool vnni = !std::is_same_v<C, float>;
+  const int64_t M = 3, N = 20, K = 6, lda = 7, ldb = 23, ldc = 21;
+  std::vector<C> a(M * lda, C(0.f)), b(K * ldb, C(0.f));
+  std::vector<float> c(M * ldc, -1.f), ref(M * N, 0.f);
+  auto aval = [](int64_t m, int64_t k) { return float((m * 3 + k) % 5) - 2.f; };
+  auto bval = [](int64_t k, int64_t n) { return float((k * 7 + n) % 9) - 4.f; };
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) {
+      a[m * lda + k] = C(aval(m, k));
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t n = 0; n < N; ++n) {
+      b[vnni ? (k / 2) * ldb * 2 + n * 2 + (k % 2) : k * ldb + n] = C(bval(k, n));
+      for (int64_t m = 0; m < M; ++m) {
+        ref[m * N + n] += aval(m, k) * bval(k, n);
+      }
+    }
+  }
+  try {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, false, a.data(), b.data(), c.data(), vnni);
+    at::native::cpublas::brgemm_release(vnni);
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      if (c[m * ldc + n] != ref[m * N + n]) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// Whether cpublas::brgemm computes C-typed products correctly here; probed once per type.
+template <typename C>
+bool brgemm_usable() {
+  static const bool usable = !brgemm_disabled() && probe_brgemm<C>();
+  return usable;
+}
+
+void gemm_fallback(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                   int64_t ldb, float* Cm, int64_t ldc, bool accumulate) {
+  const auto opt = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opt);
+  at::Tensor b = at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opt);
+  at::Tensor c = at::from_blob(Cm, {M, N}, {ldc, 1}, opt);
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    c.copy_(at::mm(a, b));
+  }
+}
+
+template <typename C>
+inline void gemm(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb,
+                 float* Cm, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) {
+    return;
+  }
+  if (K <= 0) {
+    if (!accumulate) {
+      for (int64_t m = 0; m < M; ++m) {
+        std::fill_n(Cm + m * ldc, N, 0.f);
+      }
+    }
+    return;
+  }
+  if constexpr (std::is_same_v<C, float>) {
+    if (!brgemm_usable<float>()) {
+      gemm_fallback(M, N, K, A, lda, B, ldb, Cm, ldc, accumulate);
+      return;
+    }
+  }
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, Cm,
+                              !std::is_same_v<C, float>);
+}
+
+template <typename C>
+inline void gemm_release() {
+  if (std::is_same_v<C, float> ? brgemm_usable<float>() : true) {
+    at::native::cpublas::brgemm_release(!std::is_same_v<C, float>);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// CPU features. The element-wise tile kernels have an AVX-512 version (AVX512-BF16 conversions),
+// compiled with a target attribute and chosen at run time; AVX2 is the baseline, scalar the rest.
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define CLFAST_PA_AVX512 1
+#define CLFAST_PA_AVX512_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#else
+#define CLFAST_PA_AVX512 0
+#endif
+
+bool use_avx512() {
+#if CLFAST_PA_AVX512
+  static const bool use = [] {
+    const char* env = std::getenv("CLFAST_CPU_DISABLE_AVX512");
+    if (env != nullptr && env[0] == '1') {
+      return false;
+    }
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+template <typename C>
+constexpr bool kVnni = !std::is_same_v<C, float>;
+
+inline uint32_t load_u32(const void* p) {
+  uint32_t x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX2 helpers.
+
+#if CLFAST_PA_AVX2
+// exp(x) for x <= 88; flushes to 0 below the smallest normal float (so exp(-inf) == 0).
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// 8 floats -> 8 bf16 (round to nearest even) in the low 128 bits.
+inline __m128i cvt8_bf16(__m256 v) {
+  __m256i x = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  x = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  x = _mm256_srli_epi32(x, 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+
+template <typename C>
+inline __m128i cvt8_16bit(__m256 v) {
+  if constexpr (std::is_same_v<C, at::BFloat16>) {
+    return cvt8_bf16(v);
+  } else {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+
+template <typename T>
+inline __m256 load8(const T* src) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(src);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  }
+}
+
+template <typename C>
+inline void store8(C* dst, __m256 v) {
+  if constexpr (std::is_same_v<C, float>) {
+    _mm256_storeu_ps(dst, v);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), cvt8_16bit<C>(v));
+  }
+}
+
+// VNNI pair store: dst[2i] = a[i], dst[2i+1] = b[i], i < 8 (16-bit types only).
+template <typename C>
+inline void store8_pair(C* dst, __m256 a, __m256 b) {
+  const __m128i x = cvt8_16bit<C>(a), y = cvt8_16bit<C>(b);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi16(x, y));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8), _mm_unpackhi_epi16(x, y));
+}
+
+inline void transpose8x8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+    r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+  }
+}
+
+inline void transpose8x8_epi16(__m128i a[8]) {
+  __m128i b[8], c[8];
+  for (int k = 0; k < 8; k += 2) {
+    b[k] = _mm_unpacklo_epi16(a[k], a[k + 1]);
+    b[k + 1] = _mm_unpackhi_epi16(a[k], a[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    c[k] = _mm_unpacklo_epi32(b[k], b[k + 2]);
+    c[k + 1] = _mm_unpackhi_epi32(b[k], b[k + 2]);
+    c[k + 2] = _mm_unpacklo_epi32(b[k + 1], b[k + 3]);
+    c[k + 3] = _mm_unpackhi_epi32(b[k + 1], b[k + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    a[2 * k] = _mm_unpacklo_epi64(c[k], c[k + 4]);
+    a[2 * k + 1] = _mm_unpackhi_epi64(c[k], c[k + 4]);
+  }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Transposes and conversions used by the packing and write-back code.
+
+// dst[c * ld + r] = src(r)[c] for r < R, c < Cn, for 4-byte (E = uint32_t) or 2-byte (uint16_t)
+// elements; src(r) returns a pointer to row r.
+template <typename E, typename RowFn>
+void transpose_rows(const RowFn& src, int64_t R, int64_t Cn, E* dst, int64_t ld) {
+  static_assert(sizeof(E) == 4 || sizeof(E) == 2, "4- or 2-byte elements");
+  int64_t r = 0;
+#if CLFAST_PA_AVX2
+  for (; r + 8 <= R; r += 8) {
+    const E* rows[8];
+    for (int k = 0; k < 8; ++k) {
+      rows[k] = reinterpret_cast<const E*>(src(r + k));
+    }
+    int64_t c = 0;
+    for (; c + 8 <= Cn; c += 8) {
+      if constexpr (sizeof(E) == 4) {
+        __m256 v[8];
+        for (int k = 0; k < 8; ++k) {
+          v[k] = _mm256_loadu_ps(reinterpret_cast<const float*>(rows[k] + c));
+        }
+        transpose8x8(v);
+        for (int k = 0; k < 8; ++k) {
+          _mm256_storeu_ps(reinterpret_cast<float*>(dst + (c + k) * ld + r), v[k]);
+        }
+      } else {
+        __m128i v[8];
+        for (int k = 0; k < 8; ++k) {
+          v[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[k] + c));
+        }
+        transpose8x8_epi16(v);
+        for (int k = 0; k < 8; ++k) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (c + k) * ld + r), v[k]);
+        }
+      }
+    }
+    for (; c < Cn; ++c) {
+      for (int k = 0; k < 8; ++k) {
+        std::memcpy(dst + c * ld + r + k, rows[k] + c, sizeof(E));
+      }
+    }
+  }
+#endif
+  for (; r < R; ++r) {
+    const E* s = reinterpret_cast<const E*>(src(r));
+    for (int64_t c = 0; c < Cn; ++c) {
+      std::memcpy(dst + c * ld + r, s + c, sizeof(E));
+    }
+  }
+}
+
+// dst[j] = T(src[j] * mul) for j < n.
+template <typename T>
+void store_row_base(const float* src, int64_t n, float mul, T* dst) {
+  int64_t c = 0;
+#if CLFAST_PA_AVX2
+  const __m256 vm = _mm256_set1_ps(mul);
+  for (; c + 8 <= n; c += 8) {
+    store8<T>(dst + c, _mm256_mul_ps(_mm256_loadu_ps(src + c), vm));
+  }
+#endif
+  for (; c < n; ++c) {
+    dst[c] = T(src[c] * mul);
+  }
+}
+
+// out[i * d + c] = T(src[c * ld + i] * (scale ? scale[i] : 1)) for i < n, c < d.
+template <typename T>
+void store_transposed_base(const float* src, int64_t ld, int64_t n, int64_t d, const float* scale,
+                           T* out) {
+  int64_t i = 0;
+#if CLFAST_PA_AVX2
+  for (; i + 8 <= n; i += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+      __m256 v[8];
+      for (int k = 0; k < 8; ++k) {
+        v[k] = _mm256_loadu_ps(src + (c + k) * ld + i);
+      }
+      transpose8x8(v);
+      for (int k = 0; k < 8; ++k) {
+        const __m256 x = scale != nullptr ? _mm256_mul_ps(v[k], _mm256_set1_ps(scale[i + k])) : v[k];
+        store8<T>(out + (i + k) * d + c, x);
+      }
+    }
+    for (; c < d; ++c) {
+      for (int k = 0; k < 8; ++k) {
+        out[(i + k) * d + c] = T(src[c * ld + i + k] * (scale != nullptr ? scale[i + k] : 1.f));
+      }
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float f = scale != nullptr ? scale[i] : 1.f;
+    for (int64_t c = 0; c < d; ++c) {
+      out[i * d + c] = T(src[c * ld + i] * f);
+    }
+  }
+}
+
+// sum_c a[c] * b[c] in fp32.
+template <typename T>
+float dot_row(const T* a, const T* b, int64_t d) {
+  int64_t c = 0;
+  float sum = 0.f;
+#if CLFAST_PA_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; c + 8 <= d; c += 8) {
+    acc = _mm256_fmadd_ps(load8<T>(a + c), load8<T>(b + c), acc);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#endif
+  for (; c < d; ++c) {
+    sum += static_cast<float>(a[c]) * static_cast<float>(b[c]);
+  }
+  return sum;
+}
+
+// ------------------------------------------------------------------------------------------
+// Element-wise tile kernels.
+//
+// grad_tile (backward): P = exp(scale*S - lse), dS = scale * P * (dP - Di) for one key tile in the
+// transposed layout [kn][ldq] (ldq a multiple of 16; every column holds finite values, so the
+// vector loops run up to the next multiple of 16 past ncol). fp32: P and dS are written in place
+// into S and dP. 16-bit: P and dS as row-major A operands (Pa, dSa) and dS again as a VNNI B
+// operand (dSv, [(kn+1)/2][ldq][2], zero pad row).
+
+template <typename C>
+void grad_tile_base(float* S, float* dP, int64_t ldq, int64_t kn, int64_t ncol, float scale,
+                    const float* lse, const float* di, C* Pa, C* dSa, C* dSv) {
+  constexpr bool vnni = kVnni<C>;
+#if CLFAST_PA_AVX2
+  const __m256 vs = _mm256_set1_ps(scale);
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t j = 0; j < kn; j += 2) {
+    const bool two = j + 1 < kn;
+    float* s0 = S + j * ldq;
+    float* d0 = dP + j * ldq;
+    for (int64_t i = 0; i < ncol; i += 8) {
+      const __m256 L = _mm256_loadu_ps(lse + i), D = _mm256_loadu_ps(di + i);
+      const __m256 pa = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s0 + i), vs, L));
+      const __m256 ga = _mm256_mul_ps(_mm256_mul_ps(pa, vs), _mm256_sub_ps(_mm256_loadu_ps(d0 + i), D));
+      __m256 pb = zero, gb = zero;
+      if (two) {
+        pb = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s0 + ldq + i), vs, L));
+        gb = _mm256_mul_ps(_mm256_mul_ps(pb, vs), _mm256_sub_ps(_mm256_loadu_ps(d0 + ldq + i), D));
+      }
+      if constexpr (vnni) {
+        store8<C>(Pa + j * ldq + i, pa);
+        store8<C>(dSa + j * ldq + i, ga);
+        if (two) {
+          store8<C>(Pa + (j + 1) * ldq + i, pb);
+          store8<C>(dSa + (j + 1) * ldq + i, gb);
+        }
+        store8_pair<C>(dSv + (j / 2) * ldq * 2 + i * 2, ga, gb);
+      } else {
+        _mm256_storeu_ps(s0 + i, pa);
+        _mm256_storeu_ps(d0 + i, ga);
+        if (two) {
+          _mm256_storeu_ps(s0 + ldq + i, pb);
+          _mm256_storeu_ps(d0 + ldq + i, gb);
+        }
+      }
+    }
+  }
+#else
+  for (int64_t j = 0; j < round_up(kn, 2); ++j) {
+    for (int64_t i = 0; i < ncol; ++i) {
+      float p = 0.f, g = 0.f;
+      if (j < kn) {
+        p = softmax_prob(S[j * ldq + i], scale, lse[i]);
+        g = score_grad(p, dP[j * ldq + i], di[i], scale);
+      }
+      if constexpr (vnni) {
+        if (j < kn) {
+          Pa[j * ldq + i] = C(p);
+          dSa[j * ldq + i] = C(g);
+        }
+        dSv[(j / 2) * ldq * 2 + i * 2 + (j % 2)] = C(g);
+      } else if (j < kn) {
+        S[j * ldq + i] = p;
+        dP[j * ldq + i] = g;
+      }
+    }
+  }
+#endif
+}
+
+
+// Forward, row layout: S [nq][lds] holds the raw scores of one key tile (kn keys). Per query row
+// i, updates the running max m[i] (scaled domain) and sum l[i], writes alpha[i] = rescale factor
+// of the previous state, and writes P = exp(scale*S - m) in place into S (fp32) or into the
+// row-major 16-bit P (with a zero at column kn when kn is odd, the GEMM's reduction pad).
+template <typename C>
+void softmax_rows_base(float* S, int64_t lds, int64_t nq, int64_t kn, float scale, float* m,
+                       float* l, float* alpha, C* P, bool first) {
+  constexpr bool vnni = kVnni<C>;
+  for (int64_t i = 0; i < nq; ++i) {
+    float* s = S + i * lds;
+    int64_t j = 0;
+    float mx = -kInf;
+#if CLFAST_PA_AVX2
+    const __m256 vs = _mm256_set1_ps(scale);
+    __m256 vmx = _mm256_set1_ps(-kInf);
+    for (; j + 8 <= kn; j += 8) {
+      vmx = _mm256_max_ps(vmx, _mm256_mul_ps(_mm256_loadu_ps(s + j), vs));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmx);
+    for (int u = 0; u < 8; ++u) {
+      mx = std::max(mx, lanes[u]);
+    }
+#endif
+    for (; j < kn; ++j) {
+      mx = std::max(mx, s[j] * scale);
+    }
+    float a = 0.f;
+    if (!first) {
+      mx = std::max(mx, m[i]);
+      a = online_rescale(m[i], mx);
+    }
+    m[i] = mx;
+    alpha[i] = a;
+    float sum = 0.f;
+    j = 0;
+#if CLFAST_PA_AVX2
+    const __m256 vm = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (; j + 8 <= kn; j += 8) {
+      const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vs, vm));
+      vsum = _mm256_add_ps(vsum, e);
+      if constexpr (vnni) {
+        store8<C>(P + i * lds + j, e);
+      } else {
+        _mm256_storeu_ps(s + j, e);
+      }
+    }
+    _mm256_store_ps(lanes, vsum);
+    sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#endif
+    for (; j < kn; ++j) {
+      const float e = softmax_prob(s[j], scale, mx);
+      sum += e;
+      if constexpr (vnni) {
+        P[i * lds + j] = C(e);
+      } else {
+        s[j] = e;
+      }
+    }
+    if constexpr (vnni) {
+      if (kn % 2 == 1) {
+        P[i * lds + kn] = C(0.f);
+      }
+    }
+    l[i] = first ? sum : l[i] * a + sum;
+  }
+}
+
+#if CLFAST_PA_AVX512
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^x for x <= 127 (x below -150, and -inf, give 0): 2^round(x) * p(x - round(x)), p a
+// near-minimax polynomial on [-1/2, 1/2] fitted for this kernel: degree 5 (relative error
+// 1.7e-7) for fp32 operands, degree 4 (2.9e-6) when the result is rounded to 16 bits.
+template <bool kPrecise>
+CLFAST_PA_AVX512_TARGET inline __m512 exp2_16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-150.f)), _mm512_set1_ps(127.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
+  __m512 p;
+  if constexpr (kPrecise) {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(1.326472731e-03f), r, _mm512_set1_ps(9.671512991e-03f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550733581e-02f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402224243e-01f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931470037e-01f));
+  } else {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(9.582852945e-03f), r, _mm512_set1_ps(5.590642616e-02f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402409911e-01f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931241751e-01f));
+  }
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Two rows of 16 floats -> 32 bf16: low half a, high half b.
+CLFAST_PA_AVX512_TARGET inline __m512i cvt32_bf16(__m512 a, __m512 b) {
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+}
+
+// Index that interleaves the two halves of a 32 x 16-bit vector: out[2k] = in[k], out[2k+1] = in[16+k].
+CLFAST_PA_AVX512_TARGET inline __m512i interleave_halves_idx() {
+  alignas(64) static const uint16_t idx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(idx);
+}
+
+template <typename C>
+CLFAST_PA_AVX512_TARGET void grad_tile_avx512(float* S, float* dP, int64_t ldq, int64_t kn,
+                                              int64_t ncol, float scale, const float* lse,
+                                              const float* di, C* Pa, C* dSa, C* dSv) {
+  constexpr bool vnni = kVnni<C>;
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512 vs2 = _mm512_set1_ps(scale * kLog2e);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i inter = interleave_halves_idx();
+  // P = 2^(S*scale*log2e - lse*log2e), dS = P * (dP*scale - Di*scale)
+  alignas(64) float lse2[kMaxBlockQ], dis[kMaxBlockQ];
+  for (int64_t i = 0; i < ncol; i += 16) {
+    _mm512_store_ps(lse2 + i, _mm512_mul_ps(_mm512_loadu_ps(lse + i), _mm512_set1_ps(kLog2e)));
+    _mm512_store_ps(dis + i, _mm512_mul_ps(_mm512_loadu_ps(di + i), vs));
+  }
+  for (int64_t j = 0; j < kn; j += 2) {
+    const bool two = j + 1 < kn;
+    float* s0 = S + j * ldq;
+    float* d0 = dP + j * ldq;
+    for (int64_t i = 0; i < ncol; i += 16) {
+      const __m512 L = _mm512_load_ps(lse2 + i), D = _mm512_load_ps(dis + i);
+      const __m512 pa = exp2_16<!vnni>(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + i), vs2, L));
+      const __m512 ga = _mm512_mul_ps(pa, _mm512_fmsub_ps(_mm512_loadu_ps(d0 + i), vs, D));
+      __m512 pb = zero, gb = zero;
+      if (two) {
+        pb = exp2_16<!vnni>(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + ldq + i), vs2, L));
+        gb = _mm512_mul_ps(pb, _mm512_fmsub_ps(_mm512_loadu_ps(d0 + ldq + i), vs, D));
+      }
+      if constexpr (vnni) {
+        const __m512i p2 = cvt32_bf16(pa, pb);
+        const __m512i g2 = cvt32_bf16(ga, gb);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pa + j * ldq + i), _mm512_castsi512_si256(p2));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dSa + j * ldq + i), _mm512_castsi512_si256(g2));
+        if (two) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pa + (j + 1) * ldq + i),
+                              _mm512_extracti64x4_epi64(p2, 1));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dSa + (j + 1) * ldq + i),
+                              _mm512_extracti64x4_epi64(g2, 1));
+        }
+        _mm512_storeu_si512(dSv + (j / 2) * ldq * 2 + i * 2, _mm512_permutexvar_epi16(inter, g2));
+      } else {
+        _mm512_storeu_ps(s0 + i, pa);
+        _mm512_storeu_ps(d0 + i, ga);
+        if (two) {
+          _mm512_storeu_ps(s0 + ldq + i, pb);
+          _mm512_storeu_ps(d0 + ldq + i, gb);
+        }
+      }
+    }
+  }
+}
+
+
+template <typename C>
+CLFAST_PA_AVX512_TARGET void softmax_rows_avx512(float* S, int64_t lds, int64_t nq, int64_t kn,
+                                                 float scale, float* m, float* l, float* alpha,
+                                                 C* P, bool first) {
+  constexpr bool vnni = kVnni<C>;
+  const __m512 vs2 = _mm512_set1_ps(scale * kLog2e);
+  const int64_t full = kn / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (kn - full)) - 1);
+  const bool pos = scale >= 0.f;
+  // max_j scale*S[j] = scale * (max_j S[j] if scale >= 0 else min_j S[j])
+  const __m512 fill = _mm512_set1_ps(pos ? -kInf : kInf);
+  for (int64_t i = 0; i < nq; ++i) {
+    float* s = S + i * lds;
+    __m512 e0 = fill, e1 = fill;
+    int64_t j = 0;
+    for (; j + 32 <= full; j += 32) {
+      const __m512 x0 = _mm512_loadu_ps(s + j), x1 = _mm512_loadu_ps(s + j + 16);
+      e0 = pos ? _mm512_max_ps(e0, x0) : _mm512_min_ps(e0, x0);
+      e1 = pos ? _mm512_max_ps(e1, x1) : _mm512_min_ps(e1, x1);
+    }
+    for (; j < full; j += 16) {
+      const __m512 x = _mm512_loadu_ps(s + j);
+      e0 = pos ? _mm512_max_ps(e0, x) : _mm512_min_ps(e0, x);
+    }
+    if (tail) {
+      const __m512 x = _mm512_mask_loadu_ps(fill, tail, s + full);
+      e1 = pos ? _mm512_max_ps(e1, x) : _mm512_min_ps(e1, x);
+    }
+    float mx = pos ? _mm512_reduce_max_ps(_mm512_max_ps(e0, e1)) * scale
+                   : _mm512_reduce_min_ps(_mm512_min_ps(e0, e1)) * scale;
+    float a = 0.f;
+    if (!first) {
+      mx = std::max(mx, m[i]);
+      a = online_rescale(m[i], mx);
+    }
+    m[i] = mx;
+    alpha[i] = a;
+    const __m512 mx2 = _mm512_set1_ps(mx * kLog2e);
+    __m512 sum = _mm512_setzero_ps();
+    C* prow = vnni ? P + i * lds : nullptr;
+    for (j = 0; j < full; j += 16) {
+      const __m512 e = exp2_16<!vnni>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vs2, mx2));
+      sum = _mm512_add_ps(sum, e);
+      if constexpr (vnni) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j),
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+      } else {
+        _mm512_storeu_ps(s + j, e);
+      }
+    }
+    if (tail) {
+      const __m512 e = _mm512_maskz_mov_ps(
+          tail, exp2_16<!vnni>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + full), vs2, mx2)));
+      sum = _mm512_add_ps(sum, e);
+      if constexpr (vnni) {
+        // also writes the zero pad column kn when kn is odd
+        const __mmask16 k2 = static_cast<__mmask16>((1u << (round_up(kn, 2) - full)) - 1);
+        _mm256_mask_storeu_epi16(prow + full, k2, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+      } else {
+        _mm512_mask_storeu_ps(s + full, tail, e);
+      }
+    }
+    const float ssum = _mm512_reduce_add_ps(sum);
+    l[i] = first ? ssum : l[i] * a + ssum;
+  }
+}
+
+// fp32 -> T row conversion and transposed write-back (see store_row / store_transposed).
+template <typename T>
+CLFAST_PA_AVX512_TARGET inline void store16(T* dst, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_storeu_ps(dst, v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+}
+
+template <typename T>
+CLFAST_PA_AVX512_TARGET void store_row_avx512(const float* src, int64_t n, float mul, T* dst) {
+  const __m512 vm = _mm512_set1_ps(mul);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    store16<T>(dst + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), vm));
+  }
+  if (c < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + c), vm);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_mask_storeu_ps(dst + c, k, v);
+    } else {
+      _mm256_mask_storeu_epi16(dst + c, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+template <typename T>
+CLFAST_PA_AVX512_TARGET void store_transposed_avx512(const float* src, int64_t ld, int64_t n,
+                                                     int64_t d, const float* scale, T* out) {
+  // 8 x 8 register transposes (AVX2 shuffles), AVX512-BF16 conversion.
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+      __m256 v[8];
+      for (int k = 0; k < 8; ++k) {
+        v[k] = _mm256_loadu_ps(src + (c + k) * ld + i);
+      }
+      __m256 t[8], u[8];
+      for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(v[k], v[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(v[k], v[k + 1]);
+      }
+      for (int k = 0; k < 8; k += 4) {
+        u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+        u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+      }
+      for (int k = 0; k < 4; ++k) {
+        v[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+        v[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+      }
+      for (int k = 0; k < 8; ++k) {
+        const __m256 x = scale != nullptr ? _mm256_mul_ps(v[k], _mm256_set1_ps(scale[i + k])) : v[k];
+        if constexpr (std::is_same_v<T, float>) {
+          _mm256_storeu_ps(out + (i + k) * d + c, x);
+        } else {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (i + k) * d + c),
+                           reinterpret_cast<__m128i>(_mm256_cvtneps_pbh(x)));
+        }
+      }
+    }
+    for (; c < d; ++c) {
+      for (int k = 0; k < 8; ++k) {
+        out[(i + k) * d + c] = T(src[c * ld + i + k] * (scale != nullptr ? scale[i + k] : 1.f));
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    const float f = scale != nullptr ? scale[i] : 1.f;
+    for (int64_t c = 0; c < d; ++c) {
+      out[i * d + c] = T(src[c * ld + i] * f);
+    }
+  }
+}
+#endif
+
+// AVX-512 versions exist for fp32 and bf16 operands.
+template <typename C>
+constexpr bool kHasAvx512Tile = std::is_same_v<C, float> || std::is_same_v<C, at::BFloat16>;
+
+template <typename T>
+void store_row(const float* src, int64_t n, T* dst, float mul = 1.f) {
+#if CLFAST_PA_AVX512
+  if constexpr (kHasAvx512Tile<T>) {
+    if (use_avx512()) {
+      store_row_avx512<T>(src, n, mul, dst);
+      return;
+    }
+  }
+#endif
+  store_row_base<T>(src, n, mul, dst);
+}
+
+template <typename T>
+void store_transposed(const float* src, int64_t ld, int64_t n, int64_t d, const float* scale, T* out) {
+#if CLFAST_PA_AVX512
+  if constexpr (kHasAvx512Tile<T>) {
+    if (use_avx512()) {
+      store_transposed_avx512<T>(src, ld, n, d, scale, out);
+      return;
+    }
+  }
+#endif
+  store_transposed_base<T>(src, ld, n, d, scale, out);
+}
+
+template <typename C>
+void softmax_rows(float* S, int64_t lds, int64_t nq, int64_t kn, float scale, float* m, float* l,
+                  float* alpha, C* P, bool first) {
+#if CLFAST_PA_AVX512
+  if constexpr (kHasAvx512Tile<C>) {
+    if (use_avx512()) {
+      softmax_rows_avx512<C>(S, lds, nq, kn, scale, m, l, alpha, P, first);
+      return;
+    }
+  }
+#endif
+  softmax_rows_base<C>(S, lds, nq, kn, scale, m, l, alpha, P, first);
+}
+
+template <typename C>
+void grad_tile(float* S, float* dP, int64_t ldq, int64_t kn, int64_t ncol, float scale,
+               const float* lse, const float* di, C* Pa, C* dSa, C* dSv) {
+#if CLFAST_PA_AVX512
+  if constexpr (kHasAvx512Tile<C>) {
+    if (use_avx512()) {
+      grad_tile_avx512<C>(S, dP, ldq, kn, ncol, scale, lse, di, Pa, dSa, dSv);
+      return;
+    }
+  }
+#endif
+  grad_tile_base<C>(S, dP, ldq, kn, ncol, scale, lse, di, Pa, dSa, dSv);
+}
+
+// ------------------------------------------------------------------------------------------
+// Input views and packing.
+
+// Rows of a (B,H,N,d) or shared (H,N,d) tensor whose last dimension is contiguous.
+template <typename T>
+struct RowView {
+  const T* data = nullptr;
+  int64_t sb = 0, sh = 0, sn = 0;
+  const T* rows(int64_t b, int64_t h) const {
+    return data + b * sb + h * sh;
+  }
+};
+
+template <typename T>
+RowView<T> row_view(const at::Tensor& t) {
+  RowView<T> v;
+  v.data = t.data_ptr<T>();
+  if (t.dim() == 4) {
+    v.sb = t.stride(0);
+    v.sh = t.stride(1);
+    v.sn = t.stride(2);
+  } else {  // shared prefix (H,P,d): same rows for every sample
+    v.sh = t.stride(0);
+    v.sn = t.stride(1);
+  }
+  return v;
+}
+
+// Key j of the virtual sequence [prefix ; attended keys] of one (b,h).
+template <typename T>
+struct KeyRows {
+  using value_type = T;
+  const T* pre = nullptr;
+  int64_t pre_sn = 0;
+  const T* seq = nullptr;
+  int64_t seq_sn = 0;
+  const int64_t* idx = nullptr;  // attended positions, or nullptr when every key is attended
+  int64_t P = 0;
+  const T* row(int64_t j) const {
+    if (j < P) {
+      return pre + j * pre_sn;
+    }
+    const int64_t n = j - P;
+    return seq + (idx != nullptr ? idx[n] : n) * seq_sn;
+  }
+  const T* operator()(int64_t j) const {
+    return row(j);
+  }
+};
+
+// Rows at a fixed stride.
+template <typename T>
+struct StridedRows {
+  using value_type = T;
+  const T* base;
+  int64_t sn;
+  const T* operator()(int64_t i) const {
+    return base + i * sn;
+  }
+};
+
+template <typename C>
+using Bits = std::conditional_t<sizeof(C) == 4, uint32_t, uint16_t>;
+
+// A operand with keys as rows: dst[j][c] for j < L, c < dp (zero for c >= d).
+template <typename C, typename RowFn>
+void pack_rows(const RowFn& src, int64_t L, int64_t d, int64_t dp, C* dst) {
+  using T = typename RowFn::value_type;
+  for (int64_t j = 0; j < L; ++j) {
+    const T* s = src(j);
+    C* o = dst + j * dp;
+    if constexpr (std::is_same_v<T, C>) {
+      std::memcpy(o, s, d * sizeof(C));
+    } else {
+      for (int64_t c = 0; c < d; ++c) {
+        o[c] = C(static_cast<float>(s[c]));
+      }
+    }
+    for (int64_t c = d; c < dp; ++c) {
+      o[c] = C(0.f);
+    }
+  }
+}
+
+// A operand with keys as columns: dst[c][j] for c < d, j < L; column L zeroed when L is odd
+// (the 16-bit GEMMs reduce over an even number of keys).
+template <typename C, typename T>
+void pack_cols(const KeyRows<T>& src, int64_t L, int64_t d, int64_t ld, C* dst) {
+  if constexpr (std::is_same_v<T, C>) {
+    transpose_rows(src, L, d, reinterpret_cast<Bits<C>*>(dst), ld);
+  } else {
+    for (int64_t j = 0; j < L; ++j) {
+      const T* s = src.row(j);
+      for (int64_t c = 0; c < d; ++c) {
+        dst[c * ld + j] = C(static_cast<float>(s[c]));
+      }
+    }
+  }
+  if (L % 2 == 1 && L < ld) {
+    for (int64_t c = 0; c < d; ++c) {
+      dst[c * ld + L] = C(0.f);
+    }
+  }
+}
+
+// B operand [dp x ncol] whose reduction dimension is the feature: element (c, i) = src(i)[c].
+// Columns i in [n, ncol) and features c in [d, dp) are zero.
+template <typename C, typename RowFn>
+void pack_b_features(const RowFn& src, int64_t n, int64_t ncol, int64_t d, int64_t dp, int64_t ld,
+                     C* dst) {
+  using T = typename RowFn::value_type;
+  constexpr bool vnni = kVnni<C>;
+  if constexpr (std::is_same_v<T, C>) {
+    if (!vnni || d % 2 == 0) {
+      // fp32: a plain transpose; 16-bit VNNI: a transpose of 32-bit feature pairs.
+      const int64_t words = vnni ? d / 2 : d;
+      transpose_rows(src, n, words, reinterpret_cast<uint32_t*>(dst), ld);
+      for (int64_t w = 0; w < words; ++w) {
+        std::memset(reinterpret_cast<uint32_t*>(dst) + w * ld + n, 0, (ncol - n) * sizeof(uint32_t));
+      }
+      return;
+    }
+  }
+  for (int64_t i = 0; i < ncol; ++i) {
+    const T* s = i < n ? src(i) : nullptr;
+    for (int64_t c = 0; c < dp; ++c) {
+      const C x = (i < n && c < d) ? C(static_cast<float>(s[c])) : C(0.f);
+      dst[vnni ? (c / 2) * ld * 2 + i * 2 + (c % 2) : c * ld + i] = x;
+    }
+  }
+}
+
+// B operand [nrow x d] whose reduction dimension is the row index: element (i, c) = src(i)[c];
+// rows i in [n, nrow) are zero.
+template <typename C, typename RowFn>
+void pack_b_rows(const RowFn& src, int64_t n, int64_t nrow, int64_t d, C* dst) {
+  using T = typename RowFn::value_type;
+  constexpr bool vnni = kVnni<C>;
+  if constexpr (std::is_same_v<T, C>) {
+    if constexpr (!vnni) {
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(dst + i * d, src(i), d * sizeof(C));
+      }
+      std::memset(dst + n * d, 0, (nrow - n) * d * sizeof(C));
+      return;
+    } else {
+#if CLFAST_PA_AVX2
+      // Interleave pairs of rows: dst[i/2][c][i%2].
+      static const C zeros[8] = {};
+      for (int64_t i = 0; i < nrow; i += 2) {
+        const C* a = src(i);
+        const C* b = i + 1 < n ? src(i + 1) : nullptr;
+        C* o = dst + i * d;
+        int64_t c = 0;
+        for (; c + 8 <= d; c += 8) {
+          const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + c));
+          const __m128i y = b != nullptr ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + c))
+                                         : _mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * c), _mm_unpacklo_epi16(x, y));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * c + 8), _mm_unpackhi_epi16(x, y));
+        }
+        for (; c < d; ++c) {
+          o[2 * c] = a[c];
+          o[2 * c + 1] = b != nullptr ? b[c] : C(0.f);
+        }
+      }
+      return;
+#endif
+    }
+  }
+  for (int64_t i = 0; i < nrow; ++i) {
+    const T* s = i < n ? src(i) : nullptr;
+    for (int64_t c = 0; c < d; ++c) {
+      const C x = i < n ? C(static_cast<float>(s[c])) : C(0.f);
+      dst[vnni ? (i / 2) * d * 2 + c * 2 + (i % 2) : i * d + c] = x;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Argument checking.
+
+struct Problem {
+  int64_t B = 0, H = 0, Nq = 0, Nk = 0, P = 0, d = 0;
+  bool has_prefix = false, shared_prefix = false, has_mask = false;
+  at::Tensor q, k, v, pk, pv, mask;
+  // Attended sequence positions per sample (empty when there is no mask) and their counts.
+  std::vector<int64_t> idx, count;
+  int64_t max_keys = 0;  // max over samples of P + attended keys
+};
+
+// Makes the last dimension contiguous (other strides are handled by the kernels).
+at::Tensor inner_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+void check_float_tensor(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.device().is_cpu(), "prefix_attention: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "prefix_attention: ", name,
+              " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& prefix_k,
+                     const std::optional<at::Tensor>& prefix_v,
+                     const std::optional<at::Tensor>& kv_mask, double scale) {
+  TORCH_CHECK(q.dim() == 4, "prefix_attention: q must have shape (B,H,Nq,d), got ", q.sizes());
+  TORCH_CHECK(q.device().is_cpu(), "prefix_attention: q must be a CPU tensor, got ", q.device());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "prefix_attention: q must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(std::isfinite(scale), "prefix_attention: scale must be finite, got ", scale);
+  Problem p;
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.Nq = q.size(2);
+  p.d = q.size(3);
+  TORCH_CHECK(p.d > 0, "prefix_attention: q must have a head dimension d > 0, got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == p.B && k.size(1) == p.H && k.size(3) == p.d,
+              "prefix_attention: k must have shape (B,H,Nk,d) = (", p.B, ",", p.H, ",Nk,", p.d,
+              "), got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "prefix_attention: v must have the shape of k ", k.sizes(),
+              ", got ", v.sizes());
+  check_float_tensor(k, "k", q);
+  check_float_tensor(v, "v", q);
+  p.Nk = k.size(2);
+  TORCH_CHECK(prefix_k.has_value() == prefix_v.has_value(),
+              "prefix_attention: prefix_k and prefix_v must be given together");
+  if (prefix_k.has_value()) {
+    const at::Tensor& a = *prefix_k;
+    const at::Tensor& b = *prefix_v;
+    const bool per_sample = a.dim() == 4 && a.size(0) == p.B && a.size(1) == p.H && a.size(3) == p.d;
+    const bool shared = a.dim() == 3 && a.size(0) == p.H && a.size(2) == p.d;
+    TORCH_CHECK(per_sample || shared, "prefix_attention: prefix_k must have shape (B,H,P,d) = (",
+                p.B, ",", p.H, ",P,", p.d, ") or (H,P,d) = (", p.H, ",P,", p.d, "), got ",
+                a.sizes());
+    TORCH_CHECK(b.sizes() == a.sizes(), "prefix_attention: prefix_v must have the shape of prefix_k ",
+                a.sizes(), ", got ", b.sizes());
+    check_float_tensor(a, "prefix_k", q);
+    check_float_tensor(b, "prefix_v", q);
+    p.has_prefix = true;
+    p.shared_prefix = shared;
+    p.P = a.size(-2);
+    p.pk = inner_contiguous(a);
+    p.pv = inner_contiguous(b);
+  }
+  p.q = inner_contiguous(q);
+  p.k = inner_contiguous(k);
+  p.v = inner_contiguous(v);
+  if (kv_mask.has_value()) {
+    const at::Tensor& m = *kv_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, "prefix_attention: kv_mask must be a bool tensor, got ",
+                m.scalar_type());
+    TORCH_CHECK(m.device().is_cpu(), "prefix_attention: kv_mask must be a CPU tensor, got ",
+                m.device());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Nk,
+                "prefix_attention: kv_mask must have shape (B,Nk) = (", p.B, ",", p.Nk, "), got ",
+                m.sizes());
+    p.has_mask = true;
+    p.mask = m.contiguous();
+    const bool* mp = p.mask.data_ptr<bool>();
+    p.idx.resize(p.B * p.Nk);
+    p.count.assign(p.B, 0);
+    for (int64_t b = 0; b < p.B; ++b) {
+      int64_t n = 0;
+      for (int64_t j = 0; j < p.Nk; ++j) {
+        if (mp[b * p.Nk + j]) {
+          p.idx[b * p.Nk + n++] = j;
+        }
+      }
+      p.count[b] = n;
+    }
+  } else {
+    p.count.assign(p.B, p.Nk);
+  }
+  p.max_keys = p.P;
+  for (int64_t b = 0; b < p.B; ++b) {
+    p.max_keys = std::max(p.max_keys, p.P + p.count[b]);
+  }
+  return p;
+}
+
+template <typename T>
+KeyRows<T> key_rows(const Problem& p, const RowView<T>& pre, const RowView<T>& seq, int64_t b,
+                    int64_t h) {
+  KeyRows<T> r;
+  if (p.has_prefix) {
+    r.pre = pre.rows(b, h);
+    r.pre_sn = pre.sn;
+  }
+  r.seq = seq.rows(b, h);
+  r.seq_sn = seq.sn;
+  r.idx = p.has_mask ? p.idx.data() + b * p.Nk : nullptr;
+  r.P = p.P;
+  return r;
+}
+
+template <typename C>
+at::Tensor scratch(int64_t n) {
+  return at::zeros({std::max<int64_t>(n, 1)},
+                   at::TensorOptions().dtype(c10::CppTypeToScalarType<C>::value));
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T, typename C>
+void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& lse) {
+  // Row layout: S = q K^T (queries x keys), out (+)= P V.
+  constexpr bool vnni = kVnni<C>;
+  const int64_t B = p.B, H = p.H, Nq = p.Nq, d = p.d, P = p.P;
+  const int64_t dp = vnni ? round_up(d, 2) : d;
+  const int64_t BQ = balanced_block(Nq, kMaxBlockQ, 16);
+  const int64_t nqb = ceil_div(Nq, BQ);
+  const int64_t Lmax = p.max_keys;
+  const int64_t ldk = round_up(std::max<int64_t>(Lmax, 1), 16);
+  const int64_t BK = balanced_block(Lmax, kMaxBlockK, 2);
+  const int64_t lds = round_up(BK, 16);
+  // q is used in place as the A operand when it already has the operand's type and layout.
+  constexpr bool kSameType = std::is_same_v<T, C>;
+  const bool q_direct = kSameType && dp == d;
+
+  const RowView<T> qv = row_view<T>(p.q), kv = row_view<T>(p.k), vv = row_view<T>(p.v);
+  RowView<T> pkv, pvv;
+  if (p.has_prefix) {
+    pkv = row_view<T>(p.pk);
+    pvv = row_view<T>(p.pv);
+  }
+  T* out_p = out.data_ptr<T>();
+  float* lse_p = lse.data_ptr<float>();
+
+  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor kside_t = scratch<C>(dp * ldk + round_up(Lmax, 2) * d);
+    at::Tensor qa_t = scratch<C>(q_direct ? 0 : BQ * dp);
+    at::Tensor p_t = scratch<C>(vnni ? BQ * lds : 0);
+    at::Tensor f_t = scratch<float>(BQ * lds + BQ * d + 3 * BQ);
+    C* Kt = kside_t.data_ptr<C>();  // K^T: B operand [dp x keys]
+    C* Vb = Kt + dp * ldk;           // V: B operand [keys x d]
+    C* Qa = q_direct ? nullptr : qa_t.data_ptr<C>();
+    C* Pm = vnni ? p_t.data_ptr<C>() : nullptr;
+    float* S = f_t.data_ptr<float>();
+    float* O = S + BQ * lds;
+    float* m = O + BQ * d;
+    float* l = m + BQ;
+    float* alpha = l + BQ;
+    int64_t packed_bh = -1;
+
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / nqb, qb = item % nqb;
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t q0 = qb * BQ, nq = std::min(BQ, Nq - q0);
+      const int64_t L = P + p.count[b];
+      T* out_rows = out_p + (bh * Nq + q0) * d;
+      float* lse_rows = lse_p + bh * Nq + q0;
+      if (L == 0) {  // nothing to attend to
+        std::fill_n(out_rows, nq * d, T(0.f));
+        std::fill_n(lse_rows, nq, -kInf);
+        continue;
+      }
+      if (packed_bh != bh) {
+        pack_b_features<C>(key_rows(p, pkv, kv, b, h), L, L, d, dp, ldk, Kt);
+        pack_b_rows<C>(key_rows(p, pvv, vv, b, h), L, round_up(L, 2), d, Vb);
+        packed_bh = bh;
+      }
+      const StridedRows<T> q_src{qv.rows(b, h) + q0 * qv.sn, qv.sn};
+      const C* A = nullptr;
+      int64_t lda = dp;
+      if constexpr (kSameType) {
+        if (q_direct) {
+          A = q_src.base;
+          lda = qv.sn;
+        }
+      }
+      if (A == nullptr) {
+        pack_rows<C>(q_src, nq, d, dp, Qa);
+        A = Qa;
+      }
+
+      const int64_t ntiles = ceil_div(L, BK);
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t k0 = t * BK, kn = std::min(BK, L - k0);
+        const bool first = t == 0;
+        gemm<C>(nq, kn, dp, A, lda, Kt + (vnni ? 2 * k0 : k0), ldk, S, lds, false);
+        softmax_rows<C>(S, lds, nq, kn, scale, m, l, alpha, Pm, first);
+        if (!first) {
+          for (int64_t i = 0; i < nq; ++i) {
+            float* o = O + i * d;
+            for (int64_t c = 0; c < d; ++c) {
+              o[c] *= alpha[i];
+            }
+          }
+        }
+        const int64_t kk = vnni ? round_up(kn, 2) : kn;
+        gemm<C>(nq, d, kk, vnni ? Pm : reinterpret_cast<C*>(S), lds, Vb + k0 * d, d, O, d, !first);
+      }
+      for (int64_t i = 0; i < nq; ++i) {
+        lse_rows[i] = finalize_lse(m[i], l[i]);
+        store_row<T>(O + i * d, d, out_rows + i * d, l[i] > 0.f ? 1.f / l[i] : 0.f);
+      }
+    }
+    gemm_release<C>();
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward.
+
+template <typename T, typename C>
+void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor& out_in,
+                   const at::Tensor& lse_in, float scale, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv, at::Tensor& dpk, at::Tensor& dpv) {
+  constexpr bool vnni = !std::is_same_v<C, float>;
+  const int64_t B = p.B, H = p.H, Nq = p.Nq, Nk = p.Nk, d = p.d, P = p.P;
+  const int64_t dp = vnni ? round_up(d, 2) : d;
+  const int64_t BQ = balanced_block(Nq, kMaxBlockQ, 16);
+  const int64_t ldq = BQ;
+  const int64_t nqb = ceil_div(Nq, BQ);
+  const int64_t Lmax = p.max_keys;
+  const int64_t ldk = round_up(std::max<int64_t>(Lmax, 1), 16);
+  const int64_t BK = balanced_block(Lmax, kMaxBlockK, 2);
+  const int64_t BH = B * H;
+  // Split query blocks into G groups per (b,h) when there are fewer (b,h) than threads; the groups'
+  // key/value gradients are then reduced after the parallel loop.
+  const int64_t threads = at::get_num_threads();
+  const int64_t G = BH >= threads ? 1 : std::min(nqb, ceil_div(threads, std::max<int64_t>(BH, 1)));
+
+  const RowView<T> qv = row_view<T>(p.q), kv = row_view<T>(p.k), vv = row_view<T>(p.v);
+  const RowView<T> gv = row_view<T>(dout_in), ov = row_view<T>(out_in);
+  RowView<T> pkv, pvv;
+  if (p.has_prefix) {
+    pkv = row_view<T>(p.pk);
+    pvv = row_view<T>(p.pv);
+  }
+  const float* lse_p = lse_in.data_ptr<float>();
+  T* dq_p = dq.data_ptr<T>();
+  T* dk_p = dk.data_ptr<T>();
+  T* dv_p = dv.data_ptr<T>();
+  // A shared prefix collects per-sample fp32 gradients that are summed over the batch afterwards.
+  at::Tensor dpre_acc;
+  if (p.has_prefix && p.shared_prefix) {
+    dpre_acc = at::empty({2, B, H, P, d}, at::TensorOptions().dtype(at::kFloat));
+  }
+  at::Tensor partial;
+  if (G > 1) {
+    partial = at::empty({BH, G, 2, std::max<int64_t>(Lmax, 1), d}, at::TensorOptions().dtype(at::kFloat));
+  }
+
+  // Writes the key/value gradients of one (b,h) from fp32 accumulators [L][d].
+  auto emit = [&](int64_t b, int64_t h, const float* gk, const float* gv_acc) {
+    const int64_t L = P + p.count[b];
+    const int64_t bh = b * H + h;
+    for (int64_t j = 0; j < L; ++j) {
+      const float* rk = gk + j * d;
+      const float* rv = gv_acc + j * d;
+      if (j < P) {
+        if (p.shared_prefix) {
+          float* ok = dpre_acc.data_ptr<float>() + ((bh * P) + j) * d;
+          float* ov_ = ok + BH * P * d;
+          std::copy_n(rk, d, ok);
+          std::copy_n(rv, d, ov_);
+        } else {
+          store_row<T>(rk, d, dpk.data_ptr<T>() + (bh * P + j) * d);
+          store_row<T>(rv, d, dpv.data_ptr<T>() + (bh * P + j) * d);
+        }
+      } else {
+        const int64_t n = p.has_mask ? p.idx[b * Nk + (j - P)] : j - P;
+        store_row<T>(rk, d, dk_p + (bh * Nk + n) * d);
+        store_row<T>(rv, d, dv_p + (bh * Nk + n) * d);
+      }
+    }
+  };
+
+  at::parallel_for(0, BH * G, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor ka_t = scratch<C>(Lmax * dp), va_t = scratch<C>(Lmax * dp), kt_t = scratch<C>(d * ldk);
+    at::Tensor qside_t = scratch<C>(2 * dp * ldq + 2 * BQ * d);
+    at::Tensor sdp_t = scratch<float>(2 * BK * ldq);
+    at::Tensor ps_t = scratch<C>(vnni ? 3 * BK * ldq : 0);
+    at::Tensor dqt_t = scratch<float>(d * ldq + 2 * ldq);
+    at::Tensor acc_t = scratch<float>(G > 1 ? 0 : 2 * Lmax * d);
+    C* Ka = ka_t.data_ptr<C>();
+    C* Va = va_t.data_ptr<C>();
+    C* Kt = kt_t.data_ptr<C>();
+    C* Qt = qside_t.data_ptr<C>();
+    C* dOt = Qt + dp * ldq;
+    C* Qr = dOt + dp * ldq;
+    C* dOr = Qr + BQ * d;
+    float* S = sdp_t.data_ptr<float>();
+    float* dP = S + BK * ldq;
+    C* Pa = vnni ? ps_t.data_ptr<C>() : nullptr;
+    C* dSa = vnni ? Pa + BK * ldq : nullptr;
+    C* dSv = vnni ? dSa + BK * ldq : nullptr;
+    float* dQt = dqt_t.data_ptr<float>();
+    float* lse_b = dQt + d * ldq;
+    float* di = lse_b + ldq;
+
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / G, g = item % G;
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t L = P + p.count[b];
+      const int64_t qb_begin = g * nqb / G, qb_end = (g + 1) * nqb / G;
+      float* dK_acc = G > 1 ? partial.data_ptr<float>() + (bh * G + g) * 2 * std::max<int64_t>(Lmax, 1) * d
+                            : acc_t.data_ptr<float>();
+      float* dV_acc = dK_acc + (G > 1 ? std::max<int64_t>(Lmax, 1) : Lmax) * d;
+      if (L == 0) {  // nothing attended: zero gradients (dk, dv were zero-initialised)
+        for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+          const int64_t q0 = qb * BQ, nq = std::min(BQ, Nq - q0);
+          std::fill_n(dq_p + (bh * Nq + q0) * d, nq * d, T(0.f));
+        }
+        continue;
+      }
+      const KeyRows<T> keys = key_rows(p, pkv, kv, b, h);
+      const KeyRows<T> vals = key_rows(p, pvv, vv, b, h);
+      pack_rows<C>(keys, L, d, dp, Ka);
+      pack_rows<C>(vals, L, d, dp, Va);
+      pack_cols<C>(keys, L, d, ldk, Kt);
+      const int64_t ntiles = ceil_div(L, BK);
+
+      for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+        const int64_t q0 = qb * BQ, nq = std::min(BQ, Nq - q0);
+        const int64_t nqk = vnni ? round_up(nq, 2) : nq;  // queries incl. the zero pad (16-bit)
+        const bool first_q = qb == qb_begin;
+        const T* q_rows = qv.rows(b, h) + q0 * qv.sn;
+        const T* g_rows = gv.rows(b, h) + q0 * gv.sn;
+        const T* o_rows = ov.rows(b, h) + q0 * ov.sn;
+        const StridedRows<T> q_src{q_rows, qv.sn}, g_src{g_rows, gv.sn};
+        pack_b_features<C>(q_src, nq, nqk, d, dp, ldq, Qt);
+        pack_b_features<C>(g_src, nq, nqk, d, dp, ldq, dOt);
+        pack_b_rows<C>(q_src, nq, nqk, d, Qr);
+        pack_b_rows<C>(g_src, nq, nqk, d, dOr);
+        const float* lse_rows = lse_p + bh * Nq + q0;
+        for (int64_t i = 0; i < ldq; ++i) {
+          if (i < nq) {
+            lse_b[i] = lse_rows[i];
+            di[i] = dot_row<T>(g_rows + i * gv.sn, o_rows + i * ov.sn, d);
+          } else {  // padding queries: P = 0, dS = 0
+            lse_b[i] = kInf;
+            di[i] = 0.f;
+          }
+        }
+
+        for (int64_t t = 0; t < ntiles; ++t) {
+          const int64_t k0 = t * BK, kn = std::min(BK, L - k0);
+          const int64_t knk = vnni ? round_up(kn, 2) : kn;
+          gemm<C>(kn, nqk, dp, Ka + k0 * dp, dp, Qt, ldq, S, ldq, false);
+          gemm<C>(kn, nqk, dp, Va + k0 * dp, dp, dOt, ldq, dP, ldq, false);
+          grad_tile<C>(S, dP, ldq, kn, nqk, scale, lse_b, di, Pa, dSa, dSv);
+          const C* Pm = vnni ? Pa : reinterpret_cast<const C*>(S);
+          const C* dSm = vnni ? dSa : reinterpret_cast<const C*>(dP);
+          const C* dSb = vnni ? dSv : reinterpret_cast<const C*>(dP);
+          gemm<C>(kn, d, nqk, Pm, ldq, dOr, d, dV_acc + k0 * d, d, !first_q);
+          gemm<C>(kn, d, nqk, dSm, ldq, Qr, d, dK_acc + k0 * d, d, !first_q);
+          gemm<C>(d, nqk, knk, Kt + k0, ldk, dSb, ldq, dQt, ldq, t > 0);
+        }
+        store_transposed<T>(dQt, ldq, nq, d, nullptr, dq_p + (bh * Nq + q0) * d);
+      }
+      if (G == 1) {
+        emit(b, h, dK_acc, dV_acc);
+      }
+    }
+    gemm_release<C>();
+  });
+
+  if (G > 1) {
+    const int64_t Ls = std::max<int64_t>(Lmax, 1);
+    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t L = P + p.count[b];
+        float* base = partial.data_ptr<float>() + bh * G * 2 * Ls * d;
+        for (int64_t g = 1; g < G; ++g) {
+          const float* src = base + g * 2 * Ls * d;
+          for (int64_t j = 0; j < L * d; ++j) {
+            base[j] += src[j];
+            base[Ls * d + j] += src[Ls * d + j];
+          }
+        }
+        if (L > 0) {
+          emit(b, h, base, base + Ls * d);
+        }
+      }
+    });
+  }
+  if (p.has_prefix && p.shared_prefix) {
+    // rows of samples with L == 0 never exist: L >= P > 0 whenever there is a prefix
+    at::Tensor summed = dpre_acc.sum(1);  // (2, H, P, d)
+    dpk.copy_(summed[0]);
+    dpv.copy_(summed[1]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Ops.
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dt, F&& f) {
+  // f(T{}, C{}) with T the input dtype and C the GEMM operand dtype.
+  switch (dt) {
+    case at::kFloat:
+      f(float{}, float{});
+      break;
+    case at::kBFloat16:
+      if (brgemm_usable<at::BFloat16>()) {
+        f(at::BFloat16{}, at::BFloat16{});
+      } else {
+        f(at::BFloat16{}, float{});
+      }
+      break;
+    case at::kHalf:
+      if (brgemm_usable<at::Half>()) {
+        f(at::Half{}, at::Half{});
+      } else {
+        f(at::Half{}, float{});
+      }
+      break;
+    default:
+      TORCH_CHECK(false, "prefix_attention: unsupported dtype ", dt);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
+    const std::optional<at::Tensor>& kv_mask, double scale) {
+  const Problem p = make_problem(q, k, v, prefix_k, prefix_v, kv_mask, scale);
+  at::Tensor out = at::empty({p.B, p.H, p.Nq, p.d}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    return {out, lse};
+  }
+  dispatch_dtype(q.scalar_type(), [&](auto t, auto c) {
+    forward_impl<decltype(t), decltype(c)>(p, static_cast<float>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
+    const std::optional<at::Tensor>& kv_mask, const at::Tensor& out, const at::Tensor& lse,
+    double scale) {
+  const Problem p = make_problem(q, k, v, prefix_k, prefix_v, kv_mask, scale);
+  TORCH_CHECK(dout.sizes() == q.sizes(), "prefix_attention: dout must have the shape of q ",
+              q.sizes(), ", got ", dout.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "prefix_attention: out must have the shape of q ",
+              q.sizes(), ", got ", out.sizes());
+  check_float_tensor(dout, "dout", q);
+  check_float_tensor(out, "out", q);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H && lse.size(2) == p.Nq,
+              "prefix_attention: lse must have shape (B,H,Nq) = (", p.B, ",", p.H, ",", p.Nq,
+              "), got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "prefix_attention: lse must be float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.device().is_cpu(), "prefix_attention: lse must be a CPU tensor, got ", lse.device());
+
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty({p.B, p.H, p.Nq, p.d}, opts);
+  // Masked keys get zero gradients; without a mask every key row is written.
+  at::Tensor dk = p.has_mask || p.Nq == 0 ? at::zeros({p.B, p.H, p.Nk, p.d}, opts)
+                                          : at::empty({p.B, p.H, p.Nk, p.d}, opts);
+  at::Tensor dv = p.has_mask || p.Nq == 0 ? at::zeros({p.B, p.H, p.Nk, p.d}, opts)
+                                          : at::empty({p.B, p.H, p.Nk, p.d}, opts);
+  at::Tensor dpk, dpv;
+  if (p.has_prefix) {
+    dpk = p.Nq == 0 ? at::zeros(p.pk.sizes(), opts) : at::empty(p.pk.sizes(), opts);
+    dpv = p.Nq == 0 ? at::zeros(p.pv.sizes(), opts) : at::empty(p.pv.sizes(), opts);
+  } else {
+    dpk = at::empty({0}, q.options());
+    dpv = at::empty({0}, q.options());
+  }
+  if (p.B * p.H == 0 || p.Nq == 0) {
+    return {dq, dk, dv, dpk, dpv};
+  }
+  const at::Tensor g = inner_contiguous(dout);
+  const at::Tensor o = inner_contiguous(out);
+  const at::Tensor l = lse.contiguous();
+  dispatch_dtype(q.scalar_type(), [&](auto t, auto c) {
+    backward_impl<decltype(t), decltype(c)>(p, g, o, l, static_cast<float>(scale), dq, dk, dv, dpk,
+                                            dpv);
+  });
+  return {dq, dk, dv, dpk, dpv};
+}
+
+}  // namespace
+}  // namespace prefix_attention
+}  // namespace clfast
+
+TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
+  m.def(
+      "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
+      "Tensor? kv_mask, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "prefix_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, "
+      "Tensor? prefix_v, Tensor? kv_mask, Tensor out, Tensor lse, float scale) -> "
+      "(Tensor dq, Tensor dk, Tensor dv, Tensor dprefix_k, Tensor dprefix_v)");
+}
+
+TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) {
+  m.impl("prefix_attention_fwd", &clfast::prefix_attention::prefix_attention_fwd);
+  m.impl("prefix_attention_bwd", &clfast::prefix_attention::prefix_attention_bwd);
+}

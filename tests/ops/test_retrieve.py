@@ -1,0 +1,438 @@
+"""clfast.ops.retrieve: the reference against independent oracles (brute force in float64, FAISS's exact flat
+index), every backend against the float64 reference (scores, indices, gradients), ties and NaN, registration
+(opcheck, torch.compile), bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clfast.ops import _dispatch, retrieve, use_backend
+from clfast.ops import retrieval as rt
+from tests.ops._util import max_err, poisoned_view, runnable_backends
+
+OP = "retrieve"
+METRICS = rt.METRICS
+BACKENDS = runnable_backends(OP)
+IN_OP = [n for n in BACKENDS if getattr(_dispatch.backends(OP)[n], "IN_OP", False)]
+INTERPRETED = {"triton"} if not torch.cuda.is_available() else set()
+
+
+def make_case(B, M, D, *, dtype=torch.float64, key_dtype=None, noncontig=False, requires_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed + 7 * B + 13 * M + D)
+    q = torch.randn(B, D, generator=g, dtype=torch.float64)
+    k = torch.randn(M, D, generator=g, dtype=torch.float64)
+    key_dtype = key_dtype or dtype
+    q, k = q.to(dtype), k.to(key_dtype)
+    if noncontig:
+        qv, kv = poisoned_view((B, D), dtype), poisoned_view((M, D), key_dtype)
+        qv.copy_(q), kv.copy_(k)
+        q, k = qv, kv
+    return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad)
+
+
+def run(name, q, k, kk, metric):
+    with use_backend(name, op=OP):
+        return retrieve(q, k, kk, metric=metric)
+
+
+def true_scores(q, k, idx, metric):
+    """Float64 scores of the chosen rows (what the selection is worth, whatever rounded it)."""
+    return rt.score_rows(q.detach().double(), k.detach().double(), idx, metric)
+
+
+def _mag(t):
+    return max(1.0, t.abs().max().item()) if t.numel() else 1.0
+
+
+def separated_rows(ref_scores_full, kk, gap):
+    """Rows whose k+1 best float64 scores are at least ``gap`` apart: there, every backend must return the
+    reference's indices exactly (elsewhere near-ties may swap by rounding)."""
+    top = torch.sort(ref_scores_full, dim=1, descending=True).values[:, : kk + 1]
+    return (top[:, :-1] - top[:, 1:]).min(dim=1).values > gap if top.shape[1] > 1 else torch.ones(
+        top.shape[0], dtype=torch.bool)
+
+
+def full_scores(q, k, metric):
+    s, _ = rt.reference(q.detach().double(), k.detach().double(), k.shape[0], metric)
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference is the spec: check it against independent computations in float64
+# --------------------------------------------------------------------------------------------------
+
+
+def _oracle(q, k, metric):
+    """Pairwise loops in float64, written without matmul."""
+    B, M = q.shape[0], k.shape[0]
+    s = torch.empty(B, M, dtype=torch.float64)
+    for b in range(B):
+        for m in range(M):
+            if metric == "cosine":
+                s[b, m] = (q[b] * k[m]).sum() / (max(q[b].norm().item(), 1e-12) * max(k[m].norm().item(), 1e-12))
+            elif metric == "ip":
+                s[b, m] = (q[b] * k[m]).sum()
+            else:
+                s[b, m] = -((q[b] - k[m]) ** 2).sum()
+    # numpy's lexsort: by score descending, then index ascending
+    order = np.stack([np.lexsort((np.arange(M), -row)) for row in s.numpy()])
+    return s, torch.from_numpy(order)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("B,M,D,kk", [(1, 1, 59, 1), (3, 5, 59, 5), (2, 40, 7, 3)])
+def test_reference_matches_pairwise_oracle(metric, B, M, D, kk):
+    q, k = make_case(B, M, D, requires_grad=False)
+    k[-1] = k[0]  # an exact tie (index 0 must come first)
+    s, i = rt.reference(q, k, kk, metric)
+    s_all, order = _oracle(q, k, metric)
+    assert torch.equal(i, order[:, :kk])
+    assert max_err(s, s_all.gather(1, order[:, :kk])) < 1e-12
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_reference_matches_faiss_exact_flat_index(metric):
+    """M = 100,001 keys, D = 59: FAISS IndexFlatIP / IndexFlatL2 (on normalised copies for cosine)."""
+    faiss = pytest.importorskip("faiss")
+    q, k = make_case(3, 100_001, 59, requires_grad=False)
+    s, i = rt.reference(q, k, 5, metric)
+    qf, kf = q.float(), k.float()
+    if metric == "cosine":
+        qf, kf = F.normalize(qf, dim=-1), F.normalize(kf, dim=-1)
+    index = faiss.IndexFlatL2(59) if metric == "l2" else faiss.IndexFlatIP(59)
+    index.add(kf.numpy())
+    dist, idx = index.search(qf.contiguous().numpy(), 5)
+    fscore = -torch.from_numpy(dist).double() if metric == "l2" else torch.from_numpy(dist).double()
+    assert max_err(s, fscore) < 1e-4 * _mag(s)
+    sep = separated_rows(full_scores(q, k, metric), 5, 1e-4 * _mag(s))
+    assert sep.any()
+    assert torch.equal(i[sep], torch.from_numpy(idx)[sep])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_reference_gradcheck(metric):
+    q, k = make_case(2, 6, 5)
+    assert torch.autograd.gradcheck(lambda a, b: rt.reference(a, b, 3, metric)[0], (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: retrieve(a, b, 3, metric=metric)[0], (q, k))
+
+
+def test_score_rows_gradcheck_includes_zero_norm_keys():
+    q, k = make_case(2, 6, 5)
+    with torch.no_grad():
+        k[2] = 0.0
+    idx = torch.tensor([[2, 0, 1], [5, 2, 3]])
+    for metric in METRICS:
+        assert torch.autograd.gradcheck(lambda a, b: rt.score_rows(a, b, idx, metric), (q, k))
+
+
+# --------------------------------------------------------------------------------------------------
+# Every backend against the float64 reference
+# --------------------------------------------------------------------------------------------------
+
+# (B, M, D, k, noncontig)
+CASES = [
+    (1, 1, 59, 1, False),     # M = 1
+    (3, 5, 59, 5, False),     # M = k
+    (4, 37, 16, 3, True),     # non-contiguous query and keys, NaN around them
+    (17, 300, 64, 8, False),  # several tiles / blocks / splits
+]
+BIG = [(2, 100_001, 59, 5, False), (130, 5_000, 33, 16, False), (1, 20_000, 768, 1, True)]
+
+
+def _ids(c):
+    B, M, D, kk, nc = c
+    return f"B{B}M{M}D{D}k{kk}" + ("-noncontig" if nc else "")
+
+
+def _grid():
+    for name in BACKENDS:
+        cases = CASES if name in INTERPRETED else CASES + BIG
+        for c in cases:
+            for metric in METRICS:
+                if name in INTERPRETED and metric != "cosine" and c[1] > 40:
+                    continue  # the interpreter is slow: every metric at small M, cosine at the larger
+                yield pytest.param(name, c, metric, id=f"{name}-{_ids(c)}-{metric}")
+
+
+@pytest.mark.parametrize("name,case,metric", list(_grid()))
+def test_backend_fp32_matches_float64_reference(name, case, metric):
+    B, M, D, kk, nc = case
+    cls = _dispatch.backends(OP)[name]
+    q, k = make_case(B, M, D, dtype=torch.float32, noncontig=nc)
+    ref_s, ref_i = rt.reference(q.detach().double(), k.detach().double(), kk, metric)
+    s, i = run(name, q, k, kk, metric)
+    assert s.dtype == torch.float32 and i.dtype == torch.int64 and s.shape == i.shape == (B, kk)
+    mag = _mag(ref_s)
+    tol = cls.ATOL[torch.float32] * mag
+    # what was chosen is worth as much as the best choice, in float64
+    assert max_err(true_scores(q, k, i, metric), ref_s) <= tol
+    assert max_err(s, ref_s) <= tol
+    assert all(len(set(row)) == kk for row in i.tolist()) and int(i.min()) >= 0 and int(i.max()) < M
+    sep = separated_rows(full_scores(q, k, metric), kk, 10 * tol)
+    assert torch.equal(i[sep], ref_i[sep])
+    # gradients (rows with the reference's indices; near-tie rows legitimately differ)
+    if bool(sep.all()):
+        ds = torch.randn(B, kk, dtype=torch.float64)
+        g = torch.autograd.grad(s, (q, k), ds.float())
+        qd, kd = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+        gr = torch.autograd.grad(rt.reference(qd, kd, kk, metric)[0], (qd, kd), ds)
+        for a, r in zip(g, gr):
+            assert torch.isfinite(a).all()
+            assert max_err(a, r) <= cls.GRAD_ATOL[torch.float32] * _mag(r) * mag
+
+
+LOWP = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16)]
+
+
+def _lowp_grid():
+    for name in BACKENDS:
+        cls = _dispatch.backends(OP)[name]
+        for qd, kd in LOWP:
+            if kd not in cls.DTYPES:
+                continue
+            if name != "reference" and qd not in getattr(cls, "QUERY_DTYPES", {}).get(kd, (kd,)):
+                continue
+            cases = [CASES[2], CASES[3]] if name in INTERPRETED else [CASES[3], BIG[1]]
+            for c in cases:
+                yield pytest.param(name, qd, kd, c, id=f"{name}-q{str(qd)[6:]}-k{str(kd)[6:]}-{_ids(c)}")
+
+
+@pytest.mark.parametrize("name,qd,kd,case", list(_lowp_grid()))
+def test_backend_low_precision_within_2x_of_pytorch_error(name, qd, kd, case):
+    """For 16-bit inputs, the float64 value of the chosen keys falls short of the best by at most twice what
+    stock PyTorch loses computing the reference in that dtype (plus a small slack), and the scores are as
+    accurate. Judged on the 16-bit inputs themselves (their rounding is not the backend's error)."""
+    B, M, D, kk, nc = case
+    q, k = make_case(B, M, D, dtype=qd, key_dtype=kd, noncontig=nc)
+    for metric in METRICS:
+        best = rt.reference(q.detach().double(), k.detach().double(), kk, metric)[0]
+        peer_s, peer_i = rt.reference(q.detach(), k.detach(), kk, metric)
+        s, i = run(name, q, k, kk, metric)
+        assert s.dtype == torch.promote_types(qd, kd) and i.dtype == torch.int64
+        mag = _mag(best)
+        slack = (2e-3 if torch.bfloat16 in (qd, kd) else 3e-4) * mag
+        peer_loss = max_err(true_scores(q, k, peer_i, metric), best)
+        assert max_err(true_scores(q, k, i, metric), best) <= 2 * peer_loss + slack, metric
+        peer_err = max_err(peer_s, true_scores(q, k, peer_i, metric))
+        assert max_err(s, true_scores(q, k, i, metric)) <= 2 * peer_err + slack, metric
+        g = torch.autograd.grad(s.float().sum(), (q, k), allow_unused=True)
+        assert all(t is None or torch.isfinite(t).all() for t in g)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ties, NaN, zero norms, determinism, empty batches
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_go_to_the_lower_index_on_every_backend(metric):
+    """Duplicated keys and integer-valued data (exact scores): identical indices everywhere."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(-2, 3, (40, 16), generator=g).float()
+    keys = torch.cat([base, base, base[:7]])  # every key has a copy 40 rows later
+    q = torch.randint(-2, 3, (5, 16), generator=g).float()
+    ref_s, ref_i = rt.reference(q.double(), keys.double(), 12, metric)
+    for name in BACKENDS:
+        s, i = run(name, q, keys, 12, metric)
+        assert torch.equal(i, ref_i), name
+        assert max_err(s, ref_s) < 1e-5 * _mag(ref_s), name
+        # a duplicated pair that made the list: the lower index first
+        for row in i.tolist():
+            for a in row:
+                if a + 40 in row:
+                    assert row.index(a) < row.index(a + 40)
+
+
+def test_tie_straddling_the_kth_place():
+    """More equal keys than places left: the lowest indices win, on every backend."""
+    keys = torch.zeros(50, 4)
+    keys[:, 0] = 1.0
+    keys[10] = torch.tensor([2.0, 0, 0, 0])
+    q = torch.tensor([[1.0, 0, 0, 0]])
+    for name in BACKENDS:
+        s, i = run(name, q, keys, 4, "ip")
+        assert i.tolist() == [[10, 0, 1, 2]], name
+        assert s.tolist() == [[2.0, 1.0, 1.0, 1.0]], name
+
+
+def test_nan_keys_rank_last_and_zero_keys_are_defined():
+    q, k = make_case(3, 30, 8, dtype=torch.float32, requires_grad=False)
+    k[4] = float("nan")
+    k[7] = 0.0
+    for name in BACKENDS:
+        for metric in METRICS:
+            _, i = run(name, q, k, 30, metric)
+            assert (i[:, -1] == 4).all(), (name, metric)
+            _, i = run(name, q, k, 29, metric)
+            assert not (i == 4).any(), (name, metric)
+        s, i = run(name, q, k, 30, "cosine")
+        assert (s[i == 7] == 0).all(), name
+
+
+def test_zero_norm_key_gradient_is_finite():
+    q, k = make_case(2, 5, 6, dtype=torch.float32)
+    with torch.no_grad():
+        k[1] = 0.0
+    for name in BACKENDS:
+        s, _ = run(name, q, k, 5, "cosine")
+        gq, gk = torch.autograd.grad(s.sum(), (q, k))
+        assert torch.isfinite(gq).all() and torch.isfinite(gk).all(), name
+
+
+@pytest.mark.parametrize("name", IN_OP)
+def test_backend_is_deterministic(name):
+    q, k = make_case(9, 500, 24, dtype=torch.float32)
+    s1, i1 = run(name, q, k, 7, "cosine")
+    s2, i2 = run(name, q, k, 7, "cosine")
+    assert torch.equal(s1, s2) and torch.equal(i1, i2)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_empty_batch(name):
+    q, k = torch.randn(0, 8), torch.randn(5, 8)
+    s, i = run(name, q, k, 2, "l2")
+    assert s.shape == i.shape == (0, 2)
+
+
+def test_thread_count_does_not_change_results():
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ backend is not built")
+    q, k = make_case(5, 3000, 40, dtype=torch.float32, requires_grad=False)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run("cpu", q, k, 6, "l2")
+    finally:
+        torch.set_num_threads(n)
+    two = run("cpu", q, k, 6, "l2")
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cpu_backend_is_the_default_on_cpu():
+    if "cpu" not in BACKENDS:
+        pytest.fail(f"the C++ backend is not available: {_dispatch.backends(OP)['cpu'].unavailable_reason()}")
+    q, k = make_case(2, 100, 8, dtype=torch.float32, requires_grad=False)
+    assert _dispatch.select(OP, rt._validate(q, k, 3, "cosine", True)).NAME == "cpu"
+
+
+def test_float64_goes_to_a_float64_backend():
+    q, k = make_case(2, 10, 8, requires_grad=False)
+    chosen = _dispatch.select(OP, rt._validate(q, k, 3, "cosine", True))
+    assert torch.float64 in chosen.DTYPES
+    s, i = retrieve(q, k, 3)
+    rs, ri = rt.reference(q, k, 3)
+    assert torch.equal(i, ri) and max_err(s, rs) < 1e-12
+
+
+def test_faiss_threshold_and_forcing():
+    cls = _dispatch.backends(OP)["faiss"]
+    q, k = make_case(1, 10, 4, dtype=torch.float32, requires_grad=False)
+    inputs = rt._validate(q, k, 1, "cosine", True)
+    assert any("CLFAST_FAISS_MIN_KEYS" in r for r in cls.extra_reasons(inputs))
+    with use_backend("faiss", op=OP):
+        assert not any("CLFAST_FAISS_MIN_KEYS" in r for r in cls.extra_reasons(inputs))
+    old = rt.faiss_min_keys()
+    try:
+        rt.set_faiss_min_keys(5)
+        assert not cls.extra_reasons(inputs)
+    finally:
+        rt.set_faiss_min_keys(old)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration: opcheck and torch.compile
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in IN_OP if n not in INTERPRETED])
+@pytest.mark.parametrize("metric", METRICS)
+def test_opcheck(name, metric):
+    q, k = make_case(3, 50, 8, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.clfast.retrieve.default, (q, k, 4, metric, name))
+
+
+class _TinyPool(torch.nn.Module):
+    """L2P-style: a query projection, a key pool, top-k prompts and the pull constraint on the scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(12, 16)
+        self.keys = torch.nn.Parameter(torch.randn(10, 16))
+        self.prompts = torch.nn.Parameter(torch.randn(10, 3))
+
+    def forward(self, x):
+        s, i = retrieve(self.proj(x), self.keys, 3, metric="cosine")
+        return (self.prompts[i].sum() - s.sum()) * 0.5
+
+
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n not in INTERPRETED])
+def test_torch_compile_fullgraph_no_graph_break(name):
+    torch._dynamo.reset()
+    model = _TinyPool()
+    x = torch.randn(4, 12)
+    with use_backend(name, op=OP):
+        expected = model(x)
+        expected.backward()
+        g_expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        got = compiled(x)
+        got.backward()
+    assert torch.allclose(got, expected, atol=1e-5)
+    for p, g in zip(model.parameters(), g_expected):
+        assert torch.allclose(p.grad, g, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mutate,exc,needle", [
+    (lambda a: {**a, "k": 0}, ValueError, "k must be in [1, M] = [1, 6]"),
+    (lambda a: {**a, "k": 7}, ValueError, "k must be in [1, M] = [1, 6]"),
+    (lambda a: {**a, "k": 2.0}, TypeError, "k must be an int"),
+    (lambda a: {**a, "k": True}, TypeError, "k must be an int"),
+    (lambda a: {**a, "query": a["query"][0]}, ValueError, "query must have shape (B,D)"),
+    (lambda a: {**a, "keys": a["keys"][None]}, ValueError, "keys must have shape (M,D) = (M,8)"),
+    (lambda a: {**a, "keys": a["keys"][:, :5]}, ValueError, "keys must have shape (M,D) = (M,8) to match query"),
+    (lambda a: {**a, "query": a["query"].long()}, TypeError, "query must be float32"),
+    (lambda a: {**a, "keys": a["keys"].int()}, TypeError, "keys must be float32"),
+    (lambda a: {**a, "keys": a["keys"].double()}, TypeError, "keys must have query's dtype"),
+    (lambda a: {**a, "query": a["query"].bfloat16()}, TypeError, "keys must have query's dtype"),
+    (lambda a: {**a, "query": a["query"].tolist()}, TypeError, "query must be a torch.Tensor"),
+    (lambda a: {**a, "keys": None}, TypeError, "keys must be a torch.Tensor"),
+    (lambda a: {**a, "metric": "dot"}, ValueError, "metric must be one of cosine, ip, l2"),
+    (lambda a: {**a, "exact": 1}, TypeError, "exact must be a bool"),
+    (lambda a: {**a, "keys": a["keys"].to("meta")}, ValueError, "keys must be on query's device"),
+    (lambda a: {**a, "query": a["query"][:, :0], "keys": a["keys"][:, :0]}, ValueError, "D >= 1"),
+])
+def test_bad_input_names_the_argument(mutate, exc, needle):
+    a = mutate(dict(query=torch.randn(2, 8), keys=torch.randn(6, 8), k=2, metric="cosine", exact=True))
+    with pytest.raises(exc) as info:
+        retrieve(a["query"], a["keys"], a["k"], metric=a["metric"], exact=a["exact"])
+    assert needle in str(info.value)
+
+
+def test_c_kernel_checks_its_own_preconditions():
+    """The Python layer validates first, but calling the kernel directly must raise, not crash."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ backend is not built")
+    q, k = torch.randn(2, 8), torch.randn(6, 8)
+    kern = torch.ops._clfast_C.retrieve_topk
+    with pytest.raises(RuntimeError, match="k must be in"):
+        kern(q, k, 7, "cosine")
+    with pytest.raises(RuntimeError, match="keys must have shape"):
+        kern(q, k[:, :3], 1, "cosine")
+    with pytest.raises(RuntimeError, match="metric must be"):
+        kern(q, k, 1, "dot")
+    with pytest.raises(RuntimeError, match="keys must be float32"):
+        kern(q.double(), k.double(), 1, "ip")
