@@ -107,11 +107,17 @@ def train_vit(args, data, out_dir: str) -> dict:
     import timm
     torch.manual_seed(args.seed)
     model = timm.create_model("vit_tiny_synth", pretrained=False)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=args.vit_lr, betas=(0.9, 0.999))
+    # Auxiliary attribute heads (shape, colour, texture; training only, not saved): a denser signal
+    # than the 100-way class alone, and features that carry the attributes of unseen combinations.
+    n_attr = (len(synth.SHAPES), len(synth.COLOURS), len(synth.TEXTURES))
+    aux = torch.nn.Linear(model.embed_dim, sum(n_attr))
+    opt = torch.optim.AdamW(param_groups(model, 0.05) + param_groups(aux, 0.05),
+                            lr=args.vit_lr, betas=(0.9, 0.999))
     images = data["images"]
     labels = torch.tensor(data["labels"])
+    attrs = data["attributes"]
     gen = torch.Generator().manual_seed(args.seed)
-    steps, bs = args.vit_steps, args.batch
+    steps, bs = args.vit_steps, args.vit_batch
     model.train()
     t0, losses = time.time(), []
     for step in range(steps):
@@ -120,15 +126,19 @@ def train_vit(args, data, out_dir: str) -> dict:
         idx = torch.randint(len(labels), (bs,), generator=gen)
         x = zoo.vit_normalize(augment(images[idx].float() / 255, gen))
         with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
-            logits = model(x)
+            feats = model.forward_head(model.forward_features(x), pre_logits=True)
+            logits, aux_logits = model.head(feats), aux(feats)
         loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=0.1)
+        aux_loss = sum(F.cross_entropy(z.float(), attrs[idx, j])
+                       for j, z in enumerate(aux_logits.split(n_attr, dim=1)))
+        loss_total = loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss_total.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
         opt.step()
         losses.append(loss.item())
         if step % args.log_every == 0 or step == steps - 1:
-            log(f"[vit] step {step + 1}/{steps} loss {loss.item():.4f} "
+            log(f"[vit] step {step + 1}/{steps} loss {loss.item():.4f} aux {aux_loss.item():.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {time.time() - t0:.0f}s")
     seconds = time.time() - t0
     path = os.path.join(out_dir, "vit_tiny_synth.safetensors")
@@ -270,12 +280,15 @@ def main(argv=None) -> int:
     p.add_argument("--which", default="vit,clip", help="comma list: vit, clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixes the reduction order)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--vit-steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=128, help="CLIP batch")
+    p.add_argument("--vit-batch", type=int, default=64)
+    p.add_argument("--vit-steps", type=int, default=1200)
     p.add_argument("--clip-steps", type=int, default=400)
     p.add_argument("--vit-lr", type=float, default=2e-3)
     p.add_argument("--clip-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--aux-weight", type=float, default=0.5,
+                   help="weight of the ViT's auxiliary shape/colour/texture losses")
     p.add_argument("--n-per-class", type=int, default=300, help="synth-pretrain images per class")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (slower)")
     p.add_argument("--log-every", type=int, default=50)
@@ -290,7 +303,7 @@ def main(argv=None) -> int:
         p.error(f"--which takes 'vit', 'clip' or both, got {args.which!r}")
     if args.smoke:
         args.vit_steps = args.clip_steps = 3
-        args.n_per_class, args.batch, args.warmup, args.log_every = 2, 16, 1, 1
+        args.n_per_class, args.batch, args.vit_batch, args.warmup, args.log_every = 2, 16, 16, 1, 1
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -315,7 +328,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     ds = synth.synth_pretrain("train", n_per_class=args.n_per_class, seed=args.seed)
-    data = {"images": torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), "labels": ds.targets}
+    data = {"images": torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), "labels": ds.targets,
+            "attributes": torch.tensor([ds.class_defs[y].ids for y in ds.targets])}
     log(f"rendered synth-pretrain: {len(ds)} images in {time.time() - t0:.1f}s")
     metrics = {"command": "python scripts/pretrain_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "torch": torch.__version__, "threads": args.threads, "seed": args.seed,
@@ -340,7 +354,15 @@ def main(argv=None) -> int:
         f.write("\n")
     metrics["sha256"] = checksums
     metrics["total_seconds"] = round(time.time() - t_start, 1)
-    with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
+    metrics_path = os.path.join(args.out, "metrics.json")
+    if set(which) != {"vit", "clip"} and os.path.isfile(metrics_path):
+        # A run of one model keeps the other model's record (each model reseeds on its own, so
+        # the default command still reproduces both).
+        with open(metrics_path, encoding="utf-8") as f:
+            old = json.load(f)
+        quality = {**old.get("quality", {}), **metrics.get("quality", {})}
+        metrics = {**old, **metrics, "quality": quality}
+    with open(metrics_path, "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=1)
         f.write("\n")
     for name, digest in checksums.items():

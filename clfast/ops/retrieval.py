@@ -21,10 +21,12 @@ differentiable scores are then recomputed from the k selected key rows with plai
 normalise, dot), cost O(B·k·D), so autograd reaches ``query`` and ``keys`` without a hand-written backward
 and the returned scores are the same function of (query, key row) whatever backend selected them.
 
-Ordering. Every backend returns each row's k results by (score descending, index ascending): exactly tied
-keys (e.g. duplicated rows) come back in index order on every backend. A NaN score ranks as -inf (a NaN key
-is never preferred over a finite one). Keys whose scores differ by rounding only (~1e-7 relative in fp32)
-may be ordered differently by different backends, as by any two GEMMs.
+Ordering. A score is a function of its (query, key) pair only (:func:`pair_scores`: elementwise products
+summed over D, not a GEMM, which may round two copies of one key differently). Each row's k results are
+ordered by (score desc, index asc), so exactly tied keys (duplicated rows) come back in index order on every
+backend. The fast backends select k + TIE_SLACK candidates with their own GEMM and re-rank them by exact
+pair scores, so near-ties that their GEMM rounds apart are resolved as the reference does, unless more than
+TIE_SLACK of them straddle the k-th place. A NaN score ranks as -inf (a NaN key never beats a finite one).
 """
 
 from __future__ import annotations
@@ -95,39 +97,46 @@ def _rank_key(s: Tensor) -> Tensor:
     return torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
 
 
-def reference(query: Tensor, keys: Tensor, k: int = 1, metric: str = "cosine") -> tuple[Tensor, Tensor]:
-    """Explicit math on the full ``(B, M)`` similarity matrix, in the inputs' (promoted) dtype; a stable
-    descending sort gives the lower index first among equal scores. The definition every backend is tested
-    against; differentiable w.r.t. query and keys."""
-    dt = _result_dtype(query, keys)
-    q, kk = query.to(dt), keys.to(dt)
+def pair_scores(q: Tensor, rows: Tensor, metric: str) -> Tensor:
+    """Scores of ``q`` ``(B, 1, D)`` against ``rows`` ``(B or 1, n, D)``: ``(B, n)``.
+
+    Elementwise products summed over D, so that a score depends on its (query, key) pair only, never on
+    where the key sits: a GEMM may round two copies of one key differently (its edge tiles take another
+    path), which would make exact ties fall either way."""
     if metric == "cosine":
-        s = F.normalize(q, dim=-1, eps=_EPS) @ F.normalize(kk, dim=-1, eps=_EPS).T
-    elif metric == "ip":
-        s = q @ kk.T
-    elif metric == "l2":
-        s = 2 * (q @ kk.T) - kk.pow(2).sum(-1) - q.pow(2).sum(-1, keepdim=True)
-    else:
-        raise ValueError(f"retrieve: metric must be one of {METRICS}, got {metric!r}")
+        return (F.normalize(q, dim=-1, eps=_EPS) * F.normalize(rows, dim=-1, eps=_EPS)).sum(-1)
+    if metric == "ip":
+        return (q * rows).sum(-1)
+    if metric == "l2":
+        return -(q - rows).pow(2).sum(-1)
+    raise ValueError(f"retrieve: metric must be one of {METRICS}, got {metric!r}")
+
+
+_REF_CHUNK_ELEMS = 1 << 24  # (B, chunk, D) products per step of the reference
+
+
+def reference(query: Tensor, keys: Tensor, k: int = 1, metric: str = "cosine") -> tuple[Tensor, Tensor]:
+    """The spec: every (query, key) score by :func:`pair_scores` in the inputs' (promoted) dtype, then a
+    stable descending sort, so that equal scores keep the lower index first. Chunked over keys (memory
+    ``B·chunk·D``), readable rather than fast; differentiable w.r.t. query and keys."""
+    dt = _result_dtype(query, keys)
+    q, kk = query.to(dt)[:, None, :], keys.to(dt)[None]
+    B, M, D = query.shape[0], keys.shape[0], keys.shape[1]
+    chunk = max(1, _REF_CHUNK_ELEMS // max(1, B * D))
+    s = torch.cat([pair_scores(q, kk[:, j:j + chunk], metric) for j in range(0, M, chunk)], dim=1)
     order = torch.sort(_rank_key(s.detach()), dim=1, descending=True, stable=True).indices[:, :k]
     return s.gather(1, order), order
 
 
 def score_rows(query: Tensor, keys: Tensor, indices: Tensor, metric: str) -> Tensor:
     """Scores ``(B, k)`` of the key rows ``keys[indices]`` against each query row: the differentiable half of
-    every fast backend. Low-precision inputs are computed in float32 and rounded once to the result dtype."""
+    every fast backend, the same function of (query, key) as :func:`reference` uses. Low-precision inputs
+    are computed in float32 and rounded once to the result dtype."""
     dt = _result_dtype(query, keys)
     acc = torch.float32 if dt in _LOWP else dt
     B, kk = indices.shape
     rows = keys.index_select(0, indices.reshape(-1)).reshape(B, kk, keys.shape[-1]).to(acc)
-    q = query.to(acc)[:, None, :]
-    if metric == "cosine":
-        s = (F.normalize(q, dim=-1, eps=_EPS) * F.normalize(rows, dim=-1, eps=_EPS)).sum(-1)
-    elif metric == "ip":
-        s = (q * rows).sum(-1)
-    else:
-        s = -(q - rows).pow(2).sum(-1)
-    return s.to(dt)
+    return pair_scores(query.to(acc)[:, None, :], rows, metric).to(dt)
 
 
 def _rescore(query: Tensor, keys: Tensor, indices: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -178,6 +187,10 @@ class _OpBackend(Backend):
     QUERY_DTYPES = {torch.float32: (torch.float32,), torch.bfloat16: (torch.bfloat16, torch.float32),
                     torch.float16: (torch.float16, torch.float32), torch.float64: (torch.float64,)}
     MAX_K: Optional[int] = None
+    # Candidates a backend returns beyond k; they are re-ranked by exact pair scores (ties by index) inside
+    # the op. A backend's GEMM may round near-equal keys apart: this slack absorbs up to TIE_SLACK of them
+    # straddling the k-th place.
+    TIE_SLACK = 8
 
     @classmethod
     def extra_reasons(cls, inputs):
@@ -188,10 +201,21 @@ class _OpBackend(Backend):
             reasons.append(f"k {inputs.k} > {cls.MAX_K}")
         return reasons
 
+    @classmethod
+    def n_candidates(cls, k: int, M: int) -> int:
+        return min(M, max(k, min(k + cls.TIE_SLACK, cls.MAX_K or k + cls.TIE_SLACK)))
+
     @staticmethod
-    def select(query: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-        """(scores float32 (B,k), indices int64 (B,k)), each row by (score desc, index asc)."""
+    def candidates(query: Tensor, keys: Tensor, n: int, metric: str) -> Tensor:
+        """Indices ``(B, >= n)`` int64 holding each row's n best keys (any order, no repeats in a row)."""
         raise NotImplementedError
+
+    @classmethod
+    def select(cls, query: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+        """(scores float32 (B,k), indices int64 (B,k)), each row by (score desc, index asc), the scores by
+        :func:`score_rows`."""
+        idx = cls.candidates(query, keys, cls.n_candidates(k, keys.shape[0]), metric)
+        return _merge_candidates(score_rows(query, keys, idx, metric), idx, k)
 
     @classmethod
     def run(cls, query, keys, k, metric, exact):
@@ -199,18 +223,18 @@ class _OpBackend(Backend):
         return _rescore(query, keys, idx, metric)
 
 
-def _topk_low_index(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``torch.topk`` whose ties go to the lower index (torch.topk leaves the order of ties unspecified).
-    Rows where a tie straddles the k-th place (rare but real: duplicated keys) are redone by a stable sort."""
+def _topk_low_index(s: Tensor, k: int) -> Tensor:
+    """Indices of ``torch.topk`` whose ties go to the lower index (torch.topk leaves the choice among equal
+    values unspecified). Rows where a tie straddles the k-th place (duplicated keys) are redone by a stable
+    sort."""
     s = _rank_key(s)
     vals, idx = s.topk(k, dim=1)
     kth = vals[:, -1:]
     straddle = (s == kth).sum(1) != (vals == kth).sum(1)
     if bool(straddle.any()):
         rows = straddle.nonzero().squeeze(1)
-        v2, i2 = torch.sort(s[rows], dim=1, descending=True, stable=True)
-        vals[rows], idx[rows] = v2[:, :k], i2[:, :k]
-    return _merge_candidates(vals, idx, k)
+        idx[rows] = torch.sort(s[rows], dim=1, descending=True, stable=True).indices[:, :k]
+    return idx
 
 
 @register_backend
@@ -226,14 +250,14 @@ class TorchBackend(_OpBackend):
     CHUNK_ELEMS = 1 << 24  # scores per chunk: 64 MB of float32
 
     @classmethod
-    def select(cls, query, keys, k, metric):
+    def candidates(cls, query, keys, n, metric):
         acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
         q = query.to(acc)
         if metric == "cosine":
             q = F.normalize(q, dim=-1, eps=_EPS)
         M = keys.shape[0]
-        chunk = max(k, cls.CHUNK_ELEMS // max(1, q.shape[0]))
-        cand_s, cand_i = [], []
+        chunk = max(n, cls.CHUNK_ELEMS // max(1, q.shape[0]))
+        cand = []
         for j0 in range(0, M, chunk):
             kc = keys[j0:j0 + chunk].to(acc)
             s = q @ kc.T
@@ -241,11 +265,8 @@ class TorchBackend(_OpBackend):
                 s = s / torch.linalg.vector_norm(kc, dim=-1).clamp_min(_EPS)
             elif metric == "l2":
                 s = 2 * s - kc.pow(2).sum(-1) - q.pow(2).sum(-1, keepdim=True)
-            v, i = _topk_low_index(s, min(k, s.shape[1]))
-            cand_s.append(v)
-            cand_i.append(i + j0)
-        s, i = _merge_candidates(torch.cat(cand_s, 1), torch.cat(cand_i, 1), k)
-        return s.float(), i
+            cand.append(_topk_low_index(s, min(n, s.shape[1])) + j0)
+        return torch.cat(cand, 1)
 
 
 @register_backend
@@ -265,8 +286,8 @@ class CpuBackend(_OpBackend):
         return _ext.missing_op_reason("retrieve_topk")
 
     @staticmethod
-    def select(query, keys, k, metric):
-        return torch.ops._clfast_C.retrieve_topk(query, keys, k, metric)
+    def candidates(query, keys, n, metric):
+        return torch.ops._clfast_C.retrieve_topk(query, keys, n, metric)[1]
 
 
 @register_backend
@@ -296,26 +317,24 @@ class TritonBackend(_OpBackend):
         return reasons
 
     @staticmethod
-    def select(query, keys, k, metric):
+    def candidates(query, keys, n, metric):
         from clfast.kernels import retrieve as kern
 
-        return kern.retrieve_topk(query, keys, k, metric)
+        return kern.retrieve_topk(query, keys, n, metric)[1]
 
 
 @register_backend
 class FaissBackend(_OpBackend):
     """FAISS's exact brute-force search (``knn_inner_product`` / ``knn_L2sqr``, the kernels of
     IndexFlatIP/IndexFlatL2) on the torch memory without copies (float32 contiguous keys; cosine and 16-bit
-    keys go through bounded chunks). faiss-gpu on CUDA when installed. Chosen by itself from
-    ``CLFAST_FAISS_MIN_KEYS`` keys. FAISS orders ties arbitrarily: it is asked for ``k + TIE_SLACK``
-    candidates, which are re-ranked by (score desc, index asc); more than TIE_SLACK keys tied at the k-th
-    place may still lose a lower index."""
+    keys go through bounded float32 chunks). faiss-gpu on CUDA when installed. Taken by itself from
+    ``CLFAST_FAISS_MIN_KEYS`` keys where it is in the priority list. FAISS picks arbitrarily among equal
+    distances: with more than TIE_SLACK keys tied exactly at the k-th place it may miss a lower index."""
 
     OP, NAME = OP, "faiss"
     DTYPES = (torch.float32, torch.bfloat16, torch.float16)
     ATOL = _ATOL
     GRAD_ATOL = _ATOL
-    TIE_SLACK = 8
     CHUNK_ROWS = 8192  # converted / normalised rows per FAISS call: 24 MB at D = 768, stays in cache
     MAX_K = 2048  # faiss-gpu's limit; the CPU has none but huge k is not what FAISS is for
 
@@ -336,9 +355,8 @@ class FaissBackend(_OpBackend):
         return reasons
 
     @classmethod
-    def select(cls, query, keys, k, metric):
+    def candidates(cls, query, keys, n, metric):
         M = keys.shape[0]
-        kk = min(M, k + cls.TIE_SLACK)
         q = query.float()
         if metric == "cosine":
             q = F.normalize(q, dim=-1, eps=_EPS)
@@ -353,16 +371,12 @@ class FaissBackend(_OpBackend):
                 kc = keys[a:min(a + step, j1)]
                 if not in_place:
                     kc = _float32_rows(kc, normalize=metric == "cosine")
-                out.append(_faiss_knn(q, kc, min(kk, kc.shape[0]), metric) + a)
+                out.append(_faiss_knn(q, kc, min(n, kc.shape[0]), metric) + a)
             return torch.cat(out, 1)
 
         if query.is_cuda or q.shape[0] == 0:
-            idx = search(0, M)
-        else:
-            idx = _faiss_cpu_parallel(search, M)
-        # FAISS orders ties arbitrarily: re-rank every candidate by its exact row score, ties by index
-        s = score_rows(query.float(), keys, idx, metric)
-        return _merge_candidates(s, idx, k)
+            return search(0, M)
+        return _faiss_cpu_parallel(search, M)
 
 
 def _faiss_unavailable_reason() -> Optional[str]:
@@ -375,9 +389,12 @@ def _faiss_unavailable_reason() -> Optional[str]:
 
 @functools.cache
 def _faiss_gpu() -> bool:
-    """faiss-gpu is installed and a CUDA device is visible (decided at first use, not per call)."""
-    return _faiss_unavailable_reason() is None and torch.cuda.is_available() and hasattr(
-        __import__("faiss"), "StandardGpuResources")
+    """faiss-gpu is installed and a CUDA device is visible (decided once)."""
+    if _faiss_unavailable_reason() is not None or not torch.cuda.is_available():
+        return False
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources")
 
 
 _GPU_RES: list = []  # one StandardGpuResources, created on first GPU search
@@ -398,7 +415,18 @@ def _faiss_knn(q: Tensor, kc: Tensor, k: int, metric: str) -> Tensor:
     if not (q.dtype == kc.dtype == torch.float32 and q.is_contiguous() and kc.is_contiguous()):
         raise ValueError("faiss search needs contiguous float32 tensors")
     _, idx = faiss.knn(q.numpy(), kc.numpy(), k, fmetric)
-    return torch.from_numpy(idx)
+    idx = torch.from_numpy(idx)
+    short = (idx < 0).any(1)
+    if bool(short.any()):
+        # FAISS leaves a slot empty (-1) for keys whose distance is NaN; it has returned every other key of
+        # the chunk, so the lowest unused indices are the lowest NaN keys (which rank last, by index)
+        for r in short.nonzero().flatten().tolist():
+            have = idx[r][idx[r] >= 0]
+            unused = torch.ones(kc.shape[0], dtype=torch.bool)
+            unused[have] = False
+            fill = unused.nonzero().flatten()[: int((idx[r] < 0).sum())]
+            idx[r, idx[r] < 0] = fill
+    return idx
 
 
 def _float32_rows(rows: Tensor, normalize: bool) -> Tensor:

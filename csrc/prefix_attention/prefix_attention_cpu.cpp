@@ -1,21 +1,25 @@
 // CPU kernels of clfast::prefix_attention (forward and backward), registered as
 // _clfast_C::prefix_attention_fwd / prefix_attention_bwd. Math: see prefix_attention.h.
 //
-// Layout. Work is split over (b, h) and query blocks. Inside a block everything runs in the
-// "transposed" domain: score tiles are S^T (keys x queries), so the softmax reductions over keys
-// are element-wise across rows, vectorised along the contiguous query axis, and every product
-// is a plain row-major GEMM:
-//   forward   S^T = K q^T          out^T (+)= V^T P^T
-//   backward  S^T = K q^T,  dP^T = V dout^T,  dV += P^T dout,  dK += dS^T q,  dq^T += K^T dS^T
+// Work is split over (b, h) and blocks of queries; every product is a plain row-major GEMM.
+//   forward (row layout)         S = q K^T,  row-wise online softmax,  out (+)= P V
+//   backward (transposed layout) S^T = K q^T,  dP^T = V dout^T,  dV += P^T dout,  dK += dS^T q,
+//                                dq^T += K^T dS^T
+// In the backward the per-query lse and Di run along the contiguous axis of the keys x queries
+// tiles, so P and dS are pure element-wise vector code.
 // The key sequence is the virtual concatenation [prefix ; attended keys]: masked keys are dropped
 // while packing (they cost nothing and get zero gradients), and [prefix ; k] never exists as a
-// tensor. Keys are processed in tiles of at most kMaxBlockK with an online softmax (the prefix
-// leads the first tile).
+// tensor. Keys are processed in tiles of at most kMaxBlockK with an online softmax; the prefix
+// leads the first tile.
 //
 // GEMMs are oneDNN micro-kernels through at::native::cpublas::brgemm (fp32 accumulation and
-// output). bf16/fp16 operands are packed in VNNI layout (pairs along the reduction dimension);
-// where the machine has no bf16/fp16 brgemm (probed once), those dtypes are computed in fp32.
-// Without a working fp32 brgemm, GEMMs fall back to at::mm.
+// output). bf16/fp16 B operands are packed in VNNI layout (pairs along the reduction dimension,
+// which is padded to an even length with zeros); where the machine has no bf16/fp16 brgemm
+// (probed once), those dtypes are computed in fp32. Without a working fp32 brgemm, GEMMs fall
+// back to at::mm. Element-wise kernels: AVX-512 (+BF16) chosen at run time, AVX2, or scalar.
+//
+// Environment (read once): CLFAST_CPU_DISABLE_BRGEMM=1, CLFAST_CPU_DISABLE_AVX512=1 force the
+// fallbacks (for tests).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -47,6 +51,8 @@ namespace {
 constexpr int64_t kMaxBlockQ = 256;  // queries per block (multiple of 16)
 constexpr int64_t kMaxBlockK = 256;  // keys per tile (even)
 constexpr float kInf = std::numeric_limits<float>::infinity();
+// lse of padding queries in the backward: exp(scale*S - kPadLse) == 0 for any finite score.
+constexpr float kPadLse = 1e30f;
 
 // ------------------------------------------------------------------------------------------
 // GEMM: C[M x N] (+)= A[M x K] * B[K x N], all row-major, fp32 C.
@@ -149,10 +155,11 @@ inline void gemm_release() {
 }
 
 // ------------------------------------------------------------------------------------------
-// CPU features. The element-wise tile kernels have an AVX-512 version (AVX512-BF16 conversions),
-// compiled with a target attribute and chosen at run time; AVX2 is the baseline, scalar the rest.
+// CPU features. The element-wise kernels have an AVX-512 version (AVX512-BF16 conversions),
+// compiled with a target attribute on top of the AVX2 baseline and chosen at run time; builds
+// without AVX2 use scalar code.
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if CLFAST_PA_AVX2 && defined(__GNUC__) && defined(__x86_64__)
 #define CLFAST_PA_AVX512 1
 #define CLFAST_PA_AVX512_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
@@ -179,12 +186,6 @@ bool use_avx512() {
 
 template <typename C>
 constexpr bool kVnni = !std::is_same_v<C, float>;
-
-inline uint32_t load_u32(const void* p) {
-  uint32_t x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
 
 // ------------------------------------------------------------------------------------------
 // AVX2 helpers.
@@ -416,6 +417,48 @@ float dot_row(const T* a, const T* b, int64_t d) {
   return sum;
 }
 
+// Software prefetch of the rows that the next work item will pack, issued a few lines at a time
+// from the element-wise loops of the current item so that the memory latency overlaps compute.
+class RowPrefetch {
+ public:
+  void add(const void* base, int64_t stride_bytes, int64_t rows, int64_t row_bytes) {
+    if (n_ < kMaxStreams && rows > 0 && row_bytes > 0) {
+      streams_[n_++] = {static_cast<const char*>(base), stride_bytes, rows, ceil_div(row_bytes, 64)};
+      left_ += rows * streams_[n_ - 1].lines;
+    }
+  }
+  int64_t lines_left() const {
+    return left_;
+  }
+  // Prefetches the next `count` cache lines (into L2).
+  void issue(int64_t count) {
+    for (; count > 0 && cur_ < n_; --count) {
+      const Stream& st = streams_[cur_];
+#if defined(__GNUC__)
+      __builtin_prefetch(st.base + row_ * st.stride + line_ * 64, 0, 2);
+#endif
+      --left_;
+      if (++line_ == st.lines) {
+        line_ = 0;
+        if (++row_ == st.rows) {
+          row_ = 0;
+          ++cur_;
+        }
+      }
+    }
+  }
+
+ private:
+  struct Stream {
+    const char* base;
+    int64_t stride, rows, lines;
+  };
+  static constexpr int kMaxStreams = 8;
+  Stream streams_[kMaxStreams];
+  int n_ = 0, cur_ = 0;
+  int64_t row_ = 0, line_ = 0, left_ = 0;
+};
+
 // ------------------------------------------------------------------------------------------
 // Element-wise tile kernels.
 //
@@ -427,12 +470,13 @@ float dot_row(const T* a, const T* b, int64_t d) {
 
 template <typename C>
 void grad_tile_base(float* S, float* dP, int64_t ldq, int64_t kn, int64_t ncol, float scale,
-                    const float* lse, const float* di, C* Pa, C* dSa, C* dSv) {
+                    const float* lse, const float* di, C* Pa, C* dSa, C* dSv, RowPrefetch& pf, int64_t pf_step) {
   constexpr bool vnni = kVnni<C>;
 #if CLFAST_PA_AVX2
   const __m256 vs = _mm256_set1_ps(scale);
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t j = 0; j < kn; j += 2) {
+    pf.issue(pf_step);
     const bool two = j + 1 < kn;
     float* s0 = S + j * ldq;
     float* d0 = dP + j * ldq;
@@ -465,6 +509,7 @@ void grad_tile_base(float* S, float* dP, int64_t ldq, int64_t kn, int64_t ncol, 
   }
 #else
   for (int64_t j = 0; j < round_up(kn, 2); ++j) {
+    pf.issue(pf_step);
     for (int64_t i = 0; i < ncol; ++i) {
       float p = 0.f, g = 0.f;
       if (j < kn) {
@@ -486,16 +531,16 @@ void grad_tile_base(float* S, float* dP, int64_t ldq, int64_t kn, int64_t ncol, 
 #endif
 }
 
-
 // Forward, row layout: S [nq][lds] holds the raw scores of one key tile (kn keys). Per query row
 // i, updates the running max m[i] (scaled domain) and sum l[i], writes alpha[i] = rescale factor
 // of the previous state, and writes P = exp(scale*S - m) in place into S (fp32) or into the
 // row-major 16-bit P (with a zero at column kn when kn is odd, the GEMM's reduction pad).
 template <typename C>
 void softmax_rows_base(float* S, int64_t lds, int64_t nq, int64_t kn, float scale, float* m,
-                       float* l, float* alpha, C* P, bool first) {
+                       float* l, float* alpha, C* P, bool first, RowPrefetch& pf, int64_t pf_step) {
   constexpr bool vnni = kVnni<C>;
   for (int64_t i = 0; i < nq; ++i) {
+    pf.issue(pf_step);
     float* s = S + i * lds;
     int64_t j = 0;
     float mx = -kInf;
@@ -559,12 +604,12 @@ void softmax_rows_base(float* S, int64_t lds, int64_t nq, int64_t kn, float scal
 #if CLFAST_PA_AVX512
 constexpr float kLog2e = 1.44269504088896341f;
 
-// 2^x for x <= 127 (x below -150, and -inf, give 0): 2^round(x) * p(x - round(x)), p a
+// 2^x for finite x <= 127 (x below -150 gives 0): 2^round(x) * p(x - round(x)), p a
 // near-minimax polynomial on [-1/2, 1/2] fitted for this kernel: degree 5 (relative error
 // 1.7e-7) for fp32 operands, degree 4 (2.9e-6) when the result is rounded to 16 bits.
+// Softmax arguments are <= 0 and finite (padding uses kPadLse, not inf), so there is no clamp.
 template <bool kPrecise>
 CLFAST_PA_AVX512_TARGET inline __m512 exp2_16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-150.f)), _mm512_set1_ps(127.f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(x, n);
   __m512 p;
@@ -598,7 +643,7 @@ CLFAST_PA_AVX512_TARGET inline __m512i interleave_halves_idx() {
 template <typename C>
 CLFAST_PA_AVX512_TARGET void grad_tile_avx512(float* S, float* dP, int64_t ldq, int64_t kn,
                                               int64_t ncol, float scale, const float* lse,
-                                              const float* di, C* Pa, C* dSa, C* dSv) {
+                                              const float* di, C* Pa, C* dSa, C* dSv, RowPrefetch& pf, int64_t pf_step) {
   constexpr bool vnni = kVnni<C>;
   const __m512 vs = _mm512_set1_ps(scale);
   const __m512 vs2 = _mm512_set1_ps(scale * kLog2e);
@@ -611,6 +656,7 @@ CLFAST_PA_AVX512_TARGET void grad_tile_avx512(float* S, float* dP, int64_t ldq, 
     _mm512_store_ps(dis + i, _mm512_mul_ps(_mm512_loadu_ps(di + i), vs));
   }
   for (int64_t j = 0; j < kn; j += 2) {
+    pf.issue(pf_step);
     const bool two = j + 1 < kn;
     float* s0 = S + j * ldq;
     float* d0 = dP + j * ldq;
@@ -651,7 +697,7 @@ CLFAST_PA_AVX512_TARGET void grad_tile_avx512(float* S, float* dP, int64_t ldq, 
 template <typename C>
 CLFAST_PA_AVX512_TARGET void softmax_rows_avx512(float* S, int64_t lds, int64_t nq, int64_t kn,
                                                  float scale, float* m, float* l, float* alpha,
-                                                 C* P, bool first) {
+                                                 C* P, bool first, RowPrefetch& pf, int64_t pf_step) {
   constexpr bool vnni = kVnni<C>;
   const __m512 vs2 = _mm512_set1_ps(scale * kLog2e);
   const int64_t full = kn / 16 * 16;
@@ -660,6 +706,7 @@ CLFAST_PA_AVX512_TARGET void softmax_rows_avx512(float* S, int64_t lds, int64_t 
   // max_j scale*S[j] = scale * (max_j S[j] if scale >= 0 else min_j S[j])
   const __m512 fill = _mm512_set1_ps(pos ? -kInf : kInf);
   for (int64_t i = 0; i < nq; ++i) {
+    pf.issue(pf_step);
     float* s = S + i * lds;
     __m512 e0 = fill, e1 = fill;
     int64_t j = 0;
@@ -729,6 +776,21 @@ template <typename T>
 CLFAST_PA_AVX512_TARGET void store_row_avx512(const float* src, int64_t n, float mul, T* dst) {
   const __m512 vm = _mm512_set1_ps(mul);
   int64_t c = 0;
+  // Whole aligned cache lines go out as streaming stores: outputs are written once and are far
+  // larger than the caches, so this saves the read-for-ownership traffic.
+  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0 && (n * sizeof(T)) % 64 == 0) {
+    constexpr int64_t kPerLine = 64 / sizeof(T);
+    for (; c < n; c += kPerLine) {
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_stream_ps(dst + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), vm));
+      } else {
+        const __m512 a = _mm512_mul_ps(_mm512_loadu_ps(src + c), vm);
+        const __m512 b = _mm512_mul_ps(_mm512_loadu_ps(src + c + 16), vm);
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + c), cvt32_bf16(a, b));
+      }
+    }
+    return;
+  }
   for (; c + 16 <= n; c += 16) {
     store16<T>(dst + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), vm));
   }
@@ -743,33 +805,51 @@ CLFAST_PA_AVX512_TARGET void store_row_avx512(const float* src, int64_t n, float
   }
 }
 
+// Loads the 8 x 8 block src[c..c+8][i..i+8] (leading dimension ld) transposed: v[k] = column i+k.
+CLFAST_PA_AVX512_TARGET inline void load_transposed8(const float* src, int64_t ld, int64_t c,
+                                                     int64_t i, __m256 v[8]) {
+  for (int k = 0; k < 8; ++k) {
+    v[k] = _mm256_loadu_ps(src + (c + k) * ld + i);
+  }
+  transpose8x8(v);
+}
+
 template <typename T>
 CLFAST_PA_AVX512_TARGET void store_transposed_avx512(const float* src, int64_t ld, int64_t n,
                                                      int64_t d, const float* scale, T* out) {
-  // 8 x 8 register transposes (AVX2 shuffles), AVX512-BF16 conversion.
+  // Blocks of 8 rows x one cache line of columns, transposed in registers, converted and written
+  // with streaming stores when the rows are whole aligned cache lines.
+  constexpr int64_t kPerLine = 64 / sizeof(T);
+  const bool stream = reinterpret_cast<uintptr_t>(out) % 64 == 0 && (d * sizeof(T)) % 64 == 0;
   int64_t i = 0;
+  if (stream) {
+    for (; i + 8 <= n; i += 8) {
+      for (int64_t c = 0; c < d; c += kPerLine) {
+        __m256 v[kPerLine / 8][8];
+        for (int64_t part = 0; part < kPerLine / 8; ++part) {
+          load_transposed8(src, ld, c + 8 * part, i, v[part]);
+        }
+        for (int k = 0; k < 8; ++k) {
+          const __m512 f = _mm512_set1_ps(scale != nullptr ? scale[i + k] : 1.f);
+          const __m512 a = _mm512_mul_ps(
+              _mm512_insertf32x8(_mm512_castps256_ps512(v[0][k]), v[1][k], 1), f);
+          T* o = out + (i + k) * d + c;
+          if constexpr (std::is_same_v<T, float>) {
+            _mm512_stream_ps(o, a);
+          } else {
+            const __m512 b = _mm512_mul_ps(
+                _mm512_insertf32x8(_mm512_castps256_ps512(v[2][k]), v[3][k], 1), f);
+            _mm512_stream_si512(reinterpret_cast<__m512i*>(o), cvt32_bf16(a, b));
+          }
+        }
+      }
+    }
+  }
   for (; i + 8 <= n; i += 8) {
     int64_t c = 0;
     for (; c + 8 <= d; c += 8) {
       __m256 v[8];
-      for (int k = 0; k < 8; ++k) {
-        v[k] = _mm256_loadu_ps(src + (c + k) * ld + i);
-      }
-      __m256 t[8], u[8];
-      for (int k = 0; k < 8; k += 2) {
-        t[k] = _mm256_unpacklo_ps(v[k], v[k + 1]);
-        t[k + 1] = _mm256_unpackhi_ps(v[k], v[k + 1]);
-      }
-      for (int k = 0; k < 8; k += 4) {
-        u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-        u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
-        u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-        u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
-      }
-      for (int k = 0; k < 4; ++k) {
-        v[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
-        v[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
-      }
+      load_transposed8(src, ld, c, i, v);
       for (int k = 0; k < 8; ++k) {
         const __m256 x = scale != nullptr ? _mm256_mul_ps(v[k], _mm256_set1_ps(scale[i + k])) : v[k];
         if constexpr (std::is_same_v<T, float>) {
@@ -799,6 +879,15 @@ CLFAST_PA_AVX512_TARGET void store_transposed_avx512(const float* src, int64_t l
 template <typename C>
 constexpr bool kHasAvx512Tile = std::is_same_v<C, float> || std::is_same_v<C, at::BFloat16>;
 
+// Orders the streaming stores of this thread before the end of its parallel chunk.
+inline void store_fence() {
+#if CLFAST_PA_AVX512
+  if (use_avx512()) {
+    _mm_sfence();
+  }
+#endif
+}
+
 template <typename T>
 void store_row(const float* src, int64_t n, T* dst, float mul = 1.f) {
 #if CLFAST_PA_AVX512
@@ -827,30 +916,30 @@ void store_transposed(const float* src, int64_t ld, int64_t n, int64_t d, const 
 
 template <typename C>
 void softmax_rows(float* S, int64_t lds, int64_t nq, int64_t kn, float scale, float* m, float* l,
-                  float* alpha, C* P, bool first) {
+                  float* alpha, C* P, bool first, RowPrefetch& pf, int64_t pf_step) {
 #if CLFAST_PA_AVX512
   if constexpr (kHasAvx512Tile<C>) {
     if (use_avx512()) {
-      softmax_rows_avx512<C>(S, lds, nq, kn, scale, m, l, alpha, P, first);
+      softmax_rows_avx512<C>(S, lds, nq, kn, scale, m, l, alpha, P, first, pf, pf_step);
       return;
     }
   }
 #endif
-  softmax_rows_base<C>(S, lds, nq, kn, scale, m, l, alpha, P, first);
+  softmax_rows_base<C>(S, lds, nq, kn, scale, m, l, alpha, P, first, pf, pf_step);
 }
 
 template <typename C>
 void grad_tile(float* S, float* dP, int64_t ldq, int64_t kn, int64_t ncol, float scale,
-               const float* lse, const float* di, C* Pa, C* dSa, C* dSv) {
+               const float* lse, const float* di, C* Pa, C* dSa, C* dSv, RowPrefetch& pf, int64_t pf_step) {
 #if CLFAST_PA_AVX512
   if constexpr (kHasAvx512Tile<C>) {
     if (use_avx512()) {
-      grad_tile_avx512<C>(S, dP, ldq, kn, ncol, scale, lse, di, Pa, dSa, dSv);
+      grad_tile_avx512<C>(S, dP, ldq, kn, ncol, scale, lse, di, Pa, dSa, dSv, pf, pf_step);
       return;
     }
   }
 #endif
-  grad_tile_base<C>(S, dP, ldq, kn, ncol, scale, lse, di, Pa, dSa, dSv);
+  grad_tile_base<C>(S, dP, ldq, kn, ncol, scale, lse, di, Pa, dSa, dSv, pf, pf_step);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -913,6 +1002,16 @@ struct StridedRows {
     return base + i * sn;
   }
 };
+
+template <typename T>
+void prefetch_keys(RowPrefetch& pf, const KeyRows<T>& src, int64_t L, int64_t d) {
+  if (src.P > 0) {
+    pf.add(src.pre, src.pre_sn * sizeof(T), std::min(src.P, L), d * sizeof(T));
+  }
+  if (src.idx == nullptr && L > src.P) {  // masked (gathered) keys are left to the hardware
+    pf.add(src.seq, src.seq_sn * sizeof(T), L - src.P, d * sizeof(T));
+  }
+}
 
 template <typename C>
 using Bits = std::conditional_t<sizeof(C) == 4, uint32_t, uint16_t>;
@@ -1174,7 +1273,7 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
   const int64_t lds = round_up(BK, 16);
   // q is used in place as the A operand when it already has the operand's type and layout.
   constexpr bool kSameType = std::is_same_v<T, C>;
-  const bool q_direct = kSameType && dp == d;
+  const bool q_direct = kSameType && dp == d && p.q.stride(2) >= d;
 
   const RowView<T> qv = row_view<T>(p.q), kv = row_view<T>(p.k), vv = row_view<T>(p.v);
   RowView<T> pkv, pvv;
@@ -1218,6 +1317,17 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
         pack_b_rows<C>(key_rows(p, pvv, vv, b, h), L, round_up(L, 2), d, Vb);
         packed_bh = bh;
       }
+      RowPrefetch pf;
+      if (item + 1 < end) {
+        const int64_t nbh = (item + 1) / nqb, nq0 = ((item + 1) % nqb) * BQ;
+        const int64_t nb = nbh / H, nh = nbh % H;
+        const int64_t nL = P + p.count[nb];
+        if (nbh != bh) {
+          prefetch_keys(pf, key_rows(p, pkv, kv, nb, nh), nL, d);
+          prefetch_keys(pf, key_rows(p, pvv, vv, nb, nh), nL, d);
+        }
+        pf.add(qv.rows(nb, nh) + nq0 * qv.sn, qv.sn * sizeof(T), std::min(BQ, Nq - nq0), d * sizeof(T));
+      }
       const StridedRows<T> q_src{qv.rows(b, h) + q0 * qv.sn, qv.sn};
       const C* A = nullptr;
       int64_t lda = dp;
@@ -1233,11 +1343,12 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
       }
 
       const int64_t ntiles = ceil_div(L, BK);
+      const int64_t pf_step = ceil_div(pf.lines_left(), ntiles * nq);
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t k0 = t * BK, kn = std::min(BK, L - k0);
         const bool first = t == 0;
         gemm<C>(nq, kn, dp, A, lda, Kt + (vnni ? 2 * k0 : k0), ldk, S, lds, false);
-        softmax_rows<C>(S, lds, nq, kn, scale, m, l, alpha, Pm, first);
+        softmax_rows<C>(S, lds, nq, kn, scale, m, l, alpha, Pm, first, pf, pf_step);
         if (!first) {
           for (int64_t i = 0; i < nq; ++i) {
             float* o = O + i * d;
@@ -1255,6 +1366,7 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
       }
     }
     gemm_release<C>();
+    store_fence();
   });
 }
 
@@ -1370,6 +1482,21 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
       pack_rows<C>(vals, L, d, dp, Va);
       pack_cols<C>(keys, L, d, ldk, Kt);
       const int64_t ntiles = ceil_div(L, BK);
+      RowPrefetch pf;
+      if (item + 1 < end) {
+        const int64_t nbh = (item + 1) / G, ng = (item + 1) % G;
+        const int64_t nb = nbh / H, nh = nbh % H;
+        const int64_t nL = P + p.count[nb];
+        const int64_t nq0 = (ng * nqb / G) * BQ, nnq = std::min(BQ, Nq - nq0);
+        if (nbh != bh) {
+          prefetch_keys(pf, key_rows(p, pkv, kv, nb, nh), nL, d);
+          prefetch_keys(pf, key_rows(p, pvv, vv, nb, nh), nL, d);
+        }
+        pf.add(qv.rows(nb, nh) + nq0 * qv.sn, qv.sn * sizeof(T), nnq, d * sizeof(T));
+        pf.add(gv.rows(nb, nh) + nq0 * gv.sn, gv.sn * sizeof(T), nnq, d * sizeof(T));
+        pf.add(ov.rows(nb, nh) + nq0 * ov.sn, ov.sn * sizeof(T), nnq, d * sizeof(T));
+      }
+      const int64_t pf_step = ceil_div(pf.lines_left(), ceil_div(L, 2) * (qb_end - qb_begin));
 
       for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
         const int64_t q0 = qb * BQ, nq = std::min(BQ, Nq - q0);
@@ -1389,7 +1516,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
             lse_b[i] = lse_rows[i];
             di[i] = dot_row<T>(g_rows + i * gv.sn, o_rows + i * ov.sn, d);
           } else {  // padding queries: P = 0, dS = 0
-            lse_b[i] = kInf;
+            lse_b[i] = kPadLse;
             di[i] = 0.f;
           }
         }
@@ -1399,7 +1526,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
           const int64_t knk = vnni ? round_up(kn, 2) : kn;
           gemm<C>(kn, nqk, dp, Ka + k0 * dp, dp, Qt, ldq, S, ldq, false);
           gemm<C>(kn, nqk, dp, Va + k0 * dp, dp, dOt, ldq, dP, ldq, false);
-          grad_tile<C>(S, dP, ldq, kn, nqk, scale, lse_b, di, Pa, dSa, dSv);
+          grad_tile<C>(S, dP, ldq, kn, nqk, scale, lse_b, di, Pa, dSa, dSv, pf, pf_step);
           const C* Pm = vnni ? Pa : reinterpret_cast<const C*>(S);
           const C* dSm = vnni ? dSa : reinterpret_cast<const C*>(dP);
           const C* dSb = vnni ? dSv : reinterpret_cast<const C*>(dP);
@@ -1414,6 +1541,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
       }
     }
     gemm_release<C>();
+    store_fence();
   });
 
   if (G > 1) {
@@ -1434,6 +1562,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
           emit(b, h, base, base + Ls * d);
         }
       }
+      store_fence();
     });
   }
   if (p.has_prefix && p.shared_prefix) {
