@@ -146,7 +146,7 @@ def train_vit(args, data, out_dir: str) -> dict:
                             "batch": bs, "seed": args.seed})
     tail = losses[-max(1, min(50, len(losses) // 5)):]
     return {"steps": steps, "batch": bs, "seconds": round(seconds, 1),
-            "final_train_loss": round(float(np.mean(tail)), 4), "file": path}
+            "final_train_loss": round(float(np.mean(tail)), 4), "file": os.path.basename(path)}
 
 
 def train_clip(args, data, out_dir: str, tok) -> dict:
@@ -191,7 +191,7 @@ def train_clip(args, data, out_dir: str, tok) -> dict:
                             "steps": steps, "batch": bs, "seed": args.seed})
     tail = losses[-max(1, min(50, len(losses) // 5)):]
     return {"steps": steps, "batch": bs, "seconds": round(seconds, 1),
-            "final_train_loss": round(float(np.mean(tail)), 4), "file": path}
+            "final_train_loss": round(float(np.mean(tail)), 4), "file": os.path.basename(path)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,12 +207,17 @@ def vit_features(model, images_u8: torch.Tensor, bs: int = 256) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def linear_probe(train_x, train_y, test_x, test_y) -> float:
+def linear_probe(train_x, train_y, test_x, test_y, max_iter: int = 1000) -> float:
+    """Top-1 of a multinomial logistic regression on standardised frozen features."""
+    import warnings
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     scaler = StandardScaler().fit(train_x)
-    clf = LogisticRegression(max_iter=300, C=1.0)
-    clf.fit(scaler.transform(train_x), train_y)
+    clf = LogisticRegression(max_iter=max_iter, C=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(scaler.transform(train_x), train_y)
     return float((clf.predict(scaler.transform(test_x)) == np.asarray(test_y)).mean())
 
 

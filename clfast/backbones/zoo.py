@@ -76,8 +76,10 @@ def vit_tiny_synth(pretrained: bool = False, **kwargs) -> VisionTransformer:
     ``num_classes`` drops the head, ``pretrained_cfg_overlay=dict(file=...)`` loads another file.
     """
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and "file" not in overlay and not os.path.isfile(VIT_TINY_SYNTH_FILE):
-        raise _missing(VIT_TINY_SYNTH_FILE, "vit_tiny_synth")
+    if pretrained:
+        path = overlay.get("file") or VIT_TINY_SYNTH_FILE
+        if not os.path.isfile(path):   # timm's own error here has an empty message
+            raise _missing(path, "vit_tiny_synth")
     model_args = dict(VIT_TINY_SYNTH_ARGS, **kwargs)
     return build_model_with_cfg(VisionTransformer, "vit_tiny_synth", pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn,

@@ -209,6 +209,8 @@ class TritonBackend(_FusedBackend):
     def forward(embeddings, weight, bias, prompt_weights, mix_first):
         from clfast.kernels import prompt_conv as kern
 
+        if mix_first:  # on GPUs the per-prompt plan's batch GEMMs are cheap: it is the only one implemented
+            raise ValueError("clfast::prompt_conv: the triton backend runs the per-prompt plan only (mix_first=False)")
         return kern.prompt_conv_fwd(embeddings, weight, bias, prompt_weights)
 
     @staticmethod

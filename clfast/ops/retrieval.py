@@ -10,23 +10,26 @@ This one op serves the key-query matching of L2P/DualPrompt/CODA-Prompt (top-k o
 task keys, STAR-Prompt's class selection, CluMo's visual and textual keys and retrieval over class
 prototypes at ImageNet-21k scale (M up to 10^6 and beyond).
 
-Layers, as for every clfast op: :func:`reference` (the spec: normalise, matmul, stable sort) → backends
+Layers, as for every clfast op: :func:`reference` (the spec: every pair score, stable sort) → backends
 (``torch``: chunked matmul + topk, the bar to beat; ``cpu``: C++ in csrc/retrieve, a GEMM per key tile and a
 running per-row top-k; ``triton``: kernels/retrieve.py; ``faiss``: FAISS's exact brute-force search) → the
 registered op ``clfast::retrieve`` (fake + autograd; torch.compile traces a model that uses it without graph
 breaks) → the public :func:`retrieve`, the stateful :class:`KeyIndex` and :func:`kmeans`.
 
-Gradients. The fast backends only *select*: the op returns indices (and detached float32 scores). The
-differentiable scores are then recomputed from the k selected key rows with plain torch ops (gather,
-normalise, dot), cost O(B·k·D), so autograd reaches ``query`` and ``keys`` without a hand-written backward
-and the returned scores are the same function of (query, key row) whatever backend selected them.
+Gradients. The fast backends only *select*: the op returns indices and detached scores. When a gradient is
+needed, the scores are recomputed from the k selected key rows with plain torch ops (:func:`score_rows`:
+gather, dot, norms), cost O(B·k·D), so autograd reaches ``query`` and ``keys`` without a hand-written
+backward; without one, the op's scores are returned as they are.
 
-Ordering. A score is a function of its (query, key) pair only (:func:`pair_scores`: elementwise products
-summed over D, not a GEMM, which may round two copies of one key differently). Each row's k results are
-ordered by (score desc, index asc), so exactly tied keys (duplicated rows) come back in index order on every
-backend. The fast backends select k + TIE_SLACK candidates with their own GEMM and re-rank them by exact
-pair scores, so near-ties that their GEMM rounds apart are resolved as the reference does, unless more than
-TIE_SLACK of them straddle the k-th place. A NaN score ranks as -inf (a NaN key never beats a finite one).
+Ordering. Each row's k results are ordered by (score desc, index asc). Every backend ranks its final
+candidates by a score that depends on the (query, key) pair alone: the reference and the torch, faiss and
+triton backends by :func:`pair_scores` (elementwise products summed over D), the C++ backend by its own
+fixed-order sums; never by a GEMM, which may round two copies of one key differently depending on where they
+sit. So exactly tied keys (duplicated rows, exactly representable scores) come back in index order on every
+backend. The fast backends pick k + TIE_SLACK candidates with their GEMM first: more than TIE_SLACK keys
+tied within rounding across the k-th place may still resolve differently, and keys whose scores differ by
+rounding only (about 1e-7 relative in fp32) may be ordered differently by different backends, as by any two
+BLAS libraries. A NaN score ranks as -inf (a NaN key never beats a finite one).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ _FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _LOWP = (torch.bfloat16, torch.float16)
 _EPS = 1e-12  # F.normalize's eps: |x| is clamped to at least this before dividing
 
-# Above this many keys the faiss backend is preferred on the CPU (read once; see set_faiss_min_keys).
+# From this many keys the faiss backend may be chosen by itself, where it is in the priority list (read once;
+# see set_faiss_min_keys).
 _FAISS_MIN_KEYS = int(os.environ.get("CLFAST_FAISS_MIN_KEYS", "65536"))
 
 
@@ -103,8 +107,9 @@ def pair_scores(q: Tensor, rows: Tensor, metric: str) -> Tensor:
     Elementwise products summed over D, so that a score depends on its (query, key) pair only, never on
     where the key sits: a GEMM may round two copies of one key differently (its edge tiles take another
     path), which would make exact ties fall either way."""
-    if metric == "cosine":
-        return (F.normalize(q, dim=-1, eps=_EPS) * F.normalize(rows, dim=-1, eps=_EPS)).sum(-1)
+    if metric == "cosine":  # <q/max(|q|,eps), k/max(|k|,eps)>, as F.normalize, in two passes over rows
+        qn = torch.linalg.vector_norm(q, dim=-1).clamp_min(_EPS)
+        return (q * rows).sum(-1) / (qn * torch.linalg.vector_norm(rows, dim=-1).clamp_min(_EPS))
     if metric == "ip":
         return (q * rows).sum(-1)
     if metric == "l2":
@@ -179,8 +184,8 @@ class ReferenceBackend(Backend):
 
 
 class _OpBackend(Backend):
-    """A backend that selects inside the registered op ``clfast::retrieve``; scores are recomputed by
-    :func:`score_rows` outside it, so autograd flows without a custom backward."""
+    """A backend that selects inside the registered op ``clfast::retrieve``. When a gradient is needed the
+    scores are recomputed by :func:`score_rows` outside it, so autograd flows without a custom backward."""
 
     IN_OP = True
     # query dtypes accepted with keys of each dtype (a float32 query may search a 16-bit key pool)
@@ -219,15 +224,17 @@ class _OpBackend(Backend):
 
     @classmethod
     def run(cls, query, keys, k, metric, exact):
-        _, idx = torch.ops.clfast.retrieve(query.detach(), keys.detach(), k, metric, cls.NAME)
-        return _rescore(query, keys, idx, metric)
+        s, idx = torch.ops.clfast.retrieve(query.detach(), keys.detach(), k, metric, cls.NAME)
+        if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad):
+            # the same scores, differentiable (the op has ordered them already)
+            return score_rows(query, keys, idx, metric), idx
+        return s.to(_result_dtype(query, keys)), idx
 
 
 def _topk_low_index(s: Tensor, k: int) -> Tensor:
-    """Indices of ``torch.topk`` whose ties go to the lower index (torch.topk leaves the choice among equal
-    values unspecified). Rows where a tie straddles the k-th place (duplicated keys) are redone by a stable
-    sort."""
-    s = _rank_key(s)
+    """Indices of ``torch.topk`` of NaN-free ``s`` whose ties go to the lower index (torch.topk leaves the
+    choice among equal values unspecified). Rows where a tie straddles the k-th place (duplicated keys) are
+    redone by a stable sort."""
     vals, idx = s.topk(k, dim=1)
     kth = vals[:, -1:]
     straddle = (s == kth).sum(1) != (vals == kth).sum(1)
@@ -256,38 +263,46 @@ class TorchBackend(_OpBackend):
         if metric == "cosine":
             q = F.normalize(q, dim=-1, eps=_EPS)
         M = keys.shape[0]
-        chunk = max(n, cls.CHUNK_ELEMS // max(1, q.shape[0]))
+        chunk = cls.CHUNK_ELEMS // max(1, q.shape[0])
+        if keys.dtype != acc:  # the float32 copy of a 16-bit chunk is bounded too
+            chunk = min(chunk, cls.CHUNK_ELEMS // max(1, keys.shape[1]))
+        chunk = max(n, chunk)
         cand = []
+        q_sq = q.pow(2).sum(-1, keepdim=True) if metric == "l2" else None
         for j0 in range(0, M, chunk):
             kc = keys[j0:j0 + chunk].to(acc)
-            s = q @ kc.T
+            s = q @ kc.T  # the one (B, chunk) buffer: the rest is in place
             if metric == "cosine":
-                s = s / torch.linalg.vector_norm(kc, dim=-1).clamp_min(_EPS)
+                s.div_(torch.linalg.vector_norm(kc, dim=-1).clamp_min(_EPS))
             elif metric == "l2":
-                s = 2 * s - kc.pow(2).sum(-1) - q.pow(2).sum(-1, keepdim=True)
-            cand.append(_topk_low_index(s, min(n, s.shape[1])) + j0)
+                s.mul_(2).sub_(kc.pow(2).sum(-1)).sub_(q_sq)
+            cand.append(_topk_low_index(s.masked_fill_(s.isnan(), float("-inf")), min(n, s.shape[1])) + j0)
         return torch.cat(cand, 1)
 
 
 @register_backend
 class CpuBackend(_OpBackend):
-    """C++ (csrc/retrieve): a GEMM per key tile into a per-thread score buffer, a running per-row top-k,
-    threads over key tiles (and query blocks); never holds ``(B, M)``. 16-bit keys are read as they are."""
+    """C++ (csrc/retrieve/retrieve_cpu.cpp): per key tile, the dot products with a block of queries (AVX2 dot
+    products for B <= 8, vdpbf16ps for bf16 x bf16 on AVX512-BF16 CPUs, else a float32 GEMM) into a
+    per-thread buffer, and a running per-row top-(k + 8); threads over key tiles, so one query over a huge
+    pool uses every core; the candidates are re-ranked by exact fixed-order pair scores. Never holds
+    ``(B, M)``; 16-bit keys are read as stored (half the memory traffic)."""
 
     OP, NAME = OP, "cpu"
     DEVICES = ("cpu",)
     DTYPES = (torch.float32, torch.bfloat16, torch.float16)
     ATOL = _ATOL
     GRAD_ATOL = _ATOL
-    MAX_K = 1024
+    MAX_K = 1024  # per-row lists are sorted arrays: insertion is O(k)
 
     @classmethod
     def unavailable_reason(cls):
         return _ext.missing_op_reason("retrieve_topk")
 
     @staticmethod
-    def candidates(query, keys, n, metric):
-        return torch.ops._clfast_C.retrieve_topk(query, keys, n, metric)[1]
+    def select(query, keys, k, metric):
+        # the kernel keeps k + 8 candidates and re-ranks them by exact pair scores itself
+        return torch.ops._clfast_C.retrieve_topk(query, keys, k, metric)
 
 
 @register_backend
@@ -344,7 +359,7 @@ class FaissBackend(_OpBackend):
 
     @classmethod
     def devices(cls):
-        return ("cpu", "cuda") if _faiss_gpu() else ("cpu",)
+        return ("cpu", "cuda") if _triton.CUDA and _faiss_gpu() else ("cpu",)
 
     @classmethod
     def extra_reasons(cls, inputs):
@@ -506,16 +521,21 @@ def _op_backend(name: str) -> type[_OpBackend]:
 
 @torch.library.custom_op("clfast::retrieve", mutates_args=())
 def _retrieve_op(query: Tensor, keys: Tensor, k: int, metric: str, backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (scores (B,k) float32, indices (B,k) int64), each row by (score desc, index asc). Both are
-    non-differentiable: :func:`retrieve` recomputes differentiable scores from the indices."""
+    """Returns (scores (B,k), indices (B,k) int64), each row by (score desc, index asc); scores are float32
+    (float64 for float64 inputs). Both are non-differentiable: :func:`retrieve` recomputes differentiable
+    scores from the indices when a gradient is needed."""
     s, i = _op_backend(backend).select(query, keys, k, metric)
-    return s.to(torch.float32).contiguous(), i.to(torch.int64).contiguous()
+    return s.to(_op_score_dtype(query)).contiguous(), i.to(torch.int64).contiguous()
+
+
+def _op_score_dtype(query: Tensor) -> torch.dtype:
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
 
 
 @_retrieve_op.register_fake
 def _(query, keys, k, metric, backend):
     B = query.shape[0]
-    return query.new_empty((B, k), dtype=torch.float32), query.new_empty((B, k), dtype=torch.int64)
+    return query.new_empty((B, k), dtype=_op_score_dtype(query)), query.new_empty((B, k), dtype=torch.int64)
 
 
 def _setup_context(ctx, inputs, output):
@@ -642,8 +662,9 @@ class KeyIndex:
             rank); :meth:`search` returns each rank the results for its own queries, merged over all shards.
         dtype: storage dtype of the keys (float32, or bfloat16/float16 to halve the memory).
         device: where the keys live (default CPU).
-        index_type, nlist, nprobe, hnsw_m, ef_search: the approximate index (``exact=False`` only). IVF needs
-            :meth:`train` (or trains itself on the first :meth:`add`); ``nlist`` defaults to about 4·√n.
+        index_type, nlist, nprobe, hnsw_m, ef_search: the approximate index (``exact=False`` only; a faiss-cpu
+            index, whatever ``device``). IVF needs :meth:`train` (or trains itself on the first :meth:`add`);
+            ``nlist`` defaults to about 4·√n of the training sample.
         process_group: the group for ``shard=True`` (default: the world).
 
     Indices are global and sequential in order of :meth:`add`. The state is checkpointable:
@@ -799,16 +820,25 @@ class KeyIndex:
         _check_k("KeyIndex.search", k, self.ntotal)
         if self.shard:
             return self._sharded_search(query, k)
-        local = self._local_search(query.detach().to(self.device), k)
-        s, i = _rescore(query, self.keys.to(query.device), local.to(query.device), self.metric)
+        if self.exact:
+            s, i = retrieve(query.to(self._query_dtype(query)), self.keys.to(query.device), k, metric=self.metric)
+        else:
+            local = self._local_search(query.detach().to(self.device), k)
+            s, i = _rescore(query, self.keys.to(query.device), local.to(query.device), self.metric)
         return s, self.ids.to(query.device)[i]
+
+    def _query_dtype(self, query: Tensor) -> torch.dtype:
+        """The dtype a query is searched in against keys stored as self.dtype (see retrieve's dtype rules)."""
+        if query.dtype == self.dtype:
+            return query.dtype
+        return torch.float32 if self.dtype in _LOWP else self.dtype
 
     def _local_search(self, q: Tensor, k: int) -> Tensor:
         """Local row indices ``(B, min(k, n_local))`` of this rank's best keys for each row of ``q``."""
         kk = min(k, self._n)
         if kk == 0 or q.shape[0] == 0:
             return torch.empty((q.shape[0], kk), dtype=torch.int64, device=q.device)
-        qq = q.to(torch.float32 if self.dtype in _LOWP else self.dtype)
+        qq = q.to(self._query_dtype(q))
         if self.exact:
             return retrieve(qq, self.keys, kk, metric=self.metric)[1]
         import faiss
@@ -894,7 +924,8 @@ class KeyIndex:
                 raise ValueError(f"KeyIndex.load_state_dict: {key} is {state.get(key)!r} in the state, "
                                  f"{getattr(self, key)!r} here")
         rank, world = self.world
-        if bool(state.get("shard")) != self.shard or (self.shard and (state["rank"], state["world_size"]) != (rank, world)):
+        same_shard = not self.shard or (state.get("rank"), state.get("world_size")) == (rank, world)
+        if bool(state.get("shard")) != self.shard or not same_shard:
             raise ValueError(f"KeyIndex.load_state_dict: the state is rank {state.get('rank')} of "
                              f"{state.get('world_size')} (shard={state.get('shard')}); this index is rank {rank} "
                              f"of {world} (shard={self.shard})")
@@ -923,7 +954,8 @@ class KeyIndex:
 
 def kmeans(x: Tensor, n_clusters: int, n_iter: int = 25, seed: int = 1993, *, n_redo: int = 1,
            spherical: bool = False, max_points_per_centroid: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """K-means by ``faiss.Kmeans`` (Lloyd, k-means++-free random init as FAISS does), deterministic for a seed.
+    """K-means by ``faiss.Kmeans`` (Lloyd iterations from FAISS's random initial centroids), deterministic for
+    a seed.
 
     Args:
         x: ``(N, D)`` points, any float dtype (clustered in float32).

@@ -125,6 +125,23 @@ void tril_outer_loops(const T* A, const T* Bm, T* Out, int64_t N, int64_t D) {
   });
 }
 
+// tril(L) as a new contiguous matrix (at::tril is a slow generic kernel; this is a parallel row copy).
+Tensor lower_copy(const Tensor& L) {
+  const int64_t D = L.size(0);
+  Tensor out = at::empty({D, D}, L.options());
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "lower_copy", [&] {
+    const scalar_t* src = L.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, D, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        std::copy(src + i * D, src + i * D + i + 1, dst + i * D);
+        std::fill(dst + i * D + i + 1, dst + (i + 1) * D, scalar_t(0));
+      }
+    });
+  });
+  return out;
+}
+
 Tensor tril_project(const Tensor& Z, const Tensor& L) {
   const int64_t N = Z.size(0), D = Z.size(1);
   Tensor Y = at::empty({N, D}, Z.options());
@@ -135,7 +152,7 @@ Tensor tril_project(const Tensor& Z, const Tensor& L) {
     });
     return Y;
   }
-  const Tensor Lt = L.tril();
+  const Tensor Lt = lower_copy(L);
   if (D <= 2 * kBlock) return at::mm_out(Y, Z, Lt);
   // Column block J of Y needs rows j >= j0 of L only; each block is written in place (ld = D).
   for (int64_t j0 = 0; j0 < D; j0 += kBlock) {
@@ -157,7 +174,7 @@ Tensor tril_project_t(const Tensor& dY, const Tensor& L) {
     });
     return dZ;
   }
-  const Tensor Lt = L.tril();
+  const Tensor Lt = lower_copy(L);
   if (D <= 2 * kBlock) return at::mm_out(dZ, dY, Lt.t());
   // Column block I of dZ needs columns j < i1 of L's rows I only.
   for (int64_t i0 = 0; i0 < D; i0 += kBlock) {

@@ -1578,7 +1578,10 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
 
 template <typename F>
 void dispatch_dtype(at::ScalarType dt, F&& f) {
-  // f(T{}, C{}) with T the input dtype and C the GEMM operand dtype.
+  // f(T{}, C{}) with T the input dtype and C the GEMM operand dtype. The one-time probes run
+  // here, outside the parallel regions.
+  brgemm_usable<float>();
+  use_avx512();
   switch (dt) {
     case at::kFloat:
       f(float{}, float{});

@@ -46,7 +46,9 @@ inline vec vsplat(float s) { return vec{s, s, s, s, s, s, s, s}; }
 // turns one load per vector into one per FMA and makes the tiles load-bound.
 inline vec pinned_load(const float* p) {
   vec v = vload(p);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   asm("" : "+x"(v));
+#endif
   return v;
 }
 
@@ -368,14 +370,14 @@ std::tuple<Tensor, Tensor> prompt_conv_fwd(const Tensor& embeddings, const Tenso
     conv_forward(g, X.data_ptr<float>(), W.data_ptr<float>(), F * kk, kk, b.data_ptr<float>(), F, 1,
                  C.data_ptr<float>(), P, g.H * P, g.Do, F);
     Tensor out = at::mm(pw, C.view({F, g.H * P})).view({B, g.H, g.Lo, g.Do});
-    return {owned(out, embeddings.scalar_type()), C};
+    return {out.to(embeddings.scalar_type()), C};
   }
   const Tensor K = at::matmul(pw, W.view({g.H, F, kk}));  // (H, B, kk): per-sample kernels
   const Tensor bm = at::mm(pw, b.t()).contiguous();        // (B, H): per-sample biases
   Tensor out = at::empty({B, g.H, g.Lo, g.Do}, E.options());
   conv_forward(g, X.data_ptr<float>(), K.data_ptr<float>(), B * kk, kk, bm.data_ptr<float>(), 1, g.H,
                out.data_ptr<float>(), P, g.H * P, g.Do, B);
-  return {owned(out, embeddings.scalar_type()), at::empty({0}, E.options())};
+  return {out.to(embeddings.scalar_type()), at::empty({0}, E.options())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> prompt_conv_bwd(const Tensor& grad, const Tensor& embeddings,

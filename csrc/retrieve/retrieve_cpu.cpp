@@ -1,24 +1,38 @@
-// retrieve on the CPU: top-k keys per query by cosine / inner product / negative squared L2, without the
-// (B, M) score matrix.
+// retrieve on the CPU: the top-k keys of each query by cosine / inner product / negative squared L2,
+// without the (B, M) score matrix. Schema: retrieve_topk(query (B,D), keys (M,D), k, metric) ->
+// (scores (B,k) float32, indices (B,k) int64), each row by (score desc, index asc).
 //
-// The keys are cut into tiles of T rows. A work item is (key tile, block of up to kRowBlock queries): one
-// GEMM  S = Q_block · tileᵀ  into a per-thread (rows × T) float32 buffer, then each score is finished
-// (cosine: / |key|, computed from the tile while it is in cache; l2: 2·dot − |key|² − |q|²) and offered
-// to that thread's running top-k list of the row (a sorted array of k; almost every score fails the
-// comparison with the list's last entry, so the scan costs about one compare per score). Threads take
-// contiguous ranges of work items (at::parallel_for); their lists are merged per row at the end. So the
-// scan is parallel even for a single query over a huge pool, and memory is O(threads · (B·k + rows·T)).
+// Scan. The keys are cut into tiles. A work item is (key tile, block of queries): the raw dot products of
+// the block with the tile go to a per-thread float32 buffer, are finished into scores (cosine: x 1/|q| x
+// 1/|key|, the key norms taken from the tile while it is in cache; l2: 2 dot - |key|^2 - |q|^2) and offered
+// to that thread's running top-kc list of each row (a sorted array; a chunk of 16 scores whose maximum is
+// below the list's last entry is skipped after one vectorised compare, so almost every score costs just
+// that). Threads take contiguous ranges of work items (at::parallel_for), so one query over a huge pool is
+// scanned by every thread; memory is O(threads x (B kc + rows x tile)), never O(B M).
 //
-// Keys: float32 (read in place when rows are unit-stride) or bfloat16/float16 (converted tile by tile into
-// a float32 buffer: half the bytes read from memory, float32 products and accumulation). Query: float32,
-// or the keys' dtype; always used in float32.
+// The dot products of a tile come from one of three paths:
+//   kDot     B <= 8 (unit column stride): AVX2 dot products from the key rows as stored, bf16/fp16
+//            converted on load; the scan is bound by reading the keys.
+//   kBf16Dp  bf16 query and keys on CPUs with AVX512-BF16: the tile is packed in VNNI pairs and multiplied
+//            by vdpbf16ps (exact products, float32 sums), about twice the float32 FMA rate.
+//   kGemm    otherwise: at::mm on the float32 tile (in place for unit-stride float32 rows, else converted
+//            tile by tile), i.e. the BLAS torch was built with.
+//
+// Re-rank. The scan keeps kc = k + kTieSlack candidates per row; the threads' lists are merged and the
+// candidates re-ranked by pair_score, a fixed-order sum over the (query, key) pair alone. A GEMM may round
+// two copies of one key differently (edge tiles take other code paths); the re-rank makes exact ties come
+// out by index on every path and at any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
-#include <c10/util/irange.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#define CLFAST_RETRIEVE_X86 1
+#else
+#define CLFAST_RETRIEVE_X86 0
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -31,6 +45,7 @@ namespace clfast::retrieve {
 namespace {
 
 constexpr int64_t kRowBlock = 256;            // queries per GEMM
+constexpr int64_t kTieSlack = 8;              // candidates kept beyond k for the exact re-rank
 constexpr int64_t kTileBytes = 1536 * 1024;   // float32 bytes of one key tile (fits L2 + L3 comfortably)
 
 Metric parse_metric(c10::string_view name) {
@@ -83,6 +98,181 @@ void rows_to_float(const T* keys, int64_t j0, int64_t n, int64_t D, int64_t s0, 
   }
 }
 
+// The exact score of one (query, key) pair, from the float32 query row and the key row as stored:
+// fixed-order sums (16 lanes, then the tail, then the lanes), so that the score depends on the pair only,
+// never on where the key sits in a tile. The GEMM's scores may differ from it in the last bits (and may
+// differ between two copies of one key): candidates are re-ranked by it.
+// GCC/Clang vector of 8 floats (one ymm with -mavx2): explicit, because two interleaved lane arrays
+// defeat the auto-vectoriser.
+typedef float v8f __attribute__((vector_size(32)));
+
+template <typename T>
+inline v8f load8(const T* p) {
+  float buf[8];
+  for (int l = 0; l < 8; ++l) buf[l] = to_float(p[l]);
+  v8f v;
+  std::memcpy(&v, buf, sizeof(v));
+  return v;
+}
+
+inline float hsum(v8f v) {
+  float s = 0.f;
+  for (int l = 0; l < 8; ++l) s += v[l];
+  return s;
+}
+
+template <Metric MT, typename T>
+float pair_score(const float* q, float q_aux, const T* key, int64_t D, int64_t s1) {
+  v8f a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};  // cosine/ip: <q,k> and |k|^2;  l2: |q-k|^2
+  float a = 0.f, b = 0.f;
+  int64_t d = 0;
+  if (s1 == 1) {
+    for (; d + 16 <= D; d += 16) {
+      const v8f k0 = load8(key + d), k1 = load8(key + d + 8);
+      const v8f q0 = load8(q + d), q1 = load8(q + d + 8);
+      if constexpr (MT == Metric::kL2) {
+        const v8f e0 = q0 - k0, e1 = q1 - k1;
+        a0 += e0 * e0;
+        a1 += e1 * e1;
+      } else {
+        a0 += q0 * k0;
+        a1 += q1 * k1;
+        b0 += k0 * k0;
+        b1 += k1 * k1;
+      }
+    }
+  }
+  for (; d < D; ++d) {
+    const float kv = to_float(key[d * s1]);
+    if constexpr (MT == Metric::kL2) {
+      a += (q[d] - kv) * (q[d] - kv);
+    } else {
+      a += q[d] * kv;
+      b += kv * kv;
+    }
+  }
+  a += hsum(a0) + hsum(a1);
+  b += hsum(b0) + hsum(b1);
+  float s;
+  if constexpr (MT == Metric::kCosine) {
+    s = a * q_aux * row_aux(Metric::kCosine, b);
+  } else if constexpr (MT == Metric::kIP) {
+    s = a;
+  } else {
+    s = -a;
+  }
+  return s != s ? -INFINITY : s;
+}
+
+template <typename T>
+float pair_score(Metric m, const float* q, float q_aux, const T* key, int64_t D, int64_t s1) {
+  switch (m) {
+    case Metric::kCosine: return pair_score<Metric::kCosine, T>(q, q_aux, key, D, s1);
+    case Metric::kIP: return pair_score<Metric::kIP, T>(q, q_aux, key, D, s1);
+    default: return pair_score<Metric::kL2, T>(q, q_aux, key, D, s1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Few queries (B <= kDotMaxRows): dot products straight from the key rows as stored, AVX2 + FMA.
+//
+// A GEMM library is poor at 1..16 rows (its packing dominates), and the scan is then bound by reading the
+// keys: each key row is read once, converted from bf16/fp16 on the fly, and multiplied by up to 6 query
+// rows held in L1, two keys at a time (12 accumulators). Each (query, key) sum has one fixed order.
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int64_t kDotMaxRows = 8;  // measured crossover with MKL sgemm on the 2-core EPYC
+constexpr int kDotRows = 6;
+
+#if CLFAST_RETRIEVE_X86 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CLFAST_RETRIEVE_DOT 1
+
+inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 ld8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 ld8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline float hsum8(__m256 v) {
+  float b[8];
+  _mm256_storeu_ps(b, v);
+  return ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]));
+}
+
+// out[r * ld + c] = <q_r, key_c> for R query rows (row stride D) and the keys k0, k1 (c = 0, 1)
+template <int R, typename T>
+void dot_rows_2keys(const float* q, const T* k0, const T* k1, int64_t D, float* out, int64_t ld) {
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 x0 = ld8(k0 + d), x1 = ld8(k1 + d);
+    for (int r = 0; r < R; ++r) {
+      const __m256 qv = _mm256_loadu_ps(q + r * D + d);
+      a0[r] = _mm256_fmadd_ps(qv, x0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(qv, x1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float t0 = hsum8(a0[r]), t1 = hsum8(a1[r]);
+    for (int64_t e = d; e < D; ++e) {
+      t0 += q[r * D + e] * to_float(k0[e]);
+      t1 += q[r * D + e] * to_float(k1[e]);
+    }
+    out[r * ld] = t0;
+    out[r * ld + 1] = t1;
+  }
+}
+
+// out (nr x nt, row stride ld) = q rows [0, nr) . key rows [j0, j0 + nt) (row stride s0, unit column stride)
+template <typename T>
+void dot_tile(const float* q, int64_t nr, const T* keys, int64_t j0, int64_t nt, int64_t s0, int64_t D,
+              float* out, int64_t ld) {
+  for (int64_t j = 0; j < nt; j += 2) {
+    const T* k0 = keys + (j0 + j) * s0;
+    const T* k1 = j + 1 < nt ? k0 + s0 : k0;  // an odd last key is paired with itself
+    float pair_out[kDotRows * 2];
+    for (int64_t r = 0; r < nr; r += kDotRows) {
+      const int64_t n = std::min<int64_t>(kDotRows, nr - r);
+      switch (n) {
+        case 6: dot_rows_2keys<6>(q + r * D, k0, k1, D, pair_out, 2); break;
+        case 5: dot_rows_2keys<5>(q + r * D, k0, k1, D, pair_out, 2); break;
+        case 4: dot_rows_2keys<4>(q + r * D, k0, k1, D, pair_out, 2); break;
+        case 3: dot_rows_2keys<3>(q + r * D, k0, k1, D, pair_out, 2); break;
+        case 2: dot_rows_2keys<2>(q + r * D, k0, k1, D, pair_out, 2); break;
+        default: dot_rows_2keys<1>(q + r * D, k0, k1, D, pair_out, 2); break;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        out[(r + i) * ld + j] = pair_out[i * 2];
+        if (j + 1 < nt) out[(r + i) * ld + j + 1] = pair_out[i * 2 + 1];
+      }
+    }
+  }
+}
+
+// Squared norms of key rows [j0, j0 + n) (unit column stride), AVX2
+template <typename T>
+void dot_sq_norms(const T* keys, int64_t j0, int64_t n, int64_t s0, int64_t D, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* p = keys + (j0 + j) * s0;
+    __m256 a = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      const __m256 x = ld8(p + d);
+      a = _mm256_fmadd_ps(x, x, a);
+    }
+    float t = hsum8(a);
+    for (; d < D; ++d) t += to_float(p[d]) * to_float(p[d]);
+    out[j] = t;
+  }
+}
+#else
+#define CLFAST_RETRIEVE_DOT 0
+#endif
+
 // ---------------------------------------------------------------------------------------------------
 // bfloat16 x bfloat16 -> float32 tiles with AVX512-BF16 (vdpbf16ps), chosen at run time.
 //
@@ -93,6 +283,7 @@ void rows_to_float(const T* keys, int64_t j0, int64_t n, int64_t D, int64_t s0, 
 // (two zmm), accumulating R x 32 float32 scores in 2R registers. Products of bf16 are exact in float32.
 // ---------------------------------------------------------------------------------------------------
 
+#if CLFAST_RETRIEVE_X86 && defined(__GNUC__)
 bool cpu_has_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512bf16");
@@ -184,18 +375,32 @@ void bf16_tile_gemm(const uint32_t* q, int64_t q_ld, int64_t nr, const uint16_t*
     }
   }
 }
+#else
+bool cpu_has_avx512_bf16() { return false; }
+constexpr int64_t kBf16Keys = 32;
+void pack_bf16_tile(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    uint16_t*) {}
+void bf16_packed_sq_norms(const uint16_t*, int64_t, int64_t, float*) {}
+void bf16_tile_gemm(const uint32_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t) {}
+#endif
+
+// How the scores of a tile are computed.
+enum class Path { kGemm, kBf16Dp, kDot };
 
 struct Plan {
   int64_t B, M, D, k;
   int64_t tile, n_tiles, row_block, n_row_blocks;
+  Path path;
 };
 
-Plan make_plan(int64_t B, int64_t M, int64_t D, int64_t k) {
-  Plan p{B, M, D, k, 0, 0, 0, 0};
-  const int64_t t = std::max<int64_t>(32, kTileBytes / (4 * std::max<int64_t>(D, 1)) / 32 * 32);
+Plan make_plan(int64_t B, int64_t M, int64_t D, int64_t k, Path path) {
+  Plan p{B, M, D, k, 0, 0, 0, 0, path};
+  // kDot reads each tile twice when norms are needed: small tiles stay in L2 between the passes
+  const int64_t bytes = path == Path::kDot ? 256 * 1024 : kTileBytes;
+  const int64_t t = std::max<int64_t>(32, bytes / (4 * std::max<int64_t>(D, 1)) / 32 * 32);
   p.tile = std::min(t, M);
   p.n_tiles = (M + p.tile - 1) / p.tile;
-  p.row_block = std::min(B, kRowBlock);
+  p.row_block = path == Path::kDot ? B : std::min(B, kRowBlock);
   p.n_row_blocks = (B + p.row_block - 1) / p.row_block;
   return p;
 }
@@ -254,11 +459,12 @@ void update_rows(Metric metric, float* s, int64_t s_ld, int64_t nr, int64_t nt, 
 }
 
 template <typename T>
-void scan(const Query& q, const at::Tensor& keys, Metric metric, const Plan& p, bool use_bf16_dp,
-          std::vector<float>& all_vals, std::vector<int64_t>& all_idx) {
+void scan(const Query& q, const at::Tensor& keys, Metric metric, const Plan& p, std::vector<float>& all_vals,
+          std::vector<int64_t>& all_idx) {
   const int64_t B = p.B, M = p.M, D = p.D, k = p.k;
   const T* kp = keys.data_ptr<T>();
   const int64_t s0 = keys.stride(0), s1 = keys.stride(1);
+  const bool dp = p.path == Path::kBf16Dp, dot = p.path == Path::kDot;
   // float32 rows that are unit-stride (and do not overlap) go to the GEMM in place
   const bool in_place = std::is_same_v<T, float> && s1 == 1 && s0 >= D;
   const bool need_norms = metric != Metric::kIP;
@@ -271,9 +477,9 @@ void scan(const Query& q, const at::Tensor& keys, Metric metric, const Plan& p, 
     const int64_t tid = at::get_thread_num();
     float* vals = all_vals.data() + tid * B * k;
     int64_t* idx = all_idx.data() + tid * B * k;
-    std::vector<float> kbuf(in_place || use_bf16_dp ? 0 : p.tile * D);
-    std::vector<uint16_t> packed(use_bf16_dp ? n_pad * q.d_pairs * 2 : 0);
-    std::vector<float> sbuf(p.row_block * (use_bf16_dp ? n_pad : p.tile));
+    std::vector<float> kbuf(in_place || dp || dot ? 0 : p.tile * D);
+    std::vector<uint16_t> packed(dp ? n_pad * q.d_pairs * 2 : 0);
+    std::vector<float> sbuf(p.row_block * n_pad);
     std::vector<float> k_aux(n_pad, 0.f);  // per key: see finish_score
     int64_t loaded = -1;  // the tile now in kbuf / packed / k_aux
     const float* tile_ptr = nullptr;
@@ -284,35 +490,41 @@ void scan(const Query& q, const at::Tensor& keys, Metric metric, const Plan& p, 
       const int64_t r0 = rb * p.row_block, nr = std::min(p.row_block, B - r0);
       const int64_t nt_pad = (nt + kBf16Keys - 1) / kBf16Keys * kBf16Keys;
       if (t != loaded) {
-        if (use_bf16_dp) {
+        if (dp) {
           if constexpr (std::is_same_v<T, c10::BFloat16>) {
             pack_bf16_tile(kp, j0, nt, D, s0, s1, nt_pad, q.d_pairs, packed.data());
           }
         } else if (in_place) {
           tile_ptr = reinterpret_cast<const float*>(kp) + j0 * s0;
           tile_ld = s0;
-        } else {
+        } else if (!dot) {
           rows_to_float<T>(kp, j0, nt, D, s0, s1, kbuf.data());
           tile_ptr = kbuf.data();
           tile_ld = D;
         }
         if (need_norms) {
-          if (use_bf16_dp) {
+          if (dp) {
             bf16_packed_sq_norms(packed.data(), nt_pad, q.d_pairs, k_aux.data());
-          } else if (in_place) {
-            row_sq_norms<float>(tile_ptr, 0, nt, D, tile_ld, 1, k_aux.data());
+          } else if (dot) {
+#if CLFAST_RETRIEVE_DOT
+            dot_sq_norms<T>(kp, j0, nt, s0, D, k_aux.data());
+#endif
           } else {
-            row_sq_norms<float>(kbuf.data(), 0, nt, D, D, 1, k_aux.data());
+            row_sq_norms<float>(tile_ptr, 0, nt, D, tile_ld, 1, k_aux.data());
           }
           for (int64_t j = 0; j < nt; ++j) k_aux[j] = row_aux(metric, k_aux[j]);
         }
         loaded = t;
       }
       int64_t s_ld = nt;
-      if (use_bf16_dp) {
+      if (dp) {
         s_ld = nt_pad;
         bf16_tile_gemm(q.bf16.data() + r0 * q.d_pairs, q.d_pairs, nr, packed.data(), nt_pad, q.d_pairs,
                        sbuf.data(), s_ld);
+      } else if (dot) {
+#if CLFAST_RETRIEVE_DOT
+        dot_tile<T>(q.f32.data_ptr<float>() + r0 * D, nr, kp, j0, nt, s0, D, sbuf.data(), s_ld);
+#endif
       } else {
         at::Tensor tile = at::from_blob(const_cast<float*>(tile_ptr), {nt, D}, {tile_ld, 1}, f32);
         at::Tensor s = at::from_blob(sbuf.data(), {nr, nt}, f32);
@@ -348,8 +560,15 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_cpu(const at::Tensor& query, co
   at::Tensor out_idx = at::empty({B, k}, query.options().dtype(at::kLong));
   if (B == 0) return {out_vals, out_idx};
 
-  // bf16 x bf16 runs on vdpbf16ps where the CPU has it; everything else is a float32 GEMM
-  const bool use_bf16_dp = kd == at::kBFloat16 && qd == at::kBFloat16 && cpu_has_avx512_bf16();
+  // A few queries: dot products from the rows as stored. More: bf16 x bf16 on vdpbf16ps where the CPU has
+  // it, everything else a float32 GEMM.
+  Path path = Path::kGemm;
+  if (CLFAST_RETRIEVE_DOT && B <= kDotMaxRows && keys.stride(1) == 1) {
+    path = Path::kDot;
+  } else if (kd == at::kBFloat16 && qd == at::kBFloat16 && cpu_has_avx512_bf16()) {
+    path = Path::kBf16Dp;
+  }
+  const bool use_bf16_dp = path == Path::kBf16Dp;
   Query q;
   {
     c10::InferenceMode guard;
@@ -369,34 +588,54 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_cpu(const at::Tensor& query, co
     }
   }
 
-  const Plan plan = make_plan(B, M, D, k);
+  // the scan keeps kc >= k candidates per row; the exact re-rank below picks the k
+  const int64_t kc = std::min(M, k + kTieSlack);
+  const Plan plan = make_plan(B, M, D, kc, path);
   const int64_t n_threads = at::get_num_threads();
-  std::vector<float> all_vals(n_threads * B * k, -INFINITY);
-  std::vector<int64_t> all_idx(n_threads * B * k, kNoIndex);
+  std::vector<float> all_vals(n_threads * B * kc, -INFINITY);
+  std::vector<int64_t> all_idx(n_threads * B * kc, kNoIndex);
   switch (kd) {
-    case at::kFloat: scan<float>(q, keys, metric, plan, false, all_vals, all_idx); break;
-    case at::kBFloat16: scan<c10::BFloat16>(q, keys, metric, plan, use_bf16_dp, all_vals, all_idx); break;
-    default: scan<c10::Half>(q, keys, metric, plan, false, all_vals, all_idx); break;
+    case at::kFloat: scan<float>(q, keys, metric, plan, all_vals, all_idx); break;
+    case at::kBFloat16: scan<c10::BFloat16>(q, keys, metric, plan, all_vals, all_idx); break;
+    default: scan<c10::Half>(q, keys, metric, plan, all_vals, all_idx); break;
   }
 
-  // merge the threads' lists row by row
+  // per row: merge the threads' candidate lists, then re-rank the candidates by exact pair scores
   float* ov = out_vals.data_ptr<float>();
   int64_t* oi = out_idx.data_ptr<int64_t>();
-  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      float* rv = ov + b * k;
-      int64_t* ri = oi + b * k;
-      std::copy_n(all_vals.data() + b * k, k, rv);
-      std::copy_n(all_idx.data() + b * k, k, ri);
-      for (int64_t t = 1; t < n_threads; ++t) {
-        const float* tv = all_vals.data() + (t * B + b) * k;
-        const int64_t* ti = all_idx.data() + (t * B + b) * k;
-        for (int64_t j = 0; j < k && ti[j] != kNoIndex; ++j) {
-          if (!topk_insert(rv, ri, static_cast<int>(k), tv[j], ti[j])) break;  // the rest rank lower still
+  const float* qp = q.f32.data_ptr<float>();
+  const int64_t s0 = keys.stride(0), s1 = keys.stride(1);
+  auto rerank = [&](auto* kp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> cv(kc), ev(k);
+      std::vector<int64_t> ci(kc), ei(k);
+      for (int64_t b = begin; b < end; ++b) {
+        std::copy_n(all_vals.data() + b * kc, kc, cv.data());
+        std::copy_n(all_idx.data() + b * kc, kc, ci.data());
+        for (int64_t t = 1; t < n_threads; ++t) {
+          const float* tv = all_vals.data() + (t * B + b) * kc;
+          const int64_t* ti = all_idx.data() + (t * B + b) * kc;
+          for (int64_t j = 0; j < kc && ti[j] != kNoIndex; ++j) {
+            if (!topk_insert(cv.data(), ci.data(), static_cast<int>(kc), tv[j], ti[j])) break;  // the rest rank lower
+          }
         }
+        std::fill(ev.begin(), ev.end(), -INFINITY);
+        std::fill(ei.begin(), ei.end(), kNoIndex);
+        for (int64_t j = 0; j < kc; ++j) {
+          const float e = pair_score<T>(metric, qp + b * D, q.aux[b], kp + ci[j] * s0, D, s1);
+          topk_insert(ev.data(), ei.data(), static_cast<int>(k), e, ci[j]);
+        }
+        std::copy_n(ev.data(), k, ov + b * k);
+        std::copy_n(ei.data(), k, oi + b * k);
       }
-    }
-  });
+    });
+  };
+  switch (kd) {
+    case at::kFloat: rerank(keys.data_ptr<float>()); break;
+    case at::kBFloat16: rerank(keys.data_ptr<c10::BFloat16>()); break;
+    default: rerank(keys.data_ptr<c10::Half>()); break;
+  }
   return {out_vals, out_idx};
 }
 

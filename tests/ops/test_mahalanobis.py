@@ -176,6 +176,27 @@ def test_mahalanobis_far_from_origin_keeps_fp32_accuracy(name):
     assert max_err(out, ref) <= 1e-4 * _mag(ref)
 
 
+@pytest.mark.parametrize("name", [n for n in runnable_backends(MAHA) if n not in {"reference"} | INTERPRETED])
+def test_mahalanobis_memory_is_o_bk_not_o_bkd(name):
+    """Fast backends never hold a (B,K,D) tensor: the largest allocation of forward + backward stays far below
+    it (the reference, which forms the differences, is the control)."""
+    from torch.profiler import profile
+
+    B, K, D = 64, 64, 256
+    x, means, L = (t.float().requires_grad_() for t in make_maha(B, K, D))
+
+    def peak_alloc(backend):
+        with profile(profile_memory=True) as prof:
+            with use_backend(backend, op=MAHA):
+                out = mahalanobis(x, means, L)
+            torch.autograd.grad(out, (x, means, L), torch.ones_like(out))
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    bkd = B * K * D * 4
+    assert peak_alloc("reference") >= bkd
+    assert peak_alloc(name) < bkd / 4
+
+
 def test_mahalanobis_of_a_point_to_itself_is_zero():
     x, _, L = make_maha(4, 1, 16)
     for name in runnable_backends(MAHA):
