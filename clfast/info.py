@@ -49,7 +49,7 @@ def report() -> str:
 
 
 def _ext_reason(cls) -> str | None:
-    return None if cls.available() else cls.unavailable_reason()
+    return _dispatch._UNAVAILABLE.get(cls)
 
 
 def main() -> int:

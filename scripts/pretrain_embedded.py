@@ -1,6 +1,7 @@
 """Reproduce the small pretrained backbones that ship in clfast/assets/ from scratch (CPU, seeded).
 
-    python scripts/pretrain_embedded.py --out clfast/assets            # both, ≈ 10 min on 2 cores
+    python scripts/pretrain_embedded.py --out clfast/assets --threads 1   # both: ≈ 40 min on a busy
+                                                                        # machine, ≈ 12 min on 2 idle cores
     python scripts/pretrain_embedded.py --out /tmp/x --smoke            # 3 steps each, seconds
 
 Writes into --out:
@@ -21,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -215,7 +215,9 @@ def linear_probe(train_x, train_y, test_x, test_y, max_iter: int = 1000) -> floa
     from sklearn.preprocessing import StandardScaler
     scaler = StandardScaler().fit(train_x)
     clf = LogisticRegression(max_iter=max_iter, C=1.0)
-    with warnings.catch_warnings():
+    from threadpoolctl import threadpool_limits
+    # One BLAS thread: lbfgs on a problem this small is ~25× slower with threads on a busy machine.
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(scaler.transform(train_x), train_y)
     return float((clf.predict(scaler.transform(test_x)) == np.asarray(test_y)).mean())

@@ -27,7 +27,6 @@ import torch
 from .tokenizer import WordTokenizer
 
 try:
-    import timm
     from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 except ImportError as e:  # pragma: no cover - depends on the environment

@@ -13,7 +13,6 @@ error, never a silent fallback.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import ClassVar, Iterator, Sequence
 
@@ -34,6 +33,8 @@ __all__ = [
 _REGISTRY: dict[str, dict[str, type["Backend"]]] = {}
 # op name -> device type -> ordered backend names
 _PRIORITY: dict[str, dict[str, list[str]]] = {}
+# backend class -> why it cannot run on this machine (None = available), resolved at registration
+_UNAVAILABLE: dict[type, str | None] = {}
 # stack of (op or None, backend name) pushed by use_backend
 _FORCED: list[tuple[str | None, str]] = []
 
@@ -79,12 +80,12 @@ class Backend:
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        """Why this backend cannot run on this machine at all, or None. Cached by :meth:`available`."""
+        """Why this backend cannot run on this machine at all, or None. Asked once, at registration."""
         return None
 
     @classmethod
     def available(cls) -> bool:
-        return _unavailable_reason_cached(cls) is None
+        return _UNAVAILABLE[cls] is None
 
     @classmethod
     def devices(cls) -> tuple[str, ...]:
@@ -98,7 +99,7 @@ class Backend:
     @classmethod
     def not_supported_reasons(cls, inputs) -> list[str]:
         """Reasons this backend cannot run ``inputs`` (an op-specific object with ``device`` and ``dtype``)."""
-        why = _unavailable_reason_cached(cls)
+        why = _UNAVAILABLE[cls]
         if why is not None:
             return [why]
         reasons = []
@@ -110,17 +111,14 @@ class Backend:
         return reasons + cls.extra_reasons(inputs)
 
 
-@functools.cache
-def _unavailable_reason_cached(cls: type[Backend]) -> str | None:
-    return cls.unavailable_reason()
-
-
 def register_backend(cls: type[Backend]) -> type[Backend]:
     """Class decorator: add ``cls`` to the registry of ``cls.OP``."""
     table = _REGISTRY.setdefault(cls.OP, {})
     if cls.NAME in table and table[cls.NAME] is not cls:
         raise ValueError(f"backend {cls.NAME!r} is already registered for op {cls.OP!r}")
     table[cls.NAME] = cls
+    # Capabilities are resolved here, once: a runtime query inside an op would break torch.compile graphs.
+    _UNAVAILABLE[cls] = cls.unavailable_reason()
     return cls
 
 

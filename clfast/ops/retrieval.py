@@ -244,6 +244,25 @@ def _topk_low_index(s: Tensor, k: int) -> Tensor:
     return idx
 
 
+def _faiss_unavailable_reason() -> Optional[str]:
+    """Whether faiss is installed (found without importing it: clfast.ops resolves backends at import)."""
+    import importlib.util
+
+    if importlib.util.find_spec("faiss") is None:
+        return "faiss not installed (pip install faiss-cpu, or faiss-gpu on CUDA)"
+    return None
+
+
+@functools.cache
+def _faiss_gpu() -> bool:
+    """faiss-gpu is installed and a CUDA device is visible (decided once, at the first CUDA dispatch)."""
+    if _faiss_unavailable_reason() is not None or not torch.cuda.is_available():
+        return False
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources")
+
+
 @register_backend
 class TorchBackend(_OpBackend):
     """Stock PyTorch, chunked over keys: (normalised query) @ chunkᵀ, scaled by 1/|key| for cosine, topk,
@@ -392,24 +411,6 @@ class FaissBackend(_OpBackend):
         if query.is_cuda or q.shape[0] == 0:
             return search(0, M)
         return _faiss_cpu_parallel(search, M)
-
-
-def _faiss_unavailable_reason() -> Optional[str]:
-    try:
-        import faiss  # noqa: F401
-    except Exception as exc:
-        return f"faiss not importable ({type(exc).__name__}: {exc}); pip install faiss-cpu"
-    return None
-
-
-@functools.cache
-def _faiss_gpu() -> bool:
-    """faiss-gpu is installed and a CUDA device is visible (decided once)."""
-    if _faiss_unavailable_reason() is not None or not torch.cuda.is_available():
-        return False
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources")
 
 
 _GPU_RES: list = []  # one StandardGpuResources, created on first GPU search

@@ -46,7 +46,7 @@ namespace {
 
 constexpr int64_t kRowBlock = 256;            // queries per GEMM
 constexpr int64_t kTieSlack = 8;              // candidates kept beyond k for the exact re-rank
-constexpr int64_t kTileBytes = 1536 * 1024;   // float32 bytes of one key tile (fits L2 + L3 comfortably)
+constexpr int64_t kTileBytes = 1536 * 1024;   // float32 bytes of one GEMM key tile (stays in L3 between passes)
 
 Metric parse_metric(c10::string_view name) {
   if (name == "cosine") return Metric::kCosine;
@@ -98,10 +98,6 @@ void rows_to_float(const T* keys, int64_t j0, int64_t n, int64_t D, int64_t s0, 
   }
 }
 
-// The exact score of one (query, key) pair, from the float32 query row and the key row as stored:
-// fixed-order sums (16 lanes, then the tail, then the lanes), so that the score depends on the pair only,
-// never on where the key sits in a tile. The GEMM's scores may differ from it in the last bits (and may
-// differ between two copies of one key): candidates are re-ranked by it.
 // GCC/Clang vector of 8 floats (one ymm with -mavx2): explicit, because two interleaved lane arrays
 // defeat the auto-vectoriser.
 typedef float v8f __attribute__((vector_size(32)));
@@ -121,6 +117,10 @@ inline float hsum(v8f v) {
   return s;
 }
 
+// The exact score of one (query, key) pair, from the float32 query row and the key row as stored:
+// fixed-order sums (two 8-lane vectors, the tail, then the lanes), so that the score depends on the pair
+// only, never on where the key sits in a tile. The GEMM's scores may differ from it in the last bits (and
+// may differ between two copies of one key): candidates are re-ranked by it.
 template <Metric MT, typename T>
 float pair_score(const float* q, float q_aux, const T* key, int64_t D, int64_t s1) {
   v8f a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};  // cosine/ip: <q,k> and |k|^2;  l2: |q-k|^2
@@ -176,9 +176,9 @@ float pair_score(Metric m, const float* q, float q_aux, const T* key, int64_t D,
 // ---------------------------------------------------------------------------------------------------
 // Few queries (B <= kDotMaxRows): dot products straight from the key rows as stored, AVX2 + FMA.
 //
-// A GEMM library is poor at 1..16 rows (its packing dominates), and the scan is then bound by reading the
-// keys: each key row is read once, converted from bf16/fp16 on the fly, and multiplied by up to 6 query
-// rows held in L1, two keys at a time (12 accumulators). Each (query, key) sum has one fixed order.
+// With a handful of query rows a GEMM library spends its time packing, and the scan is bound by reading
+// the keys: each key row is read once, converted from bf16/fp16 on the fly, and multiplied by up to 6
+// query rows held in L1, two keys at a time (12 accumulators). Each (query, key) sum has one fixed order.
 // ---------------------------------------------------------------------------------------------------
 
 constexpr int64_t kDotMaxRows = 8;  // measured crossover with MKL sgemm on the 2-core EPYC
