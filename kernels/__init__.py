@@ -1,7 +1,9 @@
 """Triton kernels of clfast's fused ops (the GPU path), installed as ``clfast.kernels``.
 
 One module per op, ``kernels/<op>.py``, holding ``@triton.jit`` kernels and their launchers only; the
-launchers are registered as ``torch.library.triton_op`` ops by ``clfast.ops``. Nothing here imports
+launchers are called by the ``triton`` backends of ``clfast.ops`` inside the registered custom ops
+(``clfast::<op>``, with fake and autograd), and launch through ``torch.library.wrap_triton`` so that they
+can also be registered as ``triton_op`` bodies. Nothing here imports
 clfast, and every module imports cleanly wherever triton is importable, GPU or not.
 
 Conventions shared by the modules:
