@@ -29,3 +29,15 @@ def unavailable_reason() -> str | None:
 
 def devices() -> tuple[str, ...]:
     return ("cuda", "cpu") if INTERPRET else ("cuda",)
+
+
+class TritonBackendMixin:
+    """Availability and devices shared by every op's ``triton`` backend class."""
+
+    @classmethod
+    def unavailable_reason(cls):
+        return unavailable_reason()
+
+    @classmethod
+    def devices(cls):
+        return devices()

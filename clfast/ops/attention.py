@@ -181,7 +181,7 @@ class CpuBackend(_FusedBackend):
 
 
 @register_backend
-class TritonBackend(_FusedBackend):
+class TritonBackend(_triton.TritonBackendMixin, _FusedBackend):
     """Flash-style Triton kernels (kernels/prefix_attention.py); the default on CUDA."""
 
     OP, NAME = OP, "triton"
@@ -189,14 +189,6 @@ class TritonBackend(_FusedBackend):
     # fp32 tl.dot may use TF32 on GPUs: looser than the C++ backend.
     ATOL = {torch.float32: 2e-3 if _triton.CUDA else 2e-5, **_LOWP_ATOL}
     GRAD_ATOL = {torch.float32: 5e-3 if _triton.CUDA else 1e-4, **_LOWP_ATOL}
-
-    @classmethod
-    def unavailable_reason(cls):
-        return _triton.unavailable_reason()
-
-    @classmethod
-    def devices(cls):
-        return _triton.devices()
 
     @classmethod
     def extra_reasons(cls, inputs):
@@ -219,13 +211,6 @@ _dispatch.set_priority(OP, "cpu", ["cpu", "torch", "reference"])
 _dispatch.set_priority(OP, "cuda", ["triton", "torch", "reference"])
 
 
-def _fused(name: str) -> type[_FusedBackend]:
-    cls = _dispatch.backends(OP)[name]
-    if not getattr(cls, "FUSED", False):
-        raise ValueError(f"clfast::prefix_attention: backend {name!r} is not a fused backend")
-    return cls
-
-
 # ---------------------------------------------------------------------------------------------------
 # The registered op: clfast::prefix_attention (+ its backward), with fake implementations and autograd
 # ---------------------------------------------------------------------------------------------------
@@ -236,7 +221,7 @@ def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Ten
                          kv_mask: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor]:
     """Returns (out (B,H,Nq,d) in q's dtype, lse (B,H,Nq) float32). ``lse`` is saved for the backward and
     is not differentiable."""
-    return _fused(backend).forward(q, k, v, prefix_k, prefix_v, kv_mask, scale)
+    return _dispatch.fused_backend(OP, backend).forward(q, k, v, prefix_k, prefix_v, kv_mask, scale)
 
 
 @_prefix_attention_op.register_fake
@@ -252,7 +237,7 @@ def _prefix_attention_backward_op(
         kv_mask: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix grads are empty when there is no prefix."""
-    return _fused(backend).backward(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale)
+    return _dispatch.fused_backend(OP, backend).backward(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale)
 
 
 @_prefix_attention_backward_op.register_fake

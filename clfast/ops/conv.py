@@ -188,7 +188,7 @@ _GEMM_DISCOUNT = 0.5
 
 
 @register_backend
-class TritonBackend(_FusedBackend):
+class TritonBackend(_triton.TritonBackendMixin, _FusedBackend):
     """Triton (kernels/prompt_conv.py): implicit-GEMM convolutions once per (h, f) with tl.dot, the mixing over
     prompts as GEMMs; the backward's weight gradient is an implicit GEMM too, the input gradient a gather."""
 
@@ -196,14 +196,6 @@ class TritonBackend(_FusedBackend):
     DTYPES = (torch.float32, torch.bfloat16, torch.float16)
     ATOL = {torch.float32: 2e-3 if _triton.CUDA else 2e-5, **_LOWP_ATOL}
     GRAD_ATOL = {torch.float32: 5e-3 if _triton.CUDA else 2e-5, **_LOWP_ATOL}
-
-    @classmethod
-    def unavailable_reason(cls):
-        return _triton.unavailable_reason()
-
-    @classmethod
-    def devices(cls):
-        return _triton.devices()
 
     @staticmethod
     def forward(embeddings, weight, bias, prompt_weights, mix_first):
@@ -224,13 +216,6 @@ _dispatch.set_priority(OP, "cpu", ["cpu", "torch", "reference"])
 _dispatch.set_priority(OP, "cuda", ["triton", "torch", "reference"])
 
 
-def _fused(name: str) -> type[_FusedBackend]:
-    cls = _dispatch.backends(OP)[name]
-    if not getattr(cls, "FUSED", False):
-        raise ValueError(f"clfast::prompt_conv: backend {name!r} is not a fused backend")
-    return cls
-
-
 # ---------------------------------------------------------------------------------------------------
 # The registered op: clfast::prompt_conv (+ its backward), with fake implementations and autograd
 # ---------------------------------------------------------------------------------------------------
@@ -241,7 +226,7 @@ def _prompt_conv_op(embeddings: Tensor, weight: Tensor, bias: Tensor, prompt_wei
                     backend: str) -> tuple[Tensor, Tensor]:
     """Returns (prompts (B,H,Lout,Dout) in the inputs' dtype, saved: the per-(h, f) convolutions
     (F,H,Lout,Dout) float32 with the per-prompt plan, empty with the mix-first plan)."""
-    return _fused(backend).forward(embeddings, weight, bias, prompt_weights, mix_first)
+    return _dispatch.fused_backend(OP, backend).forward(embeddings, weight, bias, prompt_weights, mix_first)
 
 
 @_prompt_conv_op.register_fake
@@ -259,7 +244,7 @@ def _(embeddings, weight, bias, prompt_weights, mix_first, backend):
 def _prompt_conv_backward_op(grad: Tensor, embeddings: Tensor, weight: Tensor, bias: Tensor, prompt_weights: Tensor,
                              saved: Tensor, mix_first: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dembeddings, dweight, dbias, dprompt_weights), each in its input's dtype and shape."""
-    return _fused(backend).backward(grad, embeddings, weight, bias, prompt_weights, saved, mix_first)
+    return _dispatch.fused_backend(OP, backend).backward(grad, embeddings, weight, bias, prompt_weights, saved, mix_first)
 
 
 @_prompt_conv_backward_op.register_fake

@@ -243,19 +243,11 @@ class KLCpu(_FusedKL):
         return torch.ops._clfast_C.gaussian_kl_bwd(grad, mu, log_var, prior_mean, prec_chol, proj)
 
 
-class _TritonMixin:
+class _TritonMixin(_triton.TritonBackendMixin):
     DTYPES = (torch.float32, torch.bfloat16, torch.float16)
     # fp32 tl.dot runs as 3xTF32 on GPUs; 16-bit inputs compute in fp32.
     ATOL = {torch.float32: 1e-4 if _triton.CUDA else 2e-5, **_LOWP_ATOL}
     GRAD_ATOL = {torch.float32: 2e-4 if _triton.CUDA else 5e-5, **_LOWP_ATOL}
-
-    @classmethod
-    def unavailable_reason(cls):
-        return _triton.unavailable_reason()
-
-    @classmethod
-    def devices(cls):
-        return _triton.devices()
 
 
 @register_backend
@@ -302,13 +294,6 @@ for _op in (OP_MAHALANOBIS, OP_KL):
     _dispatch.set_priority(_op, "cuda", ["triton", "torch", "reference"])
 
 
-def _fused(op: str, name: str):
-    cls = _dispatch.backends(op)[name]
-    if not getattr(cls, "FUSED", False):
-        raise ValueError(f"clfast::{op}: backend {name!r} is not a fused backend")
-    return cls
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOWP else dtype
 
@@ -321,7 +306,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("clfast::mahalanobis", mutates_args=())
 def _mahalanobis_op(x: Tensor, means: Tensor, prec_chol: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Returns (dist (B,K) in x's dtype, proj (B+K, D) in the compute dtype, saved for the backward)."""
-    return _fused(OP_MAHALANOBIS, backend).forward(x, means, prec_chol)
+    return _dispatch.fused_backend(OP_MAHALANOBIS, backend).forward(x, means, prec_chol)
 
 
 @_mahalanobis_op.register_fake
@@ -335,7 +320,7 @@ def _(x, means, prec_chol, backend):
 def _mahalanobis_backward_op(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor, proj: Tensor,
                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dmeans, dprec_chol), each in its input's dtype and shape."""
-    return _fused(OP_MAHALANOBIS, backend).backward(grad, x, means, prec_chol, proj)
+    return _dispatch.fused_backend(OP_MAHALANOBIS, backend).backward(grad, x, means, prec_chol, proj)
 
 
 @_mahalanobis_backward_op.register_fake
@@ -362,7 +347,7 @@ _mahalanobis_op.register_autograd(_maha_backward, setup_context=_maha_setup_cont
 def _gaussian_kl_op(mu: Tensor, log_var: Tensor, prior_mean: Tensor, prec_chol: Tensor,
                     backend: str) -> tuple[Tensor, Tensor]:
     """Returns (kl (B,) in mu's dtype, proj = (prior_mean − mu)·L (B, D) in the compute dtype)."""
-    return _fused(OP_KL, backend).forward(mu, log_var, prior_mean, prec_chol)
+    return _dispatch.fused_backend(OP_KL, backend).forward(mu, log_var, prior_mean, prec_chol)
 
 
 @_gaussian_kl_op.register_fake
@@ -374,7 +359,7 @@ def _(mu, log_var, prior_mean, prec_chol, backend):
 def _gaussian_kl_backward_op(grad: Tensor, mu: Tensor, log_var: Tensor, prior_mean: Tensor, prec_chol: Tensor,
                              proj: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dmu, dlog_var, dprior_mean, dprec_chol); a shared (D,) prior_mean gets the batch sum."""
-    return _fused(OP_KL, backend).backward(grad, mu, log_var, prior_mean, prec_chol, proj)
+    return _dispatch.fused_backend(OP_KL, backend).backward(grad, mu, log_var, prior_mean, prec_chol, proj)
 
 
 @_gaussian_kl_backward_op.register_fake

@@ -325,7 +325,7 @@ class CpuBackend(_OpBackend):
 
 
 @register_backend
-class TritonBackend(_OpBackend):
+class TritonBackend(_triton.TritonBackendMixin, _OpBackend):
     """Fused similarity + running top-k in Triton (kernels/retrieve.py); per-split candidates merged by torch."""
 
     OP, NAME = OP, "triton"
@@ -334,14 +334,6 @@ class TritonBackend(_OpBackend):
     ATOL = {**_ATOL, torch.float32: 1e-4 if _triton.CUDA else 2e-5}
     GRAD_ATOL = ATOL
     MAX_K = 64
-
-    @classmethod
-    def unavailable_reason(cls):
-        return _triton.unavailable_reason()
-
-    @classmethod
-    def devices(cls):
-        return _triton.devices()
 
     @classmethod
     def extra_reasons(cls, inputs):
