@@ -22,7 +22,6 @@ public functions :func:`mahalanobis` and :func:`gaussian_kl`.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Union
 
 import torch

@@ -3,8 +3,6 @@ float64 reference (outputs and all five gradients), registration (opcheck, torch
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 import clfast
 from clfast.ops import _dispatch, prefix_attention, use_backend
 from clfast.ops import attention as pa_mod
-from tests.ops._util import max_err, poisoned_view, runnable_backends
+from tests.ops._util import assert_compiles_like_eager, max_err, poisoned_view, runnable_backends
 
 OP = "prefix_attention"
 BACKENDS = runnable_backends(OP)
@@ -263,19 +261,8 @@ class _TinyPrompted(torch.nn.Module):
 
 @pytest.mark.parametrize("name", [n for n in BACKENDS if n not in INTERPRETED])
 def test_torch_compile_fullgraph_no_graph_break(name):
-    torch._dynamo.reset()
     model = _TinyPrompted()
-    x = torch.randn(2, 5, 16)
-    with use_backend(name, op=OP):
-        expected = model(x)
-        expected.backward()
-        g_expected = model.prompt.grad.clone()
-        model.zero_grad()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        got = compiled(x)
-        got.backward()
-    assert torch.allclose(got, expected, atol=1e-5)
-    assert torch.allclose(model.prompt.grad, g_expected, atol=1e-5)
+    assert_compiles_like_eager(model, list(model.parameters()), torch.randn(2, 5, 16), backend=name, op=OP)
 
 
 # --------------------------------------------------------------------------------------------------

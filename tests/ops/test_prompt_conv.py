@@ -11,7 +11,7 @@ from scipy.signal import correlate2d
 
 from clfast.ops import PromptConv, _dispatch, prompt_conv, use_backend
 from clfast.ops import conv as pc_mod
-from tests.ops._util import max_err, poisoned_view, runnable_backends
+from tests.ops._util import assert_compiles_like_eager, max_err, poisoned_view, runnable_backends
 
 OP = "prompt_conv"
 BACKENDS = runnable_backends(OP)
@@ -250,7 +250,6 @@ def test_opcheck(name, mix_first):
 
 @pytest.mark.parametrize("name", [n for n in BACKENDS if n not in INTERPRETED])
 def test_torch_compile_fullgraph_no_graph_break(name):
-    torch._dynamo.reset()
     layer = PromptConv(heads=2, prompts=3, in_len=8, in_dim=10, kernel_size=3)
     query = torch.nn.Linear(4, 3)
     x = torch.randn(5, 4)
@@ -258,15 +257,8 @@ def test_torch_compile_fullgraph_no_graph_break(name):
     def model(x):
         return layer(torch.tanh(query(x))).square().sum()
 
-    with use_backend(name, op=OP):
-        expected = model(x)
-        expected.backward()
-        g_expected = layer.weight.grad.clone()
-        layer.zero_grad()
-        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
-        got.backward()
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(layer.weight.grad, g_expected, rtol=1e-5, atol=1e-5)
+    params = list(layer.parameters()) + list(query.parameters())
+    assert_compiles_like_eager(model, params, x, backend=name, op=OP)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from clfast.ops import _dispatch, retrieve, use_backend
 from clfast.ops import retrieval as rt
-from tests.ops._util import max_err, poisoned_view, runnable_backends
+from tests.ops._util import assert_compiles_like_eager, max_err, poisoned_view, runnable_backends
 
 OP = "retrieve"
 METRICS = rt.METRICS
@@ -449,20 +449,8 @@ class _TinyPool(torch.nn.Module):
 
 @pytest.mark.parametrize("name", [n for n in BACKENDS if n not in INTERPRETED])
 def test_torch_compile_fullgraph_no_graph_break(name):
-    torch._dynamo.reset()
     model = _TinyPool()
-    x = torch.randn(4, 12)
-    with use_backend(name, op=OP):
-        expected = model(x)
-        expected.backward()
-        g_expected = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        got = compiled(x)
-        got.backward()
-    assert torch.allclose(got, expected, atol=1e-5)
-    for p, g in zip(model.parameters(), g_expected):
-        assert torch.allclose(p.grad, g, atol=1e-5)
+    assert_compiles_like_eager(model, list(model.parameters()), torch.randn(4, 12), backend=name, op=OP)
 
 
 # --------------------------------------------------------------------------------------------------
