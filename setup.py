@@ -91,7 +91,7 @@ ext_modules, build_ext = _extensions()
 setup(
     packages=find_packages(include=["clfast", "clfast.*"]) + ["clfast.kernels"],
     package_dir={"clfast": "clfast", "clfast.kernels": "kernels"},
-    package_data={"clfast": ["assets/*", "configs/*.yaml", "data/*.json", "data/descriptors/*.json"]},
+    package_data={"clfast": ["assets/*", "configs/*/*.yaml", "data/*.json", "data/descriptors/*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

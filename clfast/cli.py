@@ -48,13 +48,105 @@ def cmd_bench(args) -> int:
     return subprocess.call(report, cwd=bench.parent)
 
 
+def _fail(msg: str) -> int:
+    print(f"clfast: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _run_trainer(trainer) -> int:
+    from clfast.engine.trainer import Interrupted
+
+    try:
+        trainer.fit()
+    except Interrupted as e:
+        print(f"clfast: {e}", file=sys.stderr)
+        return 130 if trainer._interrupt else 0
+    return 0
+
+
+def cmd_train(args) -> int:
+    from clfast.engine.config import load_config
+    from clfast.engine.trainer import Trainer
+
+    os.environ.setdefault("CLFAST_COMMAND", " ".join(["clfast"] + sys.argv[1:]))
+    try:
+        if args.resume:
+            overrides = dict(parse for parse in (_parse(o) for o in args.overrides))
+            if args.quiet:
+                overrides["quiet"] = True
+            trainer = Trainer.resume(args.resume, **overrides)
+        else:
+            if not args.method or not args.dataset:
+                return _fail("train needs --method and --dataset (or --resume DIR)")
+            cfg = load_config(args.method, args.dataset, args.preset, args.overrides,
+                              data_root=args.data_root, quiet=True if args.quiet else None)
+            trainer = Trainer(cfg, out=args.out)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        return _fail(str(e))
+    return _run_trainer(trainer)
+
+
+def _parse(text: str):
+    from clfast.engine.config import parse_override
+
+    return parse_override(text)
+
+
+def cmd_eval(args) -> int:
+    from clfast.engine.evaluate import evaluate_run
+
+    try:
+        return evaluate_run(args.run, quiet=args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+
+
 def cmd_demo(args) -> int:
-    # Until the CL engine lands, the demo shows what runs here and how fast the ops are.
-    rc = cmd_info(args)
-    if rc:
-        return rc
-    print()
-    return cmd_bench(argparse.Namespace(quick=True, k=None, write=False))
+    import time
+
+    from clfast.engine.config import load_config
+    from clfast.engine.trainer import Trainer
+
+    os.environ.setdefault("CLFAST_COMMAND", " ".join(["clfast"] + sys.argv[1:]))
+    out = args.out or os.path.join("runs", f"demo_{args.method}_{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        cfg = load_config(args.method, "synth-shapes", "fast", args.overrides, quiet=True if args.quiet else None)
+        trainer = Trainer(cfg, out=out)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return _fail(str(e))
+    print(f"clfast demo: {args.method} on synth-shapes (10 tasks x 10 classes, shipped with clfast) with the "
+          f"shipped vit_tiny_synth backbone, on {trainer.device}; results in {trainer.run_dir}", flush=True)
+    rc = _run_trainer(trainer)
+    if rc == 0 and args.quiet:  # the summary goes to the log, which --quiet silences: print it
+        import json
+
+        from clfast.engine.metrics import read_acc_csv
+        from clfast.engine.trainer import format_summary
+
+        m = read_acc_csv(os.path.join(trainer.run_dir, "acc_matrix.csv"))
+        with open(os.path.join(trainer.run_dir, "summary.json"), encoding="utf-8") as f:
+            print(format_summary(m, json.load(f), trainer.run_dir))
+    return rc
+
+
+def cmd_datasets(args) -> int:
+    from clfast.data import describe_datasets
+
+    for d in describe_datasets(args.data_root):
+        if d.get("ships"):
+            found = "ships with clfast"
+        else:
+            found = {True: f"found under {args.data_root}", False: "NOT FOUND",
+                     None: "on disk: pass --data-root to check"}[d["found"]]
+        print(f"{d['name']:<16} {d['kind']:<15} {d['num_classes']:>4} classes, {d['default_tasks']:>2} tasks  [{found}]")
+        if d.get("description"):
+            print(f"    {d['description']}")
+        if d["needs_root"] and d.get("layout") and d["found"] is not True:
+            for line in d["layout"].rstrip().splitlines():
+                print(f"    {line}")
+            if d.get("missing"):
+                print(f"    missing: {', '.join(map(str, d['missing'][:3]))}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +161,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", default=None, help="pytest -k expression to select cases")
     s.add_argument("--write", action="store_true", help="also write the table into BENCHMARKS.md")
     s.set_defaults(fn=cmd_bench)
-    s = sub.add_parser("demo", help="the default job on the data that ships with clfast")
+    s = sub.add_parser("demo", help="a continual-learning run on the data and backbone that ship with clfast")
+    s.add_argument("--method", default="l2p", help="method to run (default: l2p)")
+    s.add_argument("--out", default=None, help="run directory (default: runs/demo_<method>_<time>)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=1")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("train", help="train a method on a continual-learning benchmark")
+    s.add_argument("--method", help="a registered method (l2p, dualprompt, coda_prompt, linear, ...)")
+    s.add_argument("--dataset", help="a registered dataset (`clfast datasets` lists them)")
+    s.add_argument("--data-root", default=None, help="folder holding the dataset on local disk")
+    s.add_argument("--preset", default=None,
+                   help="preset name (cifar100, imagenet_r, fast) or a YAML file; default: the dataset's "
+                        "preset if the method has one, else fast")
+    s.add_argument("--out", default=None, help="run directory (default: runs/<method>_<dataset>_<time>)")
+    s.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log")
+    s.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides: epochs=3 optimizer.lr=0.01 method_args.pool_size=20 ...")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a run's newest checkpoint on every task it has seen")
+    s.add_argument("--run", required=True, metavar="DIR", help="a run directory")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("datasets", help="every dataset, its expected layout on disk, and whether it is found")
+    s.add_argument("--data-root", default=None, help="folder to look for the datasets in")
+    s.set_defaults(fn=cmd_datasets)
     return p
 
 

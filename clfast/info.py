@@ -48,6 +48,19 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def backend_summary() -> dict:
+    """Per op: the priority order per device, a forced backend, and why unavailable ones are (JSON-able)."""
+    out = {}
+    for op in _dispatch.ops():
+        out[op] = {
+            "priority": {dev: list(order) for dev, order in sorted(_dispatch._PRIORITY.get(op, {}).items())},
+            "forced": _dispatch.forced_backend(op),
+            "unavailable": {name: why for name, cls in sorted(_dispatch.backends(op).items())
+                            if (why := _ext_reason(cls)) is not None},
+        }
+    return out
+
+
 def _ext_reason(cls) -> str | None:
     return _dispatch._UNAVAILABLE.get(cls)
 

@@ -6,6 +6,11 @@ Importing this package registers ``vit_tiny_synth`` with timm and ``clip_tiny_sy
     import clfast.backbones, timm
     vit = timm.create_model("vit_tiny_synth", pretrained=True, num_classes=0)
     clip, preprocess, tokenizer = clfast.backbones.create_clip_tiny_synth()
+
+Promptable frozen ViTs and CLIPs with recorded weight provenance (:mod:`clfast.backbones.vit`):
+
+    backbone = clfast.backbones.create_vit("vit_base_patch16_224.augreg_in21k", checkpoint_path=None)
+    model, preprocess, tokenizer, weights = clfast.backbones.create_clip("clip_tiny_synth")
 """
 
 from .tokenizer import WordTokenizer
@@ -14,6 +19,7 @@ from .zoo import (ASSET_DIR, CLIP_TINY_SYNTH_CONFIG, CLIP_TINY_SYNTH_FILE, CLIP_
                   list_pretrained, register_open_clip_configs, sha256_file, verify_assets, vit_normalize,
                   vit_tiny_synth)
 from .sentence import DEFAULT_SENTENCE_ENCODER, embed_phrases, load_sentence_encoder
+from .vit import ViTBackbone, WeightsInfo, create_clip, create_vit, hub_offline
 
 try:  # register the open_clip config when open_clip is present; create_clip_tiny_synth says if not
     register_open_clip_configs()
@@ -25,5 +31,5 @@ __all__ = [
     "register_open_clip_configs", "clip_normalize", "vit_normalize", "verify_assets", "sha256_file",
     "list_pretrained", "load_sentence_encoder", "embed_phrases", "DEFAULT_SENTENCE_ENCODER",
     "ASSET_DIR", "VIT_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_CONFIG",
-    "CLIP_TINY_SYNTH_VOCAB",
+    "CLIP_TINY_SYNTH_VOCAB", "create_vit", "create_clip", "ViTBackbone", "WeightsInfo", "hub_offline",
 ]

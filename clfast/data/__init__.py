@@ -3,7 +3,10 @@
 ``create_dataset(name, split, root, transform, **kw)`` builds any registered dataset; ``list_datasets()``
 names them. Shipped with the package (no download): ``synth-pretrain``, ``synth-shapes`` and
 ``synth-vqa`` (procedural, :mod:`clfast.data.synth`) and ``digits`` (scikit-learn's real digits).
-This package imports nothing else from clfast.
+Readers of the standard benchmarks on local disk (:mod:`clfast.data.readers`): ``cifar100``,
+``imagenet_r``, ``cub200``, ``domainnet``, ``eurosat``; ``describe_datasets(root)`` says which are found.
+:class:`Scenario` cuts a dataset into continual-learning tasks; :func:`build_transforms` gives the
+train/eval image transforms. This package imports nothing else from clfast.
 """
 
 from .registry import DatasetInfo, create_dataset, dataset_info, list_datasets, register_dataset
@@ -12,8 +15,13 @@ from . import digits as digits  # noqa: F401  (registers "digits")
 from .synth import SynthClassification, SynthVQA
 from .digits import Digits
 from .class_descriptors import load_descriptors, synth_shapes_descriptors
+from . import readers as readers  # noqa: F401  (registers the readers of data on disk)
+from .readers import describe_datasets, split_manifest
+from .scenario import Scenario, TaskDataset
+from .transforms import build_transforms
 
 __all__ = [
     "DatasetInfo", "create_dataset", "dataset_info", "list_datasets", "register_dataset",
     "SynthClassification", "SynthVQA", "Digits", "load_descriptors", "synth_shapes_descriptors",
+    "describe_datasets", "split_manifest", "Scenario", "TaskDataset", "build_transforms",
 ]

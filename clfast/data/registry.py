@@ -10,7 +10,9 @@ Every registered dataset is a ``torch.utils.data.Dataset`` with the same interfa
 - ``name``: the registered name.
 
 A builder has the signature ``builder(split, root, transform, **kwargs)``; readers of data on disk
-raise ``FileNotFoundError`` naming the expected layout under ``root``.
+raise ``FileNotFoundError`` naming the expected layout under ``root``. Readers also register their
+``layout`` (a short description of the files under ``root``) and a ``probe(root) -> list[str]`` that
+names what is missing without reading the data (``clfast datasets`` shows both).
 """
 
 from __future__ import annotations
@@ -34,23 +36,34 @@ class DatasetInfo:
     default_tasks: int      # tasks of the default continual scenario
     description: str
     needs_root: bool        # True for readers of data on local disk
+    layout: str = ""        # expected files under root (readers of data on disk)
+    probe: Optional[Callable[[str], list]] = None   # probe(root) -> missing paths, [] when all found
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
 
 
 def register_dataset(name: str, *, kind: str, num_classes: int, default_tasks: int,
-                     description: str = "", needs_root: bool = False):
-    """Decorator registering ``builder(split, root, transform, **kwargs) -> Dataset`` as ``name``."""
+                     description: str = "", needs_root: bool = False, layout: str = "",
+                     probe: Optional[Callable[[str], list]] = None):
+    """Decorator registering ``builder(split, root, transform, **kwargs) -> Dataset`` as ``name``.
+
+    Args:
+        layout: for readers of data on disk, the expected files under ``root`` (a few lines).
+        probe: for readers of data on disk, ``probe(root) -> list[str]``: the expected paths that
+            are missing under ``root`` (empty when the data is there); must not decode the data.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if probe is not None and not callable(probe):
+        raise TypeError(f"probe must be callable or None, got {type(probe).__name__}")
 
     def deco(builder: Callable) -> Callable:
         if name in _DATASETS and _DATASETS[name].builder is not builder:
             raise ValueError(f"dataset {name!r} is already registered by "
                              f"{_DATASETS[name].builder.__module__}.{_DATASETS[name].builder.__name__}")
         _DATASETS[name] = DatasetInfo(name, builder, kind, int(num_classes), int(default_tasks),
-                                      description, needs_root)
+                                      description, needs_root, layout, probe)
         return builder
 
     return deco

@@ -1,0 +1,673 @@
+"""Frozen pretrained backbones for prompting: timm ViTs with prompt-aware attention, and open_clip CLIPs.
+
+    backbone = create_vit("vit_base_patch16_224.augreg_in21k")            # hub (or its local cache)
+    backbone = create_vit("vit_base_patch16_224.augreg_in21k", checkpoint_path="ViT-B_16.npz")
+    tokens = backbone(images, prompt_tokens=p)                           # (B, N + L, C), images in [0, 1]
+    feats = backbone.features(images, prefixes={0: (pk, pv), 1: (pk1, pv1)})   # (B, C)
+
+The timm ``VisionTransformer`` is used as built by ``timm.create_model``; the only change is that each
+block's ``attn`` becomes a :class:`~clfast.ops.PromptedAttention` holding the same weights, so the
+state dict keeps timm's key names and any timm ViT name (with its weight tag) works.
+
+Where the weights come from is recorded in a :class:`WeightsInfo` (name with tag, source, file,
+sha256) for the run record. Pretrained weights that cannot be had (offline, nothing cached) give a
+randomly initialised model with a loud warning that says which file is missing and how to pass it
+with ``checkpoint_path=``; ``HF_HUB_OFFLINE=1`` is honoured even when set after import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import warnings
+from typing import Iterable, Optional, Union
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor, nn
+
+import timm
+import timm.data
+from timm.models import load_checkpoint, load_state_dict
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from clfast.ops.attention import PromptContext, PromptedAttention
+
+from . import zoo
+
+__all__ = ["WeightsInfo", "ViTBackbone", "create_vit", "create_clip", "hub_offline"]
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("shipped", "hub", "file", "random", "unknown")
+_RANDOM_WORDS = ("none", "random", "false", "scratch")
+_PRETRAINED_WORDS = ("true", "default", "hub")
+_HEAD_KEYS = ("head.", "head_dist.")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsInfo:
+    """Where a backbone's weights came from, for the run record.
+
+    Attributes:
+        name: the model name with its weight tag, e.g. ``"vit_base_patch16_224.augreg_in21k"`` (timm) or
+            ``"ViT-B-16:openai"`` (open_clip).
+        source: ``"shipped"`` (a file inside clfast), ``"hub"`` (downloaded or found in the hub cache),
+            ``"file"`` (a local file given by the user), ``"random"`` (random initialisation) or
+            ``"unknown"`` (a model handed to :class:`ViTBackbone` directly).
+        path: the file the weights were read from, or None.
+        sha256: hex digest of that file, or None.
+        note: free text: why the weights are random, where they were downloaded from, ...
+    """
+
+    name: str
+    source: str
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+    note: str = ""
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"WeightsInfo: source must be one of {SOURCES}, got {self.source!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers shared by the ViT and CLIP loaders
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set now or was set when
+    huggingface_hub was imported (it reads the variable only once)."""
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if env.strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub comes with timm
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _safe_first(filename: str) -> list[str]:
+    """The names a hub download tries for ``filename``, safetensors first (as timm and open_clip do)."""
+    if filename == "pytorch_model.bin":
+        return ["model.safetensors", filename]
+    if filename == "open_clip_pytorch_model.bin":
+        return ["open_clip_model.safetensors", filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def _hf_cached(repo_id: str, filenames: Iterable[str]) -> Optional[str]:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    repo_id, _, revision = repo_id.partition("@")
+    for filename in filenames:
+        path = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
+    return None
+
+
+def _url_cached(url: str, cache_dir: str) -> Optional[str]:
+    path = os.path.join(cache_dir, os.path.basename(urlparse(url).path))
+    return path if url and os.path.isfile(path) else None
+
+
+def _as_choice(pretrained: Union[bool, str, None], fn: str) -> Union[bool, str, None]:
+    """Map the spellings of "random" to False and of "the default weights" to True."""
+    if isinstance(pretrained, str):
+        word = pretrained.strip().lower()
+        if word in _RANDOM_WORDS or word == "":
+            return False
+        if word in _PRETRAINED_WORDS:
+            return True
+    elif not (pretrained is None or isinstance(pretrained, bool)):
+        raise TypeError(f"{fn}: pretrained must be a bool or a str, got {type(pretrained).__name__}")
+    return pretrained
+
+
+def _close(name: str, candidates: Iterable[str], n: int = 5) -> str:
+    matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    return f" Did you mean: {', '.join(matches)}?" if matches else ""
+
+
+def _loud(msg: str, depth: int = 1) -> None:
+    """Log and warn; ``depth`` = how many clfast frames lie between the caller's code and ``_loud``'s caller."""
+    logger.warning(msg)
+    warnings.warn(msg, UserWarning, stacklevel=2 + depth)
+
+
+def _first(keys: list[str], n: int = 8) -> str:
+    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _check_file(path: str, fn: str) -> str:
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{fn}: checkpoint_path {path!r} does not exist")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# timm ViT
+
+
+def _resolve_vit_name(name: str) -> tuple[str, dict]:
+    """``name`` → (``arch.tag``, timm's pretrained config as a dict); ValueError with close matches."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"create_vit: name must be a timm model name such as "
+                        f"'vit_base_patch16_224.augreg_in21k', got {name!r}")
+    arch, tag = timm.models.split_model_name_tag(name)
+    if not timm.is_model(arch):
+        raise ValueError(f"create_vit: unknown timm model {name!r}."
+                         + _close(name, timm.list_models(pretrained=True) + timm.list_models()))
+    tags = timm.list_pretrained(f"{arch}.*")
+    if tag and f"{arch}.{tag}" not in tags:
+        raise ValueError(f"create_vit: {arch!r} has no weight tag {tag!r}; known tags: "
+                         f"{', '.join(tags) or 'none'}." + _close(name, tags))
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:  # an architecture without any pretrained config
+        return arch, {}
+    cfg = cfg.to_dict()
+    full = f"{cfg.get('architecture') or arch}.{cfg['tag']}" if cfg.get("tag") else arch
+    return full, cfg
+
+
+def _hub_location(cfg: dict) -> str:
+    if cfg.get("hf_hub_id"):
+        return f"hf-hub:{cfg['hf_hub_id']}"
+    return cfg.get("url") or ""
+
+
+def _vit_hub_cached(cfg: dict) -> Optional[str]:
+    """The file timm would load for ``cfg`` if it is already in the HF or torch.hub cache."""
+    if cfg.get("hf_hub_id"):
+        names = _safe_first(cfg.get("hf_hub_filename") or "pytorch_model.bin")
+        path = _hf_cached(cfg["hf_hub_id"], names)
+        if path:
+            return path
+    if cfg.get("url"):
+        return _url_cached(cfg["url"], os.path.join(torch.hub.get_dir(), "checkpoints"))
+    return None
+
+
+def _missing_weights(name: str, cfg: dict, reason: str) -> str:
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        fetch = (f"`huggingface-cli download {hub_id.split('@')[0]} "
+                 f"{_safe_first(cfg.get('hf_hub_filename') or 'pytorch_model.bin')[0]}`")
+    elif cfg.get("url"):
+        fetch = cfg["url"]
+    else:
+        fetch = "a checkpoint of this architecture"
+    return (f"create_vit: pretrained weights for {name!r} are missing ({reason}). The backbone is RANDOMLY "
+            f"INITIALISED, so results will not be those of pretrained weights. Fetch {fetch} where there is "
+            f"network and pass create_vit({name!r}, checkpoint_path='/path/to/the/file') (.safetensors, .pth, "
+            f".bin or big_vision .npz), or fill the Hugging Face cache and set HF_HUB_OFFLINE=1.")
+
+
+def _strip_common_prefix(sd: dict, prefixes=("module.", "backbone.", "vit.")) -> dict:
+    """Unwrap DDP / ViTBackbone / ``backbone.`` state dicts (every key sharing the prefix)."""
+    changed = True
+    while changed and sd:
+        changed = False
+        for p in prefixes:
+            if all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def _load_vit_file(model: VisionTransformer, path: str, name: str) -> None:
+    """Load a local checkpoint into ``model`` (built with ``num_classes=0``) through timm's loaders.
+
+    ``.npz``/``.npy`` (big_vision / augreg) go to timm's ``load_checkpoint`` → ``model.load_pretrained``;
+    anything else (``.safetensors``, ``.pth``, ``.pt``, ``.bin``, dicts wrapping ``state_dict`` or ``model``)
+    is read by timm's ``load_state_dict``, converted by the ViT ``checkpoint_filter_fn`` (resamples position
+    embeddings, converts OpenAI-CLIP/DINOv2 layouts) and loaded strictly, classifier keys excepted.
+    """
+    if os.path.splitext(path)[1].lower() in (".npz", ".npy"):
+        try:
+            load_checkpoint(model, path)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"create_vit: weights file {path!r} is not a big_vision/augreg .npz that fits "
+                             f"{name!r}: {e}") from e
+        return
+    try:
+        sd = load_state_dict(path)
+    except Exception as e:
+        raise ValueError(f"create_vit: could not read weights file {path!r} "
+                         f"({type(e).__name__}: {e})") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"create_vit: weights file {path!r} must hold a state dict of tensors (optionally "
+                         f"under 'state_dict' or 'model'), got {type(sd).__name__}")
+    sd = checkpoint_filter_fn(_strip_common_prefix(sd), model)
+    if model.num_classes == 0:  # the backbone has no classifier: a checkpoint's head is not ours to load
+        sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_KEYS)}
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    mismatched = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(sd) if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"missing keys [{_first(missing)}]" if missing else "",
+                 f"unexpected keys [{_first(unexpected)}]" if unexpected else "",
+                 f"shape mismatches [{_first(mismatched)}]" if mismatched else ""]
+        raise ValueError(f"create_vit: weights file {path!r} does not fit {name!r}: "
+                         + "; ".join(p for p in parts if p))
+    model.load_state_dict(sd, strict=True)
+
+
+def create_vit(name: str, *, pretrained: Union[bool, str] = True, checkpoint_path: Optional[str] = None,
+               prompt_layers: Union[str, int, Iterable[int], None] = "all", img_size=None,
+               drop_path_rate: float = 0.0, train_backbone: bool = False) -> "ViTBackbone":
+    """Build a timm ViT by name, load its weights, and wrap it as a promptable, frozen :class:`ViTBackbone`.
+
+    Weights, in this order:
+
+    1. ``checkpoint_path``: that local file (``.npz`` from big_vision/augreg, ``.safetensors``,
+       ``.pth``/``.pt``/``.bin``, possibly wrapping a ``state_dict``/``model`` key); source ``"file"``.
+    2. ``pretrained`` true: the model's registered local file (``vit_tiny_synth``: source ``"shipped"``), else
+       the hub: the cached file if there is one, else a download unless ``HF_HUB_OFFLINE`` is set (source
+       ``"hub"``). If that fails, random initialisation with a loud warning (source ``"random"``).
+    3. ``pretrained`` false or ``"none"``: random initialisation (source ``"random"``).
+
+    The classifier is dropped (``num_classes=0``); the weight tag still selects the normalisation.
+
+    Args:
+        name: a timm ViT name, best with its weight tag, e.g. ``"vit_base_patch16_224.augreg_in21k"``,
+            ``"vit_base_patch16_224.augreg2_in21k_ft_in1k"``, ``"vit_base_patch16_224.orig_in21k"``,
+            ``"vit_tiny_synth"``. Without a tag timm's default tag is used (and recorded).
+        pretrained: True / ``"default"`` for the tag's weights; False / ``"none"`` for random weights.
+        checkpoint_path: a local weights file; overrides ``pretrained``.
+        prompt_layers: blocks whose attention takes prefixes: ``"all"``, None / ``"none"``, an int or ints.
+        img_size: input resolution if not the tag's (position embeddings are resampled on load).
+        drop_path_rate: stochastic depth, only active with ``train_backbone=True`` in train mode.
+        train_backbone: leave the ViT trainable (and following ``.train()``) instead of frozen in eval mode.
+
+    Returns:
+        A :class:`ViTBackbone`; ``.weights`` says where the weights came from.
+
+    Raises:
+        ValueError: unknown model name or tag (with close matches), a model that is not a timm
+            ``VisionTransformer`` with a class token, or a checkpoint whose keys or shapes do not fit.
+        FileNotFoundError: ``checkpoint_path`` does not exist.
+    """
+    full, cfg = _resolve_vit_name(name)
+    choice = _as_choice(pretrained, "create_vit")
+    if isinstance(choice, str):
+        raise ValueError(f"create_vit: pretrained must be True, False, 'default' or 'none', got {pretrained!r}; "
+                         f"pass a local file as checkpoint_path=")
+    kwargs = dict(num_classes=0, drop_path_rate=drop_path_rate)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+
+    probe = _meta_vit(name, kwargs)
+
+    def build(load: bool) -> VisionTransformer:
+        return timm.create_model(name, pretrained=load, **kwargs)
+
+    def from_file(path: str) -> VisionTransformer:
+        # A state dict that passes the strict key check below sets every tensor of the meta-built model,
+        # so its random initialisation (seconds for a ViT-B) is skipped; .npz loading sets what it knows.
+        npz = path.lower().endswith((".npz", ".npy"))
+        persistent = set(probe.state_dict())
+        model = probe.to_empty(device="cpu") if not npz and all(
+            k in persistent for k, _ in probe.named_buffers()) else build(False)
+        _load_vit_file(model, path, full)
+        return model
+
+    if checkpoint_path is not None:
+        path = _check_file(checkpoint_path, "create_vit")
+        weights = WeightsInfo(full, "file", path, zoo.sha256_file(path), "checkpoint_path")
+        model = from_file(path)
+    elif not choice:
+        model = build(False)
+        weights = WeightsInfo(full, "random", note=f"pretrained={pretrained!r}: randomly initialised")
+        logger.warning("create_vit: %s is randomly initialised (pretrained=%r)", full, pretrained)
+    elif cfg.get("file"):  # registered with a local file: the shipped vit_tiny_synth
+        path = os.path.abspath(cfg["file"])
+        if not os.path.isfile(path):
+            raise zoo._missing(path, full)
+        asset_dir = os.path.abspath(zoo.ASSET_DIR)
+        shipped = os.path.commonpath([path, asset_dir]) == asset_dir
+        weights = WeightsInfo(full, "shipped" if shipped else "file", path, zoo.sha256_file(path),
+                              "shipped with clfast" if shipped else "registered local file")
+        model = from_file(path)
+    elif not (cfg.get("hf_hub_id") or cfg.get("url")):
+        _loud(_missing_weights(full, cfg, "timm has no pretrained weights for this name"))
+        model = build(False)
+        weights = WeightsInfo(full, "random", note="timm lists no pretrained weights; randomly initialised")
+    else:
+        model, weights = _vit_from_hub(full, cfg, build, from_file)
+    logger.info("create_vit: %s", weights)
+    return ViTBackbone(model, weights=weights, prompt_layers=prompt_layers, train_backbone=train_backbone)
+
+
+def _meta_vit(name: str, kwargs: dict) -> VisionTransformer:
+    """The model built on the meta device (no memory, no init), checked to be a class-token ViT before
+    anything is downloaded."""
+    with torch.device("meta"):
+        probe = timm.create_model(name, pretrained=False, **kwargs)
+    if not isinstance(probe, VisionTransformer):
+        raise ValueError(f"create_vit: name must be a timm VisionTransformer, {name!r} builds {type(probe).__name__}")
+    if probe.cls_token is None or probe.global_pool != "token":
+        raise ValueError(f"create_vit: name must be a ViT with a class token and global_pool='token' (prompt "
+                         f"methods read the CLS token); {name!r} has class token {probe.cls_token is not None}, "
+                         f"global_pool={probe.global_pool!r}")
+    return probe
+
+
+def _vit_from_hub(full: str, cfg: dict, build, from_file) -> tuple[VisionTransformer, WeightsInfo]:
+    where = _hub_location(cfg)
+    cached = _vit_hub_cached(cfg)
+    if cached:  # read the cached file directly: no network, whatever HF_HUB_OFFLINE says
+        return from_file(cached), WeightsInfo(full, "hub", cached, zoo.sha256_file(cached), f"{where} (local cache)")
+    if hub_offline():
+        reason = f"HF_HUB_OFFLINE is set and {where} is not in the local cache"
+    else:
+        try:
+            model = build(True)
+        except OSError as e:  # no network, no such file on the hub, ... (hub errors are OSErrors)
+            reason = f"download from {where} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        else:
+            path = _vit_hub_cached(cfg)
+            return model, WeightsInfo(full, "hub", path, zoo.sha256_file(path) if path else None, where)
+    _loud(_missing_weights(full, cfg, reason), depth=2)
+    return build(False), WeightsInfo(full, "random", note=f"pretrained weights missing: {reason}")
+
+
+def _resolve_layers(prompt_layers, depth: int) -> tuple[int, ...]:
+    if prompt_layers is None or (isinstance(prompt_layers, str) and prompt_layers.lower() == "none"):
+        return ()
+    if isinstance(prompt_layers, str):
+        if prompt_layers.lower() == "all":
+            return tuple(range(depth))
+        raise ValueError(f"prompt_layers must be 'all', 'none', an int or a sequence of ints, got {prompt_layers!r}")
+    layers = (prompt_layers,) if isinstance(prompt_layers, int) else tuple(prompt_layers)
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"prompt_layers must be block indices in [0, {depth}), got {bad}")
+    return tuple(sorted(set(layers)))
+
+
+class ViTBackbone(nn.Module):
+    """A timm ``VisionTransformer`` whose attention layers take prompt prefixes, frozen by default.
+
+    Each prompted block's ``attn`` is replaced by a :class:`~clfast.ops.PromptedAttention` over the same
+    weights; all of them share :attr:`context`. Without prompts the output equals timm's
+    ``forward_features``. The parameters are frozen and the ViT stays in eval mode (no dropout or drop
+    path) even when a parent module calls ``.train()``, unless ``train_backbone=True``.
+
+    Args:
+        vit: a timm ``VisionTransformer`` with a class token and ``global_pool="token"``.
+        weights: where its weights came from (source ``"unknown"`` if None).
+        prompt_layers: blocks to prompt: ``"all"``, None / ``"none"``, an int or ints.
+        train_backbone: keep the ViT trainable and following ``.train()``.
+
+    Attributes:
+        vit, context, embed_dim (C), num_layers, num_heads (H), head_dim (d), num_prefix_tokens (class +
+        register tokens), prompt_layers, data_config (timm's: input_size, mean, std, interpolation,
+        crop_pct, crop_mode), weights.
+    """
+
+    def __init__(self, vit: VisionTransformer, *, weights: Optional[WeightsInfo] = None,
+                 prompt_layers: Union[str, int, Iterable[int], None] = "all", train_backbone: bool = False):
+        super().__init__()
+        if not isinstance(vit, VisionTransformer):
+            raise TypeError(f"ViTBackbone: vit must be a timm VisionTransformer, got {type(vit).__name__}")
+        if vit.cls_token is None or vit.global_pool != "token":
+            raise ValueError(f"ViTBackbone: vit must have a class token and global_pool='token' (prompt methods "
+                             f"read the CLS token), got class token {vit.cls_token is not None}, "
+                             f"global_pool={vit.global_pool!r}")
+        self.vit = vit
+        self.context = PromptContext()
+        self.prompt_layers = _resolve_layers(prompt_layers, len(vit.blocks))
+        for i in self.prompt_layers:
+            attn = vit.blocks[i].attn
+            if isinstance(attn, PromptedAttention):
+                attn.layer, attn.context = i, self.context
+            else:
+                vit.blocks[i].attn = PromptedAttention(attn, layer=i, context=self.context)
+        attn0 = vit.blocks[0].attn
+        self.embed_dim: int = vit.embed_dim
+        self.num_layers: int = len(vit.blocks)
+        self.num_heads: int = attn0.num_heads
+        self.head_dim: int = attn0.head_dim
+        self.num_prefix_tokens: int = vit.num_prefix_tokens
+        cfg = dict(timm.data.resolve_model_data_config(vit))
+        cfg["input_size"] = (3, *vit.patch_embed.img_size)  # the built size, also when img_size= changed it
+        self.data_config: dict = cfg
+        self.weights = weights or WeightsInfo(
+            _model_name(vit), "unknown", note="model handed to ViTBackbone directly; origin not recorded")
+        self.train_backbone = bool(train_backbone)
+        self.vit.requires_grad_(self.train_backbone)
+        self.register_buffer("mean", torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ViTBackbone":
+        super().train(mode)
+        if not self.train_backbone:
+            self.vit.eval()  # frozen: no dropout / drop path, whatever the parent's mode
+        return self
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """Normalise ``(B, 3, H, W)`` float images in [0, 1] with the weights' mean/std (``data_config``).
+
+        Equivalent PyTorch::
+
+            (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        """
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"ViTBackbone: images must have shape (B,3,H,W), got "
+                             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"ViTBackbone: images must be float in [0, 1], got {images.dtype} "
+                            f"(divide uint8 images by 255)")
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def _insert_prompts(self, x: Tensor, prompt_tokens: Tensor) -> Tensor:
+        B, _, C = x.shape
+        p = prompt_tokens
+        if p.dim() == 2:
+            p = p.unsqueeze(0).expand(B, -1, -1)
+        if p.dim() != 3 or p.shape[0] != B or p.shape[2] != C:
+            raise ValueError(f"ViTBackbone: prompt_tokens must have shape (B,L,C) = ({B},L,{C}) or (L,C) = "
+                             f"(L,{C}), got {tuple(prompt_tokens.shape)}")
+        n = self.num_prefix_tokens
+        return torch.cat([x[:, :n], p.to(x.dtype), x[:, n:]], dim=1)
+
+    def _check_prefixes(self, prefixes) -> dict:
+        if prefixes is None:
+            return {}
+        if not isinstance(prefixes, dict):
+            raise TypeError(f"ViTBackbone: prefixes must be a dict layer -> (prefix_k, prefix_v), "
+                            f"got {type(prefixes).__name__}")
+        bad = [k for k in prefixes if k not in self.prompt_layers]
+        if bad:
+            raise ValueError(f"ViTBackbone: prefixes given for layers {bad}, which are not prompted "
+                             f"(prompt_layers={self.prompt_layers})")
+        for k, v in prefixes.items():
+            if not (isinstance(v, (tuple, list)) and len(v) == 2):
+                raise ValueError(f"ViTBackbone: prefixes[{k}] must be a pair (prefix_k, prefix_v)")
+        return prefixes
+
+    def forward(self, images: Tensor, *, prompt_tokens: Optional[Tensor] = None,
+                prefixes: Optional[dict] = None, normalized: bool = False) -> Tensor:
+        """The final-norm token sequence, with optional prompt tokens and prefixes.
+
+        Args:
+            images: ``(B, 3, H, W)`` float in [0, 1] (or already normalised, with ``normalized=True``).
+            prompt_tokens: L2P/VPT-style tokens ``(B, L, C)`` or shared ``(L, C)``, inserted after the
+                class/register tokens once position embeddings have been added (prompts get none).
+            prefixes: DualPrompt/CODA-style prefix tuning: ``{layer: (prefix_k, prefix_v)}``, each
+                ``(B, P, C)`` / ``(P, C)`` or head-split ``(B, H, P, d)`` / ``(H, P, d)`` (see
+                :class:`~clfast.ops.PromptContext`). Layers must be in ``prompt_layers``.
+            normalized: ``images`` are already normalised.
+
+        Returns:
+            ``(B, N + L, C)`` tokens: class/register tokens, the L prompts, then the patches.
+
+        Equivalent timm (no prompts)::
+
+            vit.forward_features(normalize(images))
+        """
+        vit = self.vit
+        x = images if normalized else self.normalize(images)
+        x = vit.patch_embed(x)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        if prompt_tokens is not None:
+            x = self._insert_prompts(x, prompt_tokens)
+        x = vit.norm_pre(x)
+        with self.context.prompts(self._check_prefixes(prefixes)):
+            x = vit.blocks(x)
+        return vit.norm(x)
+
+    def cls(self, tokens: Tensor) -> Tensor:
+        """``(B, N', C)`` tokens → ``(B, C)`` class token (index 0)."""
+        if tokens.dim() != 3:
+            raise ValueError(f"ViTBackbone.cls: tokens must have shape (B,N,C), got {tuple(tokens.shape)}")
+        return tokens[:, 0]
+
+    def features(self, images: Tensor, **kwargs) -> Tensor:
+        """``(B, C)`` class token after the final norm; ``kwargs`` as for :meth:`forward`.
+
+        Equivalent timm (no prompts)::
+
+            vit.forward_head(vit.forward_features(normalize(images)), pre_logits=True)
+        """
+        return self.vit.fc_norm(self.cls(self(images, **kwargs)))
+
+    def query(self, images: Tensor, *, normalized: bool = False) -> Tensor:
+        """``(B, C)`` unprompted features without gradients: the L2P/DualPrompt query."""
+        with torch.no_grad():
+            return self.features(images, normalized=normalized)
+
+
+def _model_name(vit: nn.Module) -> str:
+    cfg = getattr(vit, "pretrained_cfg", None) or {}
+    arch, tag = cfg.get("architecture") or type(vit).__name__, cfg.get("tag")
+    return f"{arch}.{tag}" if tag else arch
+
+
+# --------------------------------------------------------------------------------------------------
+# open_clip CLIP
+
+
+def _clip_cached(tag_cfg: dict) -> Optional[str]:
+    """The file open_clip would load for a tag if it is in the HF or ~/.cache/clip cache."""
+    if tag_cfg.get("file") and os.path.isfile(tag_cfg["file"]):
+        return tag_cfg["file"]
+    if tag_cfg.get("hf_hub"):
+        repo_id, filename = os.path.split(tag_cfg["hf_hub"].rstrip())
+        path = _hf_cached(repo_id, _safe_first(filename or "open_clip_pytorch_model.bin"))
+        if path:
+            return path
+    if tag_cfg.get("url"):
+        return _url_cached(tag_cfg["url"], os.path.expanduser("~/.cache/clip"))
+    return None
+
+
+def create_clip(name: str, *, pretrained: Union[bool, str, None] = None, checkpoint_path: Optional[str] = None,
+                device: Union[str, torch.device] = "cpu"):
+    """Build an open_clip model through ``open_clip.create_model_and_transforms`` and record its weights.
+
+    Weights: ``checkpoint_path`` (source ``"file"``); else for ``clip_tiny_synth`` the shipped file (source
+    ``"shipped"``) unless ``pretrained`` is False / ``"none"``; else the open_clip tag ``pretrained`` (source
+    ``"hub"``; the cached file if there is one). A tag whose weights cannot be had (``HF_HUB_OFFLINE`` and not
+    cached, or a failed download) gives random weights with a loud warning, as does ``pretrained=None`` for a
+    model other than ``clip_tiny_synth``.
+
+    Args:
+        name: an open_clip model name (``open_clip.list_models()``), e.g. ``"ViT-B-16"``, ``"clip_tiny_synth"``.
+        pretrained: an open_clip tag (``open_clip.list_pretrained_tags_by_model(name)``), a local file,
+            False / ``"none"`` for random weights, or None for the default (shipped file or random).
+        checkpoint_path: a local weights file; overrides ``pretrained``.
+        device: where to put the model.
+
+    Returns:
+        ``(model, preprocess, tokenizer, weights)``: the model in eval mode, open_clip's validation
+        transform for PIL images, the tokenizer (``tok(texts) -> (N, L) int64``) and a :class:`WeightsInfo`.
+
+    Raises:
+        ValueError: unknown model name or tag (with close matches). FileNotFoundError: missing checkpoint_path.
+    """
+    open_clip = zoo._open_clip()
+    if not isinstance(name, str) or name.replace("/", "-") not in open_clip.list_models():
+        raise ValueError(f"create_clip: unknown open_clip model {name!r}."
+                         + _close(str(name), open_clip.list_models()))
+    name = name.replace("/", "-")
+    choice = _as_choice(pretrained, "create_clip")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    load, weights = None, None
+    if checkpoint_path is not None:
+        path = _check_file(checkpoint_path, "create_clip")
+        load, weights = path, WeightsInfo(name, "file", path, zoo.sha256_file(path), "checkpoint_path")
+    elif isinstance(choice, str) and os.path.isfile(os.path.expanduser(choice)):
+        path = os.path.abspath(os.path.expanduser(choice))
+        load, weights = path, WeightsInfo(name, "file", path, zoo.sha256_file(path), "pretrained=<file>")
+    elif name == "clip_tiny_synth" and choice in (None, True):
+        path = zoo.CLIP_TINY_SYNTH_FILE
+        if not os.path.isfile(path):
+            raise zoo._missing(path, "clip_tiny_synth")
+        load, weights = path, WeightsInfo(name, "shipped", path, zoo.sha256_file(path), "shipped with clfast")
+    elif choice is False:
+        weights = WeightsInfo(name, "random", note=f"pretrained={pretrained!r}: randomly initialised")
+        logger.warning("create_clip: %s is randomly initialised (pretrained=%r)", name, pretrained)
+    elif choice is None or choice is True:
+        _loud(f"create_clip: no pretrained tag given for {name!r}, so it is RANDOMLY INITIALISED. Pass "
+              f"pretrained=<tag> (one of: {', '.join(tags) or 'none known'}), checkpoint_path=<file>, or "
+              f"pretrained='none' to ask for random weights.")
+        weights = WeightsInfo(name, "random", note="no pretrained tag given; randomly initialised")
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(name, choice)
+        if not tag_cfg:
+            raise ValueError(f"create_clip: {name!r} has no pretrained tag {choice!r} and no such file exists; "
+                             f"known tags: {', '.join(tags) or 'none'}." + _close(choice, tags))
+        load, weights = _clip_from_hub(open_clip, name, choice, tag_cfg)
+    if load is None:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=load, device=device)
+    model.eval()
+    tokenizer = zoo.clip_tiny_synth_tokenizer() if name == "clip_tiny_synth" else open_clip.get_tokenizer(name)
+    logger.info("create_clip: %s", weights)
+    return model, preprocess, tokenizer, weights
+
+
+def _clip_from_hub(open_clip, name: str, tag: str, tag_cfg: dict) -> tuple[Optional[str], WeightsInfo]:
+    """(what to pass as open_clip's ``pretrained``, WeightsInfo) for a tag; random if it cannot be had."""
+    full = f"{name}:{tag}"
+    where = f"hf-hub:{tag_cfg['hf_hub']}" if tag_cfg.get("hf_hub") else tag_cfg.get("url", "")
+    cached = _clip_cached(tag_cfg)
+    if cached:
+        # Passing the tag (not the path) keeps the tag's preprocessing; open_clip finds the cached file.
+        return tag, WeightsInfo(full, "hub", cached, zoo.sha256_file(cached), f"{where} (local cache)")
+    if hub_offline():
+        reason = f"HF_HUB_OFFLINE is set and {where} is not in the local cache"
+    else:
+        try:
+            path = open_clip.download_pretrained(tag_cfg)
+        except OSError as e:
+            reason = f"download from {where} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        else:
+            return tag, WeightsInfo(full, "hub", path, zoo.sha256_file(path) if path else None, where)
+    _loud(depth=2, msg=f"create_clip: pretrained weights {full!r} are missing ({reason}). The model is RANDOMLY "
+          f"INITIALISED. "
+          f"Fetch {where} where there is network and pass create_clip({name!r}, checkpoint_path='/path/to/file'), "
+          f"or fill the Hugging Face cache and set HF_HUB_OFFLINE=1.")
+    return None, WeightsInfo(full, "random", note=f"pretrained weights missing: {reason}")

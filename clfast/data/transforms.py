@@ -1,0 +1,113 @@
+"""Image transforms on float tensors ``(3, H, W)`` in [0, 1], the form every clfast dataset yields.
+
+``build_transforms(input_size, train=...)`` gives the two pipelines the prompt-CL papers use:
+
+- train (``augment=True``): ``RandomResizedCrop(input_size)`` (scale 0.08–1) + horizontal flip;
+- eval (or train with ``augment=False``): ``Resize(int(input_size / crop_pct))`` (shorter side) +
+  ``CenterCrop(input_size)``; an image already ``input_size × input_size`` passes unchanged.
+
+No normalisation: the backbone normalises. The returned transform has ``deterministic`` (True for
+the eval pipeline), so callers know when per-image feature caches are valid. Built on
+``torchvision.transforms.v2``, which works on tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+__all__ = ["build_transforms", "ImageTransform", "INTERPOLATIONS"]
+
+
+def _v2():
+    try:
+        import torchvision.transforms.v2 as v2
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("clfast.data.transforms needs torchvision: pip install torchvision") from e
+    return v2
+
+
+class ImageTransform:
+    """A picklable transform of one image ``(3, H, W)`` float in [0, 1] to ``(3, S, S)``.
+
+    Args:
+        input_size: output side S.
+        random: True for the augmenting train pipeline, False for the deterministic eval one.
+        crop_pct: eval only: resize the shorter side to ``int(S / crop_pct)``, then centre-crop S.
+        interpolation: one of ``INTERPOLATIONS``.
+        scale: train only: area range of ``RandomResizedCrop``.
+        hflip: train only: probability of a horizontal flip.
+    """
+
+    def __init__(self, input_size: int, *, random: bool, crop_pct: float = 0.875,
+                 interpolation: str = "bicubic", scale: Sequence[float] = (0.08, 1.0),
+                 hflip: float = 0.5):
+        v2 = _v2()
+        mode = getattr(v2.InterpolationMode, interpolation.upper())
+        self.input_size = int(input_size)
+        self.random = bool(random)
+        self.crop_pct = float(crop_pct)
+        self.interpolation = interpolation
+        if self.random:
+            steps = [v2.RandomResizedCrop(self.input_size, scale=tuple(scale), interpolation=mode,
+                                          antialias=True)]
+            if hflip > 0:
+                steps.append(v2.RandomHorizontalFlip(hflip))
+            self.resize_size = None
+        else:
+            self.resize_size = int(self.input_size / self.crop_pct)
+            steps = [v2.Resize(self.resize_size, interpolation=mode, antialias=True),
+                     v2.CenterCrop(self.input_size)]
+        self._pipeline = v2.Compose(steps)
+
+    @property
+    def deterministic(self) -> bool:
+        return not self.random
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor) or image.dim() != 3:
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise TypeError(f"image must be a tensor (C, H, W), got {got}")
+        if not self.random and tuple(image.shape[-2:]) == (self.input_size, self.input_size):
+            return image
+        out = self._pipeline(image)
+        # Bicubic resampling overshoots; keep the [0, 1] contract.
+        return out.clamp_(0.0, 1.0) if out.is_floating_point() else out
+
+    def __repr__(self) -> str:
+        if self.random:
+            return f"ImageTransform(train, {self._pipeline})"
+        return (f"ImageTransform(eval, resize={self.resize_size}, crop={self.input_size}, "
+                f"interpolation={self.interpolation!r})")
+
+
+def build_transforms(input_size: int, *, train: bool, augment: bool = True, crop_pct: float = 0.875,
+                     interpolation: str = "bicubic") -> ImageTransform:
+    """The train or eval transform for a backbone taking ``input_size × input_size`` images.
+
+    Args:
+        input_size: the side of the backbone's input, e.g. 224 (ViT-B/16) or 32 (the synth models).
+        train: the train pipeline (random crop + flip when ``augment``) or the eval one.
+        augment: False makes the train pipeline the deterministic eval one.
+        crop_pct: eval resize ratio, ``Resize(int(input_size / crop_pct)) + CenterCrop(input_size)``.
+        interpolation: ``"bicubic"`` (timm's default for ViTs), ``"bilinear"`` or ``"nearest"``.
+
+    Returns:
+        A callable ``(3, H, W) float [0, 1] -> (3, input_size, input_size) float [0, 1]``; in the eval
+        pipeline an image already of the target size is returned unchanged (identity).
+
+    Raises:
+        ValueError: ``input_size`` not a positive int, ``crop_pct`` not in (0, 1], unknown
+            ``interpolation``.
+    """
+    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
+        raise ValueError(f"input_size must be a positive int, got {input_size!r}")
+    if not isinstance(crop_pct, (int, float)) or not 0.0 < float(crop_pct) <= 1.0:
+        raise ValueError(f"crop_pct must be a float in (0, 1], got {crop_pct!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    return ImageTransform(input_size, random=bool(train and augment), crop_pct=float(crop_pct),
+                          interpolation=interpolation)

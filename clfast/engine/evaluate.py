@@ -1,0 +1,61 @@
+"""``clfast eval --run DIR``: re-evaluate a run's newest end-of-task checkpoint on every task it has seen."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+from . import io as rio
+
+__all__ = ["evaluate_run", "latest_task_checkpoint"]
+
+
+def latest_task_checkpoint(run_dir: str) -> str:
+    """The newest ``checkpoints/task*.pt`` of ``run_dir`` (end-of-task checkpoints, not interrupts)."""
+    paths = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "task*.pt")))
+    if not paths:
+        raise FileNotFoundError(f"{run_dir}: no end-of-task checkpoint in {os.path.join(run_dir, 'checkpoints')} "
+                                "(the run has not finished its first task)")
+    return paths[-1]
+
+
+def evaluate_run(run_dir: str, quiet: bool = False) -> int:
+    """Load the run's newest end-of-task checkpoint, evaluate tasks 1..t, print and save ``eval.json``.
+
+    Returns 0; raises FileNotFoundError / ValueError for a missing or mismatched run.
+    """
+    import yaml
+
+    from .config import config_from_dict
+    from .trainer import Trainer, _hashable_config
+
+    run_dir = os.path.abspath(run_dir)
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"--run {run_dir}: no config.yaml there (not a clfast run directory)")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = config_from_dict(yaml.safe_load(f))
+    cfg.quiet = quiet or cfg.quiet
+    ckpt = latest_task_checkpoint(run_dir)
+    trainer = Trainer(cfg, out=run_dir, _resume=True)
+    state = rio.load_checkpoint(ckpt, expected={"method": cfg.method,
+                                                "config_hash": rio.config_hash(_hashable_config(cfg))})
+    trainer.method.load_state_dict(state["method_state"])
+    trainer.method.eval()
+    after = int(state["position"][0]) - 1
+    t0 = time.time()
+    rows = []
+    for i in range(after + 1):
+        c, n = trainer.evaluate_task(i, after)
+        rows.append({"task": i + 1, "correct": c, "total": n, "accuracy": 100.0 * c / max(n, 1)})
+    mean = sum(r["accuracy"] for r in rows) / len(rows)
+    out = {"checkpoint": os.path.basename(ckpt), "after_task": after + 1, "tasks": rows,
+           "mean_accuracy": mean, "seconds": round(time.time() - t0, 3)}
+    if trainer.is_main:
+        rio.atomic_write_json(os.path.join(run_dir, "eval.json"), out)
+        print(f"{cfg.method} on {cfg.dataset}, checkpoint {out['checkpoint']} (after task {after + 1}):")
+        for r in rows:
+            print(f"  task {r['task']:>2d}: {r['accuracy']:6.2f} %  ({r['correct']:.0f}/{r['total']})")
+        print(f"  mean over tasks: {mean:.2f} %   (written to {os.path.join(run_dir, 'eval.json')})")
+    return 0

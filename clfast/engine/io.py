@@ -1,0 +1,435 @@
+"""Atomic file writes, JSONL logs, checkpoints, RNG states and config hashes.
+
+Every writer here goes through :func:`atomic_open`: the data goes to a temporary file in the
+destination directory, is flushed and fsynced, then ``os.replace`` puts it in place. A reader therefore
+sees either the old file or the complete new one, and a writer that fails part-way leaves the old file
+untouched and no temporary file behind.
+
+Checkpoints hold only tensors and plain Python values so that :func:`load_checkpoint` can use
+``torch.load(weights_only=True)``; :func:`rng_state` converts the Python, NumPy, torch and CUDA
+generator states to that form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import tempfile
+import warnings
+from typing import IO, Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from .progress import log_to_file  # noqa: F401  (re-exported: the trainer calls io.log_to_file)
+
+__all__ = [
+    "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "JsonlLogger", "read_jsonl",
+    "CheckpointError", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint", "LATEST_POINTER",
+    "rng_state", "set_rng_state", "config_hash", "to_jsonable", "log_to_file",
+]
+
+LATEST_POINTER = "latest.json"
+"""Name of the pointer file, next to the checkpoints, that names the newest one."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _default_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give (0o666 minus the umask), read without changing it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable where the platform allows it (best effort)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str = "utf-8") -> Iterator[IO]:
+    """Open a temporary file that replaces ``path`` when the ``with`` block succeeds.
+
+    The temporary file lives in the destination directory (created if missing), so the final
+    ``os.replace`` is atomic. If the block raises, the temporary file is removed and ``path`` is left as
+    it was. An existing file's permissions are kept; a new file gets the usual ``0o666 & ~umask``.
+
+    Args:
+        path: destination file.
+        mode: ``"wb"`` (bytes) or ``"w"`` (text).
+        encoding: text encoding for ``mode="w"``.
+
+    Yields:
+        The open temporary file.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path {path!r} is a directory; expected a file path")
+    os.makedirs(directory, exist_ok=True)
+    try:
+        file_mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        file_mode = _default_mode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        f = os.fdopen(fd, mode, **({"encoding": encoding, "newline": ""} if mode == "w" else {}))
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_open`); newlines are written as given."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    with atomic_open(path, "w", encoding=encoding) as f:
+        f.write(text)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``json`` ``default`` hook: NumPy scalars/arrays and tensors via ``tolist()``, paths as strings.
+
+    Raises:
+        TypeError: for any other type, naming it.
+    """
+    if isinstance(obj, (np.ndarray, np.generic, torch.Tensor)):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON (indent 2, keys in insertion order, trailing newline) atomically.
+
+    The JSON is streamed into the temporary file, so a value that cannot be serialised fails part-way
+    through and leaves ``path`` untouched. NumPy and torch values are converted with :func:`to_jsonable`.
+    """
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, ensure_ascii=False, default=to_jsonable)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSONL
+
+
+def _drop_torn_line(path: str) -> None:
+    """Truncate ``path`` after its last newline, dropping a final line torn by a crash."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:  # scan back in blocks for the last newline
+            start = max(0, pos - 65536)
+            f.seek(start)
+            k = f.read(pos - start).rfind(b"\n")
+            if k >= 0:
+                f.truncate(start + k + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
+class JsonlLogger:
+    """Appends one JSON object per line to ``path`` and flushes every line.
+
+    Opening an existing file appends to it, so a resumed run continues its log; if the file ends in a
+    line torn by a crash (no final newline), that partial line is dropped first so the file stays valid
+    JSONL. A disabled
+    logger (e.g. on ranks other than 0) creates no file and ignores :meth:`log`.
+
+    Args:
+        path: the ``.jsonl`` file (parent directories are created).
+        enabled: write nothing when False.
+    """
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
+        self.path = os.fspath(path)
+        self.enabled = bool(enabled)
+        self._file: Optional[IO[str]] = None
+
+    def _open(self) -> IO[str]:
+        if self._file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            _drop_torn_line(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")
+        return self._file
+
+    def log(self, **fields: Any) -> None:
+        """Append ``fields`` as one JSON line and flush (no-op when disabled)."""
+        if not self.enabled:
+            return
+        line = json.dumps(fields, ensure_ascii=False, default=to_jsonable)
+        f = self._open()
+        f.write(line + "\n")
+        f.flush()
+
+    def close(self) -> None:
+        """Close the file (a later :meth:`log` reopens it in append mode)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "JsonlLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file; blank lines and a torn (unparseable) final line are skipped."""
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    out = []
+    for k, ln in enumerate(lines):
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if k != len(lines) - 1:
+                raise ValueError(f"path {os.fspath(path)!r}: line {k + 1} is not valid JSON: {ln[:200]!r}") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded, or that belongs to another method or configuration."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict, *, update_latest: bool = True) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically, then point ``latest.json`` at it.
+
+    ``state`` should hold only tensors and plain values (dict, list, tuple, int, float, str, bool, None)
+    so that :func:`load_checkpoint` can read it with ``weights_only=True``; use :func:`rng_state` for RNG
+    states. The pointer file ``latest.json`` in the same directory (``{"checkpoint": "<file name>"}``)
+    is written atomically after the checkpoint, so it always names a complete file.
+
+    Args:
+        path: checkpoint file, e.g. ``runs/x/checkpoints/task_3.pt``.
+        state: the dict to save.
+        update_latest: write the pointer file (set False for side checkpoints).
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.basename(path) == LATEST_POINTER:
+        raise ValueError(f"path must not be named {LATEST_POINTER!r}; that name is the pointer file")
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+    if update_latest:
+        atomic_write_json(os.path.join(os.path.dirname(path), LATEST_POINTER),
+                          {"checkpoint": os.path.basename(path)})
+
+
+def _latest_in(directory: str) -> Optional[str]:
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        with open(os.path.join(directory, LATEST_POINTER), encoding="utf-8") as f:
+            name = json.load(f).get("checkpoint")
+        if isinstance(name, str) and name == os.path.basename(name):
+            candidate = os.path.join(directory, name)
+            if os.path.isfile(candidate):
+                return candidate
+    files = [os.path.join(directory, n) for n in os.listdir(directory)
+             if n.endswith(".pt") and not n.startswith(".")]
+    files = [p for p in files if os.path.isfile(p)]
+    return max(files, key=os.path.getmtime) if files else None
+
+
+def find_latest_checkpoint(run_dir: str | os.PathLike) -> Optional[str]:
+    """The newest checkpoint in ``run_dir``, or in ``run_dir/checkpoints`` if ``run_dir`` itself has none.
+
+    Uses the ``latest.json`` pointer that :func:`save_checkpoint` writes; if it is missing, unreadable or
+    names a missing file, falls back to the most recently modified ``*.pt`` file (temporary files are
+    ignored).
+
+    Returns:
+        Its path, or None if there is none (including when ``run_dir`` does not exist).
+    """
+    run_dir = os.fspath(run_dir)
+    for directory in (run_dir, os.path.join(run_dir, "checkpoints")):
+        if os.path.isdir(directory):
+            found = _latest_in(directory)
+            if found is not None:
+                return found
+    return None
+
+
+def load_checkpoint(path: str | os.PathLike, *, expected: Optional[dict] = None,
+                    map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` and check it belongs to this run.
+
+    Args:
+        path: a checkpoint file, or a directory (its :func:`find_latest_checkpoint` is loaded).
+        expected: values the checkpoint must hold, e.g. ``{"method": "l2p", "config_hash": h}``.
+        map_location: passed to ``torch.load`` (default: CPU).
+
+    Returns:
+        The saved dict.
+
+    Raises:
+        FileNotFoundError: no such file, or a directory without checkpoints.
+        CheckpointError: (a ``ValueError``) the file is corrupt, holds objects ``weights_only`` refuses,
+            is not a dict, or an ``expected`` key is missing or differs.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = find_latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint (*.pt or {LATEST_POINTER}) in directory {path!r}")
+        path = found
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt zip, truncated file, disallowed globals, ...
+        raise CheckpointError(f"checkpoint {path!r} could not be loaded with torch.load(weights_only=True): "
+                              f"{type(e).__name__}: {str(e).strip()[:500]}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path!r} must hold a dict, got {type(state).__name__}")
+    for key, want in (expected or {}).items():
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path!r} has no {key!r} entry; this run expects {key}={want!r}")
+        if state[key] != want:
+            raise CheckpointError(f"checkpoint {path!r} was written with {key}={state[key]!r}, but this run has "
+                                  f"{key}={want!r}; refusing to resume from another run's checkpoint")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def rng_state() -> dict:
+    """The global RNG states of Python ``random``, NumPy (legacy global), torch CPU and CUDA.
+
+    Everything is a tensor, int, float, str, list, dict or None, so the result can be saved in a
+    checkpoint and loaded with ``weights_only=True``. ``"cuda"`` is present only when CUDA is available
+    (one state per visible device). ``numpy.random.Generator`` objects are not global and not covered.
+    """
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": int(version), "state": [int(x) for x in internal],
+                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+        "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore states saved by :func:`rng_state`.
+
+    A CUDA state is restored for as many devices as both sides have; a mismatch in device count, or CUDA
+    states without CUDA, gives a warning.
+    """
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+        raise ValueError(f"state must be a dict from rng_state() with keys 'python', 'numpy', 'torch'; "
+                         f"got {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss_next"]))
+    npst = state["numpy"]
+    keys = npst["keys"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((npst["bit_generator"], keys.astype(np.uint32), int(npst["pos"]),
+                         int(npst["has_gauss"]), float(npst["cached_gaussian"])))
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    cuda = state.get("cuda")
+    if cuda is not None:
+        if not torch.cuda.is_available():
+            warnings.warn("the saved RNG state has CUDA generator states but CUDA is not available; "
+                          "they are not restored", RuntimeWarning, stacklevel=2)
+            return
+        n = torch.cuda.device_count()
+        if len(cuda) != n:
+            warnings.warn(f"the saved RNG state has {len(cuda)} CUDA generator states but {n} devices are "
+                          f"visible; restoring the first {min(n, len(cuda))}", RuntimeWarning, stacklevel=2)
+        for i, s in enumerate(cuda[:n]):
+            torch.cuda.set_rng_state(s.cpu().to(torch.uint8), device=i)
+
+
+# ----------------------------------------------------------------------------------------------------
+# config hash
+
+
+def config_hash(cfg: Any) -> str:
+    """First 16 hex characters of the sha256 of ``cfg`` as canonical JSON.
+
+    Canonical: keys sorted, no whitespace, UTF-8, tuples as lists, NumPy/torch values as plain numbers.
+    A dataclass (e.g. the run config) is converted with ``dataclasses.asdict`` first.
+
+    Args:
+        cfg: a JSON-serialisable dict (or dataclass instance).
+    """
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = dataclasses.asdict(cfg)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"cfg must be a dict (or a dataclass instance), got {type(cfg).__name__}")
+    text = json.dumps(cfg, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=to_jsonable)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,700 @@
+"""The continual-learning loop: tasks → stages → epochs → steps, evaluation, checkpoints, DDP.
+
+    cfg = load_config("l2p", "synth-shapes")
+    summary = Trainer(cfg, out="runs/l2p-demo").fit()
+
+The trainer owns devices, processes, optimizers, schedules, AMP, checkpoints and logging; the method
+(:mod:`clfast.methods`) owns parameters and losses. Launched under ``torchrun`` it runs DDP (gloo on
+the CPU, NCCL on GPUs): each rank trains on its share of every global batch, statistics are
+all-reduced by the method through ``ctx``, evaluation is sharded without duplicates and the counts
+all-reduced, rank 0 writes every file.
+
+A run directory holds ``config.yaml``, ``record.json``, ``metrics.jsonl``, ``acc_matrix.csv``,
+``summary.json``, ``acc_matrix.png``, ``accuracy_curve.png``, ``train.log`` and ``checkpoints/``
+(after every task, and on Ctrl-C at the next step boundary). ``Trainer.resume(run_dir)`` continues
+from the newest checkpoint and, on the CPU, ends with the same numbers as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..methods.base import Method, Stage, TaskContext, create_method, masked_logits
+from . import io as rio
+from .config import RunConfig, config_from_dict
+from .metrics import AccuracyMatrix
+from .optim import build_optimizer, lr_factor, set_lr
+from .progress import get_logger, progress
+from .sampling import EpochSampler, ShardSampler, derive_seed
+
+__all__ = ["Trainer", "Position", "Interrupted"]
+
+CHECKPOINT_FORMAT = 1
+
+
+class Interrupted(Exception):
+    """Raised out of :meth:`Trainer.fit` after a Ctrl-C (or ``stop_after_steps``) checkpoint."""
+
+    def __init__(self, path: str):
+        super().__init__(f"interrupted; checkpoint saved to {path}; continue with --resume")
+        self.path = path
+
+
+@dataclass
+class Position:
+    """Where training stands: the next batch to run is ``batch`` of ``epoch`` of ``stage`` of ``task``."""
+
+    task: int = 0
+    stage: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    @property
+    def at_task_start(self) -> bool:
+        return self.stage == 0 and self.epoch == 0 and self.batch == 0
+
+
+class _StepModule(nn.Module):
+    """What DDP wraps: forward = the method's training step (so DDP's gradient hooks see it)."""
+
+    def __init__(self, method: Method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict, ctx: TaskContext):
+        out = self.method.training_step(batch, ctx)
+        return out.loss, out.logs
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _scalar(v) -> Any:
+    if torch.is_tensor(v):
+        return float(v.detach().float().mean())
+    return v
+
+
+class Trainer:
+    """Runs one continual-learning experiment described by a :class:`RunConfig`.
+
+    Args:
+        cfg: the resolved configuration.
+        out: run directory (default ``runs/<name>``); created if missing.
+        method, scenario: pre-built objects (tests, notebooks); built from ``cfg`` when None.
+    """
+
+    def __init__(self, cfg: RunConfig, out: Optional[str] = None, *, method: Optional[Method] = None,
+                 scenario=None, _resume: bool = False):
+        self.cfg = cfg
+        self.rank, self.world, self.local_rank = _dist_env()
+        self._init_distributed()
+        self.device = self._pick_device()
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        self.is_main = self.rank == 0
+        self.quiet = cfg.quiet or not self.is_main
+        self.log = get_logger("clfast", quiet=self.quiet)
+        name = cfg.name or f"{cfg.method}_{cfg.dataset}_{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = os.path.abspath(out or os.path.join("runs", name))
+        if self.is_main:
+            os.makedirs(os.path.join(self.run_dir, "checkpoints"), exist_ok=True)
+            if not _resume and os.path.exists(os.path.join(self.run_dir, "checkpoints", "latest.json")):
+                raise FileExistsError(f"{self.run_dir} already holds a run with checkpoints; continue it with "
+                                      f"--resume {self.run_dir} or choose another --out")
+            rio.log_to_file(self.log, os.path.join(self.run_dir, "train.log"))
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+        torch.manual_seed(cfg.seed)  # model construction draws from the global generators
+        self.scenario = scenario if scenario is not None else self._build_scenario()
+        self.method = method if method is not None else self._build_method()
+        self.method.to(self.device)
+        self._build_transforms()
+        if cfg.compile:
+            self.method.compile_for_training()
+        self.acc = AccuracyMatrix()
+        self.metrics = rio.JsonlLogger(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.is_main)
+        self.pos = Position()
+        self.global_step = 0
+        self.persistent_opts: dict[str, torch.optim.Optimizer] = {}
+        self._opt_states: dict[str, dict] = {}
+        self._interrupt = False
+        self._pending = None
+        self._train_time = 0.0
+        self._train_images = 0
+        self._t0 = time.time()
+
+    # setup ----------------------------------------------------------------------------------------
+    def _init_distributed(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
+                dist.init_process_group(backend)
+
+    def _pick_device(self) -> torch.device:
+        want = self.cfg.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.cfg.device!r}: no CUDA device is available here; use device=cpu")
+            dev = torch.device("cuda", self.local_rank if self.world > 1 else torch.device(want).index or 0)
+            torch.cuda.set_device(dev)
+            return dev
+        if want != "cpu":
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.cfg.device!r}")
+        return torch.device("cpu")
+
+    def _amp_dtype(self) -> Optional[torch.dtype]:
+        if self.cfg.amp == "none":
+            return None
+        if self.cfg.amp == "fp16":
+            if self.device.type != "cuda":
+                raise ValueError("amp 'fp16' (with a GradScaler) needs CUDA; on the CPU use amp=bf16 or amp=none")
+            return torch.float16
+        return torch.bfloat16
+
+    def _build_scenario(self):
+        from ..data.registry import dataset_info
+        from ..data.scenario import Scenario
+
+        kind = "vqa" if dataset_info(self.cfg.dataset).kind == "vqa" else self.cfg.scenario
+        extra = {} if kind in ("vqa", "domain-incremental") else dict(
+            class_order_seed=self.cfg.class_order_seed, shuffle_classes=self.cfg.shuffle_classes,
+            first_task_classes=self.cfg.first_task_classes)
+        # Images come untransformed; the engine applies the train or eval transform per use.
+        return Scenario.from_name(self.cfg.dataset, root=self.cfg.data_root, num_tasks=self.cfg.num_tasks,
+                                  dataset_kwargs=dict(self.cfg.dataset_args), kind=kind, **extra)
+
+    def _build_transforms(self) -> None:
+        from ..data.transforms import build_transforms
+
+        dc = self.method.backbone.data_config
+        size = int(dc["input_size"][-1])
+        interp = dc.get("interpolation", "bicubic")
+        interp = interp if interp in ("nearest", "bilinear", "bicubic") else "bicubic"
+        crop = float(dc.get("crop_pct", 0.875) or 0.875)
+        self.train_tf = build_transforms(size, train=True, augment=self.cfg.augment, crop_pct=crop,
+                                         interpolation=interp)
+        self.eval_tf = build_transforms(size, train=False, crop_pct=crop, interpolation=interp)
+
+    def train_data(self, task: int):
+        return _Transformed(self.scenario.train_set(task), self.train_tf)
+
+    def test_data(self, task: int):
+        return _Transformed(self.scenario.test_set(task), self.eval_tf)
+
+    def _build_method(self) -> Method:
+        from ..backbones.vit import create_vit
+
+        backbone = create_vit(self.cfg.backbone, pretrained=self.cfg.pretrained,
+                              checkpoint_path=self.cfg.checkpoint_path)
+        return create_method(self.cfg.method, backbone, self.scenario.num_classes, self.scenario.num_tasks,
+                             **self.cfg.method_args)
+
+    # contexts and loaders -------------------------------------------------------------------------
+    def context(self, task: int, **kw) -> TaskContext:
+        sc = self.scenario
+        ranges = tuple(tuple(sc.class_range(t)) for t in range(sc.num_tasks))
+        return TaskContext(task=task, num_tasks=sc.num_tasks, class_range=ranges[task],
+                           seen_classes=ranges[task][1], num_classes=sc.num_classes, task_ranges=ranges,
+                           device=self.device, amp_dtype=self.amp_dtype, scenario=sc.kind, rank=self.rank,
+                           world_size=self.world, augment=not self.train_tf.deterministic,
+                           task_loader=lambda t=task: self._stats_loader(t), **kw)
+
+    def _loader(self, dataset, sampler, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+                          pin_memory=self.device.type == "cuda", drop_last=False,
+                          persistent_workers=False)
+
+    def _stats_loader(self, task: int) -> DataLoader:
+        """The task's training data, deterministic transform, sharded over ranks without duplicates."""
+        ds = _Transformed(self.scenario.train_set(task), self.eval_tf)
+        return self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
+
+    # the loop -------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train on every task from the current position; returns the summary dict."""
+        cfg = self.cfg
+        if self.is_main and self.pos.at_task_start and self.pos.task == 0:
+            self._write_start_files()
+        self._banner()
+        old = signal.getsignal(signal.SIGINT)
+        handle = self.is_main and threading.current_thread() is threading.main_thread()
+        if handle:
+            signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            for task in range(self.pos.task, self.scenario.num_tasks):
+                self._run_task(task)
+                self.pos = Position(task + 1)
+                self._evaluate(task)
+                self._save_checkpoint(tag=f"task{task + 1:03d}")
+        finally:
+            if handle:
+                signal.signal(signal.SIGINT, old)
+        summary = self._finish()
+        return summary
+
+    def _on_sigint(self, signum, frame):
+        if self._interrupt:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.log.warning("Ctrl-C: saving a checkpoint at the next step (press again to abort without saving)")
+        self._interrupt = True
+
+    def _run_task(self, task: int) -> None:
+        resuming_mid_task = not self.pos.at_task_start and self.pos.task == task
+        ctx = self.context(task)
+        self.method.train()
+        self.method.begin_task(ctx)
+        stages = self.method.stages(ctx)
+        self.log.info(f"task {task + 1}/{self.scenario.num_tasks}: classes "
+                      f"{ctx.class_range[0]}–{ctx.class_range[1] - 1}, {self.scenario.task_sizes('train')[task]} "
+                      f"training images, stages: {', '.join(s.name for s in stages)}")
+        first_stage = self.pos.stage if resuming_mid_task else 0
+        for si in range(first_stage, len(stages)):
+            self._run_stage(task, si, stages[si], ctx, resume=resuming_mid_task and si == first_stage)
+        self.method.eval()
+        with torch.no_grad(), self._autocast():
+            self.method.end_task(ctx.replace(split="stats", cacheable=True), self._stats_loader(task))
+
+    def _stage_settings(self, stage: Stage) -> dict:
+        cfg = self.cfg
+        return dict(epochs=stage.epochs if stage.epochs is not None else cfg.epochs,
+                    batch=stage.batch_size or cfg.batch_size,
+                    optim=stage.optimizer or cfg.optimizer,
+                    sched=stage.schedule or cfg.schedule,
+                    clip=stage.grad_clip if stage.grad_clip is not None else cfg.grad_clip,
+                    persistent=stage.persistent if stage.persistent is not None else not cfg.reset_optimizer)
+
+    def _run_stage(self, task: int, si: int, stage: Stage, ctx: TaskContext, resume: bool) -> None:
+        s = self._stage_settings(stage)
+        if s["batch"] % self.world:
+            raise ValueError(f"stage {stage.name!r}: batch size {s['batch']} must be divisible by the "
+                             f"number of processes {self.world}")
+        sctx = ctx.replace(stage=stage.name, split="train", cacheable=self.train_tf.deterministic)
+        self.method.begin_stage(stage, sctx)
+        if resume and self._pending is not None:
+            # The hooks before this point ran again (for their effects on what checkpoints do not
+            # hold); the saved state now replaces whatever they changed, RNG included.
+            method_state, rng = self._pending
+            self._pending = None
+            self.method.load_state_dict(method_state)
+            rio.set_rng_state(rng)
+        key = f"{stage.name}/{si}"
+        opt = self.persistent_opts.get(key) if s["persistent"] else None
+        if opt is None:
+            opt = build_optimizer(self.method.param_groups(stage), s["optim"], s["batch"])
+            if s["persistent"]:
+                self.persistent_opts[key] = opt
+        if resume or (s["persistent"] and key in self._opt_states):
+            state = self._opt_states.pop(key, None)
+            if state is not None:
+                opt.load_state_dict(state)
+        step_module = self._wrap(stage)
+
+        n_epochs = max(1, math.ceil(s["epochs"]))
+        frac = s["epochs"] - math.floor(s["epochs"]) if s["epochs"] != math.floor(s["epochs"]) else 0.0
+        per_rank = s["batch"] // self.world
+        data = None if stage.data == "method" else self.train_data(task)
+        steps_full = None if data is None else math.ceil(math.ceil(len(data) / self.world) / per_rank)
+        start_epoch = self.pos.epoch if resume else 0
+        for epoch in range(start_epoch, n_epochs):
+            skip = self.pos.batch if (resume and epoch == start_epoch) else 0
+            if data is not None:
+                n_steps = steps_full
+                if frac and epoch == n_epochs - 1:
+                    n_steps = max(1, int(round(frac * steps_full)))
+                if self.cfg.limit_train_batches:
+                    n_steps = min(n_steps, self.cfg.limit_train_batches)
+                sampler = EpochSampler(len(data), derive_seed(self.cfg.seed, task, si, epoch), rank=self.rank,
+                                       world=self.world, skip=skip * per_rank)
+                batches: Iterable = self._loader(data, sampler, per_rank)
+                total_steps = n_steps
+            else:
+                batches = self.method.stage_batches(stage, sctx.replace(epoch=epoch))
+                n_steps = self.cfg.limit_train_batches or None
+                total_steps = n_steps
+            if s["sched"].per == "epoch":
+                set_lr(opt, lr_factor(s["sched"], epoch, n_epochs, s["optim"].lr))
+            ectx = sctx.replace(epoch=epoch)
+            t_epoch = time.time()
+            seen = 0
+            logs_acc: dict[str, float] = {}
+            n_logged = 0
+            it = progress(batches, total=(total_steps - skip) if total_steps else None, enabled=not self.quiet,
+                          desc=f"task {task + 1} {stage.name} ep {epoch + 1}/{n_epochs}")
+            b = skip
+            for batch in it:
+                if n_steps is not None and b >= n_steps:
+                    break
+                if s["sched"].per == "step" and total_steps:
+                    set_lr(opt, lr_factor(s["sched"], epoch * total_steps + b, n_epochs * total_steps, s["optim"].lr))
+                logs = self._step(step_module, opt, batch, ectx, s["clip"])
+                b += 1
+                self.global_step += 1
+                seen += int(batch["image"].shape[0]) if "image" in batch else 0
+                for k, v in logs.items():
+                    logs_acc[k] = logs_acc.get(k, 0.0) + v
+                n_logged += 1
+                if self.global_step % self.cfg.log_every == 0:
+                    self.metrics.log(event="step", task=task, stage=stage.name, epoch=epoch, step=self.global_step,
+                                     lr=opt.param_groups[0]["lr"], **logs)
+                stop = self.cfg.stop_after_steps and self.global_step >= self.cfg.stop_after_steps
+                if self._interrupt or stop:
+                    self.pos = Position(task, si, epoch, b)
+                    if n_steps is not None and b >= n_steps:
+                        self.pos = Position(task, si, epoch + 1, 0)
+                    self._stash_optimizer(key, opt)
+                    path = self._save_checkpoint(tag="interrupt")
+                    raise Interrupted(path)
+            dt = time.time() - t_epoch
+            self._train_time += dt
+            self._train_images += seen * self.world
+            self.metrics.log(event="epoch", task=task, stage=stage.name, epoch=epoch, steps=b - skip,
+                             seconds=round(dt, 3), images_per_s=round(seen * self.world / max(dt, 1e-9), 2),
+                             **{k: v / max(n_logged, 1) for k, v in logs_acc.items()})
+            if logs_acc:
+                self.log.info(f"  task {task + 1} {stage.name} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
+                    f"{k} {v / max(n_logged, 1):.4f}" for k, v in logs_acc.items()) + f" ({dt:.1f} s)")
+        self.method.end_stage(stage, sctx)
+
+    def _stash_optimizer(self, key: str, opt: torch.optim.Optimizer) -> None:
+        self._current_opt = (key, opt)
+
+    def _wrap(self, stage: Stage) -> nn.Module:
+        module = _StepModule(self.method)
+        if self.world > 1 and any(p.requires_grad for p in self.method.parameters()):
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = DDP(module, device_ids=ids, broadcast_buffers=False)
+        return module
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def _step(self, module: nn.Module, opt, batch: dict, ctx: TaskContext, clip: Optional[float]) -> dict:
+        batch = _to_device(batch, self.device)
+        opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, logs = module(batch, ctx)
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.global_step} "
+                                     f"(task {ctx.task + 1}, stage {ctx.stage}, epoch {ctx.epoch + 1})")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if clip:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        out = {"loss": float(loss.detach())}
+        out.update({k: _scalar(v) for k, v in logs.items()})
+        return out
+
+    # evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_task(self, evaluated: int, after: int) -> tuple[int, int]:
+        """(correct, total) on task ``evaluated``'s test split with the model after task ``after``."""
+        ds = self.test_data(evaluated)
+        loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
+        ctx = self.context(after, split="test", cacheable=True)
+        correct = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64)
+        limit = self.cfg.limit_eval_batches
+        for i, batch in enumerate(progress(loader, total=min(len(loader), limit or len(loader)), enabled=not self.quiet,
+                                           desc=f"eval task {evaluated + 1} after {after + 1}")):
+            if limit and i >= limit:
+                break
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                logits = self.method.predict(batch, ctx).float()
+            logits = masked_logits(logits, (0, ctx.seen_classes))
+            if self.scenario.kind == "task-incremental":
+                logits = _mask_to_tasks(logits, batch["task"], ctx.task_ranges)
+            pred = logits.argmax(1)
+            if "answer_scores" in batch:
+                c = batch["answer_scores"].float().gather(1, pred[:, None]).squeeze(1).sum()
+            else:
+                c = (pred == batch["label"]).sum()
+            correct += float(c)
+            total += pred.shape[0]
+        counts = torch.stack([correct, total])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        return float(counts[0]), int(counts[1])
+
+    def _evaluate(self, after: int) -> None:
+        self.method.eval()
+        t0 = time.time()
+        row = []
+        for i in range(after + 1):
+            c, n = self.evaluate_task(i, after)
+            self.acc.update(i, after, int(round(c)), n)
+            row.append(100.0 * c / max(n, 1))
+        m = self.acc.matrix()
+        seen_mean = float(sum(row) / len(row))
+        self.metrics.log(event="eval", after_task=after, acc=[round(a, 4) for a in row], mean=round(seen_mean, 4),
+                         seconds=round(time.time() - t0, 3))
+        self.log.info(f"after task {after + 1}: accuracy on tasks 1..{after + 1} = "
+                      + " ".join(f"{a:.1f}" for a in row) + f"  (mean {seen_mean:.2f})")
+        if self.is_main:
+            self.acc.to_csv(os.path.join(self.run_dir, "acc_matrix.csv"))
+        del m
+
+    # files ----------------------------------------------------------------------------------------
+    def record(self) -> dict:
+        import numpy
+        import timm
+
+        backbone = getattr(self.method, "backbone", None)
+        weights = getattr(backbone, "weights", None)
+        rec = {
+            "clfast_version": _clfast_version(),
+            "command": os.environ.get("CLFAST_COMMAND"),
+            "method": self.cfg.method,
+            "dataset": self.cfg.dataset,
+            "seed": self.cfg.seed,
+            "scenario": self.scenario.record(),
+            "backbone": weights.to_dict() if weights is not None else {"name": self.cfg.backbone},
+            "batchwise_vote": bool(self.cfg.method_args.get("batchwise_vote", False)),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                         "numpy": numpy.__version__},
+            "device": {"type": self.device.type, "name": (torch.cuda.get_device_name(self.device)
+                                                          if self.device.type == "cuda" else platform.processor()
+                                                          or platform.machine()),
+                       "world_size": self.world, "threads": torch.get_num_threads()},
+            "amp": self.cfg.amp,
+        }
+        from ..info import backend_summary
+
+        rec["op_backends"] = backend_summary()
+        return rec
+
+    def _write_start_files(self) -> None:
+        import yaml
+
+        rio.atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
+                              yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        rio.atomic_write_json(os.path.join(self.run_dir, "record.json"), self.record())
+
+    def _banner(self) -> None:
+        sc = self.scenario
+        w = getattr(getattr(self.method, "backbone", None), "weights", None)
+        self.log.info(f"clfast: {self.cfg.method} on {self.cfg.dataset} ({sc.kind}, {sc.num_tasks} tasks, "
+                      f"{sc.num_classes} classes), backbone {self.cfg.backbone}"
+                      + (f" [{w.source}]" if w is not None else "")
+                      + f", device {self.device}{f' × {self.world}' if self.world > 1 else ''}, amp {self.cfg.amp}, "
+                      f"run dir {self.run_dir}")
+
+    def _finish(self) -> dict:
+        from .plots import plot_acc_matrix, plot_accuracy_curve
+
+        m = self.acc.matrix()
+        n = self.scenario.num_tasks
+        summary = {k: float(v) for k, v in self.acc.summary().items()}
+        summary["wall_time_s"] = round(time.time() - self._t0 + self._prior_wall(), 3)
+        summary["train_time_s"] = round(self._train_time, 3)
+        summary["images_per_s"] = round(self._train_images / max(self._train_time, 1e-9), 2)
+        summary["num_tasks"] = n
+        if self.is_main:
+            rio.atomic_write_json(os.path.join(self.run_dir, "summary.json"), summary)
+            plot_acc_matrix(m, os.path.join(self.run_dir, "acc_matrix.png"),
+                            title=f"{self.cfg.method} on {self.cfg.dataset}")
+            plot_accuracy_curve(m, os.path.join(self.run_dir, "accuracy_curve.png"), label=self.cfg.method)
+            self.metrics.log(event="summary", **summary)
+        self.log.info(format_summary(m, summary, self.run_dir))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return summary
+
+    def _prior_wall(self) -> float:
+        return getattr(self, "_wall_before_resume", 0.0)
+
+    # checkpoints ----------------------------------------------------------------------------------
+    def _checkpoint_state(self) -> dict:
+        opts = {k: o.state_dict() for k, o in self.persistent_opts.items()}
+        cur = getattr(self, "_current_opt", None)
+        if cur is not None and not self.pos.at_task_start:
+            opts[cur[0]] = cur[1].state_dict()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "method": self.cfg.method,
+            "config_hash": rio.config_hash(_hashable_config(self.cfg)),
+            "position": [self.pos.task, self.pos.stage, self.pos.epoch, self.pos.batch],
+            "global_step": self.global_step,
+            "method_state": self.method.state_dict(),
+            "optimizers": opts,
+            "rng": self._rng_states(),
+            "acc": self.acc.state_dict(),
+            "train_time": self._train_time,
+            "train_images": self._train_images,
+            "wall_time": time.time() - self._t0 + self._prior_wall(),
+        }
+
+    def _rng_states(self):
+        """This process's RNG state; under DDP, every rank's (a list indexed by rank)."""
+        if self.world == 1:
+            return rio.rng_state()
+        return self._gathered_rng
+
+    def _save_checkpoint(self, tag: str) -> str:
+        path = os.path.join(self.run_dir, "checkpoints", f"{tag}.pt")
+        if self.world > 1:  # every rank's random streams, so a resumed DDP run continues each of them
+            import torch.distributed as dist
+
+            states = [None] * self.world
+            dist.all_gather_object(states, rio.rng_state())
+            self._gathered_rng = states
+        if self.is_main:
+            rio.save_checkpoint(path, self._checkpoint_state())
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return path
+
+    @classmethod
+    def resume(cls, run_dir: str, **overrides) -> "Trainer":
+        """A trainer continuing the run in ``run_dir`` from its newest checkpoint.
+
+        ``overrides`` may change only what does not affect the numbers (``quiet``, ``num_workers``,
+        ``threads``, ``stop_after_steps``, ``limit_*`` must stay as they were).
+        """
+        import yaml
+
+        cfg_path = os.path.join(run_dir, "config.yaml")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a clfast run directory)")
+        with open(cfg_path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        allowed = {"quiet", "num_workers", "threads", "stop_after_steps", "log_every"}
+        bad = set(overrides) - allowed
+        if bad:
+            raise ValueError(f"--resume: cannot change {sorted(bad)} of a run (only {sorted(allowed)})")
+        data.update(overrides)
+        cfg = config_from_dict(data)
+        ckpt_path = rio.find_latest_checkpoint(run_dir)
+        if ckpt_path is None:
+            raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
+        trainer = cls(cfg, out=run_dir, _resume=True)
+        state = rio.load_checkpoint(ckpt_path, expected={
+            "method": cfg.method, "config_hash": rio.config_hash(_hashable_config(cfg))})
+        trainer._load_state(state)
+        trainer.log.info(f"resuming {run_dir} from {os.path.basename(ckpt_path)} at task {trainer.pos.task + 1}, "
+                         f"stage {trainer.pos.stage + 1}, epoch {trainer.pos.epoch + 1}, batch {trainer.pos.batch}")
+        return trainer
+
+    def _load_state(self, state: dict) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
+        self.pos = Position(*[int(x) for x in state["position"]])
+        self.global_step = int(state["global_step"])
+        self.acc = AccuracyMatrix.from_state_dict(state["acc"])
+        self._train_time = float(state["train_time"])
+        self._train_images = int(state["train_images"])
+        self._wall_before_resume = float(state["wall_time"])
+        self._opt_states = dict(state["optimizers"])
+        rng = state["rng"]
+        if isinstance(rng, list):
+            if len(rng) != self.world:
+                raise ValueError(f"the checkpoint was written by {len(rng)} processes; resume it with the same "
+                                 f"number (this run has {self.world})")
+            rng = rng[self.rank]
+        elif self.world > 1:
+            raise ValueError("the checkpoint was written by one process; resume it with one process")
+        if self.pos.at_task_start:
+            self.method.load_state_dict(state["method_state"])
+            rio.set_rng_state(rng)
+        else:  # applied in _run_stage, after begin_task and begin_stage have run again
+            self._pending = (state["method_state"], rng)
+
+
+class _Transformed(torch.utils.data.Dataset):
+    """A scenario subset with an image transform applied per item (in the loader's workers)."""
+
+    def __init__(self, data, transform):
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.data[i]
+        if self.transform is not None:
+            item = dict(item)
+            item["image"] = self.transform(item["image"])
+        return item
+
+
+def _mask_to_tasks(logits: torch.Tensor, task: torch.Tensor, ranges) -> torch.Tensor:
+    """Task-incremental evaluation: keep only each sample's own task's classes."""
+    starts = torch.tensor([r[0] for r in ranges], device=logits.device)[task]
+    stops = torch.tensor([r[1] for r in ranges], device=logits.device)[task]
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    keep = (cols[None] >= starts[:, None]) & (cols[None] < stops[:, None])
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _hashable_config(cfg: RunConfig) -> dict:
+    """The settings that change the numbers (what a checkpoint must agree with)."""
+    d = cfg.to_dict()
+    for k in ("quiet", "num_workers", "threads", "stop_after_steps", "log_every", "name", "device"):
+        d.pop(k, None)
+    return d
+
+
+def _clfast_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def format_summary(m, summary: dict, run_dir: Optional[str] = None) -> str:
+    """The accuracy matrix (rows: task evaluated, columns: after task) and the headline figures."""
+    n = len(m)
+    lines = ["accuracy matrix (%, row = task evaluated, column = after training task):",
+             "        " + " ".join(f"{j + 1:>6d}" for j in range(n))]
+    for i in range(n):
+        cells = " ".join(("{:6.1f}".format(m[i][j]) if j >= i else "     ·") for j in range(n))
+        lines.append(f"task {i + 1:>2d} {cells}")
+    lines.append(f"A_N {summary['A_N']:.2f}   F_N {summary['F_N']:.2f}   BWT {summary['BWT']:.2f}   "
+                 f"sample-weighted {summary['sample_weighted_accuracy']:.2f}   "
+                 f"({summary.get('wall_time_s', 0):.0f} s, {summary.get('images_per_s', 0):.0f} images/s)")
+    if run_dir:
+        lines.append(f"run directory: {run_dir} (acc_matrix.csv, summary.json, acc_matrix.png, accuracy_curve.png)")
+    return "\n".join(lines)

@@ -1,0 +1,394 @@
+"""The method API: what a continual-learning method implements and what the engine gives it.
+
+A method is an ``nn.Module`` that owns its parameters and losses. The engine
+(:class:`clfast.engine.Trainer`) owns the loop, devices, optimizers, schedules, checkpoints and
+processes, and calls the hooks in this order for every task ``t``::
+
+    method.begin_task(ctx)                      # e.g. K-means keys over ctx.task_loader()
+    for stage in method.stages(ctx):            # one or more training stages
+        method.begin_stage(stage, ctx)
+        for epoch, batch in ...:                # the task's data, or method.stage_batches(...)
+            out = method.training_step(batch, ctx)      # -> StepOutput(loss, logs)
+            backward, clip, optimizer and schedule steps (the engine)
+        method.end_stage(stage, ctx)
+    method.end_task(ctx, loader)                # statistics passes (means, covariances, MoG)
+    logits = method.predict(batch, ctx)         # evaluation on every seen task
+
+Batches are dicts of tensors: ``image`` (B, 3, H, W) float in [0, 1] (the backbone normalises),
+``label`` (B,) int64 in the scenario's remapped label space, ``task`` (B,) int64 and ``index`` (B,)
+int64 (position in the split, for per-image caches); VQA batches add ``question`` (B, L) int64 tokens
+and ``answer_scores`` (B, A) float soft targets.
+
+Everything a method needs about the run comes in the frozen :class:`TaskContext`; a method keeps no
+global state. Per-task and per-prompt tensors are allocated densely at construction (``num_tasks`` is
+known), so DDP never sees unused parameters; old slices are frozen with :func:`freeze_rows`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "OptimConfig", "ScheduleConfig", "Stage", "TaskContext", "StepOutput", "Method", "MethodConfig",
+    "register_method", "create_method", "list_methods", "method_class", "freeze_rows", "masked_logits",
+    "build_config", "check_fields",
+]
+
+
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def check_fields(obj) -> None:
+    """Check scalar fields against their annotations (``int``, ``Optional[float]``, ...), naming the key.
+
+    ints are accepted for floats; integral floats for ints; a bool is never an int here.
+    """
+    for f in dataclasses.fields(obj):
+        ann = str(f.type).replace("typing.", "")
+        optional = ann.startswith("Optional[")
+        base = ann[len("Optional["):-1] if optional else ann
+        if base not in _SCALARS:
+            continue
+        v = getattr(obj, f.name)
+        if v is None:
+            if optional:
+                continue
+            raise ValueError(f"{f.name} must be {base}, got null")
+        want = _SCALARS[base]
+        ok = (isinstance(v, want) and not (want is int and isinstance(v, bool))) or (
+            want is float and isinstance(v, int) and not isinstance(v, bool))
+        if want is int and isinstance(v, float) and v.is_integer():
+            v, ok = int(v), True
+        if not ok:
+            raise ValueError(f"{f.name} must be {base}{' or null' if optional else ''}, got {v!r}")
+        setattr(obj, f.name, want(v))
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimisation settings (data; the engine turns them into torch objects)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "warmup_linear")
+
+
+@dataclass
+class OptimConfig:
+    """An optimizer as a paper states it.
+
+    ``lr_ref_batch``: when set, the effective lr is ``lr × batch_size / lr_ref_batch`` (the
+    "lr × batch/256" rule some official codes apply); ``None`` uses ``lr`` as given.
+    """
+
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    amsgrad: bool = False
+    lr_ref_batch: Optional[int] = None
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"optimizer.betas must be two floats, got {self.betas}")
+
+
+@dataclass
+class ScheduleConfig:
+    """A learning-rate schedule within one stage of one task.
+
+    ``name``: ``constant``; ``cosine`` (to ``min_lr``); ``warmup_cosine`` / ``warmup_linear`` (linear
+    warm-up over ``warmup`` — a fraction of the stage if < 1, else a count of steps/epochs — then
+    cosine or linear decay to ``min_lr``). ``per``: ``"epoch"`` or ``"step"``, how often it moves.
+    """
+
+    name: str = "constant"
+    per: str = "epoch"
+    warmup: float = 0.0
+    min_lr: float = 0.0
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule.name must be one of {SCHEDULES}, got {self.name!r}")
+        if self.per not in ("epoch", "step"):
+            raise ValueError(f"schedule.per must be 'epoch' or 'step', got {self.per!r}")
+        if self.warmup < 0 or self.min_lr < 0:
+            raise ValueError("schedule.warmup and schedule.min_lr must be >= 0")
+
+
+@dataclass
+class Stage:
+    """One training stage of a task.
+
+    Fields left ``None`` inherit the run's settings (``epochs``, ``batch_size``, ``optimizer``,
+    ``schedule``, ``grad_clip``). ``data="task"`` iterates the task's training data; ``data="method"``
+    iterates ``method.stage_batches(stage, ctx)`` (e.g. features sampled from fitted Gaussians for an
+    alignment pass) once per epoch. ``persistent=True`` keeps this stage's optimizer (and its state)
+    from task to task instead of re-creating it; ``params`` is passed to ``method.param_groups``.
+    """
+
+    name: str = "train"
+    epochs: Optional[float] = None
+    batch_size: Optional[int] = None
+    optimizer: Optional[OptimConfig] = None
+    schedule: Optional[ScheduleConfig] = None
+    grad_clip: Optional[float] = None
+    persistent: Optional[bool] = None
+    data: str = "task"
+    params: str = "default"
+
+    def __post_init__(self):
+        if self.data not in ("task", "method"):
+            raise ValueError(f"Stage.data must be 'task' or 'method', got {self.data!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# What the engine hands to the hooks
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """The run as a method sees it during task ``task`` (immutable; the engine makes a new one).
+
+    Labels are in the scenario's remapped space: task ``t`` owns ``class_range`` = [start, stop) and
+    labels ``[0, seen_classes)`` are the classes seen so far (class-incremental).
+    """
+
+    task: int
+    num_tasks: int
+    class_range: tuple[int, int]
+    seen_classes: int
+    num_classes: int
+    task_ranges: tuple[tuple[int, int], ...]
+    device: torch.device = torch.device("cpu")
+    amp_dtype: Optional[torch.dtype] = None
+    scenario: str = "class-incremental"
+    rank: int = 0
+    world_size: int = 1
+    augment: bool = True
+    stage: str = "train"
+    epoch: int = 0
+    split: str = "train"            # which data the current batch comes from: "train" or "test"
+    cacheable: bool = False         # the current split's transform is deterministic (per-image caches ok)
+    task_loader: Optional[Callable[..., Any]] = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def replace(self, **changes) -> "TaskContext":
+        return dataclasses.replace(self, **changes)
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """Sum (or ``"mean"``/``"max"``) ``tensor`` over ranks in place; identity in one process."""
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        dist.all_reduce(tensor, op=red)
+        if op == "mean":
+            tensor /= self.world_size
+        return tensor
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Concatenate ``tensor`` (n_r, ...) from every rank along dim 0 (sizes may differ)."""
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        n = torch.tensor([tensor.shape[0]], device=tensor.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        pad = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
+        pad[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(pad) for _ in range(self.world_size)]
+        dist.all_gather(parts, pad)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+@dataclass
+class StepOutput:
+    """A training step's result: the loss to minimise and the named values to log (scalars)."""
+
+    loss: Tensor
+    logs: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Method base class and registry
+
+
+@dataclass
+class MethodConfig:
+    """Settings shared by every method; each method subclasses this with its own fields."""
+
+    train_mask: bool = True          # train on the current task's logits only (class-incremental)
+    head_bias: bool = True
+
+    def __post_init__(self):
+        check_fields(self)  # subclasses call super().__post_init__() first
+
+
+class Method(nn.Module):
+    """Base class of every continual-learning method (see the module docstring for the hook order).
+
+    Subclasses set ``Config`` to a :class:`MethodConfig` subclass, build their parameters in
+    ``__init__(backbone, num_classes, num_tasks, cfg)`` and implement :meth:`training_step` and
+    :meth:`predict`. ``backbone`` is a frozen :class:`clfast.backbones.ViTBackbone` (or another
+    module a method documents).
+    """
+
+    Config: ClassVar[type] = MethodConfig
+    name: ClassVar[str] = "method"
+    supports: ClassVar[tuple[str, ...]] = ("class-incremental", "task-incremental", "domain-incremental")
+
+    def __init__(self, backbone: nn.Module, num_classes: int, num_tasks: int, cfg: MethodConfig):
+        super().__init__()
+        if not isinstance(cfg, self.Config):
+            raise TypeError(f"cfg must be a {self.Config.__name__}, got {type(cfg).__name__}")
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.num_tasks = int(num_tasks)
+        self.cfg = cfg
+
+    # hooks ----------------------------------------------------------------------------------------
+    def stages(self, ctx: TaskContext) -> list[Stage]:
+        """The training stages of task ``ctx.task`` (default: one stage with the run's settings)."""
+        return [Stage()]
+
+    def begin_task(self, ctx: TaskContext) -> None:
+        """Before training task ``ctx.task``; ``ctx.task_loader()`` iterates its training data."""
+
+    def begin_stage(self, stage: Stage, ctx: TaskContext) -> None:
+        """Before ``stage``; set ``requires_grad`` of what this stage trains here."""
+
+    def training_step(self, batch: dict, ctx: TaskContext) -> StepOutput:
+        raise NotImplementedError
+
+    def end_stage(self, stage: Stage, ctx: TaskContext) -> None:
+        """After ``stage``."""
+
+    def end_task(self, ctx: TaskContext, loader: Iterable[dict]) -> None:
+        """After training task ``ctx.task``; ``loader`` is its training data without augmentation,
+        sharded over ranks (all-reduce statistics with ``ctx.all_reduce``)."""
+
+    def predict(self, batch: dict, ctx: TaskContext) -> Tensor:
+        """Logits ``(B, num_classes)`` for evaluation; the engine ignores unseen classes."""
+        raise NotImplementedError
+
+    def stage_batches(self, stage: Stage, ctx: TaskContext) -> Iterable[dict]:
+        """Batches of one epoch of a ``Stage(data="method")`` stage."""
+        raise NotImplementedError(f"{type(self).__name__} has a data='method' stage "
+                                  f"{stage.name!r} but no stage_batches()")
+
+    def param_groups(self, stage: Stage) -> list[dict]:
+        """Optimizer parameter groups for ``stage`` (dicts may set their own ``lr``/``lr_scale``).
+
+        Default: every parameter with ``requires_grad`` in one group.
+        """
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def compile_for_training(self, **options) -> None:
+        """Called when the run sets ``compile: true``: compile the hot forward (default: the backbone)."""
+        self.backbone.compile(**options)
+
+    # helpers --------------------------------------------------------------------------------------
+    def train_logits(self, logits: Tensor, ctx: TaskContext) -> Tensor:
+        """Class-incremental training: keep only the current task's logits when ``train_mask``."""
+        return masked_logits(logits, ctx.class_range if self.cfg.train_mask else (0, ctx.seen_classes))
+
+
+def masked_logits(logits: Tensor, keep: tuple[int, int]) -> Tensor:
+    """``logits`` (B, K) with columns outside ``keep = (start, stop)`` set to -inf (out of place)."""
+    start, stop = keep
+    mask = torch.full((logits.shape[-1],), float("-inf"), device=logits.device, dtype=logits.dtype)
+    mask[start:stop] = 0
+    return logits + mask
+
+
+def freeze_rows(param: Tensor, stop: Callable[[], int] | int, start: Callable[[], int] | int = 0):
+    """Zero the gradient of ``param[start:stop]`` (rows of finished tasks) through a hook.
+
+    ``start``/``stop`` may be callables read at backward time, so one hook serves every task. With
+    an optimizer re-created per task and no weight decay, the frozen rows then never move; with a
+    persistent Adam-like optimizer their old momentum would still move them — methods that keep
+    optimizers across tasks should restore frozen rows instead.
+    """
+    def hook(grad: Tensor) -> Tensor:
+        a = start() if callable(start) else start
+        b = stop() if callable(stop) else stop
+        if b > a:
+            grad = grad.clone()
+            grad[a:b] = 0
+        return grad
+
+    return param.register_hook(hook)
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    """Class decorator registering a :class:`Method` subclass as ``name``."""
+    def deco(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register_method({name!r}) must decorate a Method subclass")
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _METHODS:
+        close = difflib.get_close_matches(str(name), list(_METHODS), n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def build_config(cls: type, values: dict, where: str):
+    """Instantiate dataclass ``cls`` from ``values``; unknown keys raise with close matches."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        msgs = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, names, n=3, cutoff=0.6)
+            msgs.append(f"{k!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+        raise ValueError(f"unknown {where} setting(s): {', '.join(msgs)}. Valid: {', '.join(names)}")
+    return cls(**values)
+
+
+def create_method(name: str, backbone: nn.Module, num_classes: int, num_tasks: int, **cfg) -> Method:
+    """Build registered method ``name``; ``cfg`` are its ``Config`` fields (unknown keys raise)."""
+    cls = method_class(name)
+    return cls(backbone, num_classes, num_tasks, build_config(cls.Config, cfg, f"method {name!r}"))

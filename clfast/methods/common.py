@@ -1,0 +1,99 @@
+"""Pieces shared by the methods on a frozen ViT: the cached frozen query and a classifier head."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .base import Method, MethodConfig, TaskContext, masked_logits
+
+__all__ = ["QueryCache", "FrozenQueryMethod"]
+
+
+class QueryCache:
+    """Frozen-backbone features per image, so the query pass runs once per image, not once per epoch.
+
+    Rows are keyed by ``(split, index)`` (``batch["index"]``, the item's position in its split). The
+    engine marks a context cacheable only when the split's transform is deterministic (evaluation, or
+    training with augmentation off); otherwise every call computes. Not saved in checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, Tensor] = {}
+        self._filled: dict[str, Tensor] = {}
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._filled.clear()
+
+    def _grow(self, split: str, n: int, dim: int, device) -> None:
+        rows, filled = self._rows.get(split), self._filled.get(split)
+        if rows is not None and rows.shape[0] >= n and rows.shape[1] == dim and rows.device == device:
+            return
+        cap = max(n, 2 * (rows.shape[0] if rows is not None else 0), 256)
+        new_rows = torch.zeros(cap, dim, device=device)
+        new_filled = torch.zeros(cap, dtype=torch.bool, device=device)
+        if rows is not None and rows.shape[1] == dim:
+            new_rows[: rows.shape[0]] = rows.to(device)
+            new_filled[: filled.shape[0]] = filled.to(device)
+        self._rows[split], self._filled[split] = new_rows, new_filled
+
+    def __call__(self, split: str, index: Tensor, compute) -> Tensor:
+        """Rows for ``index`` (B,) int64; ``compute(mask) -> (n_missing, D)`` fills the missing ones."""
+        index = index.long()
+        rows, filled = self._rows.get(split), self._filled.get(split)
+        if rows is not None and int(index.max()) < rows.shape[0]:
+            idx = index.to(rows.device)
+            hit = filled[idx]
+            if bool(hit.all()):
+                return rows[idx]
+        else:
+            hit = torch.zeros(index.shape[0], dtype=torch.bool)
+        hit = hit.cpu()
+        missing = ~hit
+        fresh = compute(missing).float()
+        self._grow(split, int(index.max()) + 1, fresh.shape[1], fresh.device)
+        rows, filled = self._rows[split], self._filled[split]
+        idx = index.to(rows.device)
+        rows[idx[missing.to(rows.device)]] = fresh
+        filled[idx[missing.to(rows.device)]] = True
+        return rows[idx]
+
+
+class FrozenQueryMethod(Method):
+    """A method with a linear head over ``embed_dim`` features and a frozen [CLS] query per image.
+
+    The head is dense over all classes (``num_classes`` outputs from the start), so no parameter is
+    created mid-run; unseen classes are masked.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, num_tasks: int, cfg: MethodConfig):
+        super().__init__(backbone, num_classes, num_tasks, cfg)
+        self.embed_dim = int(backbone.embed_dim)
+        self.head = nn.Linear(self.embed_dim, self.num_classes, bias=cfg.head_bias)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
+        self.query_cache = QueryCache()
+
+    def query(self, batch: dict, ctx: TaskContext) -> Tensor:
+        """The frozen backbone's [CLS] feature (B, C), fp32, no gradient; cached when ``ctx`` allows."""
+        images = batch["image"]
+
+        def compute(mask: Optional[Tensor] = None) -> Tensor:
+            x = images if mask is None else images[mask.to(images.device)]
+            with torch.no_grad():
+                return self.backbone.query(x).float()
+
+        cacheable = getattr(ctx, "cacheable", False) and "index" in batch
+        if not cacheable:
+            return compute()
+        return self.query_cache(ctx.split, batch["index"], compute)
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.head(features)
+
+    def predict_logits(self, logits: Tensor, ctx: TaskContext) -> Tensor:
+        return masked_logits(logits, (0, ctx.seen_classes))

@@ -1,0 +1,154 @@
+import math
+
+import numpy as np
+import pytest
+
+from clfast.engine.metrics import (AccuracyMatrix, accuracy_curve, average_incremental_accuracy,
+                                   backward_transfer, final_accuracy, forgetting, per_task_accuracy,
+                                   read_acc_csv, sample_weighted_accuracy, summarize, write_acc_csv)
+
+nan = float("nan")
+EXAMPLE = [[90, 80, 70], [nan, 85, 75], [nan, nan, 95]]
+
+
+def test_example_matrix():
+    assert final_accuracy(EXAMPLE) == pytest.approx(80.0)
+    assert forgetting(EXAMPLE) == pytest.approx(15.0)  # mean(90-70, 85-75)
+    assert backward_transfer(EXAMPLE) == pytest.approx(-15.0)  # mean(70-90, 75-85)
+    np.testing.assert_allclose(accuracy_curve(EXAMPLE), [90.0, 82.5, 80.0])
+    assert average_incremental_accuracy(EXAMPLE) == pytest.approx((90 + 82.5 + 80) / 3)
+
+
+def test_forgetting_uses_max_over_earlier_columns_not_the_diagonal():
+    # task 0 improves after task 1 (60 -> 80) then drops to 50: forgetting counts from the peak (80),
+    # BWT from the diagonal (60).
+    acc = np.array([[60, 80, 50], [nan, 70, 70], [nan, nan, 90]], dtype=float)
+    assert forgetting(acc) == pytest.approx(((80 - 50) + (70 - 70)) / 2)
+    assert backward_transfer(acc) == pytest.approx(((50 - 60) + (70 - 70)) / 2)
+    # the last column never enters the max: a task that only improves has negative forgetting
+    up = [[50, 60], [nan, 80]]
+    assert forgetting(up) == pytest.approx(-10.0)
+    assert backward_transfer(up) == pytest.approx(10.0)
+
+
+def test_single_task():
+    acc = [[73.5]]
+    assert final_accuracy(acc) == 73.5
+    assert forgetting(acc) == 0.0
+    assert backward_transfer(acc) == 0.0
+    assert average_incremental_accuracy(acc) == 73.5
+
+
+def test_values_below_diagonal_are_ignored():
+    filled = np.array(EXAMPLE, dtype=float)
+    filled[np.tril_indices(3, -1)] = 0.0
+    assert forgetting(filled) == forgetting(EXAMPLE)
+    assert average_incremental_accuracy(filled) == average_incremental_accuracy(EXAMPLE)
+
+
+def test_sample_weighted_differs_from_final_accuracy_with_unequal_task_sizes():
+    correct, total = [90, 100], [100, 1000]  # 90 % and 10 %
+    np.testing.assert_allclose(per_task_accuracy(correct, total), [90.0, 10.0])
+    assert sample_weighted_accuracy(correct, total) == pytest.approx(100 * 190 / 1100)
+    acc = [[95.0, 90.0], [nan, 10.0]]
+    s = summarize(acc, correct, total)
+    assert set(s) == {"A_N", "F_N", "BWT", "A_avg", "sample_weighted_accuracy"}
+    assert all(type(v) is float for v in s.values())
+    assert s["A_N"] == pytest.approx(50.0)
+    assert s["sample_weighted_accuracy"] == pytest.approx(17.2727, abs=1e-3)
+    assert s["F_N"] == pytest.approx(5.0) and s["BWT"] == pytest.approx(-5.0)
+    # equal sizes: the two coincide
+    assert sample_weighted_accuracy([90, 10], [100, 100]) == pytest.approx(final_accuracy(acc))
+
+
+def test_accuracy_matrix_counts_per_sample_not_per_batch():
+    m = AccuracyMatrix()
+    # task 0 after task 0 evaluated in two batches of different size: 10/10 and 0/30
+    m.update(0, 0, 10, 10)
+    m.update(0, 0, 0, 30)
+    assert m.matrix()[0, 0] == pytest.approx(25.0)  # not mean(100, 0) = 50
+    m.update(0, 1, 30, 40)
+    m.update(1, 1, 45, 50)
+    a = m.matrix()
+    assert a.shape == (2, 2) and math.isnan(a[1, 0])
+    np.testing.assert_allclose(a[0], [25.0, 75.0])
+    c, t = m.counts()
+    assert c.tolist() == [[10, 30], [0, 45]] and t.tolist() == [[40, 40], [0, 50]]
+    s = m.summary()
+    assert s["A_N"] == pytest.approx((75 + 90) / 2)
+    assert s["sample_weighted_accuracy"] == pytest.approx(100 * 75 / 90)
+    # state round trip
+    m2 = AccuracyMatrix.from_state_dict(m.state_dict())
+    np.testing.assert_array_equal(m2.matrix(), a)
+
+
+def test_csv_round_trip_and_format(tmp_path):
+    m = AccuracyMatrix()
+    for j in range(3):
+        for i in range(j + 1):
+            m.update(i, j, 7 * (i + 1) + j, 9 * (i + 1) + j)
+    path = tmp_path / "acc_matrix.csv"
+    m.to_csv(path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "task,after_1,after_2,after_3"
+    assert lines[2].startswith("2,,") and lines[3].startswith("3,,,")
+    back = AccuracyMatrix.from_csv(path)
+    np.testing.assert_array_equal(back, m.matrix())  # exact, NaN in the same places
+    write_acc_csv(EXAMPLE, tmp_path / "e.csv")
+    np.testing.assert_array_equal(read_acc_csv(tmp_path / "e.csv"), np.array(EXAMPLE, dtype=float))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acc_matrix.csv", "e.csv"]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([[1.0, 2.0, 3.0], [nan, 4.0, 5.0]], "square"),
+    ([1.0, 2.0], "square"),
+    ([], "square"),
+    ([[90.0, nan], [nan, 80.0]], r"acc\[0\]\[1\]"),
+    ([[90.0, 101.0], [nan, 80.0]], r"\[0, 100\]"),
+    ([[90.0, nan], [80.0, 85.0]], "transposed"),
+])
+def test_matrix_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        final_accuracy(bad)
+
+
+@pytest.mark.parametrize("correct, total, match", [
+    ([1, 2], [3], "same length"),
+    ([1, -1], [3, 3], "correct must hold non-negative"),
+    ([1, 1], [3, 0], "total must be > 0"),
+    ([4, 1], [3, 3], r"correct\[0\]=4 exceeds total\[0\]=3"),
+    ([1.5, 1], [3, 3], "whole sample counts"),
+    ([[1, 2]], [[3, 3]], "1-D"),
+])
+def test_count_validation(correct, total, match):
+    with pytest.raises(ValueError, match=match):
+        sample_weighted_accuracy(correct, total)
+
+
+def test_summarize_rejects_counts_that_do_not_match_the_last_column():
+    with pytest.raises(ValueError, match="do not match the last column"):
+        summarize(EXAMPLE, [75, 70, 95], [100, 100, 100])  # first two swapped
+    with pytest.raises(ValueError, match="one entry per task"):
+        summarize(EXAMPLE, [70, 75], [100, 100])
+
+
+def test_accuracy_matrix_validation(tmp_path):
+    m = AccuracyMatrix()
+    with pytest.raises(ValueError, match="task_evaluated must be <= after_task"):
+        m.update(2, 1, 1, 1)
+    with pytest.raises(ValueError, match="correct must be <= total"):
+        m.update(0, 0, 5, 4)
+    with pytest.raises(ValueError, match="total must be a non-negative int"):
+        m.update(0, 0, 1, -3)
+    with pytest.raises(ValueError, match="correct must be a non-negative int"):
+        m.update(0, 0, 0.5, 4)
+    with pytest.raises(ValueError, match="empty"):
+        m.summary()
+    m.update(0, 0, 1, 1)
+    m.update(0, 1, 1, 2)  # column 1 known, cell (1, 1) not yet evaluated
+    with pytest.raises(ValueError, match=r"acc\[1\]\[1\] must be a finite accuracy"):
+        m.to_csv(tmp_path / "x.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("task,after_1,after_3\n1,90,80\n2,,85\n")
+    with pytest.raises(ValueError, match="header"):
+        read_acc_csv(bad)

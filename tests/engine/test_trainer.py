@@ -1,0 +1,161 @@
+"""The training loop: run files, resume equality, schedules, samplers, configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from clfast.engine import Interrupted, Trainer, load_config
+from clfast.engine.config import RunConfig, apply_overrides, list_presets, parse_override
+from clfast.engine.metrics import read_acc_csv
+from clfast.engine.optim import lr_factor
+from clfast.engine.sampling import EpochSampler, ShardSampler
+from clfast.methods import ScheduleConfig, list_methods
+
+RUN_FILES = ["config.yaml", "record.json", "metrics.jsonl", "acc_matrix.csv", "summary.json", "acc_matrix.png",
+             "accuracy_curve.png", "train.log"]
+TINY = ["num_tasks=2", "epochs=1", "batch_size=32", "eval_batch_size=128", "limit_train_batches=4",
+        "limit_eval_batches=1", "quiet=true", "threads=1"]
+
+
+def tiny_cfg(method="l2p", extra=(), dataset="digits"):
+    args = {"l2p": ["method_args.pool_size=4", "method_args.top_k=2", "method_args.length=3"],
+            "coda_prompt": ["method_args.pool_size=8", "method_args.length=4"],
+            "dualprompt": ["method_args.e_length=4"], "linear": []}[method]
+    return load_config(method, dataset, "fast", TINY + args + list(extra))
+
+
+def test_run_writes_every_file_and_consistent_summary(tmp_path):
+    out = tmp_path / "run"
+    summary = Trainer(tiny_cfg("l2p"), out=str(out)).fit()
+    for f in RUN_FILES:
+        assert (out / f).is_file(), f
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest.json", "task001.pt", "task002.pt"]
+    m = read_acc_csv(out / "acc_matrix.csv")
+    assert m.shape == (2, 2)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == pytest.approx(summary)
+    for key in ("A_N", "F_N", "BWT", "sample_weighted_accuracy", "wall_time_s", "images_per_s"):
+        assert key in on_disk
+    assert on_disk["A_N"] == pytest.approx((m[0, 1] + m[1, 1]) / 2)
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["scenario"]["class_order"] and len(rec["scenario"]["class_order"]) == 10
+    assert rec["backbone"]["source"] == "shipped" and len(rec["backbone"]["sha256"]) == 64
+    assert rec["versions"]["torch"] == torch.__version__
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["method"] == "l2p" and cfg["optimizer"]["lr"] == 0.03
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("eval") == 2 and events[-1] == "summary"
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_cfg("linear"), out=str(out)).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(tiny_cfg("linear"), out=str(out))
+
+
+@pytest.mark.parametrize("stop_at", [3, 4, 6])   # mid-epoch, at an epoch end / task boundary, in task 2
+def test_resume_reaches_the_same_numbers(tmp_path, stop_at):
+    full = Trainer(tiny_cfg("dualprompt"), out=str(tmp_path / "full")).fit()
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        Trainer(tiny_cfg("dualprompt", [f"stop_after_steps={stop_at}"]), out=str(cut)).fit()
+    assert (cut / "checkpoints" / "interrupt.pt").is_file()
+    resumed = Trainer.resume(str(cut), stop_after_steps=None).fit()
+    torch.testing.assert_close(torch.tensor(read_acc_csv(cut / "acc_matrix.csv")),
+                               torch.tensor(read_acc_csv(tmp_path / "full" / "acc_matrix.csv")), rtol=0, atol=0,
+                               equal_nan=True)
+    assert resumed["A_N"] == full["A_N"] and resumed["F_N"] == full["F_N"]
+
+
+def test_resume_rejects_a_changed_config(tmp_path):
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        Trainer(tiny_cfg("linear", ["stop_after_steps=2"]), out=str(cut)).fit()
+    with pytest.raises(ValueError, match="cannot change"):
+        Trainer.resume(str(cut), epochs=3)
+    cfg = yaml.safe_load((cut / "config.yaml").read_text())
+    cfg["optimizer"]["lr"] = 0.5
+    (cut / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="config_hash"):
+        Trainer.resume(str(cut))
+
+
+def test_task_incremental_masks_to_the_sample_task(tmp_path):
+    s = Trainer(tiny_cfg("linear", ["scenario=task-incremental"]), out=str(tmp_path / "r")).fit()
+    c = Trainer(tiny_cfg("linear"), out=str(tmp_path / "c")).fit()
+    assert s["A_N"] >= c["A_N"]  # knowing the task can only help a shared head
+
+
+# --- schedules, samplers ------------------------------------------------------------------------
+
+
+def test_lr_schedules():
+    const = ScheduleConfig("constant")
+    assert lr_factor(const, 5, 10, 1.0) == 1.0
+    cos = ScheduleConfig("cosine", min_lr=0.0)
+    assert lr_factor(cos, 0, 10, 1.0) == pytest.approx(1.0)
+    assert lr_factor(cos, 5, 10, 1.0) == pytest.approx(0.5)
+    assert lr_factor(cos, 10, 10, 1.0) == pytest.approx(0.0)
+    floor = ScheduleConfig("cosine", min_lr=0.1)
+    assert lr_factor(floor, 10, 10, 1.0) == pytest.approx(0.1)
+    wl = ScheduleConfig("warmup_linear", per="step", warmup=0.1)
+    assert lr_factor(wl, 0, 100, 1.0) < lr_factor(wl, 5, 100, 1.0) < 1.0
+    assert lr_factor(wl, 10, 100, 1.0) == pytest.approx(1.0)
+    assert lr_factor(wl, 100, 100, 1.0) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="schedule.name"):
+        ScheduleConfig("step")
+
+
+@pytest.mark.parametrize("n,world,batch", [(10, 2, 4), (11, 2, 4), (37, 3, 6)])
+def test_rank_batches_union_is_the_single_process_batch(n, world, batch):
+    single = list(EpochSampler(n, 7, world=1))
+    per = batch // world
+    ranks = [list(EpochSampler(n, 7, rank=r, world=world)) for r in range(world)]
+    for i in range(n // batch):  # every full batch (the last one may hold padding repeats)
+        union = sorted(x for r in ranks for x in r[i * per:(i + 1) * per])
+        assert union == sorted(single[i * batch:(i + 1) * batch])
+    resumed = list(EpochSampler(n, 7, rank=1, world=world, skip=per))
+    assert resumed == ranks[1][per:]
+    shards = [list(ShardSampler(n, r, world)) for r in range(world)]
+    assert sorted(x for s in shards for x in s) == list(range(n))
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_every_method_has_fast_and_paper_presets():
+    for m in ("linear", "l2p", "dualprompt", "coda_prompt"):
+        assert m in list_methods()
+        assert {"fast", "cifar100", "imagenet_r"} <= set(list_presets(m)), m
+        for preset in list_presets(m):
+            cfg = load_config(m, "synth-shapes", preset)
+            cfg.method_config()
+
+
+def test_overrides_parse_and_validate():
+    assert parse_override("optimizer.lr=1e-3") == ("optimizer.lr", 1e-3)
+    assert parse_override("augment=false") == ("augment", False)
+    assert parse_override("method_args.layers=[0,1]") == ("method_args.layers", [0, 1])
+    cfg = load_config("l2p", "synth-shapes", overrides=["epochs=3", "optimizer.lr=0.01", "method_args.top_k=3"])
+    assert cfg.epochs == 3 and cfg.optimizer.lr == 0.01 and cfg.method_config().top_k == 3
+    with pytest.raises(ValueError, match="'epochs'"):
+        load_config("l2p", "synth-shapes", overrides=["epoch=3"])
+    with pytest.raises(ValueError, match="'lr'"):
+        load_config("l2p", "synth-shapes", overrides=["optimizer.lrr=3"])
+    with pytest.raises(ValueError, match="batch_size"):
+        load_config("l2p", "synth-shapes", overrides=["batch_size=abc"])
+    with pytest.raises(ValueError, match="amp"):
+        load_config("l2p", "synth-shapes", overrides=["amp=fp8"])
+    with pytest.raises(ValueError, match="pool_size"):
+        load_config("l2p", "synth-shapes", overrides=["method_args.pool_sise=3"])
+    with pytest.raises(ValueError, match="no sub-keys"):
+        apply_overrides({}, [("epochs.x", 1)])
+    with pytest.raises(ValueError, match="preset"):
+        load_config("l2p", "synth-shapes", "fats")
+    assert RunConfig(pretrained="none").pretrained is False

@@ -1,0 +1,210 @@
+"""The method API and the baselines (linear, l2p, dualprompt, coda_prompt) on a small random ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clfast.backbones.vit import create_vit
+from clfast.methods import (TaskContext, build_config, create_method, freeze_rows, list_methods, masked_logits,
+                            method_class)
+from clfast.ops import use_backend
+
+BASELINES = ["linear", "l2p", "dualprompt", "coda_prompt"]
+SMALL = {  # small pools keep the tests fast; the semantics are the same
+    "linear": {},
+    "l2p": {"pool_size": 6, "length": 3, "top_k": 2},
+    "dualprompt": {"g_length": 2, "e_length": 4},
+    "coda_prompt": {"pool_size": 8, "length": 4, "ortho_weight": 0.1},
+}
+NUM_CLASSES, NUM_TASKS = 8, 2
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return create_vit("vit_tiny_synth", pretrained=True)
+
+
+def ctx_for(task: int, **kw) -> TaskContext:
+    per = NUM_CLASSES // NUM_TASKS
+    ranges = tuple((t * per, (t + 1) * per) for t in range(NUM_TASKS))
+    return TaskContext(task=task, num_tasks=NUM_TASKS, class_range=ranges[task], seen_classes=ranges[task][1],
+                       num_classes=NUM_CLASSES, task_ranges=ranges, **kw)
+
+
+def make_batch(n: int = 5, seed: int = 0, task: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    per = NUM_CLASSES // NUM_TASKS
+    return {"image": torch.rand(n, 3, 32, 32, generator=g),
+            "label": torch.randint(task * per, (task + 1) * per, (n,), generator=g),
+            "task": torch.full((n,), task), "index": torch.arange(n)}
+
+
+def build(name: str, backbone, seed: int = 0):
+    torch.manual_seed(seed)
+    return create_method(name, backbone, NUM_CLASSES, NUM_TASKS, **SMALL[name])
+
+
+def test_registry_lists_baselines_and_suggests_close_names():
+    assert set(BASELINES) <= set(list_methods())
+    with pytest.raises(ValueError, match="did you mean 'l2p'|Did you mean 'l2p'"):
+        method_class("l2q")
+    with pytest.raises(ValueError, match="pool_size"):
+        build_config(method_class("l2p").Config, {"pool_sise": 3}, "l2p")
+    with pytest.raises(ValueError, match="top_k"):
+        build_config(method_class("l2p").Config, {"top_k": 11}, "l2p")
+    with pytest.raises(ValueError, match="length must be int"):
+        build_config(method_class("l2p").Config, {"length": "five"}, "l2p")
+
+
+def test_masked_logits_and_freeze_rows():
+    x = torch.zeros(2, 6)
+    y = masked_logits(x, (2, 4))
+    assert torch.isinf(y[:, :2]).all() and torch.isinf(y[:, 4:]).all() and (y[:, 2:4] == 0).all()
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    stop = [2]
+    freeze_rows(p, lambda: stop[0])
+    (p * torch.arange(4.0)[:, None]).sum().backward()
+    assert (p.grad[:2] == 0).all() and (p.grad[2:] != 0).all()
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_step_trains_only_method_parameters(name, backbone):
+    m = build(name, backbone)
+    m.train()
+    ctx = ctx_for(0)
+    m.begin_task(ctx)
+    out = m.training_step(make_batch(), ctx)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert "ce" in out.logs
+    out.loss.backward()
+    assert all(p.grad is None for p in m.backbone.parameters()), "the frozen backbone received gradients"
+    trained = [n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert "head.weight" in trained
+    if name != "linear":
+        assert any(not n.startswith("head") for n in trained), f"{name}: no prompt parameter was trained"
+    assert not m.backbone.vit.training, "the frozen backbone must stay in eval mode"
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_predict_masks_unseen_classes_and_is_batch_invariant(name, backbone):
+    m = build(name, backbone).eval()
+    ctx = ctx_for(0, split="test")
+    m.begin_task(ctx)
+    batch = make_batch(6, seed=1)
+    with torch.no_grad():
+        logits = m.predict(batch, ctx)
+        assert logits.shape == (6, NUM_CLASSES)
+        assert torch.isinf(logits[:, ctx.seen_classes:]).all()
+        assert torch.isfinite(logits[:, : ctx.seen_classes]).all()
+        # per-sample selection: a sample's prediction does not depend on the rest of its batch
+        single = torch.cat([m.predict({k: v[i: i + 1] for k, v in batch.items()}, ctx) for i in range(6)])
+    torch.testing.assert_close(single[:, :4], logits[:, :4], atol=2e-4, rtol=1e-4)
+
+
+def test_training_masks_to_current_task(backbone):
+    m = build("linear", backbone)
+    ctx = ctx_for(1)
+    logits = m.train_logits(torch.zeros(3, NUM_CLASSES), ctx)
+    assert torch.isinf(logits[:, :4]).all() and (logits[:, 4:] == 0).all()
+    m.cfg.train_mask = False
+    logits = m.train_logits(torch.zeros(3, NUM_CLASSES), ctx)
+    assert torch.isfinite(logits).all()
+
+
+def test_query_cache_returns_the_computed_features(backbone):
+    m = build("l2p", backbone)
+    batch = make_batch(7, seed=3)
+    ctx = ctx_for(0, split="test", cacheable=True)
+    fresh = m.query(batch, ctx_for(0))
+    first = m.query(batch, ctx)                       # fills the cache
+    part = {k: v[2:5] for k, v in batch.items()}
+    cached = m.query(part, ctx)                       # served from the cache
+    torch.testing.assert_close(first, fresh)
+    torch.testing.assert_close(cached, fresh[2:5])
+    calls = []
+    m.backbone.query, orig = (lambda x: calls.append(x.shape[0]) or orig(x)), m.backbone.query
+    try:
+        m.query(part, ctx)
+        assert calls == [], "a cached query ran the backbone again"
+        m.query(part, ctx_for(0, split="test", cacheable=False))
+        assert calls == [3]
+    finally:
+        del m.backbone.query
+
+
+def test_l2p_selects_top_k_keys_per_sample(backbone):
+    m = build("l2p", backbone)
+    batch = make_batch(4)
+    q = m.query(batch, ctx_for(0))
+    cos = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(m.keys.detach(), dim=1).T
+    want = cos.topk(m.cfg.top_k, dim=1).indices.sort(1).values
+    from clfast.ops import retrieve
+
+    _, got = retrieve(q, m.keys.detach(), m.cfg.top_k)
+    assert torch.equal(got.sort(1).values, want)
+
+
+def test_dualprompt_trains_only_the_current_expert_and_selects_among_seen(backbone):
+    m = build("dualprompt", backbone)
+    ctx = ctx_for(1)
+    m.begin_task(ctx)
+    torch.testing.assert_close(m.e_prompt[:, :, 1], m.e_prompt[:, :, 0])   # copied from the previous expert
+    m.training_step(make_batch(task=1), ctx).loss.backward()
+    g = m.e_prompt.grad
+    assert g[:, :, 0].abs().sum() == 0 and g[:, :, 1].abs().sum() > 0
+    assert m.e_keys.grad[0].abs().sum() == 0 and m.e_keys.grad[1].abs().sum() > 0
+    with torch.no_grad():
+        m.e_keys[1] = -m.e_keys[0] * 1e3          # make task 1's key far from everything
+        idx0 = m.select(make_batch(), ctx_for(0))
+    assert (idx0 == 0).all(), "after task 0 only task 0's key may be selected"
+
+
+def test_coda_prompt_orthogonal_init_and_frozen_old_components(backbone):
+    m = build("coda_prompt", backbone)
+    m.begin_task(ctx_for(0))
+    old = m.prompts.detach().clone()
+    m.begin_task(ctx_for(1))
+    per = m.per_task
+    torch.testing.assert_close(m.prompts[:, :per], old[:, :per])          # old components kept
+    for p in (m.keys, m.attn, m.prompts):
+        flat = p.detach()[0, : 2 * per].reshape(2 * per, -1).double()
+        gram = flat @ flat.T
+        torch.testing.assert_close(gram, torch.eye(2 * per, dtype=torch.float64), atol=1e-5, rtol=0)
+    m.training_step(make_batch(task=1), ctx_for(1)).loss.backward()
+    for p in (m.keys, m.attn, m.prompts):
+        assert p.grad[:, :per].abs().sum() == 0 and p.grad[:, per: 2 * per].abs().sum() > 0
+    # components of future tasks do not change the output
+    m2 = build("coda_prompt", backbone)
+    m2.begin_task(ctx_for(0))
+    batch = make_batch()
+    with torch.no_grad():
+        a = m2.predict(batch, ctx_for(0, split="test"))
+        m2.prompts[:, per:] += 5.0
+        b = m2.predict(batch, ctx_for(0, split="test"))
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+
+
+@pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda_prompt"])
+def test_convergence_fused_matches_reference(name, backbone):
+    """A few optimizer steps with the fused ops and with the reference ops give the same losses."""
+    def run(backend):
+        m = build(name, backbone, seed=1)
+        ctx = ctx_for(0)
+        m.begin_task(ctx)
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(4):
+            with use_backend(backend):
+                out = m.training_step(make_batch(8, seed=step), ctx)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            losses.append(float(out.loss.detach()))
+        return losses
+
+    ref = run("reference")
+    fused = run("cpu")
+    assert ref[-1] < ref[0] + 1.0  # it trains (loosely: pull terms can move the total)
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(ref), atol=2e-3, rtol=2e-3)
