@@ -58,6 +58,7 @@ class RunConfig:
     augment: bool = True
     amp: str = "bf16"
     compile: bool = False
+    compile_options: dict = field(default_factory=dict)   # torch.compile kwargs, e.g. {mode: max-autotune}
     method_args: dict = field(default_factory=dict)
     # run
     seed: int = 0
@@ -94,8 +95,9 @@ class RunConfig:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not isinstance(self.method_args, dict) or not isinstance(self.dataset_args, dict):
-            raise ValueError("method_args and dataset_args must be mappings")
+        for key in ("method_args", "dataset_args", "compile_options"):
+            if not isinstance(getattr(self, key), dict):
+                raise ValueError(f"{key} must be a mapping, got {getattr(self, key)!r}")
         if isinstance(self.pretrained, str) and self.pretrained.lower() in ("none", "false", "random"):
             self.pretrained = False
 
@@ -155,7 +157,7 @@ def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
         if head in nested:
             if rest not in nested[head]:
                 raise _unknown_key(rest, nested[head], head)
-        elif head not in ("method_args", "dataset_args"):
+        elif head not in ("method_args", "dataset_args", "compile_options"):
             raise ValueError(f"config key {head!r} has no sub-keys (got {key!r})")
         sub = data.get(head)
         sub = dict(sub) if isinstance(sub, dict) else {}

@@ -129,10 +129,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # model construction draws from the global generators
         self.scenario = scenario if scenario is not None else self._build_scenario()
         self.method = method if method is not None else self._build_method()
+        if self.scenario.kind not in self.method.supports:
+            raise ValueError(f"method {cfg.method!r} supports {', '.join(self.method.supports)} scenarios, not "
+                             f"{self.scenario.kind!r} (dataset {cfg.dataset!r}, scenario={cfg.scenario!r})")
         self.method.to(self.device)
         self._build_transforms()
         if cfg.compile:
-            self.method.compile_for_training()
+            self.method.compile_for_training(**cfg.compile_options)
         self.acc = AccuracyMatrix()
         self.metrics = rio.JsonlLogger(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.is_main)
         self.pos = Position()
@@ -230,10 +233,14 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", drop_last=False,
                           persistent_workers=False)
 
-    def _stats_loader(self, task: int) -> DataLoader:
-        """The task's training data, deterministic transform, sharded over ranks without duplicates."""
+    def _stats_loader(self, task: int) -> "_ProgressLoader":
+        """The task's training data, deterministic transform, sharded over ranks without duplicates.
+
+        Each pass over it (a method may make several, e.g. EM iterations) shows a progress bar.
+        """
         ds = _Transformed(self.scenario.train_set(task), self.eval_tf)
-        return self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
+        loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
+        return _ProgressLoader(loader, f"statistics, task {task + 1}", enabled=not self.quiet)
 
     # the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -642,6 +649,23 @@ class Trainer:
             rio.set_rng_state(rng)
         else:  # applied in _run_stage, after begin_task and begin_stage have run again
             self._pending = (state["method_state"], rng)
+
+
+class _ProgressLoader:
+    """A DataLoader whose every iteration shows its own progress bar (statistics passes)."""
+
+    def __init__(self, loader: DataLoader, desc: str, enabled: bool):
+        self.loader, self.desc, self.enabled = loader, desc, enabled
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(progress(self.loader, total=len(self.loader), desc=self.desc, enabled=self.enabled))
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
 
 
 class _Transformed(torch.utils.data.Dataset):

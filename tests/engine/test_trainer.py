@@ -159,3 +159,15 @@ def test_overrides_parse_and_validate():
     with pytest.raises(ValueError, match="preset"):
         load_config("l2p", "synth-shapes", "fats")
     assert RunConfig(pretrained="none").pretrained is False
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """compile: true traces the prompted backbone (custom ops included) and trains the same."""
+    states = []
+    for i, extra in enumerate([[], ["compile=true", "compile_options.backend=aot_eager"]]):
+        out = tmp_path / f"r{i}"
+        with pytest.raises(Interrupted):
+            Trainer(tiny_cfg("dualprompt", ["amp=none", "stop_after_steps=3", *extra]), out=str(out)).fit()
+        states.append(torch.load(out / "checkpoints" / "interrupt.pt", weights_only=True)["method_state"])
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
