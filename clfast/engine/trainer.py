@@ -126,7 +126,7 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
-        torch.manual_seed(cfg.seed)  # model construction draws from the global generators
+        _seed_everything(cfg.seed)  # model construction and augmentation draw from the global generators
         self.scenario = scenario if scenario is not None else self._build_scenario()
         self.method = method if method is not None else self._build_method()
         if self.scenario.kind not in self.method.supports:
@@ -341,6 +341,9 @@ class Trainer:
                 batches: Iterable = self._loader(data, sampler, per_rank)
                 total_steps = n_steps
             else:
+                # Batches the method generates (e.g. sampled features) cannot be skipped without
+                # drawing them: an interrupted epoch of such a stage restarts from its first batch.
+                skip = 0
                 batches = self.method.stage_batches(stage, sctx.replace(epoch=epoch))
                 n_steps = self.cfg.limit_train_batches or None
                 total_steps = n_steps
@@ -410,7 +413,7 @@ class Trainer:
         with self._autocast():
             loss, logs = module(batch, ctx)
         if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.global_step} "
+            raise FloatingPointError(f"non-finite loss {float(loss.detach())} at step {self.global_step} "
                                      f"(task {ctx.task + 1}, stage {ctx.stage}, epoch {ctx.epoch + 1})")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -683,6 +686,17 @@ class _Transformed(torch.utils.data.Dataset):
             item = dict(item)
             item["image"] = self.transform(item["image"])
         return item
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CPU and every CUDA device)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _mask_to_tasks(logits: torch.Tensor, task: torch.Tensor, ranges) -> torch.Tensor:
