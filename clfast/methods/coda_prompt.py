@@ -67,10 +67,8 @@ class CodaPrompt(FrozenQueryMethod):
 
     def __init__(self, backbone, num_classes, num_tasks, cfg: CodaPromptConfig):
         super().__init__(backbone, num_classes, num_tasks, cfg)
-        L, C = int(backbone.num_layers), self.embed_dim
-        bad = [i for i in cfg.layers if not 0 <= i < L]
-        if bad:
-            raise ValueError(f"coda_prompt: layers {bad} out of range for a {L}-block backbone")
+        C = self.embed_dim
+        self.check_layers(cfg.layers)
         if cfg.pool_size % num_tasks:
             raise ValueError(f"coda_prompt: pool_size {cfg.pool_size} must be divisible by num_tasks {num_tasks}")
         self.per_task = cfg.pool_size // num_tasks

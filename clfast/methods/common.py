@@ -92,6 +92,13 @@ class FrozenQueryMethod(Method):
             return compute()
         return self.query_cache(ctx.split, batch["index"], compute)
 
+    def check_layers(self, layers) -> None:
+        """ValueError naming the method if a prompted block index is outside the backbone."""
+        n = int(self.backbone.num_layers)
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"{self.name}: layers {bad} out of range for a {n}-block backbone")
+
     def classify(self, features: Tensor) -> Tensor:
         return self.head(features)
 

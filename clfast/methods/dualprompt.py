@@ -52,10 +52,8 @@ class DualPrompt(FrozenQueryMethod):
 
     def __init__(self, backbone, num_classes, num_tasks, cfg: DualPromptConfig):
         super().__init__(backbone, num_classes, num_tasks, cfg)
-        L, C = int(backbone.num_layers), self.embed_dim
-        bad = [i for i in cfg.g_layers + cfg.e_layers if not 0 <= i < L]
-        if bad:
-            raise ValueError(f"dualprompt: layers {bad} out of range for a {L}-block backbone")
+        C = self.embed_dim
+        self.check_layers(cfg.g_layers + cfg.e_layers)
         self.pool = cfg.pool_size or num_tasks
         if self.pool < num_tasks:
             raise ValueError(f"dualprompt: pool_size {self.pool} < num_tasks {num_tasks} (one E-prompt per task)")
