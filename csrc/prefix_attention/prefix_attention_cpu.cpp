@@ -167,6 +167,19 @@ inline void gemm_release() {
 #define CLFAST_PA_AVX512 0
 #endif
 
+// GCC 12 reports the _mm512_undefined_*() placeholders inside its own AVX-512 intrinsics (lane
+// shuffles, reductions, scalef) as uninitialized: false positives, silenced around that code.
+#if defined(__GNUC__) && !defined(__clang__)
+#define CLFAST_PA_DIAG_PUSH                                  \
+  _Pragma("GCC diagnostic push")                            \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"") \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define CLFAST_PA_DIAG_POP _Pragma("GCC diagnostic pop")
+#else
+#define CLFAST_PA_DIAG_PUSH
+#define CLFAST_PA_DIAG_POP
+#endif
+
 bool use_avx512() {
 #if CLFAST_PA_AVX512
   static const bool use = [] {
@@ -602,11 +615,13 @@ void softmax_rows_base(float* S, int64_t lds, int64_t nq, int64_t kn, float scal
 }
 
 #if CLFAST_PA_AVX512
+CLFAST_PA_DIAG_PUSH
 constexpr float kLog2e = 1.44269504088896341f;
 
 // 2^x for finite x <= 127 (x below -150 gives 0): 2^round(x) * p(x - round(x)), p a
 // near-minimax polynomial on [-1/2, 1/2] fitted for this kernel: degree 5 (relative error
-// 1.7e-7) for fp32 operands, degree 4 (2.9e-6) when the result is rounded to 16 bits.
+// 1.7e-7) for fp32 operands, degree 3 (1.0e-4, far below the 3.9e-3 of a bf16 rounding) when the
+// result is rounded to 16 bits.
 // Softmax arguments are <= 0 and finite (padding uses kPadLse, not inf), so there is no clamp.
 template <bool kPrecise>
 CLFAST_PA_AVX512_TARGET inline __m512 exp2_16(__m512 x) {
@@ -619,9 +634,8 @@ CLFAST_PA_AVX512_TARGET inline __m512 exp2_16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402224243e-01f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931470037e-01f));
   } else {
-    p = _mm512_fmadd_ps(_mm512_set1_ps(9.582852945e-03f), r, _mm512_set1_ps(5.590642616e-02f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402409911e-01f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931241751e-01f));
+    p = _mm512_fmadd_ps(_mm512_set1_ps(5.500871258e-02f), r, _mm512_set1_ps(2.422106820e-01f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.932829201e-01f));
   }
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
@@ -694,71 +708,116 @@ CLFAST_PA_AVX512_TARGET void grad_tile_avx512(float* S, float* dP, int64_t ldq, 
 }
 
 
-template <typename C>
-CLFAST_PA_AVX512_TARGET void softmax_rows_avx512(float* S, int64_t lds, int64_t nq, int64_t kn,
-                                                 float scale, float* m, float* l, float* alpha,
-                                                 C* P, bool first, RowPrefetch& pf, int64_t pf_step) {
+template <bool kMax>
+CLFAST_PA_AVX512_TARGET inline __m512 extreme16(__m512 a, __m512 b) {
+  return kMax ? _mm512_max_ps(a, b) : _mm512_min_ps(a, b);
+}
+
+// R rows at once (independent dependency chains): the row maxima first, then the exponentials.
+// kPos: scale >= 0, so max_j scale*S[j] = scale * max_j S[j] (else scale * min_j S[j]).
+template <typename C, int R, bool kPos>
+CLFAST_PA_AVX512_TARGET inline void softmax_group_avx512(float* S, int64_t lds, int64_t kn,
+                                                         float scale, float* m, float* l,
+                                                         float* alpha, C* P, bool first) {
   constexpr bool vnni = kVnni<C>;
   const __m512 vs2 = _mm512_set1_ps(scale * kLog2e);
   const int64_t full = kn / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (kn - full)) - 1);
-  const bool pos = scale >= 0.f;
-  // max_j scale*S[j] = scale * (max_j S[j] if scale >= 0 else min_j S[j])
-  const __m512 fill = _mm512_set1_ps(pos ? -kInf : kInf);
-  for (int64_t i = 0; i < nq; ++i) {
-    pf.issue(pf_step);
-    float* s = S + i * lds;
-    __m512 e0 = fill, e1 = fill;
-    int64_t j = 0;
-    for (; j + 32 <= full; j += 32) {
-      const __m512 x0 = _mm512_loadu_ps(s + j), x1 = _mm512_loadu_ps(s + j + 16);
-      e0 = pos ? _mm512_max_ps(e0, x0) : _mm512_min_ps(e0, x0);
-      e1 = pos ? _mm512_max_ps(e1, x1) : _mm512_min_ps(e1, x1);
+  const __m512 fill = _mm512_set1_ps(kPos ? -kInf : kInf);
+  __m512 e[R];
+  for (int r = 0; r < R; ++r) {
+    e[r] = fill;
+  }
+  for (int64_t j = 0; j < full; j += 16) {
+    for (int r = 0; r < R; ++r) {
+      e[r] = extreme16<kPos>(e[r], _mm512_loadu_ps(S + r * lds + j));
     }
-    for (; j < full; j += 16) {
-      const __m512 x = _mm512_loadu_ps(s + j);
-      e0 = pos ? _mm512_max_ps(e0, x) : _mm512_min_ps(e0, x);
+  }
+  if (tail) {
+    for (int r = 0; r < R; ++r) {
+      e[r] = extreme16<kPos>(e[r], _mm512_mask_loadu_ps(fill, tail, S + r * lds + full));
     }
-    if (tail) {
-      const __m512 x = _mm512_mask_loadu_ps(fill, tail, s + full);
-      e1 = pos ? _mm512_max_ps(e1, x) : _mm512_min_ps(e1, x);
-    }
-    float mx = pos ? _mm512_reduce_max_ps(_mm512_max_ps(e0, e1)) * scale
-                   : _mm512_reduce_min_ps(_mm512_min_ps(e0, e1)) * scale;
+  }
+  __m512 mx2[R], sum[R];
+  for (int r = 0; r < R; ++r) {
+    float mx = (kPos ? _mm512_reduce_max_ps(e[r]) : _mm512_reduce_min_ps(e[r])) * scale;
     float a = 0.f;
     if (!first) {
-      mx = std::max(mx, m[i]);
-      a = online_rescale(m[i], mx);
+      mx = std::max(mx, m[r]);
+      a = online_rescale(m[r], mx);
     }
-    m[i] = mx;
-    alpha[i] = a;
-    const __m512 mx2 = _mm512_set1_ps(mx * kLog2e);
-    __m512 sum = _mm512_setzero_ps();
-    C* prow = vnni ? P + i * lds : nullptr;
-    for (j = 0; j < full; j += 16) {
-      const __m512 e = exp2_16<!vnni>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vs2, mx2));
-      sum = _mm512_add_ps(sum, e);
-      if constexpr (vnni) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j),
-                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
-      } else {
-        _mm512_storeu_ps(s + j, e);
+    m[r] = mx;
+    alpha[r] = a;
+    mx2[r] = _mm512_set1_ps(mx * kLog2e);
+    sum[r] = _mm512_setzero_ps();
+  }
+  int64_t j0 = 0;
+  if constexpr (vnni) {
+    // two vectors per conversion (vcvtne2ps2bf16 converts 32 values at the cost of 16)
+    for (; j0 + 32 <= full; j0 += 32) {
+      for (int r = 0; r < R; ++r) {
+        const __m512 x0 = exp2_16<false>(_mm512_fmsub_ps(_mm512_loadu_ps(S + r * lds + j0), vs2, mx2[r]));
+        const __m512 x1 = exp2_16<false>(_mm512_fmsub_ps(_mm512_loadu_ps(S + r * lds + j0 + 16), vs2, mx2[r]));
+        sum[r] = _mm512_add_ps(sum[r], _mm512_add_ps(x0, x1));
+        _mm512_storeu_si512(P + r * lds + j0, cvt32_bf16(x0, x1));
       }
     }
-    if (tail) {
-      const __m512 e = _mm512_maskz_mov_ps(
-          tail, exp2_16<!vnni>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + full), vs2, mx2)));
-      sum = _mm512_add_ps(sum, e);
+  }
+  for (int64_t j = j0; j < full; j += 16) {
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = exp2_16<!vnni>(_mm512_fmsub_ps(_mm512_loadu_ps(S + r * lds + j), vs2, mx2[r]));
+      sum[r] = _mm512_add_ps(sum[r], x);
       if constexpr (vnni) {
-        // also writes the zero pad column kn when kn is odd
-        const __mmask16 k2 = static_cast<__mmask16>((1u << (round_up(kn, 2) - full)) - 1);
-        _mm256_mask_storeu_epi16(prow + full, k2, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + r * lds + j),
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
       } else {
-        _mm512_mask_storeu_ps(s + full, tail, e);
+        _mm512_storeu_ps(S + r * lds + j, x);
       }
     }
-    const float ssum = _mm512_reduce_add_ps(sum);
-    l[i] = first ? ssum : l[i] * a + ssum;
+  }
+  if (tail) {
+    // 16-bit: also writes the zero pad column kn when kn is odd
+    const __mmask16 k2 = static_cast<__mmask16>((1u << (round_up(kn, 2) - full)) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_maskz_mov_ps(
+          tail, exp2_16<!vnni>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, S + r * lds + full), vs2, mx2[r])));
+      sum[r] = _mm512_add_ps(sum[r], x);
+      if constexpr (vnni) {
+        _mm256_mask_storeu_epi16(P + r * lds + full, k2, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+      } else {
+        _mm512_mask_storeu_ps(S + r * lds + full, tail, x);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float ssum = _mm512_reduce_add_ps(sum[r]);
+    l[r] = first ? ssum : l[r] * alpha[r] + ssum;
+  }
+}
+
+template <typename C>
+CLFAST_PA_AVX512_TARGET void softmax_rows_avx512(float* S, int64_t lds, int64_t nq, int64_t kn,
+                                                 float scale, float* m, float* l, float* alpha,
+                                                 C* P, bool first, RowPrefetch& pf, int64_t pf_step) {
+  constexpr int R = 4;
+  C* p0 = kVnni<C> ? P : nullptr;
+  auto group = [&](int64_t i, auto rows) {
+    constexpr int n = decltype(rows)::value;
+    C* pr = p0 != nullptr ? p0 + i * lds : nullptr;
+    if (scale >= 0.f) {
+      softmax_group_avx512<C, n, true>(S + i * lds, lds, kn, scale, m + i, l + i, alpha + i, pr, first);
+    } else {
+      softmax_group_avx512<C, n, false>(S + i * lds, lds, kn, scale, m + i, l + i, alpha + i, pr, first);
+    }
+  };
+  int64_t i = 0;
+  for (; i + R <= nq; i += R) {
+    pf.issue(pf_step * R);
+    group(i, std::integral_constant<int, R>{});
+  }
+  for (; i < nq; ++i) {
+    pf.issue(pf_step);
+    group(i, std::integral_constant<int, 1>{});
   }
 }
 
@@ -873,6 +932,24 @@ CLFAST_PA_AVX512_TARGET void store_transposed_avx512(const float* src, int64_t l
     }
   }
 }
+// sum_c a[c] * b[c] for bf16 rows with d % 32 == 0 (vdpbf16ps: exact products, fp32 sums).
+CLFAST_PA_AVX512_TARGET inline float dot_row_bf16_avx512(const at::BFloat16* a, const at::BFloat16* b,
+                                                        int64_t d) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64) {
+    acc0 = _mm512_dpbf16_ps(acc0, reinterpret_cast<__m512bh>(_mm512_loadu_si512(a + c)),
+                            reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + c)));
+    acc1 = _mm512_dpbf16_ps(acc1, reinterpret_cast<__m512bh>(_mm512_loadu_si512(a + c + 32)),
+                            reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + c + 32)));
+  }
+  for (; c < d; c += 32) {
+    acc0 = _mm512_dpbf16_ps(acc0, reinterpret_cast<__m512bh>(_mm512_loadu_si512(a + c)),
+                            reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + c)));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+CLFAST_PA_DIAG_POP
 #endif
 
 // AVX-512 versions exist for fp32 and bf16 operands.
@@ -912,6 +989,18 @@ void store_transposed(const float* src, int64_t ld, int64_t n, int64_t d, const 
   }
 #endif
   store_transposed_base<T>(src, ld, n, d, scale, out);
+}
+
+template <typename T>
+float dot_row_fast(const T* a, const T* b, int64_t d) {
+#if CLFAST_PA_AVX512
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (d % 32 == 0 && use_avx512()) {
+      return dot_row_bf16_avx512(a, b, d);
+    }
+  }
+#endif
+  return dot_row<T>(a, b, d);
 }
 
 template <typename C>
@@ -1016,6 +1105,98 @@ void prefetch_keys(RowPrefetch& pf, const KeyRows<T>& src, int64_t L, int64_t d)
 template <typename C>
 using Bits = std::conditional_t<sizeof(C) == 4, uint32_t, uint16_t>;
 
+#if CLFAST_PA_AVX512
+CLFAST_PA_DIAG_PUSH
+// In-register transpose of a 16 x 16 matrix of 32-bit words: r[k] = row k on entry, column k on exit.
+CLFAST_PA_AVX512_TARGET inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int k = 0; k < 16; k += 2) {
+    t[k] = _mm512_unpacklo_epi32(r[k], r[k + 1]);
+    t[k + 1] = _mm512_unpackhi_epi32(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 16; k += 4) {
+    r[k] = _mm512_unpacklo_epi64(t[k], t[k + 2]);
+    r[k + 1] = _mm512_unpackhi_epi64(t[k], t[k + 2]);
+    r[k + 2] = _mm512_unpacklo_epi64(t[k + 1], t[k + 3]);
+    r[k + 3] = _mm512_unpackhi_epi64(t[k + 1], t[k + 3]);
+  }
+  // Now 128-bit lane L of r[4g + m] holds rows 4g..4g+3 of column 4L + m; two rounds of 128-bit
+  // lane shuffles gather column c = 4L + m from lane L of r[m], r[4 + m], r[8 + m], r[12 + m].
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm512_shuffle_i32x4(r[k], r[k + 4], 0x88);
+    t[k + 4] = _mm512_shuffle_i32x4(r[k], r[k + 4], 0xdd);
+    t[k + 8] = _mm512_shuffle_i32x4(r[k + 8], r[k + 12], 0x88);
+    t[k + 12] = _mm512_shuffle_i32x4(r[k + 8], r[k + 12], 0xdd);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
+    r[k + 4] = _mm512_shuffle_i32x4(t[k + 4], t[k + 12], 0x88);
+    r[k + 12] = _mm512_shuffle_i32x4(t[k + 4], t[k + 12], 0xdd);
+  }
+}
+
+// dst[w * ld + i] = word w of src(i) for w < words, i < round_up(ncol, 16) (zero for i >= n); the
+// 32-bit words are the VNNI feature pairs of 16-bit rows. Needs round_up(ncol, 16) <= ld.
+template <typename RowFn>
+CLFAST_PA_AVX512_TARGET void transpose_words_avx512(const RowFn& src, int64_t n, int64_t ncol,
+                                                    int64_t words, uint32_t* dst, int64_t ld) {
+  for (int64_t i0 = 0; i0 < ncol; i0 += 16) {
+    const uint32_t* rows[16];
+    for (int k = 0; k < 16; ++k) {
+      rows[k] = i0 + k < n ? reinterpret_cast<const uint32_t*>(src(i0 + k)) : nullptr;
+    }
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
+      const int64_t nw = std::min<int64_t>(16, words - w0);
+      const __mmask16 m = static_cast<__mmask16>((1u << nw) - 1);
+      __m512i r[16];
+      for (int k = 0; k < 16; ++k) {
+        r[k] = rows[k] != nullptr ? _mm512_maskz_loadu_epi32(m, rows[k] + w0) : _mm512_setzero_si512();
+      }
+      transpose16x16_epi32(r);
+      for (int k = 0; k < nw; ++k) {
+        _mm512_storeu_si512(dst + (w0 + k) * ld + i0, r[k]);
+      }
+    }
+  }
+}
+
+// VNNI pairs of 16-bit rows: dst[i/2][c][i%2] = src(i)[c] for i < nrow (zero rows for i >= n).
+template <typename C, typename RowFn>
+CLFAST_PA_AVX512_TARGET void interleave_rows_avx512(const RowFn& src, int64_t n, int64_t nrow, int64_t d,
+                                                    C* dst) {
+  alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                  11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(lo_idx);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t i = 0; i < nrow; i += 2) {
+    const C* a = i < n ? src(i) : nullptr;
+    const C* b = i + 1 < n ? src(i + 1) : nullptr;
+    C* o = dst + i * d;
+    for (int64_t c = 0; c < d; c += 32) {
+      const __mmask32 m = d - c >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << (d - c)) - 1);
+      const __m512i x = a != nullptr ? _mm512_maskz_loadu_epi16(m, a + c) : _mm512_setzero_si512();
+      const __m512i y = b != nullptr ? _mm512_maskz_loadu_epi16(m, b + c) : _mm512_setzero_si512();
+      const __m512i p0 = _mm512_permutex2var_epi16(x, lo, y);
+      const __m512i p1 = _mm512_permutex2var_epi16(x, hi, y);
+      if (d - c >= 32) {
+        _mm512_storeu_si512(o + 2 * c, p0);
+        _mm512_storeu_si512(o + 2 * c + 32, p1);
+      } else {
+        const int64_t left = 2 * (d - c);  // 16-bit values still to write
+        const __mmask32 m0 = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1);
+        _mm512_mask_storeu_epi16(o + 2 * c, m0, p0);
+        if (left > 32) {
+          _mm512_mask_storeu_epi16(o + 2 * c + 32, static_cast<__mmask32>((1u << (left - 32)) - 1), p1);
+        }
+      }
+    }
+  }
+}
+CLFAST_PA_DIAG_POP
+#endif
+
 // A operand with keys as rows: dst[j][c] for j < L, c < dp (zero for c >= d).
 template <typename C, typename RowFn>
 void pack_rows(const RowFn& src, int64_t L, int64_t d, int64_t dp, C* dst) {
@@ -1068,6 +1249,12 @@ void pack_b_features(const RowFn& src, int64_t n, int64_t ncol, int64_t d, int64
     if (!vnni || d % 2 == 0) {
       // fp32: a plain transpose; 16-bit VNNI: a transpose of 32-bit feature pairs.
       const int64_t words = vnni ? d / 2 : d;
+#if CLFAST_PA_AVX512
+      if (use_avx512() && round_up(ncol, 16) <= ld) {
+        transpose_words_avx512(src, n, ncol, words, reinterpret_cast<uint32_t*>(dst), ld);
+        return;
+      }
+#endif
       transpose_rows(src, n, words, reinterpret_cast<uint32_t*>(dst), ld);
       for (int64_t w = 0; w < words; ++w) {
         std::memset(reinterpret_cast<uint32_t*>(dst) + w * ld + n, 0, (ncol - n) * sizeof(uint32_t));
@@ -1098,6 +1285,12 @@ void pack_b_rows(const RowFn& src, int64_t n, int64_t nrow, int64_t d, C* dst) {
       std::memset(dst + n * d, 0, (nrow - n) * d * sizeof(C));
       return;
     } else {
+#if CLFAST_PA_AVX512
+      if (use_avx512()) {
+        interleave_rows_avx512<C>(src, n, nrow, d, dst);
+        return;
+      }
+#endif
 #if CLFAST_PA_AVX2
       // Interleave pairs of rows: dst[i/2][c][i%2].
       static const C zeros[8] = {};
@@ -1250,10 +1443,35 @@ KeyRows<T> key_rows(const Problem& p, const RowView<T>& pre, const RowView<T>& s
   return r;
 }
 
+// Per-thread scratch memory, kept from call to call: no allocation, page faults or zeroing per
+// call (every kernel writes what it reads; see the backward for the one padding it zeroes).
+// A buffer is reallocated when too small, or when far larger than needed (a big call's memory
+// is not kept forever).
+constexpr int kScratchSlots = 8;
+
+void* scratch_bytes(int slot, int64_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    int64_t capacity = 0;
+    ~Buffer() {
+      std::free(data);
+    }
+  };
+  thread_local Buffer buffers[kScratchSlots];
+  Buffer& b = buffers[slot];
+  bytes = round_up(std::max<int64_t>(bytes, 1), 64);
+  if (b.capacity < bytes || b.capacity > 4 * bytes + (int64_t{1} << 22)) {
+    std::free(b.data);
+    b.data = std::aligned_alloc(64, bytes);
+    b.capacity = b.data != nullptr ? bytes : 0;
+    TORCH_CHECK(b.data != nullptr, "prefix_attention: out of memory (", bytes, " bytes of scratch)");
+  }
+  return b.data;
+}
+
 template <typename C>
-at::Tensor scratch(int64_t n) {
-  return at::zeros({std::max<int64_t>(n, 1)},
-                   at::TensorOptions().dtype(c10::CppTypeToScalarType<C>::value));
+C* scratch(int slot, int64_t n) {
+  return static_cast<C*>(scratch_bytes(slot, n * static_cast<int64_t>(sizeof(C))));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1285,15 +1503,11 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
   float* lse_p = lse.data_ptr<float>();
 
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor kside_t = scratch<C>(dp * ldk + round_up(Lmax, 2) * d);
-    at::Tensor qa_t = scratch<C>(q_direct ? 0 : BQ * dp);
-    at::Tensor p_t = scratch<C>(vnni ? BQ * lds : 0);
-    at::Tensor f_t = scratch<float>(BQ * lds + BQ * d + 3 * BQ);
-    C* Kt = kside_t.data_ptr<C>();  // K^T: B operand [dp x keys]
-    C* Vb = Kt + dp * ldk;           // V: B operand [keys x d]
-    C* Qa = q_direct ? nullptr : qa_t.data_ptr<C>();
-    C* Pm = vnni ? p_t.data_ptr<C>() : nullptr;
-    float* S = f_t.data_ptr<float>();
+    C* Kt = scratch<C>(0, dp * ldk + round_up(Lmax, 2) * d);  // K^T: B operand [dp x keys]
+    C* Vb = Kt + dp * ldk;                                     // V: B operand [keys x d]
+    C* Qa = q_direct ? nullptr : scratch<C>(1, BQ * dp);
+    C* Pm = vnni ? scratch<C>(2, BQ * lds) : nullptr;
+    float* S = scratch<float>(3, BQ * lds + BQ * d + 3 * BQ);
     float* O = S + BQ * lds;
     float* m = O + BQ * d;
     float* l = m + BQ;
@@ -1438,28 +1652,54 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
     }
   };
 
+  // Without a mask, keys/values of the input type are used in place as the A operands of S^T and
+  // dP^T (two GEMMs per tile when a tile spans the prefix and the sequence).
+  const bool keys_direct = std::is_same_v<T, C> && dp == d && !p.has_mask;
+  auto gemm_keys = [&](const KeyRows<T>& src, const C* packed, int64_t k0, int64_t kn, int64_t ncol,
+                       const C* Bm, float* Cm) {
+    if constexpr (std::is_same_v<T, C>) {
+      if (keys_direct) {
+        const int64_t k1 = k0 + kn;
+        if (k0 < P) {
+          const int64_t e = std::min(k1, P);
+          gemm<C>(e - k0, ncol, dp, src.pre + k0 * src.pre_sn, src.pre_sn, Bm, ldq, Cm, ldq, false);
+        }
+        if (k1 > P) {
+          const int64_t s0 = std::max(k0, P);
+          gemm<C>(k1 - s0, ncol, dp, src.seq + (s0 - P) * src.seq_sn, src.seq_sn, Bm, ldq,
+                  Cm + (s0 - k0) * ldq, ldq, false);
+        }
+        return;
+      }
+    }
+    gemm<C>(kn, ncol, dp, packed + k0 * dp, dp, Bm, ldq, Cm, ldq, false);
+  };
   at::parallel_for(0, BH * G, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor ka_t = scratch<C>(Lmax * dp), va_t = scratch<C>(Lmax * dp), kt_t = scratch<C>(d * ldk);
-    at::Tensor qside_t = scratch<C>(2 * dp * ldq + 2 * BQ * d);
-    at::Tensor sdp_t = scratch<float>(2 * BK * ldq);
-    at::Tensor ps_t = scratch<C>(vnni ? 3 * BK * ldq : 0);
-    at::Tensor dqt_t = scratch<float>(d * ldq + 2 * ldq);
-    at::Tensor acc_t = scratch<float>(G > 1 ? 0 : 2 * Lmax * d);
-    C* Ka = ka_t.data_ptr<C>();
-    C* Va = va_t.data_ptr<C>();
-    C* Kt = kt_t.data_ptr<C>();
-    C* Qt = qside_t.data_ptr<C>();
+    C* Ka = keys_direct ? nullptr : scratch<C>(0, 2 * Lmax * dp);
+    C* Va = keys_direct ? nullptr : Ka + Lmax * dp;
+    C* Kt = scratch<C>(1, d * ldk);
+    C* Qt = scratch<C>(2, 2 * dp * ldq + 2 * BQ * d);
     C* dOt = Qt + dp * ldq;
     C* Qr = dOt + dp * ldq;
     C* dOr = Qr + BQ * d;
-    float* S = sdp_t.data_ptr<float>();
+    float* S = scratch<float>(3, 2 * BK * ldq);
     float* dP = S + BK * ldq;
-    C* Pa = vnni ? ps_t.data_ptr<C>() : nullptr;
+    // The GEMMs write the first nqk <= ldq columns of S and dP; the element-wise code reads whole
+    // vectors, up to ldq: the rest must hold finite values.
+    {
+      const int64_t last_nq = Nq - (nqb - 1) * BQ;  // the smallest query block
+      const int64_t c0 = vnni ? round_up(last_nq, 2) : last_nq;
+      for (int64_t j = 0; j < 2 * BK; ++j) {
+        std::fill(S + j * ldq + c0, S + (j + 1) * ldq, 0.f);
+      }
+    }
+    C* Pa = vnni ? scratch<C>(4, 3 * BK * ldq) : nullptr;
     C* dSa = vnni ? Pa + BK * ldq : nullptr;
     C* dSv = vnni ? dSa + BK * ldq : nullptr;
-    float* dQt = dqt_t.data_ptr<float>();
+    float* dQt = scratch<float>(5, d * ldq + 2 * ldq);
     float* lse_b = dQt + d * ldq;
     float* di = lse_b + ldq;
+    float* acc = G > 1 ? nullptr : scratch<float>(6, 2 * Lmax * d);
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / G, g = item % G;
@@ -1467,7 +1707,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
       const int64_t L = P + p.count[b];
       const int64_t qb_begin = g * nqb / G, qb_end = (g + 1) * nqb / G;
       float* dK_acc = G > 1 ? partial.data_ptr<float>() + (bh * G + g) * 2 * std::max<int64_t>(Lmax, 1) * d
-                            : acc_t.data_ptr<float>();
+                            : acc;
       float* dV_acc = dK_acc + (G > 1 ? std::max<int64_t>(Lmax, 1) : Lmax) * d;
       if (L == 0) {  // nothing attended: zero gradients (dk, dv were zero-initialised)
         for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
@@ -1478,8 +1718,10 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
       }
       const KeyRows<T> keys = key_rows(p, pkv, kv, b, h);
       const KeyRows<T> vals = key_rows(p, pvv, vv, b, h);
-      pack_rows<C>(keys, L, d, dp, Ka);
-      pack_rows<C>(vals, L, d, dp, Va);
+      if (!keys_direct) {
+        pack_rows<C>(keys, L, d, dp, Ka);
+        pack_rows<C>(vals, L, d, dp, Va);
+      }
       pack_cols<C>(keys, L, d, ldk, Kt);
       const int64_t ntiles = ceil_div(L, BK);
       RowPrefetch pf;
@@ -1514,7 +1756,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
         for (int64_t i = 0; i < ldq; ++i) {
           if (i < nq) {
             lse_b[i] = lse_rows[i];
-            di[i] = dot_row<T>(g_rows + i * gv.sn, o_rows + i * ov.sn, d);
+            di[i] = dot_row_fast<T>(g_rows + i * gv.sn, o_rows + i * ov.sn, d);
           } else {  // padding queries: P = 0, dS = 0
             lse_b[i] = kPadLse;
             di[i] = 0.f;
@@ -1524,8 +1766,8 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
         for (int64_t t = 0; t < ntiles; ++t) {
           const int64_t k0 = t * BK, kn = std::min(BK, L - k0);
           const int64_t knk = vnni ? round_up(kn, 2) : kn;
-          gemm<C>(kn, nqk, dp, Ka + k0 * dp, dp, Qt, ldq, S, ldq, false);
-          gemm<C>(kn, nqk, dp, Va + k0 * dp, dp, dOt, ldq, dP, ldq, false);
+          gemm_keys(keys, Ka, k0, kn, nqk, Qt, S);
+          gemm_keys(vals, Va, k0, kn, nqk, dOt, dP);
           grad_tile<C>(S, dP, ldq, kn, nqk, scale, lse_b, di, Pa, dSa, dSv, pf, pf_step);
           const C* Pm = vnni ? Pa : reinterpret_cast<const C*>(S);
           const C* dSm = vnni ? dSa : reinterpret_cast<const C*>(dP);
