@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write", action="store_true", help="also write the table into BENCHMARKS.md")
     s.set_defaults(fn=cmd_bench)
     s = sub.add_parser("demo", help="a continual-learning run on the data and backbone that ship with clfast")
-    s.add_argument("--method", default="l2p", help="method to run (default: l2p)")
+    s.add_argument("--method", default="dualprompt", help="method to run (default: dualprompt)")
     s.add_argument("--out", default=None, help="run directory (default: runs/demo_<method>_<time>)")
     s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=1")

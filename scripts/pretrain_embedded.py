@@ -1,7 +1,7 @@
 """Reproduce the small pretrained backbones that ship in clfast/assets/ from scratch (CPU, seeded).
 
-    python scripts/pretrain_embedded.py --out clfast/assets --threads 1   # both: ≈ 40 min on a busy
-                                                                        # machine, ≈ 12 min on 2 idle cores
+    python scripts/pretrain_embedded.py --out clfast/assets --threads 1   # both: ≈ 12 min on one core
+                                                                        # (ViT ≈ 5.5, CLIP ≈ 5.3)
     python scripts/pretrain_embedded.py --out /tmp/x --smoke            # 3 steps each, seconds
 
 Writes into --out:
@@ -12,8 +12,12 @@ Writes into --out:
 - metrics.json                 losses, held-out quality (linear probe, zero-shot), feature fingerprints
 and, with --write-descriptors, regenerates clfast/data/descriptors/synth_shapes.json.
 
-Results are bitwise reproducible on the same machine with the same --threads; elsewhere they agree
-up to floating-point reassociation.
+Both image towers train with a locality prior at initialisation (sin-cos positions, mimetic attention),
+dense per-patch-token supervision from the renderer's object masks (coverage, shape, colour, texture;
+heads not saved) and 32 of 64 patch tokens per image (the object's first); see clfast/assets/README.md.
+
+Results are bitwise reproducible on the same machine with the same --threads (save_fp16 writes the
+safetensors header in a fixed order); elsewhere they agree up to floating-point reassociation.
 """
 
 from __future__ import annotations
@@ -90,10 +94,124 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(fv[:, None, None, None], x.flip(2), x)
 
 
+def flip_with_coverage(x: torch.Tensor, cov: torch.Tensor, gen: torch.Generator):
+    """``augment`` for images and their (B, 8, 8) patch coverage: the same random flips on both."""
+    b = x.shape[0]
+    fh = torch.rand(b, generator=gen) < 0.5
+    fv = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(fh[:, None, None, None], x.flip(3), x)
+    x = torch.where(fv[:, None, None, None], x.flip(2), x)
+    cov = torch.where(fh[:, None, None], cov.flip(2), cov)
+    return x, torch.where(fv[:, None, None], cov.flip(1), cov)
+
+
+def patch_coverage(ds, patch: int = 4) -> torch.Tensor:
+    """(N, 8, 8) fraction of each 4×4 patch covered by the object (from the renderer's masks)."""
+    images, masks = synth.render(ds.scenes, return_masks=True)
+    if not np.array_equal(images, ds.data):
+        raise RuntimeError("re-rendered images differ from the dataset's")
+    g = synth.IMAGE_SIZE // patch
+    cov = masks[:, 0].reshape(len(ds), g, patch, g, patch).mean((2, 4))
+    return torch.from_numpy(np.ascontiguousarray(cov, dtype=np.float32))
+
+
+def keep_tokens(tokens: torch.Tensor, cov: torch.Tensor, keep: int, gen: torch.Generator):
+    """Drop patch tokens for speed: keep the CLS token, every patch the object touches (up to
+    ``keep``), and random background patches up to ``keep``. tokens (B, 1 + P, D), cov (B, P)."""
+    if not keep or keep >= cov.shape[1]:
+        return tokens, cov
+    score = (cov > 0).float() + torch.rand(cov.shape, generator=gen)
+    idx = score.topk(keep, dim=1).indices.sort(1).values
+    patches = tokens[:, 1:].gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+    return torch.cat([tokens[:, :1], patches], 1), cov.gather(1, idx)
+
+
+def token_attribute_loss(head: torch.nn.Module, tokens: torch.Tensor, cov: torch.Tensor,
+                         attrs: torch.Tensor, n_attr, threshold: float = 0.1) -> torch.Tensor:
+    """Dense supervision of the patch tokens: every token predicts its object coverage (BCE), and
+    every token the object covers (> ``threshold``) the object's shape, colour and texture."""
+    z = head(tokens).float().flatten(0, 1)            # (B*P, 1 + sum(n_attr))
+    c = cov.flatten()
+    loss = F.binary_cross_entropy_with_logits(z[:, 0], c)
+    sel = c > threshold
+    if sel.any():
+        a = attrs[:, None, :].expand(-1, cov.shape[1], -1).flatten(0, 1)[sel]
+        loss = loss + sum(F.cross_entropy(zj, a[:, j])
+                          for j, zj in enumerate(z[sel, 1:].split(n_attr, dim=1)))
+    return loss
+
+
+def sincos_pos_embed_(pos: torch.Tensor, grid: int) -> None:
+    """Initialise a (1 + grid², D) positional embedding (CLS row zero) with 2-D sin-cos values."""
+    from timm.layers import build_sincos2d_pos_embed
+    with torch.no_grad():
+        pos.view(-1, pos.shape[-1])[0].zero_()
+        pos.view(-1, pos.shape[-1])[1:] = build_sincos2d_pos_embed([grid, grid], pos.shape[-1],
+                                                                   temperature=10000.0)
+
+
+def mimetic_init_(qkv_weight: torch.Tensor, proj_weight: torch.Tensor, num_heads: int,
+                  gen: torch.Generator, a1=0.7, b1=0.7, a2=0.4, b2=0.4) -> None:
+    """Mimetic initialisation of one attention layer (Trockman & Kolter, 2023): per head
+    W_q^T W_k ≈ a1·Z + b1·I (queries attend to similar keys: with sin-cos positions, to nearby
+    patches) and W_v^T W_o^T ≈ a2·Z − b2·I, Z Gaussian with variance 1/d. Rows of ``qkv_weight``
+    are [q; k; v] (timm's qkv and open_clip's in_proj share this layout)."""
+    d = proj_weight.shape[0]
+    hd = d // num_heads
+    with torch.no_grad():
+        for h in range(num_heads):
+            m = a1 * torch.randn(d, d, generator=gen) / d ** 0.5 + b1 * torch.eye(d)
+            u, sv, vh = torch.linalg.svd(m)
+            r = sv[:hd].sqrt()
+            qkv_weight[h * hd:(h + 1) * hd] = (u[:, :hd] * r).t()
+            qkv_weight[d + h * hd:d + (h + 1) * hd] = (vh[:hd].t() * r).t()
+        m = a2 * torch.randn(d, d, generator=gen) / d ** 0.5 - b2 * torch.eye(d)
+        u, sv, vh = torch.linalg.svd(m)
+        r = sv.sqrt()
+        qkv_weight[2 * d:] = (u * r).t()
+        proj_weight.copy_(vh.t() * r)
+
+
+def _explicit_attention(self, q_x, k_x=None, v_x=None, attn_mask=None):
+    """open_clip ``ResidualAttentionBlock.attention`` (self-attention only) written out with
+    matmuls: on CPU, bf16 ``scaled_dot_product_attention``'s backward is several times slower for
+    these 65-token sequences. Same weights, same maths; used for training only."""
+    mha = self.attn
+    b, n, d = q_x.shape
+    h = mha.num_heads
+    qkv = F.linear(q_x, mha.in_proj_weight, mha.in_proj_bias).view(b, n, 3, h, d // h)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    s = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        s = s + attn_mask
+    o = (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
+    return F.linear(o, mha.out_proj.weight, mha.out_proj.bias)
+
+
 def save_fp16(model: torch.nn.Module, path: str, metadata: dict) -> None:
-    from safetensors.torch import save_file
+    """Save the state dict in fp16 as safetensors, byte-for-byte reproducibly.
+
+    safetensors writes the ``__metadata__`` entries in hash-map order, which changes from process to
+    process: identical weights gave different files (and sha256s) on every run. The header is
+    rewritten here with sorted keys (same format: little-endian u64 length, JSON padded with spaces
+    to a multiple of 8, then the unchanged tensor bytes, whose offsets are relative to them)."""
+    from safetensors.torch import save
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path, metadata={k: str(v) for k, v in metadata.items()})
+    raw = save(state, metadata={k: str(v) for k, v in metadata.items()})
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+
+
+def loss_record(losses: list[float]) -> dict:
+    """Final train loss (mean of the last 50 steps), the first 50 losses exactly, and a sha256 of
+    every step's loss (float64 bytes): two runs agree bitwise iff their whole trajectories do."""
+    import hashlib
+    tail = losses[-max(1, min(50, len(losses) // 5)):]
+    return {"final_train_loss": round(float(np.mean(tail)), 4), "first_losses": losses[:50],
+            "losses_sha256": hashlib.sha256(np.asarray(losses, dtype=np.float64).tobytes()).hexdigest()}
 
 
 def log(msg: str) -> None:
@@ -107,15 +225,27 @@ def train_vit(args, data, out_dir: str) -> dict:
     import timm
     torch.manual_seed(args.seed)
     model = timm.create_model("vit_tiny_synth", pretrained=False)
-    # Auxiliary attribute heads (shape, colour, texture; training only, not saved): a denser signal
-    # than the 100-way class alone, and features that carry the attributes of unseen combinations.
+    grid = model.patch_embed.grid_size[0]
+    # Initialisation that gives attention a locality prior (the data is small; the budget minutes):
+    # sin-cos positions and mimetic query-key / value-output products (see mimetic_init_).
+    sincos_pos_embed_(model.pos_embed, grid)
+    init_gen = torch.Generator().manual_seed(args.seed + 2)
+    for blk in model.blocks:
+        mimetic_init_(blk.attn.qkv.weight, blk.attn.proj.weight, blk.attn.num_heads, init_gen)
+        blk.attn.fused_attn = False     # explicit attention: bf16 SDPA backward is slow on CPU
+    # Auxiliary attribute heads (shape, colour, texture; training only, not saved): on the CLS
+    # feature, and on every patch token (with object coverage), a dense signal that teaches the
+    # tokens what they belong to and features that carry the attributes of unseen combinations.
     n_attr = (len(synth.SHAPES), len(synth.COLOURS), len(synth.TEXTURES))
     aux = torch.nn.Linear(model.embed_dim, sum(n_attr))
-    opt = torch.optim.AdamW(param_groups(model, 0.05) + param_groups(aux, 0.05),
-                            lr=args.vit_lr, betas=(0.9, 0.999))
+    tok_head = torch.nn.Linear(model.embed_dim, 1 + sum(n_attr))
+    params = list(model.parameters()) + list(aux.parameters()) + list(tok_head.parameters())
+    opt = torch.optim.AdamW(param_groups(model, 0.05) + param_groups(aux, 0.05)
+                            + param_groups(tok_head, 0.05), lr=args.vit_lr, betas=(0.9, 0.999))
     images = data["images"]
     labels = torch.tensor(data["labels"])
     attrs = data["attributes"]
+    coverage = data["coverage"]
     gen = torch.Generator().manual_seed(args.seed)
     steps, bs = args.vit_steps, args.vit_batch
     model.train()
@@ -124,38 +254,61 @@ def train_vit(args, data, out_dir: str) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, args.vit_lr, args.warmup)
         idx = torch.randint(len(labels), (bs,), generator=gen)
-        x = zoo.vit_normalize(augment(images[idx].float() / 255, gen))
+        x, cov = flip_with_coverage(images[idx].float() / 255, coverage[idx], gen)
+        x = zoo.vit_normalize(x)
         with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
-            feats = model.forward_head(model.forward_features(x), pre_logits=True)
+            tokens = model._pos_embed(model.patch_embed(x))
+            tokens, cov = keep_tokens(tokens, cov.flatten(1), args.keep_tokens, gen)
+            tokens = model.norm(model.blocks(model.norm_pre(tokens)))
+            feats = model.forward_head(tokens, pre_logits=True)
             logits, aux_logits = model.head(feats), aux(feats)
+            tok_loss = token_attribute_loss(tok_head, tokens[:, 1:], cov, attrs[idx], n_attr)
         loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=0.1)
         aux_loss = sum(F.cross_entropy(z.float(), attrs[idx, j])
                        for j, z in enumerate(aux_logits.split(n_attr, dim=1)))
-        loss_total = loss + args.aux_weight * aux_loss
+        loss_total = loss + args.aux_weight * aux_loss + args.token_weight * tok_loss
         opt.zero_grad(set_to_none=True)
         loss_total.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
         if step % args.log_every == 0 or step == steps - 1:
             log(f"[vit] step {step + 1}/{steps} loss {loss.item():.4f} aux {aux_loss.item():.3f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} {time.time() - t0:.0f}s")
+                f"tokens {tok_loss.item():.3f} lr {opt.param_groups[0]['lr']:.2e} {time.time() - t0:.0f}s")
     seconds = time.time() - t0
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
     path = os.path.join(out_dir, "vit_tiny_synth.safetensors")
     save_fp16(model, path, {"arch": "vit_tiny_synth", "data": "synth-pretrain", "steps": steps,
                             "batch": bs, "seed": args.seed})
-    tail = losses[-max(1, min(50, len(losses) // 5)):]
-    return {"steps": steps, "batch": bs, "seconds": round(seconds, 1),
-            "final_train_loss": round(float(np.mean(tail)), 4), "file": os.path.basename(path)}
+    return {"steps": steps, "batch": bs, "keep_tokens": args.keep_tokens, "seconds": round(seconds, 1),
+            **loss_record(losses), "file": os.path.basename(path)}
 
 
 def train_clip(args, data, out_dir: str, tok) -> dict:
+    import types
     torch.manual_seed(args.seed)
     model, _, _ = zoo.create_clip_tiny_synth(pretrained=False)
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=args.clip_lr, betas=(0.9, 0.98), eps=1e-6)
+    visual = model.visual
+    # The image tower gets the ViT's initialisation and training aids (see train_vit).
+    grid = visual.grid_size[0]
+    sincos_pos_embed_(visual.positional_embedding, grid)
+    init_gen = torch.Generator().manual_seed(args.seed + 3)
+    for blk in visual.transformer.resblocks:
+        mimetic_init_(blk.attn.in_proj_weight, blk.attn.out_proj.weight, blk.attn.num_heads, init_gen)
+    blocks = list(visual.transformer.resblocks) + list(model.transformer.resblocks)
+    for blk in blocks:
+        blk.attention = types.MethodType(_explicit_attention, blk)
+    n_attr = (len(synth.SHAPES), len(synth.COLOURS), len(synth.TEXTURES))
+    tok_head = torch.nn.Linear(visual.transformer.width, 1 + sum(n_attr))   # training only
+    params = list(model.parameters()) + list(tok_head.parameters())
+    opt = torch.optim.AdamW(param_groups(model, 0.05) + param_groups(tok_head, 0.05), lr=args.clip_lr,
+                            betas=(0.9, 0.98), eps=1e-6)
     images = data["images"]
     tokens = data["caption_tokens"]        # (N, V, L): V caption variants per image
+    attrs = data["attributes"]
+    coverage = data["coverage"]
     gen = torch.Generator().manual_seed(args.seed + 1)
     steps, bs = args.clip_steps, args.batch
     t0, losses = time.time(), []
@@ -165,33 +318,43 @@ def train_clip(args, data, out_dir: str, tok) -> dict:
         idx = torch.randint(len(images), (bs,), generator=gen)
         var = torch.randint(tokens.shape[1], (bs,), generator=gen)
         text = tokens[idx, var]
-        x = zoo.clip_normalize(augment(images[idx].float() / 255, gen))
+        x, cov = flip_with_coverage(images[idx].float() / 255, coverage[idx], gen)
+        x = zoo.clip_normalize(x)
         with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
-            img_f, txt_f, scale = model(x, text)
-        img_f, txt_f = img_f.float(), txt_f.float()
-        logits = scale.float() * img_f @ txt_f.t()
+            # open_clip's VisionTransformer.forward with patch tokens dropped after the positions.
+            t = visual.conv1(x).flatten(2).transpose(1, 2)
+            t = torch.cat([visual.class_embedding.to(t.dtype).expand(bs, 1, -1), t], 1)
+            t, cov = keep_tokens(t + visual.positional_embedding.to(t.dtype), cov.flatten(1),
+                                 args.keep_tokens, gen)
+            t = visual.ln_post(visual.transformer(visual.ln_pre(t)))
+            img_f = t[:, 0] @ visual.proj
+            txt_f = model.encode_text(text)
+            tok_loss = token_attribute_loss(tok_head, t[:, 1:], cov, attrs[idx], n_attr)
+        img_f, txt_f = F.normalize(img_f.float(), dim=-1), F.normalize(txt_f.float(), dim=-1)
+        logits = model.logit_scale.exp() * img_f @ txt_f.t()
         # Captions repeat within a batch: every identical caption is a positive.
         same = (text[:, None, :] == text[None, :, :]).all(-1).float()
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
                       + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + args.clip_token_weight * tok_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         if step % args.log_every == 0 or step == steps - 1:
-            log(f"[clip] step {step + 1}/{steps} loss {loss.item():.4f} "
-                f"scale {scale.item():.1f} {time.time() - t0:.0f}s")
+            log(f"[clip] step {step + 1}/{steps} loss {loss.item():.4f} tokens {tok_loss.item():.3f} "
+                f"scale {model.logit_scale.exp().item():.1f} {time.time() - t0:.0f}s")
     seconds = time.time() - t0
+    for blk in blocks:
+        del blk.attention                  # back to the class's method
     path = os.path.join(out_dir, "clip_tiny_synth.safetensors")
     save_fp16(model, path, {"arch": "clip_tiny_synth", "data": "synth-pretrain captions",
                             "steps": steps, "batch": bs, "seed": args.seed})
-    tail = losses[-max(1, min(50, len(losses) // 5)):]
-    return {"steps": steps, "batch": bs, "seconds": round(seconds, 1),
-            "final_train_loss": round(float(np.mean(tail)), 4), "file": os.path.basename(path)}
+    return {"steps": steps, "batch": bs, "keep_tokens": args.keep_tokens, "seconds": round(seconds, 1),
+            **loss_record(losses), "file": os.path.basename(path)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,14 +451,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixes the reduction order)")
     p.add_argument("--batch", type=int, default=128, help="CLIP batch")
-    p.add_argument("--vit-batch", type=int, default=64)
-    p.add_argument("--vit-steps", type=int, default=1200)
-    p.add_argument("--clip-steps", type=int, default=400)
-    p.add_argument("--vit-lr", type=float, default=2e-3)
+    p.add_argument("--vit-batch", type=int, default=32)
+    p.add_argument("--vit-steps", type=int, default=3200)
+    p.add_argument("--clip-steps", type=int, default=600)
+    p.add_argument("--vit-lr", type=float, default=5e-4)
     p.add_argument("--clip-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--aux-weight", type=float, default=0.5,
-                   help="weight of the ViT's auxiliary shape/colour/texture losses")
+                   help="weight of the ViT's auxiliary shape/colour/texture losses on the CLS feature")
+    p.add_argument("--token-weight", type=float, default=2.0,
+                   help="weight of the per-patch-token coverage and attribute losses")
+    p.add_argument("--clip-token-weight", type=float, default=1.0,
+                   help="weight of the CLIP image tower's per-patch-token losses")
+    p.add_argument("--keep-tokens", type=int, default=32,
+                   help="patch tokens kept per training image (object first; 0 or 64: all)")
     p.add_argument("--n-per-class", type=int, default=300, help="synth-pretrain images per class")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (slower)")
     p.add_argument("--log-every", type=int, default=50)
@@ -336,8 +505,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     ds = synth.synth_pretrain("train", n_per_class=args.n_per_class, seed=args.seed)
     data = {"images": torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), "labels": ds.targets,
-            "attributes": torch.tensor([ds.class_defs[y].ids for y in ds.targets])}
-    log(f"rendered synth-pretrain: {len(ds)} images in {time.time() - t0:.1f}s")
+            "attributes": torch.tensor([ds.class_defs[y].ids for y in ds.targets]),
+            "coverage": patch_coverage(ds)}
+    log(f"rendered synth-pretrain (and its object masks): {len(ds)} images in {time.time() - t0:.1f}s")
     metrics = {"command": "python scripts/pretrain_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "torch": torch.__version__, "threads": args.threads, "seed": args.seed,
                "pretrain_images": len(ds)}
