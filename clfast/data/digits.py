@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
+from .base import InMemoryImages
 from .registry import register_dataset
 
 TEST_EVERY = 5
@@ -40,7 +40,7 @@ def digits_split_indices(targets: np.ndarray, split: str) -> np.ndarray:
     return np.nonzero(is_test if split == "test" else ~is_test)[0]
 
 
-class Digits(Dataset):
+class Digits(InMemoryImages):
     """Items ``(image (3, 32, 32) float in [0, 1], label)``; classes "0".."9"."""
 
     def __init__(self, split: str = "train", transform: Optional[Callable] = None, size: int = 32):
@@ -62,15 +62,6 @@ class Digits(Dataset):
         self._images = (x * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
         self.data = self._images.permute(0, 2, 3, 1).numpy()
         self.targets = [int(t) for t in targets[keep]]
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        img = self._images[index].float().div_(255.0)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
 
     def __repr__(self) -> str:
         return f"Digits(split={self.split!r}, n={len(self)})"

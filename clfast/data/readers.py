@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .base import InMemoryImages
 from .registry import dataset_info, list_datasets, register_dataset
 
 __all__ = [
@@ -376,7 +377,7 @@ def _cifar100_missing(root: str) -> list[str]:
             if not os.path.isfile(os.path.join(root, "cifar-100-python", n))]
 
 
-class Cifar100(Dataset):
+class Cifar100(InMemoryImages):
     """CIFAR-100 from torchvision's python pickles; items ``(image (3, 32, 32) float [0, 1], label)``.
 
     ``data`` holds the uint8 images ``(N, 32, 32, 3)`` (torchvision's convention).
@@ -410,15 +411,6 @@ class Cifar100(Dataset):
                              f"{len(self.targets)} fine_labels")
         self._images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
         self.data = self._images.permute(0, 2, 3, 1).numpy()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        img = self._images[index].float().div_(255.0)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
 
     def __repr__(self) -> str:
         return f"Cifar100(split={self.split!r}, n={len(self)})"

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .base import InMemoryImages
 from .registry import register_dataset
 
 IMAGE_SIZE = 32
@@ -515,7 +516,7 @@ def _check_positive(name: str, value) -> int:
     return int(value)
 
 
-class SynthClassification(Dataset):
+class SynthClassification(InMemoryImages):
     """One-object scenes of a list of classes; item ``i`` has label ``i % num_classes``.
 
     Items are ``(image, label)``: image a float tensor ``(3, 32, 32)`` in [0, 1] (or whatever
@@ -541,15 +542,6 @@ class SynthClassification(Dataset):
                        for i, y in enumerate(self.targets)]
         self.data = render(self.scenes)
         self._images = torch.from_numpy(self.data).permute(0, 3, 1, 2).contiguous()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        img = self._images[index].float().div_(255.0)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
 
     def scene(self, index: int) -> Scene:
         return self.scenes[index]
