@@ -69,7 +69,11 @@ def _check_matrix(acc: Any, name: str = "acc") -> np.ndarray:
 
 
 def _check_counts(correct: Any, total: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Return per-task ``correct`` and ``total`` counts as int64 1-D arrays after checking them."""
+    """Return per-task ``correct`` (float64) and ``total`` (int64) 1-D arrays after checking them.
+
+    ``total`` holds whole sample counts; ``correct`` is the summed per-sample credit, a whole count for
+    classification and a fraction for soft-scored tasks (VQA accuracy ``min(1, votes / 3)``).
+    """
     arrays = []
     for name, x in (("correct", correct), ("total", total)):
         try:
@@ -80,12 +84,13 @@ def _check_counts(correct: Any, total: Any) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{name} must be a 1-D sequence of per-task sample counts; got {x!r} ({e})") from None
         if v.ndim != 1 or v.size == 0:
             raise ValueError(f"{name} must be a non-empty 1-D sequence of per-task counts; got shape {v.shape}")
-        if v.dtype.kind == "f":
-            if not np.all(np.isfinite(v)) or np.any(v != np.round(v)):
-                raise ValueError(f"{name} must hold whole sample counts; got {v.tolist()}")
+        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            raise ValueError(f"{name} must hold finite counts; got {v.tolist()}")
+        if name == "total" and v.dtype.kind == "f" and np.any(v != np.round(v)):
+            raise ValueError(f"total must hold whole sample counts; got {v.tolist()}")
         if np.any(v < 0):
             raise ValueError(f"{name} must hold non-negative counts; got {v.tolist()}")
-        arrays.append(v.astype(np.int64))
+        arrays.append(v.astype(np.float64 if name == "correct" else np.int64))
     c, t = arrays
     if c.shape != t.shape:
         raise ValueError(f"correct and total must have the same length (one entry per task); "
@@ -95,7 +100,7 @@ def _check_counts(correct: Any, total: Any) -> tuple[np.ndarray, np.ndarray]:
                          f"got total={t.tolist()}")
     if np.any(c > t):
         k = int(np.argmax(c > t))
-        raise ValueError(f"correct[{k}]={c[k]} exceeds total[{k}]={t[k]}; correct must be <= total")
+        raise ValueError(f"correct[{k}]={c[k]:g} exceeds total[{k}]={t[k]}; correct must be <= total")
     return c, t
 
 
@@ -187,7 +192,8 @@ def per_task_accuracy(correct: Any, total: Any) -> np.ndarray:
     """Per-task accuracy from per-sample counts.
 
     Args:
-        correct: (N,) number of correctly classified test samples of each task.
+        correct: (N,) number of correctly classified test samples of each task (or their summed
+            soft scores, e.g. VQA accuracy).
         total: (N,) number of test samples of each task (each > 0).
 
     Returns:
@@ -307,6 +313,16 @@ def read_acc_csv(path: str | os.PathLike) -> np.ndarray:
 # accumulator
 
 
+def _score(value: Any, name: str) -> float:
+    """A non-negative finite number of (possibly fractional) correct answers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a non-negative finite number, got {v}")
+    return v
+
+
 def _count(value: Any, name: str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a non-negative int, got a bool ({value})")
@@ -333,7 +349,7 @@ class AccuracyMatrix:
     """
 
     def __init__(self) -> None:
-        self._correct = np.zeros((0, 0), dtype=np.int64)
+        self._correct = np.zeros((0, 0), dtype=np.float64)  # summed credit: whole, or soft (VQA)
         self._total = np.zeros((0, 0), dtype=np.int64)
 
     @property
@@ -344,37 +360,38 @@ class AccuracyMatrix:
     def _grow(self, n: int) -> None:
         if n <= self.num_tasks:
             return
-        c = np.zeros((n, n), dtype=np.int64)
+        c = np.zeros((n, n), dtype=np.float64)
         t = np.zeros((n, n), dtype=np.int64)
         k = self.num_tasks
         c[:k, :k] = self._correct
         t[:k, :k] = self._total
         self._correct, self._total = c, t
 
-    def update(self, task_evaluated: int, after_task: int, correct: int, total: int) -> None:
+    def update(self, task_evaluated: int, after_task: int, correct: float, total: int) -> None:
         """Add counts for one cell.
 
         Args:
             task_evaluated: task ``i`` whose test samples were evaluated (from 0).
             after_task: task ``j`` just trained (from 0); ``task_evaluated <= after_task``.
-            correct: number of correct predictions (``0 <= correct <= total``).
+            correct: number of correct predictions (``0 <= correct <= total``), or their summed soft
+                scores (VQA accuracy).
             total: number of samples evaluated (0 adds nothing, e.g. an empty shard).
         """
         i = _count(task_evaluated, "task_evaluated")
         j = _count(after_task, "after_task")
-        c = _count(correct, "correct")
+        c = _score(correct, "correct")
         t = _count(total, "total")
         if i > j:
             raise ValueError(f"task_evaluated must be <= after_task (only seen tasks are evaluated); "
                              f"got task_evaluated={i}, after_task={j}")
         if c > t:
-            raise ValueError(f"correct must be <= total; got correct={c}, total={t}")
+            raise ValueError(f"correct must be <= total; got correct={c:g}, total={t}")
         self._grow(j + 1)
         self._correct[i, j] += c
         self._total[i, j] += t
 
     def counts(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the (N, N) int64 ``correct`` and ``total`` counts (zero where nothing was counted)."""
+        """Copies of the (N, N) ``correct`` (float64) and ``total`` (int64) counts (zero where nothing was counted)."""
         return self._correct.copy(), self._total.copy()
 
     def matrix(self) -> np.ndarray:
@@ -406,14 +423,14 @@ class AccuracyMatrix:
         return read_acc_csv(path)
 
     def state_dict(self) -> dict[str, list]:
-        """Counts as nested lists of ints (loadable with ``torch.load(weights_only=True)``)."""
+        """Counts as nested lists of numbers (loadable with ``torch.load(weights_only=True)``)."""
         return {"correct": self._correct.tolist(), "total": self._total.tolist()}
 
     def load_state_dict(self, state: dict[str, Sequence[Sequence[int]]]) -> None:
         """Restore counts saved by :meth:`state_dict`."""
         if not isinstance(state, dict) or set(state) != {"correct", "total"}:
             raise ValueError(f"state must be a dict with keys 'correct' and 'total'; got {state!r:.200}")
-        c = np.asarray(state["correct"], dtype=np.int64).reshape(-1)
+        c = np.asarray(state["correct"], dtype=np.float64).reshape(-1)
         t = np.asarray(state["total"], dtype=np.int64).reshape(-1)
         n = math.isqrt(t.size)
         if c.size != t.size or n * n != t.size:

@@ -472,7 +472,7 @@ class Trainer:
         row = []
         for i in range(after + 1):
             c, n = self.evaluate_task(i, after)
-            self.acc.update(i, after, int(round(c)), n)
+            self.acc.update(i, after, c, n)
             row.append(100.0 * c / max(n, 1))
         m = self.acc.matrix()
         seen_mean = float(sum(row) / len(row))

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 __all__ = [
     "OptimConfig", "ScheduleConfig", "Stage", "TaskContext", "StepOutput", "Method", "MethodConfig",
     "register_method", "create_method", "list_methods", "method_class", "freeze_rows", "masked_logits",
-    "build_config", "check_fields",
+    "build_config", "check_fields", "scaled_param_groups",
 ]
 
 
@@ -245,9 +245,21 @@ class MethodConfig:
 
     train_mask: bool = True          # train on the current task's logits only (class-incremental)
     head_bias: bool = True
+    # learning-rate multipliers by parameter-name prefix, e.g. {head: 1.0, prompts: 0.2}: the longest
+    # matching prefix ("prompts" matches "prompts" and "prompts.*") wins; unmatched parameters get 1.0
+    lr_scales: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_fields(self)  # subclasses call super().__post_init__() first
+        if not isinstance(self.lr_scales, dict):
+            raise ValueError(f"lr_scales must be a mapping of parameter-name prefix to multiplier, "
+                             f"got {self.lr_scales!r}")
+        for key, value in self.lr_scales.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"lr_scales: keys must be parameter-name prefixes, got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"lr_scales[{key!r}] must be a number >= 0, got {value!r}")
+        self.lr_scales = {k: float(v) for k, v in self.lr_scales.items()}
 
 
 class Method(nn.Module):
@@ -305,9 +317,10 @@ class Method(nn.Module):
     def param_groups(self, stage: Stage) -> list[dict]:
         """Optimizer parameter groups for ``stage`` (dicts may set their own ``lr``/``lr_scale``).
 
-        Default: every parameter with ``requires_grad`` in one group.
+        Default: the parameters with ``requires_grad``, one group per multiplier of the config's
+        ``lr_scales`` (one group when it is empty).
         """
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        return scaled_param_groups(self, self.cfg.lr_scales)
 
     def compile_for_training(self, **options) -> None:
         """Called when the run sets ``compile: true``: compile the hot forward (default: the backbone)."""
@@ -317,6 +330,39 @@ class Method(nn.Module):
     def train_logits(self, logits: Tensor, ctx: TaskContext) -> Tensor:
         """Class-incremental training: keep only the current task's logits when ``train_mask``."""
         return masked_logits(logits, ctx.class_range if self.cfg.train_mask else (0, ctx.seen_classes))
+
+
+def scaled_param_groups(module: nn.Module, lr_scales: dict[str, float]) -> list[dict]:
+    """``module``'s trainable parameters grouped by learning-rate multiplier.
+
+    Each parameter takes the multiplier of the longest prefix of ``lr_scales`` that equals its name or
+    a dotted ancestor of it (1.0 when none does). A prefix that names no parameter of ``module`` is a
+    ValueError with the close matches, so a typo cannot silently train at the wrong rate. Groups come
+    in order of first appearance, so the optimizer's state lines up across runs and resumes.
+    """
+    named = list(module.named_parameters())
+    names = {n for n, _ in named}
+    ancestors = {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)}
+    for prefix in lr_scales:
+        if prefix not in ancestors:
+            close = difflib.get_close_matches(prefix, sorted(ancestors), n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"lr_scales: {prefix!r} names no parameter of {type(module).__name__}{hint}")
+    groups: dict[float, list[Tensor]] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        scale = 1.0
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in lr_scales:
+                scale = lr_scales[prefix]
+                break
+        groups.setdefault(scale, []).append(p)
+    if not lr_scales:
+        return [{"params": params} for params in groups.values()]
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 
 def masked_logits(logits: Tensor, keep: tuple[int, int]) -> Tensor:

@@ -4,7 +4,8 @@ A pool of ``pool_size`` prompts (each ``length`` tokens of width C) with one lea
 every image, the frozen backbone's [CLS] feature is the query; the ``top_k`` keys nearest by cosine
 (the ``retrieve`` op, per sample — never a batch vote) select their prompts, which are inserted as
 tokens after [CLS] (prompt tuning). The classifier reads the mean of the prompt tokens' outputs (the
-paper's "prompt" head). Loss: cross-entropy over the current task's classes minus
+paper's "prompt" head, ``head="prompt"``) or the prompted [CLS] output (``head="cls"``, the official
+code's ``head_type="token"``). Loss: cross-entropy over the current task's classes minus
 ``pull_weight`` × the mean summed cosine between queries and their selected keys (the surrogate loss
 that pulls keys towards their queries).
 
@@ -33,6 +34,7 @@ class L2PConfig(MethodConfig):
     top_k: int = 5
     pull_weight: float = 0.1
     init: str = "uniform"          # "uniform" in [-1, 1] (the official code) or "zero"
+    head: str = "prompt"           # features for the classifier: mean of the prompt tokens, or "cls"
 
     def __post_init__(self):
         super().__post_init__()
@@ -42,6 +44,8 @@ class L2PConfig(MethodConfig):
             raise ValueError(f"l2p: top_k must be in [1, pool_size={self.pool_size}], got {self.top_k}")
         if self.init not in ("uniform", "zero"):
             raise ValueError(f"l2p: init must be 'uniform' or 'zero', got {self.init!r}")
+        if self.head not in ("prompt", "cls"):
+            raise ValueError(f"l2p: head must be 'prompt' or 'cls', got {self.head!r}")
 
 
 @register_method("l2p")
@@ -65,8 +69,11 @@ class L2P(FrozenQueryMethod):
         B = q.shape[0]
         tokens = self.prompts[idx].reshape(B, self.cfg.top_k * self.cfg.length, self.embed_dim)
         out = self.backbone(batch["image"], prompt_tokens=tokens)             # (B, N + kL, C)
-        n_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
-        feat = out[:, n_prefix: n_prefix + tokens.shape[1]].mean(1)
+        if self.cfg.head == "cls":
+            feat = self.backbone.vit.fc_norm(self.backbone.cls(out))
+        else:
+            n_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+            feat = out[:, n_prefix: n_prefix + tokens.shape[1]].mean(1)
         return self.classify(feat), scores
 
     def training_step(self, batch: dict, ctx: TaskContext) -> StepOutput:

@@ -82,6 +82,18 @@ def test_accuracy_matrix_counts_per_sample_not_per_batch():
     np.testing.assert_array_equal(m2.matrix(), a)
 
 
+def test_soft_scores_are_kept_exactly():
+    # VQA accuracy credits min(1, votes/3) per answer: 0.3 + 0.6 + 1.0 of 3 questions is 63.33 %, not 2/3
+    m = AccuracyMatrix()
+    m.update(0, 0, 0.3 + 0.6, 2)
+    m.update(0, 0, 1.0, 1)
+    assert m.matrix()[0, 0] == pytest.approx(100 * 1.9 / 3)
+    assert AccuracyMatrix.from_state_dict(m.state_dict()).matrix()[0, 0] == pytest.approx(100 * 1.9 / 3)
+    assert sample_weighted_accuracy([1.9, 0.5], [3, 1]) == pytest.approx(100 * 2.4 / 4)
+    with pytest.raises(ValueError, match="correct must be <= total"):
+        m.update(0, 0, 1.5, 1)
+
+
 def test_csv_round_trip_and_format(tmp_path):
     m = AccuracyMatrix()
     for j in range(3):
@@ -117,7 +129,8 @@ def test_matrix_validation(bad, match):
     ([1, -1], [3, 3], "correct must hold non-negative"),
     ([1, 1], [3, 0], "total must be > 0"),
     ([4, 1], [3, 3], r"correct\[0\]=4 exceeds total\[0\]=3"),
-    ([1.5, 1], [3, 3], "whole sample counts"),
+    ([1, 1], [3.5, 3], "total must hold whole sample counts"),
+    ([float("nan"), 1], [3, 3], "correct must hold finite counts"),
     ([[1, 2]], [[3, 3]], "1-D"),
 ])
 def test_count_validation(correct, total, match):
@@ -140,8 +153,10 @@ def test_accuracy_matrix_validation(tmp_path):
         m.update(0, 0, 5, 4)
     with pytest.raises(ValueError, match="total must be a non-negative int"):
         m.update(0, 0, 1, -3)
-    with pytest.raises(ValueError, match="correct must be a non-negative int"):
-        m.update(0, 0, 0.5, 4)
+    with pytest.raises(ValueError, match="correct must be a non-negative number"):
+        m.update(0, 0, "3", 4)
+    with pytest.raises(ValueError, match="correct must be a non-negative finite number"):
+        m.update(0, 0, -0.5, 4)
     with pytest.raises(ValueError, match="empty"):
         m.summary()
     m.update(0, 0, 1, 1)

@@ -171,3 +171,55 @@ def test_compiled_training_matches_eager(tmp_path):
         states.append(torch.load(out / "checkpoints" / "interrupt.pt", weights_only=True)["method_state"])
     for k, v in states[0].items():
         torch.testing.assert_close(states[1][k], v, atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_vqa_batches_train_and_evaluate_with_soft_scores(tmp_path, monkeypatch):
+    """synth-vqa through the engine: question strings reach the method, accuracy credits soft scores."""
+    import clfast.methods.base as base
+    from clfast.data import Scenario
+    from clfast.data.synth import SynthVQA
+
+    def soft_scores(self, j):  # VQA-style annotator credit: 1 for the answer, 0.6 for the next answer id
+        scores = torch.zeros(len(self.classes))
+        scores[self.targets[j]] = 1.0
+        scores[(self.targets[j] + 1) % len(self.classes)] = 0.6
+        return scores
+
+    monkeypatch.setattr(SynthVQA, "answer_scores", soft_scores, raising=False)
+    from clfast.methods import FrozenQueryMethod, MethodConfig, StepOutput
+
+    seen_questions = []
+
+    class FixedAnswer(FrozenQueryMethod):
+        """Trains a head on image features; predicts the true answer for even indices and the next answer
+        id (worth 0.6) for odd ones, so the expected soft accuracy is known exactly."""
+        Config = MethodConfig
+        supports = ("vqa",)
+
+        def training_step(self, batch, ctx):
+            assert isinstance(batch["question"], list) and all(isinstance(q, str) for q in batch["question"])
+            assert batch["answer_scores"].shape == (len(batch["question"]), self.num_classes)
+            seen_questions.extend(batch["question"])
+            logits = self.classify(self.query(batch, ctx))
+            return StepOutput(torch.nn.functional.cross_entropy(logits, batch["label"]), {})
+
+        def predict(self, batch, ctx):
+            answer = (batch["label"] + batch["index"] % 2) % self.num_classes
+            return torch.nn.functional.one_hot(answer, self.num_classes).float()
+
+    monkeypatch.setitem(base._METHODS, "fixed_answer", FixedAnswer)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("backbone: vit_tiny_synth\nepochs: 1\nbatch_size: 16\naugment: false\n"
+                      "optimizer: {name: adam, lr: 0.001}\n")
+    data_args = ["dataset_args={n_per_task: 4}", "quiet=true", "threads=1"]  # 6 question families = 6 tasks
+    cfg = load_config("fixed_answer", "synth-vqa", str(preset), data_args)
+    summary = Trainer(cfg, out=str(tmp_path / "run")).fit()
+    assert seen_questions
+    acc = read_acc_csv(tmp_path / "run" / "acc_matrix.csv")
+    scenario = Scenario.from_name("synth-vqa", dataset_kwargs={"n_per_task": 4})
+    assert acc.shape == (6, 6)
+    for t in range(6):
+        test = scenario.test_set(t)
+        want = 100 * sum(1.0 if int(test[i]["index"]) % 2 == 0 else 0.6 for i in range(len(test))) / len(test)
+        assert acc[t, -1] == pytest.approx(want, abs=1e-4)  # scores are float32
+    assert summary["A_N"] == pytest.approx(acc[:, -1].mean())

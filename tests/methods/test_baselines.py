@@ -8,7 +8,7 @@ import torch
 from clfast.backbones.vit import create_vit
 from clfast.methods import (TaskContext, build_config, create_method, freeze_rows, list_methods, masked_logits,
                             method_class)
-from clfast.ops import use_backend
+from clfast.ops import retrieve, use_backend
 
 BASELINES = ["linear", "l2p", "dualprompt", "coda_prompt"]
 SMALL = {  # small pools keep the tests fast; the semantics are the same
@@ -67,6 +67,46 @@ def test_masked_logits_and_freeze_rows():
     freeze_rows(p, lambda: stop[0])
     (p * torch.arange(4.0)[:, None]).sum().backward()
     assert (p.grad[:2] == 0).all() and (p.grad[2:] != 0).all()
+
+
+def test_lr_scales_group_parameters_by_longest_prefix(backbone):
+    from clfast.engine.optim import build_optimizer
+    from clfast.methods import OptimConfig, Stage
+
+    torch.manual_seed(0)
+    m = create_method("l2p", backbone, NUM_CLASSES, NUM_TASKS, **SMALL["l2p"],
+                      lr_scales={"head": 4, "head.bias": 0, "keys": 0.5})
+    groups = m.param_groups(Stage("train"))
+    by_scale = {g["lr_scale"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_scale == {4.0: {id(m.head.weight)}, 0.0: {id(m.head.bias)}, 0.5: {id(m.keys)},
+                        1.0: {id(m.prompts)}}
+    opt = build_optimizer(groups, OptimConfig(lr=0.01), batch_size=8)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(m.head.weight)] == pytest.approx(0.04) and lrs[id(m.head.bias)] == 0.0
+    assert lrs[id(m.keys)] == pytest.approx(0.005) and lrs[id(m.prompts)] == pytest.approx(0.01)
+    # no scales: one group, as before
+    assert len(build("l2p", backbone).param_groups(Stage("train"))) == 1
+    # a prefix that names nothing (or half a name) is an error naming it, never a silent 1.0
+    with pytest.raises(ValueError, match="'prompt' names no parameter.*'prompts'"):
+        create_method("l2p", backbone, NUM_CLASSES, NUM_TASKS, lr_scales={"prompt": 0.1}).param_groups(Stage("t"))
+    with pytest.raises(ValueError, match=r"lr_scales\['head'\] must be a number >= 0"):
+        build_config(method_class("l2p").Config, {"lr_scales": {"head": -1}}, "l2p")
+    with pytest.raises(ValueError, match="lr_scales must be a mapping"):
+        build_config(method_class("l2p").Config, {"lr_scales": [1.0]}, "l2p")
+
+
+def test_l2p_cls_head_reads_the_prompted_class_token(backbone):
+    torch.manual_seed(0)
+    m = create_method("l2p", backbone, NUM_CLASSES, NUM_TASKS, **SMALL["l2p"], head="cls")
+    batch, ctx = make_batch(3), ctx_for(0)
+    with torch.no_grad():
+        _, idx = retrieve(m.query(batch, ctx), m.keys, m.cfg.top_k)
+        tokens = m.prompts[idx].reshape(3, -1, m.embed_dim)
+        want = m.head(backbone.features(batch["image"], prompt_tokens=tokens))
+        got = m.predict(batch, ctx)
+    assert torch.allclose(got[:, :4], want[:, :4], atol=1e-5) and torch.isinf(got[:, 4:]).all()
+    with pytest.raises(ValueError, match="head must be 'prompt' or 'cls'"):
+        build_config(method_class("l2p").Config, {"head": "token"}, "l2p")
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -140,8 +180,6 @@ def test_l2p_selects_top_k_keys_per_sample(backbone):
     q = m.query(batch, ctx_for(0))
     cos = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(m.keys.detach(), dim=1).T
     want = cos.topk(m.cfg.top_k, dim=1).indices.sort(1).values
-    from clfast.ops import retrieve
-
     _, got = retrieve(q, m.keys.detach(), m.cfg.top_k)
     assert torch.equal(got.sort(1).values, want)
 
