@@ -3,8 +3,8 @@
     python scripts/results_table.py runs/results/linear runs/results/l2p ... --out docs/results.md
 
 Each run directory must hold summary.json, acc_matrix.csv, config.yaml and record.json (what
-`clfast train` writes). The report lists the headline table first, then every run's matrix and the
-exact command that produced it (from record.json).
+`clfast train` writes). The report lists the headline tables first (mean ± std over seeds when a
+method has several runs), then the matrix and exact command (from record.json) of each method's first run.
 """
 
 from __future__ import annotations
@@ -40,17 +40,42 @@ def _matrix_md(acc) -> str:
     return "\n".join(lines)
 
 
+def _mean_std(xs: list[float]) -> str:
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{m:.2f}"
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return f"{m:.2f} ± {sd:.2f}"
+
+
 def report(runs: list[dict], title: str, preamble: str = "") -> str:
+    """Headline tables, then the accuracy matrix and command of the first run of each method.
+
+    With several runs of a method (different ``seed``), a first table gives each method's mean ± sample
+    standard deviation over its runs; the per-run table follows.
+    """
     out = [f"# {title}", ""]
     if preamble:
         out += [preamble.strip(), ""]
-    out += ["| method | A_N (%) | F_N (%) | BWT | sample-weighted (%) | wall time (s) | images/s (train) |",
-            "|---|---|---|---|---|---|---|"]
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        by_method.setdefault(r["record"]["method"], []).append(r)
+    if any(len(rs) > 1 for rs in by_method.values()):
+        out += ["| method | seeds | A_N (%) | F_N (%) | BWT |", "|---|---|---|---|---|"]
+        for m, rs in by_method.items():
+            seeds = ", ".join(str(r["record"]["seed"]) for r in rs)
+            cells = [_mean_std([r["summary"][k] for r in rs]) for k in ("A_N", "F_N", "BWT")]
+            out.append(f"| `{m}` | {seeds} | " + " | ".join(cells) + " |")
+        out += ["", "Each run:", ""]
+    out += ["| method | seed | A_N (%) | F_N (%) | BWT | sample-weighted (%) | wall time (s) | images/s (train) |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r["summary"]
-        out.append(f"| `{r['record']['method']}` | {s['A_N']:.2f} | {s['F_N']:.2f} | {s['BWT']:.2f} | "
-                   f"{s['sample_weighted_accuracy']:.2f} | {s['wall_time_s']:.0f} | {s['images_per_s']:.0f} |")
-    for r in runs:
+        out.append(f"| `{r['record']['method']}` | {r['record']['seed']} | {s['A_N']:.2f} | {s['F_N']:.2f} | "
+                   f"{s['BWT']:.2f} | {s['sample_weighted_accuracy']:.2f} | {s['wall_time_s']:.0f} | "
+                   f"{s['images_per_s']:.0f} |")
+    for rs in by_method.values():
+        r = rs[0]
         rec = r["record"]
         out += ["", f"## `{rec['method']}` on `{rec['dataset']}`", "",
                 f"Command: `{rec.get('command') or '(not recorded)'}`  ",

@@ -47,7 +47,7 @@ def test_run_writes_every_file_and_consistent_summary(tmp_path):
     assert rec["backbone"]["source"] == "shipped" and len(rec["backbone"]["sha256"]) == 64
     assert rec["versions"]["torch"] == torch.__version__
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["method"] == "l2p" and cfg["optimizer"]["lr"] == 0.03
+    assert cfg["method"] == "l2p" and cfg["optimizer"]["lr"] == 0.005 and cfg["method_args"]["head"] == "cls"
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.count("eval") == 2 and events[-1] == "summary"
 
