@@ -162,16 +162,13 @@ class Scenario:
         if first_task_classes is not None and kind not in ("class-incremental", "task-incremental"):
             raise ValueError(f"first_task_classes is only used by class- and task-incremental "
                              f"scenarios, got kind={kind!r}")
-        if tokenizer is not None and not callable(tokenizer):
-            raise TypeError(f"tokenizer must be callable or None, got {type(tokenizer).__name__}")
         self.train_dataset, self.test_dataset = train, test
         self.kind = kind
         self.num_classes = len(train.classes)
-        self.tokenizer = tokenizer
+        self.set_tokenizer(tokenizer)
         self.shuffle_classes = bool(shuffle_classes)
         self.first_task_classes = first_task_classes
         self.domains: Optional[list[str]] = None
-        self._tokens: dict[str, torch.Tensor] = {}
 
         if kind in ("class-incremental", "task-incremental"):
             self._setup_class_split(num_tasks, class_order, class_order_seed, first_task_classes)
@@ -341,6 +338,16 @@ class Scenario:
         vqa = self.kind == "vqa"
         return TaskDataset(ds, idx, labels, item_tasks[idx], self.class_names, vqa=vqa,
                            num_answers=self.num_classes, tokens=self._question_tokens(split) if vqa else None)
+
+    def set_tokenizer(self, tokenizer: Optional[Callable]) -> None:
+        """Use ``tokenizer(list[str]) -> (N, L) int64`` for VQA questions from now on (None: strings).
+
+        Each split is tokenized once, when its first task set is built; sets built before keep theirs.
+        """
+        if tokenizer is not None and not callable(tokenizer):
+            raise TypeError(f"tokenizer must be callable or None, got {type(tokenizer).__name__}")
+        self.tokenizer = tokenizer
+        self._tokens: dict[str, torch.Tensor] = {}
 
     def _question_tokens(self, split: str) -> Optional[torch.Tensor]:
         """All questions of a split tokenized once, ``(N, L)`` int64; None without a tokenizer."""

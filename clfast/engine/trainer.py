@@ -132,6 +132,8 @@ class Trainer:
         if self.scenario.kind not in self.method.supports:
             raise ValueError(f"method {cfg.method!r} supports {', '.join(self.method.supports)} scenarios, not "
                              f"{self.scenario.kind!r} (dataset {cfg.dataset!r}, scenario={cfg.scenario!r})")
+        if self.scenario.kind == "vqa" and getattr(self.method, "tokenizer", None) is not None:
+            self.scenario.set_tokenizer(self.method.tokenizer)  # questions tokenized once per split
         self.method.to(self.device)
         self._build_transforms()
         if cfg.compile:

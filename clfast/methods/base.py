@@ -16,8 +16,10 @@ processes, and calls the hooks in this order for every task ``t``::
 
 Batches are dicts of tensors: ``image`` (B, 3, H, W) float in [0, 1] (the backbone normalises),
 ``label`` (B,) int64 in the scenario's remapped label space, ``task`` (B,) int64 and ``index`` (B,)
-int64 (position in the split, for per-image caches); VQA batches add ``question`` (B, L) int64 tokens
-and ``answer_scores`` (B, A) float soft targets.
+int64 (position in the split, for per-image caches); VQA batches add ``question`` and
+``answer_scores`` (B, A) float soft targets. ``question`` is (B, L) int64 tokens when the method has a
+``tokenizer`` attribute (``list[str] -> (N, L) int64``, e.g. open_clip's; the engine tokenizes each
+split once), else the list of B strings.
 
 Everything a method needs about the run comes in the frozen :class:`TaskContext`; a method keeps no
 global state. Per-task and per-prompt tensors are allocated densely at construction (``num_tasks`` is

@@ -173,7 +173,8 @@ def test_compiled_training_matches_eager(tmp_path):
         torch.testing.assert_close(states[1][k], v, atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
-def test_vqa_batches_train_and_evaluate_with_soft_scores(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tokenize", [False, True], ids=["strings", "tokens"])
+def test_vqa_batches_train_and_evaluate_with_soft_scores(tmp_path, monkeypatch, tokenize):
     """synth-vqa through the engine: question strings reach the method, accuracy credits soft scores."""
     import clfast.methods.base as base
     from clfast.data import Scenario
@@ -196,10 +197,19 @@ def test_vqa_batches_train_and_evaluate_with_soft_scores(tmp_path, monkeypatch):
         Config = MethodConfig
         supports = ("vqa",)
 
+        def __init__(self, *args):
+            super().__init__(*args)
+            # a method that reads questions may set a tokenizer; the engine then tokenizes each split once
+            self.tokenizer = (lambda qs: torch.tensor([[len(q), q.count(" ")] for q in qs])) if tokenize else None
+
         def training_step(self, batch, ctx):
-            assert isinstance(batch["question"], list) and all(isinstance(q, str) for q in batch["question"])
-            assert batch["answer_scores"].shape == (len(batch["question"]), self.num_classes)
-            seen_questions.extend(batch["question"])
+            q = batch["question"]
+            if tokenize:
+                assert q.dtype == torch.int64 and q.shape == (batch["image"].shape[0], 2) and (q[:, 0] > 0).all()
+            else:
+                assert isinstance(q, list) and all(isinstance(x, str) for x in q)
+            assert batch["answer_scores"].shape == (batch["image"].shape[0], self.num_classes)
+            seen_questions.append(q)
             logits = self.classify(self.query(batch, ctx))
             return StepOutput(torch.nn.functional.cross_entropy(logits, batch["label"]), {})
 
