@@ -7,7 +7,9 @@ tokens after [CLS] (prompt tuning). The classifier reads the mean of the prompt 
 paper's "prompt" head, ``head="prompt"``) or the prompted [CLS] output (``head="cls"``, the official
 code's ``head_type="token"``). Loss: cross-entropy over the current task's classes minus
 ``pull_weight`` × the mean summed cosine between queries and their selected keys (the surrogate loss
-that pulls keys towards their queries).
+that pulls keys towards their queries). Keys only get gradient from that surrogate, so under Adam
+``pull_weight`` barely matters for them and their learning rate (``lr_scales: {keys: ...}``) sets how
+fast each key settles on the queries of the tasks that pick it.
 
 Paper settings: pool 10, length 5, top-5, pull weight 0.1, keys and prompts initialised uniform in
 [-1, 1], Adam lr 0.03, batch 128, constant lr, 5 epochs (CIFAR-100). The paper's optional
@@ -33,7 +35,7 @@ class L2PConfig(MethodConfig):
     length: int = 5
     top_k: int = 5
     pull_weight: float = 0.1
-    init: str = "uniform"          # "uniform" in [-1, 1] (the official code) or "zero"
+    init: str = "uniform"          # prompts: "uniform" in [-1, 1] (the official code) or "zero"; keys uniform
     head: str = "prompt"           # features for the classifier: mean of the prompt tokens, or "cls"
 
     def __post_init__(self):
@@ -57,11 +59,11 @@ class L2P(FrozenQueryMethod):
         C = self.embed_dim
         self.keys = nn.Parameter(torch.empty(cfg.pool_size, C))
         self.prompts = nn.Parameter(torch.empty(cfg.pool_size, cfg.length, C))
-        for p in (self.keys, self.prompts):
-            if cfg.init == "uniform":
-                nn.init.uniform_(p, -1.0, 1.0)
-            else:
-                nn.init.zeros_(p)
+        nn.init.uniform_(self.keys, -1.0, 1.0)  # zero keys would tie every cosine: one prompt for all
+        if cfg.init == "uniform":
+            nn.init.uniform_(self.prompts, -1.0, 1.0)
+        else:
+            nn.init.zeros_(self.prompts)
 
     def _forward(self, batch: dict, ctx: TaskContext) -> tuple[Tensor, Tensor]:
         q = self.query(batch, ctx)                                         # (B, C)
