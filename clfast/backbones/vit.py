@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import timm
 import timm.data
@@ -451,6 +452,7 @@ class ViTBackbone(nn.Module):
         self.weights = weights or WeightsInfo(
             _model_name(vit), "unknown", note="model handed to ViTBackbone directly; origin not recorded")
         self.train_backbone = bool(train_backbone)
+        self.grad_checkpointing = False
         self.vit.requires_grad_(self.train_backbone)
         self.register_buffer("mean", torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
@@ -462,6 +464,17 @@ class ViTBackbone(nn.Module):
         super().train(mode)
         if not self.train_backbone:
             self.vit.eval()  # frozen: no dropout / drop path, whatever the parent's mode
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "ViTBackbone":
+        """Recompute each block in the backward instead of keeping its activations (while grad is on).
+
+        Saves most activation memory for about one extra forward. Each block's prefixes are arguments of
+        its checkpointed call, so the recomputation sees the forward's prompts (the prompt context has
+        been left by then). timm's own ``set_grad_checkpointing`` does not apply: :meth:`forward` runs the
+        blocks itself.
+        """
+        self.grad_checkpointing = bool(enable)
         return self
 
     def normalize(self, images: Tensor) -> Tensor:
@@ -533,9 +546,18 @@ class ViTBackbone(nn.Module):
         if prompt_tokens is not None:
             x = self._insert_prompts(x, prompt_tokens)
         x = vit.norm_pre(x)
-        with self.context.prompts(self._check_prefixes(prefixes)):
-            x = vit.blocks(x)
+        prefixes = self._check_prefixes(prefixes)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for i, block in enumerate(vit.blocks):
+                x = checkpoint(self._prompted_block, block, i, x, prefixes.get(i), use_reentrant=False)
+        else:
+            with self.context.prompts(prefixes):
+                x = vit.blocks(x)
         return vit.norm(x)
+
+    def _prompted_block(self, block: nn.Module, layer: int, x: Tensor, prefix) -> Tensor:
+        with self.context.prompts({} if prefix is None else {layer: prefix}):
+            return block(x)
 
     def cls(self, tokens: Tensor) -> Tensor:
         """``(B, N', C)`` tokens → ``(B, C)`` class token (index 0)."""

@@ -58,6 +58,7 @@ class RunConfig:
     augment: bool = True
     amp: str = "bf16"
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute backbone blocks in the backward (less activation memory)
     compile_options: dict = field(default_factory=dict)   # torch.compile kwargs, e.g. {mode: max-autotune}
     method_args: dict = field(default_factory=dict)
     # run

@@ -136,6 +136,12 @@ class Trainer:
             self.scenario.set_tokenizer(self.method.tokenizer)  # questions tokenized once per split
         self.method.to(self.device)
         self._build_transforms()
+        if cfg.grad_checkpointing:
+            setter = getattr(self.method.backbone, "set_grad_checkpointing", None)
+            if setter is None:
+                raise ValueError(f"grad_checkpointing: the backbone {type(self.method.backbone).__name__} has no "
+                                 f"set_grad_checkpointing()")
+            setter(True)
         if cfg.compile:
             self.method.compile_for_training(**cfg.compile_options)
         self.acc = AccuracyMatrix()

@@ -158,6 +158,32 @@ def test_prefixes_change_output_and_get_gradients(backbone, images):
         backbone(images, prefixes={0: pk})
 
 
+def test_grad_checkpointing_recomputes_with_the_same_prompts(images):
+    """Checkpointed blocks see their prefixes again in the backward (the context is gone by then)."""
+    torch.manual_seed(0)
+    bb = B.create_vit("vit_tiny_synth", pretrained=True)
+    g = torch.Generator().manual_seed(1)
+    leaves = [torch.randn(*s, generator=g, requires_grad=True) for s in [(2, 4, 192), (2, 4, 192), (3, 192)]]
+
+    def grads():
+        pk, pv, tok = leaves
+        out = bb.features(images, prefixes={1: (pk, pv), 4: (pk * 0.5, pv)}, prompt_tokens=tok)
+        out.square().sum().backward()
+        got = [out.detach()] + [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        return got
+
+    plain = grads()
+    assert bb.set_grad_checkpointing() is bb and bb.grad_checkpointing
+    ckpt = grads()
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in bb.parameters())
+    with torch.no_grad():  # inference takes the plain path
+        torch.testing.assert_close(bb.features(images), bb.set_grad_checkpointing(False).features(images))
+
+
 def test_prompt_layers_subset_and_bad_values(images):
     bb = B.create_vit("vit_tiny_synth", prompt_layers=[0, 1])
     assert bb.prompt_layers == (0, 1)

@@ -233,3 +233,15 @@ def test_vqa_batches_train_and_evaluate_with_soft_scores(tmp_path, monkeypatch, 
         want = 100 * sum(1.0 if int(test[i]["index"]) % 2 == 0 else 0.6 for i in range(len(test))) / len(test)
         assert acc[t, -1] == pytest.approx(want, abs=1e-4)  # scores are float32
     assert summary["A_N"] == pytest.approx(acc[:, -1].mean())
+
+
+def test_grad_checkpointing_trains_the_same(tmp_path):
+    runs = {}
+    for flag in (False, True):
+        cfg = tiny_cfg("dualprompt", ["amp=none", f"grad_checkpointing={str(flag).lower()}"])
+        t = Trainer(cfg, out=str(tmp_path / str(flag)))
+        assert t.method.backbone.grad_checkpointing is flag
+        runs[flag] = (t.fit(), t.method.state_dict())
+    assert runs[True][0]["A_N"] == pytest.approx(runs[False][0]["A_N"])
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
