@@ -69,6 +69,7 @@ class RunConfig:
     limit_train_batches: Optional[int] = None
     limit_eval_batches: Optional[int] = None
     stop_after_steps: Optional[int] = None   # act as if interrupted (Ctrl-C) after this many steps
+    checkpoint_every_steps: Optional[int] = None  # also checkpoint every N steps (resumable after a crash)
     log_every: int = 20
     quiet: bool = False
     name: Optional[str] = None
@@ -88,7 +89,8 @@ class RunConfig:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
-        for key in ("limit_train_batches", "limit_eval_batches", "stop_after_steps", "num_tasks"):
+        for key in ("limit_train_batches", "limit_eval_batches", "stop_after_steps", "checkpoint_every_steps",
+                    "num_tasks"):
             v = getattr(self, key)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{key} must be a positive integer or null, got {v!r}")

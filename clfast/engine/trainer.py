@@ -257,10 +257,10 @@ class Trainer:
         if self.is_main and self.pos.at_task_start and self.pos.task == 0:
             self._write_start_files()
         self._banner()
-        old = signal.getsignal(signal.SIGINT)
         handle = self.is_main and threading.current_thread() is threading.main_thread()
-        if handle:
-            signal.signal(signal.SIGINT, self._on_sigint)
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if handle else {}
+        for s in old:  # Ctrl-C, and the SIGTERM a scheduler sends before it kills a job
+            signal.signal(s, self._on_signal)
         try:
             for task in range(self.pos.task, self.scenario.num_tasks):
                 self._run_task(task)
@@ -268,15 +268,16 @@ class Trainer:
                 self._evaluate(task)
                 self._save_checkpoint(tag=f"task{task + 1:03d}")
         finally:
-            if handle:
-                signal.signal(signal.SIGINT, old)
+            for s, h in old.items():
+                signal.signal(s, h)
         summary = self._finish()
         return summary
 
-    def _on_sigint(self, signum, frame):
-        if self._interrupt:  # second Ctrl-C: stop now
+    def _on_signal(self, signum, frame):
+        if self._interrupt:  # second signal: stop now
             raise KeyboardInterrupt
-        self.log.warning("Ctrl-C: saving a checkpoint at the next step (press again to abort without saving)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log.warning(f"{name}: saving a checkpoint at the next step (send it again to abort without saving)")
         self._interrupt = True
 
     def _run_task(self, task: int) -> None:
@@ -381,13 +382,16 @@ class Trainer:
                     self.metrics.log(event="step", task=task, stage=stage.name, epoch=epoch, step=self.global_step,
                                      lr=opt.param_groups[0]["lr"], **logs)
                 stop = self.cfg.stop_after_steps and self.global_step >= self.cfg.stop_after_steps
-                if self._interrupt or stop:
-                    self.pos = Position(task, si, epoch, b)
+                every = self.cfg.checkpoint_every_steps
+                if self._interrupt or stop or (every and self.global_step % every == 0):
+                    resume_at = Position(task, si, epoch, b)
                     if n_steps is not None and b >= n_steps:
-                        self.pos = Position(task, si, epoch + 1, 0)
+                        resume_at = Position(task, si, epoch + 1, 0)
                     self._stash_optimizer(key, opt)
-                    path = self._save_checkpoint(tag="interrupt")
-                    raise Interrupted(path)
+                    if self._interrupt or stop:
+                        self.pos = resume_at
+                        raise Interrupted(self._save_checkpoint(tag="interrupt"))
+                    self._save_checkpoint(tag="step", pos=resume_at)  # periodic: save and go on
             dt = time.time() - t_epoch
             self._train_time += dt
             self._train_images += seen * self.world
@@ -564,16 +568,17 @@ class Trainer:
         return getattr(self, "_wall_before_resume", 0.0)
 
     # checkpoints ----------------------------------------------------------------------------------
-    def _checkpoint_state(self) -> dict:
+    def _checkpoint_state(self, pos: Optional[Position] = None) -> dict:
+        pos = self.pos if pos is None else pos
         opts = {k: o.state_dict() for k, o in self.persistent_opts.items()}
         cur = getattr(self, "_current_opt", None)
-        if cur is not None and not self.pos.at_task_start:
+        if cur is not None and not pos.at_task_start:
             opts[cur[0]] = cur[1].state_dict()
         return {
             "format": CHECKPOINT_FORMAT,
             "method": self.cfg.method,
             "config_hash": rio.config_hash(_hashable_config(self.cfg)),
-            "position": [self.pos.task, self.pos.stage, self.pos.epoch, self.pos.batch],
+            "position": [pos.task, pos.stage, pos.epoch, pos.batch],
             "global_step": self.global_step,
             "method_state": self.method.state_dict(),
             "optimizers": opts,
@@ -590,7 +595,8 @@ class Trainer:
             return rio.rng_state()
         return self._gathered_rng
 
-    def _save_checkpoint(self, tag: str) -> str:
+    def _save_checkpoint(self, tag: str, pos: Optional[Position] = None) -> str:
+        """Write ``checkpoints/<tag>.pt`` (resuming at ``pos``, default the current position)."""
         path = os.path.join(self.run_dir, "checkpoints", f"{tag}.pt")
         if self.world > 1:  # every rank's random streams, so a resumed DDP run continues each of them
             import torch.distributed as dist
@@ -599,7 +605,7 @@ class Trainer:
             dist.all_gather_object(states, rio.rng_state())
             self._gathered_rng = states
         if self.is_main:
-            rio.save_checkpoint(path, self._checkpoint_state())
+            rio.save_checkpoint(path, self._checkpoint_state(pos))
         if self.world > 1:
             import torch.distributed as dist
 
@@ -620,7 +626,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a clfast run directory)")
         with open(cfg_path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-        allowed = {"quiet", "num_workers", "threads", "stop_after_steps", "log_every"}
+        allowed = {"quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps", "log_every"}
         bad = set(overrides) - allowed
         if bad:
             raise ValueError(f"--resume: cannot change {sorted(bad)} of a run (only {sorted(allowed)})")
@@ -719,9 +725,24 @@ def _mask_to_tasks(logits: torch.Tensor, task: torch.Tensor, ranges) -> torch.Te
 def _hashable_config(cfg: RunConfig) -> dict:
     """The settings that change the numbers (what a checkpoint must agree with)."""
     d = cfg.to_dict()
-    for k in ("quiet", "num_workers", "threads", "stop_after_steps", "log_every", "name", "device"):
+    for k in _NOT_HASHED:
         d.pop(k, None)
+    # settings at their default are left out, so a field added in a later version (at its default)
+    # does not make older checkpoints unresumable
+    default = RunConfig().to_dict()
+    for k in list(d):
+        if isinstance(d[k], dict) and isinstance(default.get(k), dict):
+            d[k] = {s: v for s, v in d[k].items() if default[k].get(s, _MISSING) != v}
+        if d[k] == default.get(k, _MISSING):
+            del d[k]
     return d
+
+
+_MISSING = object()
+# run settings that do not change the numbers: a resume may change them (RESUME_OVERRIDES) and
+# checkpoints do not record them
+_NOT_HASHED = ("quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps", "log_every",
+               "name", "device")
 
 
 def _clfast_version() -> str:

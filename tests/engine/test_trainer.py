@@ -73,6 +73,68 @@ def test_resume_reaches_the_same_numbers(tmp_path, stop_at):
     assert resumed["A_N"] == full["A_N"] and resumed["F_N"] == full["F_N"]
 
 
+def test_step_checkpoints_resume_after_a_crash(tmp_path, monkeypatch):
+    """checkpoint_every_steps: a run killed by an error (not a signal) resumes from its last step checkpoint."""
+    full = Trainer(tiny_cfg("dualprompt"), out=str(tmp_path / "full")).fit()
+    crash = tmp_path / "crash"
+    t = Trainer(tiny_cfg("dualprompt", ["checkpoint_every_steps=3"]), out=str(crash))
+    real_step, calls = t.method.training_step, [0]
+
+    def failing_step(batch, ctx):
+        calls[0] += 1
+        if calls[0] == 7:  # task 2, step 3 of 4; the last step checkpoint was after global step 6
+            raise RuntimeError("simulated crash")
+        return real_step(batch, ctx)
+
+    monkeypatch.setattr(t.method, "training_step", failing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        t.fit()
+    state = torch.load(crash / "checkpoints" / "step.pt", weights_only=True)
+    assert state["global_step"] == 6 and state["position"] == [1, 0, 0, 2]
+    assert json.loads((crash / "checkpoints" / "latest.json").read_text())["checkpoint"] == "step.pt"
+    resumed = Trainer.resume(str(crash)).fit()
+    assert resumed["A_N"] == full["A_N"] and resumed["F_N"] == full["F_N"]
+    torch.testing.assert_close(torch.tensor(read_acc_csv(crash / "acc_matrix.csv")),
+                               torch.tensor(read_acc_csv(tmp_path / "full" / "acc_matrix.csv")), rtol=0, atol=0,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_at_the_next_step(tmp_path, monkeypatch, signum):
+    import signal
+
+    cut = tmp_path / "cut"
+    t = Trainer(tiny_cfg("linear"), out=str(cut))
+    real_step, calls = t.method.training_step, [0]
+
+    def signalling_step(batch, ctx):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), getattr(signal, signum))  # the handler only sets a flag
+        return real_step(batch, ctx)
+
+    monkeypatch.setattr(t.method, "training_step", signalling_step)
+    before = signal.getsignal(getattr(signal, signum))
+    with pytest.raises(Interrupted):
+        t.fit()
+    assert signal.getsignal(getattr(signal, signum)) is before  # the caller's handler is back
+    state = torch.load(cut / "checkpoints" / "interrupt.pt", weights_only=True)
+    assert state["global_step"] == 2 and state["position"] == [0, 0, 0, 2]
+    full = Trainer(tiny_cfg("linear"), out=str(tmp_path / "full")).fit()
+    assert Trainer.resume(str(cut)).fit()["A_N"] == full["A_N"]
+
+
+def test_config_hash_ignores_settings_left_at_their_default():
+    from clfast.engine.trainer import _hashable_config
+
+    base = tiny_cfg("linear")
+    h = _hashable_config(base)
+    assert "grad_checkpointing" not in h and "checkpoint_every_steps" not in h  # as if added later
+    assert _hashable_config(tiny_cfg("linear", ["checkpoint_every_steps=5", "quiet=false"])) == h
+    assert _hashable_config(tiny_cfg("linear", ["grad_checkpointing=true"]))["grad_checkpointing"] is True
+    assert _hashable_config(tiny_cfg("linear", ["optimizer.lr=0.5"]))["optimizer"]["lr"] == 0.5
+
+
 def test_resume_rejects_a_changed_config(tmp_path):
     cut = tmp_path / "cut"
     with pytest.raises(Interrupted):
