@@ -164,6 +164,8 @@ class Trainer:
             if not dist.is_initialized():
                 backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
                 dist.init_process_group(backend)
+            # the per-step interrupt flag goes over a CPU group, so it never waits for the GPU
+            self._flag_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     def _pick_device(self) -> torch.device:
         want = self.cfg.device
@@ -257,7 +259,8 @@ class Trainer:
         if self.is_main and self.pos.at_task_start and self.pos.task == 0:
             self._write_start_files()
         self._banner()
-        handle = self.is_main and threading.current_thread() is threading.main_thread()
+        # every rank listens (torchrun forwards signals to all workers); _interrupted() agrees across ranks
+        handle = threading.current_thread() is threading.main_thread()
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if handle else {}
         for s in old:  # Ctrl-C, and the SIGTERM a scheduler sends before it kills a job
             signal.signal(s, self._on_signal)
@@ -277,8 +280,20 @@ class Trainer:
         if self._interrupt:  # second signal: stop now
             raise KeyboardInterrupt
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.log.warning(f"{name}: saving a checkpoint at the next step (send it again to abort without saving)")
+        if self.is_main:
+            self.log.warning(f"{name}: saving a checkpoint at the next step (send it again to abort without saving)")
         self._interrupt = True
+
+    def _interrupted(self) -> bool:
+        """Whether any rank was interrupted, the same answer on every rank (a MAX all-reduce under DDP)."""
+        if self.world == 1:
+            return self._interrupt
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self._interrupt else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
+        self._interrupt = bool(flag.item())
+        return self._interrupt
 
     def _run_task(self, task: int) -> None:
         resuming_mid_task = not self.pos.at_task_start and self.pos.task == task
@@ -383,7 +398,7 @@ class Trainer:
                                      lr=opt.param_groups[0]["lr"], **logs)
                 stop = self.cfg.stop_after_steps and self.global_step >= self.cfg.stop_after_steps
                 every = self.cfg.checkpoint_every_steps
-                if self._interrupt or stop or (every and self.global_step % every == 0):
+                if self._interrupted() or stop or (every and self.global_step % every == 0):
                     resume_at = Position(task, si, epoch, b)
                     if n_steps is not None and b >= n_steps:
                         resume_at = Position(task, si, epoch + 1, 0)

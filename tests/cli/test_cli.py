@@ -95,3 +95,40 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     totals = [torch.load(tmp_path / d / "checkpoints" / "task002.pt", weights_only=True)["acc"]["total"]
               for d in ("ddp", "one")]
     assert totals[0] == totals[1]
+
+
+DDP_SIGNAL_SCRIPT = """
+import os, signal, sys
+from clfast.engine import Interrupted, Trainer, load_config
+
+cfg = load_config("linear", "digits", "fast", ["num_tasks=2", "epochs=1", "batch_size=32", "limit_train_batches=4",
+                                               "limit_eval_batches=1", "threads=1", "quiet=true"])
+trainer = Trainer(cfg, out=sys.argv[1])
+real_step, calls = trainer.method.training_step, [0]
+
+def step(batch, ctx):
+    calls[0] += 1
+    if calls[0] == 2 and os.environ["RANK"] == "1":  # only rank 1 is told to stop (as a scheduler might)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(batch, ctx)
+
+trainer.method.training_step = step
+try:
+    trainer.fit()
+except Interrupted:
+    with open(os.path.join(sys.argv[1], f"interrupted_rank{os.environ['RANK']}"), "w") as f:
+        f.write(str(trainer.global_step))
+"""
+
+
+def test_ddp_a_signal_on_one_rank_stops_every_rank_with_one_checkpoint(tmp_path):
+    script = tmp_path / "signal_one_rank.py"
+    script.write_text(DDP_SIGNAL_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):  # both ranks stopped at the same step
+        assert (tmp_path / "run" / f"interrupted_rank{rank}").read_text() == "2", run.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "interrupt.pt", weights_only=True)
+    assert state["global_step"] == 2 and state["position"] == [0, 0, 0, 2] and len(state["rng"]) == 2
