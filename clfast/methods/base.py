@@ -320,7 +320,8 @@ class Method(nn.Module):
         """Optimizer parameter groups for ``stage`` (dicts may set their own ``lr``/``lr_scale``).
 
         Default: the parameters with ``requires_grad``, one group per multiplier of the config's
-        ``lr_scales`` (one group when it is empty).
+        ``lr_scales`` (one group when it is empty). An override that builds its own groups should start
+        from :func:`scaled_param_groups` of a sub-module, so that ``lr_scales`` keeps working.
         """
         return scaled_param_groups(self, self.cfg.lr_scales)
 
