@@ -83,4 +83,4 @@ def test_prefix_attention(benchmark, pa_case):
     benchmark.group = f"prefix_attention B{B} H{H} N{N} d{d} P{P} {dt} {mode}"
     benchmark.extra_info.update(op="prefix_attention", impl=impl, dtype=dt, mode=mode,
                                 shape=dict(B=B, H=H, N=N, d=d, P=P), device=dev)
-    _run(benchmark, fn, rounds=5 if B >= 16 else 20)
+    _run(benchmark, fn, rounds=11 if B >= 16 else 21)
