@@ -754,8 +754,8 @@ def _hashable_config(cfg: RunConfig) -> dict:
 
 
 _MISSING = object()
-# run settings that do not change the numbers: a resume may change them (RESUME_OVERRIDES) and
-# checkpoints do not record them
+# run settings that do not change the numbers: checkpoints do not record them (Trainer.resume lets
+# most of them change)
 _NOT_HASHED = ("quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps", "log_every",
                "name", "device")
 
