@@ -455,6 +455,7 @@ class Trainer:
             self.scaler.update()
         else:
             opt.step()
+        self.method.after_optimizer_step()
         out = {"loss": float(loss.detach())}
         out.update({k: _scalar(v) for k, v in logs.items()})
         return out

@@ -23,7 +23,8 @@ split once), else the list of B strings.
 
 Everything a method needs about the run comes in the frozen :class:`TaskContext`; a method keeps no
 global state. Per-task and per-prompt tensors are allocated densely at construction (``num_tasks`` is
-known), so DDP never sees unused parameters; old slices are frozen with :func:`freeze_rows`.
+known), so DDP never sees unused parameters; old slices are frozen with :meth:`Method.freeze_rows`
+(zero gradient, and restored after every optimizer step, so persistent optimizers cannot move them).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 __all__ = [
     "OptimConfig", "ScheduleConfig", "Stage", "TaskContext", "StepOutput", "Method", "MethodConfig",
     "register_method", "create_method", "list_methods", "method_class", "freeze_rows", "masked_logits",
-    "build_config", "check_fields", "scaled_param_groups",
+    "build_config", "check_fields", "scaled_param_groups", "FrozenRows",
 ]
 
 
@@ -285,6 +286,7 @@ class Method(nn.Module):
         self.num_classes = int(num_classes)
         self.num_tasks = int(num_tasks)
         self.cfg = cfg
+        self._frozen_rows: list[FrozenRows] = []
 
     # hooks ----------------------------------------------------------------------------------------
     def stages(self, ctx: TaskContext) -> list[Stage]:
@@ -325,11 +327,23 @@ class Method(nn.Module):
         """
         return scaled_param_groups(self, self.cfg.lr_scales)
 
+    def after_optimizer_step(self) -> None:
+        """Called by the engine after every optimizer step (default: restore the frozen rows)."""
+        for record in self._frozen_rows:
+            record.restore()
+
     def compile_for_training(self, **options) -> None:
         """Called when the run sets ``compile: true``: compile the hot forward (default: the backbone)."""
         self.backbone.compile(**options)
 
     # helpers --------------------------------------------------------------------------------------
+    def freeze_rows(self, param: Tensor, stop: Callable[[], int] | int, start: Callable[[], int] | int = 0,
+                    dim: int = 0) -> FrozenRows:
+        """:func:`freeze_rows`, registered so that :meth:`after_optimizer_step` restores the rows."""
+        record = freeze_rows(param, stop, start, dim)
+        self._frozen_rows.append(record)
+        return record
+
     def train_logits(self, logits: Tensor, ctx: TaskContext) -> Tensor:
         """Class-incremental training: keep only the current task's logits when ``train_mask``."""
         return masked_logits(logits, ctx.class_range if self.cfg.train_mask else (0, ctx.seen_classes))
@@ -376,23 +390,66 @@ def masked_logits(logits: Tensor, keep: tuple[int, int]) -> Tensor:
     return logits + mask
 
 
-def freeze_rows(param: Tensor, stop: Callable[[], int] | int, start: Callable[[], int] | int = 0):
-    """Zero the gradient of ``param[start:stop]`` (rows of finished tasks) through a hook.
+class FrozenRows:
+    """Rows ``[start, stop)`` of ``param`` along ``dim`` held fixed (the slices of finished tasks).
 
-    ``start``/``stop`` may be callables read at backward time, so one hook serves every task. With
-    an optimizer re-created per task and no weight decay, the frozen rows then never move; with a
-    persistent Adam-like optimizer their old momentum would still move them — methods that keep
-    optimizers across tasks should restore frozen rows instead.
+    Two parts: a gradient hook zeroes the rows' gradient, and :meth:`restore` (called by the engine
+    after every optimizer step, through :meth:`Method.after_optimizer_step`) writes back the values
+    they had when they became frozen, so that momentum and weight decay of an optimizer kept across
+    tasks cannot move them either. ``start``/``stop`` may be callables read when used, so one record
+    serves every task; the snapshot is taken in the first backward pass that sees a new range (before
+    that step's update), so a resumed run re-takes it from the restored parameters.
     """
-    def hook(grad: Tensor) -> Tensor:
-        a = start() if callable(start) else start
-        b = stop() if callable(stop) else stop
-        if b > a:
-            grad = grad.clone()
-            grad[a:b] = 0
+
+    def __init__(self, param: Tensor, stop: Callable[[], int] | int, start: Callable[[], int] | int = 0,
+                 dim: int = 0):
+        if not isinstance(param, Tensor) or not param.requires_grad:
+            raise ValueError("freeze_rows: param must be a tensor that requires grad")
+        if not -param.dim() <= dim < param.dim():
+            raise ValueError(f"freeze_rows: dim must be in [{-param.dim()}, {param.dim()}) for a "
+                             f"{param.dim()}-d param, got {dim}")
+        self.param, self._start, self._stop, self.dim = param, start, stop, dim % param.dim()
+        self._range: tuple[int, int] = (0, 0)
+        self._snapshot: Optional[Tensor] = None
+        self._handle = param.register_hook(self._hook)
+
+    def range(self) -> tuple[int, int]:
+        a = self._start() if callable(self._start) else self._start
+        b = self._stop() if callable(self._stop) else self._stop
+        return int(a), max(int(a), int(b))
+
+    def _hook(self, grad: Tensor) -> Tensor:
+        a, b = self.range()
+        if b <= a:
+            return grad
+        if (a, b) != self._range or self._snapshot is None:
+            self._snapshot = self.param.detach().narrow(self.dim, a, b - a).clone()
+            self._range = (a, b)
+        grad = grad.clone()
+        grad.narrow(self.dim, a, b - a).zero_()
         return grad
 
-    return param.register_hook(hook)
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the frozen rows back (no-op before the first backward pass of a range)."""
+        a, b = self.range()
+        if self._snapshot is not None and (a, b) == self._range:
+            self.param.narrow(self.dim, a, b - a).copy_(self._snapshot)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def freeze_rows(param: Tensor, stop: Callable[[], int] | int, start: Callable[[], int] | int = 0,
+                dim: int = 0) -> FrozenRows:
+    """Hold ``param``'s rows ``[start, stop)`` along ``dim`` fixed (see :class:`FrozenRows`).
+
+    Inside a :class:`Method` use ``self.freeze_rows(...)``, which also registers the record so that
+    the engine restores the rows after every optimizer step. Used alone (another codebase's loop),
+    the gradient is zeroed, and the caller restores with ``.restore()`` after its optimizer step when
+    the optimizer keeps momentum or weight decay across tasks.
+    """
+    return FrozenRows(param, stop, start, dim)
 
 
 _METHODS: dict[str, type[Method]] = {}

@@ -77,16 +77,8 @@ class CodaPrompt(FrozenQueryMethod):
         self.attn = nn.Parameter(torch.zeros(n, cfg.pool_size, C))
         self.prompts = nn.Parameter(torch.zeros(n, cfg.pool_size, cfg.length, C))
         self.register_buffer("_task", torch.zeros((), dtype=torch.long))
-        self.prompts.register_hook(self._freeze_old)
-        self.keys.register_hook(self._freeze_old)
-        self.attn.register_hook(self._freeze_old)
-
-    def _freeze_old(self, grad: Tensor) -> Tensor:
-        start = int(self._task) * self.per_task
-        if start:
-            grad = grad.clone()
-            grad[:, :start] = 0
-        return grad
+        for p in (self.prompts, self.keys, self.attn):  # earlier tasks' components (dim 1) stay fixed
+            self.freeze_rows(p, stop=lambda: int(self._task) * self.per_task, dim=1)
 
     def begin_task(self, ctx: TaskContext) -> None:
         self._task.fill_(ctx.task)
@@ -104,7 +96,7 @@ class CodaPrompt(FrozenQueryMethod):
                     flat[start:stop] = new.to(flat)
 
     def _active(self, ctx: TaskContext) -> int:
-        """Components in use: those of tasks 0..t (earlier ones frozen by the gradient hook)."""
+        """Components in use: those of tasks 0..t (earlier ones held fixed by freeze_rows)."""
         return (ctx.task + 1) * self.per_task
 
     def _prefixes(self, q: Tensor, stop: int) -> dict[int, tuple[Tensor, Tensor]]:

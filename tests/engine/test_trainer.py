@@ -73,6 +73,26 @@ def test_resume_reaches_the_same_numbers(tmp_path, stop_at):
     assert resumed["A_N"] == full["A_N"] and resumed["F_N"] == full["F_N"]
 
 
+def test_persistent_adamw_leaves_frozen_components_alone_and_resumes_exactly(tmp_path):
+    # one AdamW (momentum + weight decay) for both tasks: CODA-Prompt's task-0 components must not move
+    # in task 2, also across an interruption inside task 2 (the frozen rows' snapshot is re-taken)
+    extra = ["reset_optimizer=false", "optimizer.name=adamw", "optimizer.weight_decay=0.05"]
+    full = Trainer(tiny_cfg("coda_prompt", extra), out=str(tmp_path / "full")).fit()
+    ck = tmp_path / "full" / "checkpoints"
+    after1, after2 = (torch.load(ck / f"task00{t}.pt", weights_only=True)["method_state"] for t in (1, 2))
+    per_task = 8 // 2
+    for name in ("prompts", "keys", "attn"):
+        assert torch.equal(after2[name][:, :per_task], after1[name][:, :per_task]), name
+        assert not torch.equal(after2[name][:, per_task:], after1[name][:, per_task:]), name
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        Trainer(tiny_cfg("coda_prompt", extra + ["stop_after_steps=6"]), out=str(cut)).fit()
+    resumed = Trainer.resume(str(cut), stop_after_steps=None).fit()
+    assert resumed["A_N"] == full["A_N"] and resumed["F_N"] == full["F_N"]
+    final = torch.load(cut / "checkpoints" / "task002.pt", weights_only=True)["method_state"]
+    assert torch.equal(final["prompts"], after2["prompts"])
+
+
 def test_step_checkpoints_resume_after_a_crash(tmp_path, monkeypatch):
     """checkpoint_every_steps: a run killed by an error (not a signal) resumes from its last step checkpoint."""
     full = Trainer(tiny_cfg("dualprompt"), out=str(tmp_path / "full")).fit()

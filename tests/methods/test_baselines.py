@@ -69,6 +69,36 @@ def test_masked_logits_and_freeze_rows():
     assert (p.grad[:2] == 0).all() and (p.grad[2:] != 0).all()
 
 
+@pytest.mark.parametrize("restore", [True, False])
+def test_frozen_rows_stay_fixed_under_a_persistent_adamw(restore):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3, 6, 2))           # rows along dim 1, e.g. (layers, pool, C)
+    stop = [0]
+    rows = freeze_rows(p, lambda: stop[0], dim=1)
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1)  # one optimizer for every "task"
+    for task in range(3):
+        stop[0] = 2 * task                                   # rows of finished tasks are frozen
+        before = p.detach().clone()
+        for _ in range(4):
+            opt.zero_grad()
+            (p ** 2).sum().backward()
+            assert (p.grad[:, : stop[0]] == 0).all() and (p.grad[:, stop[0]:] != 0).all()
+            opt.step()
+            if restore:
+                rows.restore()
+        moved = (p.detach() - before).abs().amax(dim=(0, 2))
+        if restore:
+            assert (moved[: stop[0]] == 0).all(), f"task {task}: a frozen row moved"
+        elif task > 0:
+            # the control: momentum and weight decay move rows whose gradient is zero
+            assert (moved[: stop[0]] > 0).all()
+        assert (moved[stop[0]:] > 0).all()
+    with pytest.raises(ValueError, match="dim must be in"):
+        freeze_rows(p, 1, dim=3)
+    with pytest.raises(ValueError, match="requires grad"):
+        freeze_rows(torch.zeros(3), 1)
+
+
 def test_lr_scales_group_parameters_by_longest_prefix(backbone):
     from clfast.engine.optim import build_optimizer
     from clfast.methods import OptimConfig, Stage
@@ -182,6 +212,61 @@ def test_l2p_selects_top_k_keys_per_sample(backbone):
     want = cos.topk(m.cfg.top_k, dim=1).indices.sort(1).values
     _, got = retrieve(q, m.keys.detach(), m.cfg.top_k)
     assert torch.equal(got.sort(1).values, want)
+
+
+def test_l2p_frequency_penalty_steers_training_away_from_used_prompts(backbone):
+    torch.manual_seed(0)
+    m = create_method("l2p", backbone, NUM_CLASSES, NUM_TASKS, **{**SMALL["l2p"], "top_k": 1},
+                      frequency_penalty=True)
+    batch = make_batch(6)
+    q = m.query(batch, ctx_for(0))
+    _, by_cos = retrieve(q, m.keys.detach(), 1)
+    m.begin_task(ctx_for(0))
+    m.training_step(batch, ctx_for(0))               # task 0: no history, plain cosine selection
+    assert m.task_usage.sum() == 6 and torch.equal(m.task_usage.nonzero().flatten(),
+                                                   by_cos.flatten().unique())
+    m.end_task(ctx_for(0), [])
+    used = m.usage.nonzero().flatten()
+    assert m.task_usage.sum() == 0 and m.usage.sum() == 6
+
+    m.begin_task(ctx_for(1))
+    m.training_step(make_batch(6, task=1), ctx_for(1))
+    picked = m.task_usage.nonzero().flatten()
+    assert not set(picked.tolist()) & set(used.tolist()), "task 1 re-used task 0's prompts"
+    # evaluation ignores the usage: cosine alone
+    _, idx = m._select(q, training=False)
+    assert torch.equal(idx, by_cos)
+    # the counts travel with the method's state (checkpoints)
+    state = m.state_dict()
+    assert torch.equal(state["usage"], m.usage) and torch.equal(state["task_usage"], m.task_usage)
+
+    plain = build("l2p", backbone)                    # off by default: training selects by cosine
+    plain.usage.fill_(1.0)
+    plain.usage[by_cos.flatten()] = 100.0
+    _, idx = plain._select(q, training=True)
+    _, want = retrieve(q, plain.keys.detach(), plain.cfg.top_k)
+    assert torch.equal(idx, want)
+
+
+def test_l2p_train_vote_gives_the_batch_majority_in_training_only(backbone):
+    torch.manual_seed(0)
+    m = create_method("l2p", backbone, NUM_CLASSES, NUM_TASKS, **SMALL["l2p"], train_vote=True)
+    batch = make_batch(7)
+    q = m.query(batch, ctx_for(0))
+    _, per_sample = retrieve(q, m.keys.detach(), m.cfg.top_k)
+    votes = torch.bincount(per_sample.flatten(), minlength=m.cfg.pool_size)
+    order = sorted(range(m.cfg.pool_size), key=lambda i: (-int(votes[i]), i))
+    scores, idx = m._select(q, training=True)
+    assert torch.equal(idx, torch.tensor(order[: m.cfg.top_k]).expand(7, -1))
+    qn = torch.nn.functional.normalize(q, dim=1)
+    kn = torch.nn.functional.normalize(m.keys.detach()[idx[0]], dim=1)
+    torch.testing.assert_close(scores.detach(), qn @ kn.T)
+    assert m.task_usage.sum() == 7 * m.cfg.top_k
+    scores.sum().backward()                           # the pull loss reaches the chosen keys only
+    touched = m.keys.grad.abs().sum(1) > 0
+    assert touched.nonzero().flatten().tolist() == sorted(order[: m.cfg.top_k])
+    _, idx = m._select(q, training=False)              # evaluation stays per sample
+    assert torch.equal(idx, per_sample)
 
 
 def test_dualprompt_trains_only_the_current_expert_and_selects_among_seen(backbone):
