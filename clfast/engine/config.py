@@ -71,6 +71,8 @@ class RunConfig:
     stop_after_steps: Optional[int] = None   # act as if interrupted (Ctrl-C) after this many steps
     checkpoint_every_steps: Optional[int] = None  # also checkpoint every N steps (resumable after a crash)
     log_every: int = 20
+    log_to: list = field(default_factory=list)   # mirrors of metrics.jsonl: tensorboard, wandb
+    wandb_project: str = "clfast"
     quiet: bool = False
     name: Optional[str] = None
 
@@ -101,6 +103,9 @@ class RunConfig:
         for key in ("method_args", "dataset_args", "compile_options"):
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"{key} must be a mapping, got {getattr(self, key)!r}")
+        from .loggers import check_sinks
+
+        self.log_to = list(check_sinks(self.log_to))
         if isinstance(self.pretrained, str) and self.pretrained.lower() in ("none", "false", "random"):
             self.pretrained = False
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from ..methods.base import Method, Stage, TaskContext, create_method, masked_logits
 from . import io as rio
 from .config import RunConfig, config_from_dict
+from .loggers import RunLogger
 from .metrics import AccuracyMatrix
 from .optim import build_optimizer, lr_factor, set_lr
 from .progress import get_logger, progress
@@ -145,7 +146,8 @@ class Trainer:
         if cfg.compile:
             self.method.compile_for_training(**cfg.compile_options)
         self.acc = AccuracyMatrix()
-        self.metrics = rio.JsonlLogger(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.is_main)
+        self.metrics = RunLogger(self.run_dir, enabled=self.is_main, log_to=cfg.log_to, config=cfg.to_dict(),
+                                 project=cfg.wandb_project)
         self.pos = Position()
         self.global_step = 0
         self.persistent_opts: dict[str, torch.optim.Optimizer] = {}
@@ -259,22 +261,25 @@ class Trainer:
         if self.is_main and self.pos.at_task_start and self.pos.task == 0:
             self._write_start_files()
         self._banner()
+        self.metrics.open(start_step=self.global_step)
         # every rank listens (torchrun forwards signals to all workers); _interrupted() agrees across ranks
         handle = threading.current_thread() is threading.main_thread()
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if handle else {}
         for s in old:  # Ctrl-C, and the SIGTERM a scheduler sends before it kills a job
             signal.signal(s, self._on_signal)
         try:
-            for task in range(self.pos.task, self.scenario.num_tasks):
-                self._run_task(task)
-                self.pos = Position(task + 1)
-                self._evaluate(task)
-                self._save_checkpoint(tag=f"task{task + 1:03d}")
+            try:
+                for task in range(self.pos.task, self.scenario.num_tasks):
+                    self._run_task(task)
+                    self.pos = Position(task + 1)
+                    self._evaluate(task)
+                    self._save_checkpoint(tag=f"task{task + 1:03d}")
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+            return self._finish()
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-        summary = self._finish()
-        return summary
+            self.metrics.close()  # flushes the mirrors also when interrupted
 
     def _on_signal(self, signum, frame):
         if self._interrupt:  # second signal: stop now
@@ -410,7 +415,8 @@ class Trainer:
             dt = time.time() - t_epoch
             self._train_time += dt
             self._train_images += seen * self.world
-            self.metrics.log(event="epoch", task=task, stage=stage.name, epoch=epoch, steps=b - skip,
+            self.metrics.log(event="epoch", task=task, stage=stage.name, epoch=epoch, step=self.global_step,
+                             steps=b - skip,
                              seconds=round(dt, 3), images_per_s=round(seen * self.world / max(dt, 1e-9), 2),
                              **{k: v / max(n_logged, 1) for k, v in logs_acc.items()})
             if logs_acc:
@@ -504,7 +510,7 @@ class Trainer:
             row.append(100.0 * c / max(n, 1))
         m = self.acc.matrix()
         seen_mean = float(sum(row) / len(row))
-        self.metrics.log(event="eval", after_task=after, acc=[round(a, 4) for a in row], mean=round(seen_mean, 4),
+        self.metrics.log(event="eval", after_task=after, step=self.global_step, acc=[round(a, 4) for a in row], mean=round(seen_mean, 4),
                          seconds=round(time.time() - t0, 3))
         self.log.info(f"after task {after + 1}: accuracy on tasks 1..{after + 1} = "
                       + " ".join(f"{a:.1f}" for a in row) + f"  (mean {seen_mean:.2f})")
@@ -572,7 +578,7 @@ class Trainer:
             plot_acc_matrix(m, os.path.join(self.run_dir, "acc_matrix.png"),
                             title=f"{self.cfg.method} on {self.cfg.dataset}")
             plot_accuracy_curve(m, os.path.join(self.run_dir, "accuracy_curve.png"), label=self.cfg.method)
-            self.metrics.log(event="summary", **summary)
+            self.metrics.log(event="summary", step=self.global_step, **summary)
         self.log.info(format_summary(m, summary, self.run_dir))
         if self.world > 1:
             import torch.distributed as dist
@@ -642,7 +648,8 @@ class Trainer:
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a clfast run directory)")
         with open(cfg_path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-        allowed = {"quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps", "log_every"}
+        allowed = {"quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps", "log_every",
+                   "log_to", "wandb_project"}
         bad = set(overrides) - allowed
         if bad:
             raise ValueError(f"--resume: cannot change {sorted(bad)} of a run (only {sorted(allowed)})")
@@ -758,7 +765,7 @@ _MISSING = object()
 # run settings that do not change the numbers: checkpoints do not record them (Trainer.resume lets
 # most of them change)
 _NOT_HASHED = ("quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps", "log_every",
-               "name", "device")
+               "log_to", "wandb_project", "name", "device")
 
 
 def _clfast_version() -> str:
