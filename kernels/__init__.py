@@ -20,3 +20,22 @@ Conventions shared by the modules:
   after rounding them to the storage dtype (the interpreter's bf16 ``tl.dot`` is wrong), and use
   small blocks so that tiny test shapes still cross block boundaries.
 """
+
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels``: the repository root is on sys.path (``python -m ...`` or
+    # pytest from a source checkout) and this folder shadows any installed distribution of that name,
+    # e.g. Hugging Face's ``kernels``, which transformers (under sentence-transformers) imports. Hand
+    # the name over to the installed one when there is one; otherwise stay an (empty) namespace.
+    import importlib.machinery as _machinery
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _rest = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _rest)
+    if _spec is not None and _spec.loader is not None:
+        import importlib.util as _util
+
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # the import statement returns sys.modules["kernels"]
+        _spec.loader.exec_module(_module)

@@ -56,3 +56,20 @@ def test_cli_rejects_unknown_command():
     res = subprocess.run([sys.executable, "-m", "clfast", "trian"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "invalid choice: 'trian'" in res.stderr
+
+
+def test_source_checkout_does_not_shadow_an_installed_kernels_package():
+    # transformers 5 (under sentence-transformers) imports Hugging Face's `kernels`; with the repository
+    # root on sys.path (python -m from a checkout, pytest) our kernels/ folder must not hide it
+    import importlib.metadata
+
+    importlib.metadata.version("kernels")  # installed with transformers; a missing one is a setup error
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import kernels, clfast.kernels.prefix_attention as pa, os\n"
+            "assert os.path.dirname(os.path.dirname(kernels.__file__)) != os.getcwd(), kernels.__file__\n"
+            "from kernels import Device\n"
+            "import sentence_transformers\n"
+            "print(pa.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "clfast.kernels.prefix_attention"
