@@ -85,7 +85,8 @@ class ImageTransform:
 
 
 def build_transforms(input_size: int, *, train: bool, augment: bool = True, crop_pct: float = 0.875,
-                     interpolation: str = "bicubic") -> ImageTransform:
+                     interpolation: str = "bicubic", scale: Sequence[float] = (0.08, 1.0),
+                     hflip: float = 0.5) -> ImageTransform:
     """The train or eval transform for a backbone taking ``input_size × input_size`` images.
 
     Args:
@@ -94,6 +95,8 @@ def build_transforms(input_size: int, *, train: bool, augment: bool = True, crop
         augment: False makes the train pipeline the deterministic eval one.
         crop_pct: eval resize ratio, ``Resize(int(input_size / crop_pct)) + CenterCrop(input_size)``.
         interpolation: ``"bicubic"`` (timm's default for ViTs), ``"bilinear"`` or ``"nearest"``.
+        scale: train pipeline: area range of the RandomResizedCrop.
+        hflip: train pipeline: probability of a horizontal flip.
 
     Returns:
         A callable ``(3, H, W) float [0, 1] -> (3, input_size, input_size) float [0, 1]``; in the eval
@@ -109,5 +112,10 @@ def build_transforms(input_size: int, *, train: bool, augment: bool = True, crop
         raise ValueError(f"crop_pct must be a float in (0, 1], got {crop_pct!r}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if (not isinstance(scale, (list, tuple)) or len(scale) != 2
+            or not 0.0 < float(scale[0]) <= float(scale[1]) <= 1.0):
+        raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
+    if not isinstance(hflip, (int, float)) or not 0.0 <= float(hflip) <= 1.0:
+        raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
     return ImageTransform(input_size, random=bool(train and augment), crop_pct=float(crop_pct),
-                          interpolation=interpolation)
+                          interpolation=interpolation, scale=scale, hflip=hflip)

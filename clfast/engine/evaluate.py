@@ -41,7 +41,7 @@ def evaluate_run(run_dir: str, quiet: bool = False) -> int:
     trainer = Trainer(cfg, out=run_dir, _resume=True)
     state = rio.load_checkpoint(ckpt, expected={"method": cfg.method,
                                                 "config_hash": rio.config_hash(_hashable_config(cfg))})
-    trainer.method.load_state_dict(state["method_state"])
+    rio.restore_unchanged(trainer.method, state["method_state"], state.get("method_unchanged", {}))
     trainer.method.eval()
     after = int(state["position"][0]) - 1
     t0 = time.time()

@@ -433,3 +433,51 @@ def config_hash(cfg: Any) -> str:
         raise TypeError(f"cfg must be a dict (or a dataclass instance), got {type(cfg).__name__}")
     text = json.dumps(cfg, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=to_jsonable)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (equal digests: bitwise equal tensors)."""
+    t = t.detach()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def split_unchanged(state: dict, built: dict[str, str], min_bytes: int = 1 << 16) -> tuple[dict, dict]:
+    """``state`` split into (what to save, {key: digest} of tensors still equal to the model as built).
+
+    ``built`` holds the digests taken when the model was built (:func:`tensor_digest`); tensors of at
+    least ``min_bytes`` whose digest still matches (frozen pretrained weights, untouched slices) are
+    left out of the checkpoint and checked again when it is loaded (:func:`restore_unchanged`).
+    """
+    keep, same = {}, {}
+    for k, v in state.items():
+        d = built.get(k)
+        if (d is not None and isinstance(v, torch.Tensor) and v.numel() * v.element_size() >= min_bytes
+                and tensor_digest(v) == d):
+            same[k] = d
+        else:
+            keep[k] = v
+    return keep, same
+
+
+def restore_unchanged(module: torch.nn.Module, state: dict, unchanged: dict[str, str]) -> None:
+    """Load ``state`` into ``module`` whose other tensors must match the ``unchanged`` digests.
+
+    Raises:
+        ValueError: a left-out tensor differs in the module built now (other pretrained weights or a
+            changed initialisation since the run started), or keys are missing/unexpected.
+    """
+    current = module.state_dict()
+    bad = [k for k, d in unchanged.items() if k not in current or tensor_digest(current[k]) != d]
+    if bad:
+        raise ValueError(f"the checkpoint leaves out {len(bad)} tensors that were unchanged from the model as "
+                         f"built when the run started (e.g. {bad[:3]}), but the model built now differs there: "
+                         f"were the pretrained weights (backbone, checkpoint_path) or the method's code changed?")
+    result = module.load_state_dict(state, strict=False)
+    missing = sorted(set(result.missing_keys) - set(unchanged))
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected "
+                         f"{list(result.unexpected_keys)[:5]}")
+

@@ -50,9 +50,15 @@ def lr_factor(cfg: ScheduleConfig, pos: float, total: float, base_lr: float) -> 
     floor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
     if cfg.name == "constant":
         return 1.0
+    if cfg.every > 1:  # stairs: the value of the last multiple of `every`
+        pos = math.floor(pos / cfg.every) * cfg.every
     warm = cfg.warmup * total if 0 < cfg.warmup < 1 else cfg.warmup
     if cfg.name.startswith("warmup_") and pos < warm:
-        return (pos + 1) / (warm + 1)
+        if cfg.warmup_start is None:
+            return (pos + 1) / (warm + 1)
+        return cfg.warmup_start + (1.0 - cfg.warmup_start) * pos / warm
+    if cfg.name == "warmup_constant":
+        return 1.0
     if cfg.name == "cosine":
         t = min(pos / total, 1.0)
     else:

@@ -41,7 +41,8 @@ from .sampling import EpochSampler, ShardSampler, derive_seed
 
 __all__ = ["Trainer", "Position", "Interrupted"]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2      # 2: tensors unchanged since the model was built are left out (by digest)
+READABLE_FORMATS = (1, 2)
 
 
 class Interrupted(Exception):
@@ -130,6 +131,9 @@ class Trainer:
         _seed_everything(cfg.seed)  # model construction and augmentation draw from the global generators
         self.scenario = scenario if scenario is not None else self._build_scenario()
         self.method = method if method is not None else self._build_method()
+        # digests of the model as built: checkpoints leave out what still matches (frozen weights)
+        self._built_digests = {k: rio.tensor_digest(v) for k, v in self.method.state_dict().items()
+                               if v.numel() * v.element_size() >= 1 << 16}
         if self.scenario.kind not in self.method.supports:
             raise ValueError(f"method {cfg.method!r} supports {', '.join(self.method.supports)} scenarios, not "
                              f"{self.scenario.kind!r} (dataset {cfg.dataset!r}, scenario={cfg.scenario!r})")
@@ -212,21 +216,31 @@ class Trainer:
         interp = dc.get("interpolation", "bicubic")
         interp = interp if interp in ("nearest", "bilinear", "bicubic") else "bicubic"
         crop = float(dc.get("crop_pct", 0.875) or 0.875)
-        self.train_tf = build_transforms(size, train=True, augment=self.cfg.augment, crop_pct=crop,
-                                         interpolation=interp)
+        extra = dict(self.method.transform_args())
+        unknown = set(extra) - {"scale", "hflip"}
+        if unknown:
+            raise ValueError(f"{type(self.method).__name__}.transform_args(): unknown keys {sorted(unknown)} "
+                             f"(expected scale, hflip)")
+        # the train transform with and without augmentation (a Stage may override the run's `augment`)
+        self._train_tfs = {flag: build_transforms(size, train=True, augment=flag, crop_pct=crop,
+                                                  interpolation=interp, **extra) for flag in (True, False)}
+        self.train_tf = self._train_tfs[bool(self.cfg.augment)]
         self.eval_tf = build_transforms(size, train=False, crop_pct=crop, interpolation=interp)
 
-    def train_data(self, task: int):
-        return _Transformed(self.scenario.train_set(task), self.train_tf)
+    def _train_transform(self, augment: Optional[bool]):
+        return self.train_tf if augment is None else self._train_tfs[bool(augment)]
+
+    def train_data(self, task: int, augment: Optional[bool] = None):
+        """Task ``task``'s training data with the run's train transform (or with/without augmentation)."""
+        return _Transformed(self.scenario.train_set(task), self._train_transform(augment))
 
     def test_data(self, task: int):
         return _Transformed(self.scenario.test_set(task), self.eval_tf)
 
     def _build_method(self) -> Method:
-        from ..backbones.vit import create_vit
+        from ..methods.base import method_class
 
-        backbone = create_vit(self.cfg.backbone, pretrained=self.cfg.pretrained,
-                              checkpoint_path=self.cfg.checkpoint_path)
+        backbone = method_class(self.cfg.method).build_backbone(self.cfg)
         return create_method(self.cfg.method, backbone, self.scenario.num_classes, self.scenario.num_tasks,
                              **self.cfg.method_args)
 
@@ -238,19 +252,21 @@ class Trainer:
                            seen_classes=ranges[task][1], num_classes=sc.num_classes, task_ranges=ranges,
                            device=self.device, amp_dtype=self.amp_dtype, scenario=sc.kind, rank=self.rank,
                            world_size=self.world, augment=not self.train_tf.deterministic,
-                           task_loader=lambda t=task: self._stats_loader(t), **kw)
+                           class_names=tuple(getattr(sc, "class_names", ()) or ()), seed=int(self.cfg.seed),
+                           task_loader=lambda augment=False, t=task: self._stats_loader(t, augment), **kw)
 
     def _loader(self, dataset, sampler, batch_size: int) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
                           pin_memory=self.device.type == "cuda", drop_last=False,
                           persistent_workers=False)
 
-    def _stats_loader(self, task: int) -> "_ProgressLoader":
-        """The task's training data, deterministic transform, sharded over ranks without duplicates.
-
-        Each pass over it (a method may make several, e.g. EM iterations) shows a progress bar.
+    def _stats_loader(self, task: int, augment: bool = False) -> "_ProgressLoader":
+        """The task's training data, sharded over ranks without duplicates: with the deterministic eval
+        transform, or with ``augment=True`` the augmenting train transform (e.g. statistics of
+        augmented features). Each pass over it (a method may make several, e.g. EM iterations) shows
+        a progress bar.
         """
-        ds = _Transformed(self.scenario.train_set(task), self.eval_tf)
+        ds = _Transformed(self.scenario.train_set(task), self._train_tfs[True] if augment else self.eval_tf)
         loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
         return _ProgressLoader(loader, f"statistics, task {task + 1}", enabled=not self.quiet)
 
@@ -325,19 +341,25 @@ class Trainer:
                     clip=stage.grad_clip if stage.grad_clip is not None else cfg.grad_clip,
                     persistent=stage.persistent if stage.persistent is not None else not cfg.reset_optimizer)
 
+    def _lr_factor(self, stage: Stage, s: dict, pos: float, total: float) -> float:
+        factor = self.method.lr_factor(stage, pos, total)
+        return lr_factor(s["sched"], pos, total, s["optim"].lr) if factor is None else float(factor)
+
     def _run_stage(self, task: int, si: int, stage: Stage, ctx: TaskContext, resume: bool) -> None:
         s = self._stage_settings(stage)
         if s["batch"] % self.world:
             raise ValueError(f"stage {stage.name!r}: batch size {s['batch']} must be divisible by the "
                              f"number of processes {self.world}")
-        sctx = ctx.replace(stage=stage.name, split="train", cacheable=self.train_tf.deterministic)
+        tf = self._train_transform(stage.augment)
+        sctx = ctx.replace(stage=stage.name, split="train", cacheable=tf.deterministic, augment=not tf.deterministic,
+                           batch_size=s["batch"] // self.world)
         self.method.begin_stage(stage, sctx)
         if resume and self._pending is not None:
             # The hooks before this point ran again (for their effects on what checkpoints do not
             # hold); the saved state now replaces whatever they changed, RNG included.
             method_state, rng = self._pending
             self._pending = None
-            self.method.load_state_dict(method_state)
+            rio.restore_unchanged(self.method, *method_state)
             rio.set_rng_state(rng)
         key = f"{stage.name}/{si}"
         opt = self.persistent_opts.get(key) if s["persistent"] else None
@@ -354,7 +376,7 @@ class Trainer:
         n_epochs = max(1, math.ceil(s["epochs"]))
         frac = s["epochs"] - math.floor(s["epochs"]) if s["epochs"] != math.floor(s["epochs"]) else 0.0
         per_rank = s["batch"] // self.world
-        data = None if stage.data == "method" else self.train_data(task)
+        data = None if stage.data == "method" else self.train_data(task, stage.augment)
         steps_full = None if data is None else math.ceil(math.ceil(len(data) / self.world) / per_rank)
         start_epoch = self.pos.epoch if resume else 0
         for epoch in range(start_epoch, n_epochs):
@@ -374,10 +396,12 @@ class Trainer:
                 # drawing them: an interrupted epoch of such a stage restarts from its first batch.
                 skip = 0
                 batches = self.method.stage_batches(stage, sctx.replace(epoch=epoch))
-                n_steps = self.cfg.limit_train_batches or None
+                total_steps = stage.steps_per_epoch
+                n_steps = min(x for x in (self.cfg.limit_train_batches, total_steps, 1 << 62) if x)
+                n_steps = None if n_steps == 1 << 62 else n_steps
                 total_steps = n_steps
             if s["sched"].per == "epoch":
-                set_lr(opt, lr_factor(s["sched"], epoch, n_epochs, s["optim"].lr))
+                set_lr(opt, self._lr_factor(stage, s, epoch, n_epochs))
             ectx = sctx.replace(epoch=epoch)
             t_epoch = time.time()
             seen = 0
@@ -390,7 +414,7 @@ class Trainer:
                 if n_steps is not None and b >= n_steps:
                     break
                 if s["sched"].per == "step" and total_steps:
-                    set_lr(opt, lr_factor(s["sched"], epoch * total_steps + b, n_epochs * total_steps, s["optim"].lr))
+                    set_lr(opt, self._lr_factor(stage, s, epoch * total_steps + b, n_epochs * total_steps))
                 logs = self._step(step_module, opt, batch, ectx, s["clip"])
                 b += 1
                 self.global_step += 1
@@ -486,13 +510,12 @@ class Trainer:
             logits = masked_logits(logits, (0, ctx.seen_classes))
             if self.scenario.kind == "task-incremental":
                 logits = _mask_to_tasks(logits, batch["task"], ctx.task_ranges)
-            pred = logits.argmax(1)
-            if "answer_scores" in batch:
-                c = batch["answer_scores"].float().gather(1, pred[:, None]).squeeze(1).sum()
-            else:
-                c = (pred == batch["label"]).sum()
-            correct += float(c)
-            total += pred.shape[0]
+            credit = self.method.score(batch, logits, ctx)
+            if credit.shape != (logits.shape[0],):
+                raise ValueError(f"{type(self.method).__name__}.score() must return ({logits.shape[0]},) per-sample "
+                                 f"credit, got shape {tuple(credit.shape)}")
+            correct += float(credit.double().sum())
+            total += logits.shape[0]
         counts = torch.stack([correct, total])
         if self.world > 1:
             import torch.distributed as dist
@@ -533,6 +556,7 @@ class Trainer:
             "seed": self.cfg.seed,
             "scenario": self.scenario.record(),
             "backbone": weights.to_dict() if weights is not None else {"name": self.cfg.backbone},
+            "extra_weights": list(self.method.extra_weights()),
             "batchwise_vote": bool(self.cfg.method_args.get("batchwise_vote", False)),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
                          "numpy": numpy.__version__},
@@ -602,7 +626,8 @@ class Trainer:
             "config_hash": rio.config_hash(_hashable_config(self.cfg)),
             "position": [pos.task, pos.stage, pos.epoch, pos.batch],
             "global_step": self.global_step,
-            "method_state": self.method.state_dict(),
+            **dict(zip(("method_state", "method_unchanged"),
+                       rio.split_unchanged(self.method.state_dict(), self._built_digests))),
             "optimizers": opts,
             "rng": self._rng_states(),
             "acc": self.acc.state_dict(),
@@ -667,8 +692,8 @@ class Trainer:
         return trainer
 
     def _load_state(self, state: dict) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
+        if state.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"checkpoint format {state.get('format')} is not one of {READABLE_FORMATS}")
         self.pos = Position(*[int(x) for x in state["position"]])
         self.global_step = int(state["global_step"])
         self.acc = AccuracyMatrix.from_state_dict(state["acc"])
@@ -684,11 +709,12 @@ class Trainer:
             rng = rng[self.rank]
         elif self.world > 1:
             raise ValueError("the checkpoint was written by one process; resume it with one process")
+        method_state = (state["method_state"], state.get("method_unchanged", {}))
         if self.pos.at_task_start:
-            self.method.load_state_dict(state["method_state"])
+            rio.restore_unchanged(self.method, *method_state)
             rio.set_rng_state(rng)
         else:  # applied in _run_stage, after begin_task and begin_stage have run again
-            self._pending = (state["method_state"], rng)
+            self._pending = (method_state, rng)
 
 
 class _ProgressLoader:

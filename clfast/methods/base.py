@@ -13,6 +13,15 @@ processes, and calls the hooks in this order for every task ``t``::
         method.end_stage(stage, ctx)
     method.end_task(ctx, loader)                # statistics passes (means, covariances, MoG)
     logits = method.predict(batch, ctx)         # evaluation on every seen task
+    credit = method.score(batch, logits, ctx)   # per-sample credit (default: correct argmax / VQA score)
+
+Around that loop a method may also override: ``build_backbone(run_cfg)`` (classmethod; default the timm
+ViT of the run), ``extra_weights()`` (more pretrained weights for the run record), ``transform_args()``
+(crop scale, flip of the train transform), ``lr_factor(stage, pos, total)`` (a schedule no config
+expresses), ``param_groups(stage)``, ``after_optimizer_step()`` (default: restore frozen rows). A
+:class:`Stage` may set ``augment`` and, for generated data, ``steps_per_epoch``; ``ctx.generator()``
+gives generated batches a stream per task, stage, epoch and rank; ``ctx.task_loader(augment=True)``
+iterates the task's data with the train augmentation; ``ctx.class_names`` names the labels.
 
 Batches are dicts of tensors: ``image`` (B, 3, H, W) float in [0, 1] (the backbone normalises),
 ``label`` (B,) int64 in the scenario's remapped label space, ``task`` (B,) int64 and ``index`` (B,)
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
@@ -77,7 +87,7 @@ def check_fields(obj) -> None:
 # Optimisation settings (data; the engine turns them into torch objects)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "warmup_linear")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "warmup_linear", "warmup_constant")
 
 
 @dataclass
@@ -114,15 +124,21 @@ class OptimConfig:
 class ScheduleConfig:
     """A learning-rate schedule within one stage of one task.
 
-    ``name``: ``constant``; ``cosine`` (to ``min_lr``); ``warmup_cosine`` / ``warmup_linear`` (linear
-    warm-up over ``warmup`` — a fraction of the stage if < 1, else a count of steps/epochs — then
-    cosine or linear decay to ``min_lr``). ``per``: ``"epoch"`` or ``"step"``, how often it moves.
+    ``name``: ``constant``; ``cosine`` (to ``min_lr``); ``warmup_cosine`` / ``warmup_linear`` /
+    ``warmup_constant`` (linear warm-up over ``warmup`` — a fraction of the stage if < 1, else a count
+    of steps/epochs — then cosine or linear decay to ``min_lr``, or constant). ``per``: ``"epoch"`` or
+    ``"step"``, how often it moves; ``every``: the schedule moves in stairs of that many positions.
+    ``warmup_start``: the multiplier at position 0, rising linearly to 1 at the end of the warm-up
+    (e.g. 0 for Hugging Face's ``get_linear_schedule_with_warmup``); None: ``(pos + 1) / (warmup + 1)``,
+    which never spends a step at lr 0.
     """
 
     name: str = "constant"
     per: str = "epoch"
     warmup: float = 0.0
     min_lr: float = 0.0
+    warmup_start: Optional[float] = None
+    every: int = 1
 
     def __post_init__(self):
         check_fields(self)
@@ -132,6 +148,10 @@ class ScheduleConfig:
             raise ValueError(f"schedule.per must be 'epoch' or 'step', got {self.per!r}")
         if self.warmup < 0 or self.min_lr < 0:
             raise ValueError("schedule.warmup and schedule.min_lr must be >= 0")
+        if self.warmup_start is not None and not 0.0 <= self.warmup_start <= 1.0:
+            raise ValueError(f"schedule.warmup_start must be in [0, 1] or null, got {self.warmup_start!r}")
+        if self.every < 1:
+            raise ValueError(f"schedule.every must be >= 1, got {self.every!r}")
 
 
 @dataclass
@@ -143,6 +163,9 @@ class Stage:
     iterates ``method.stage_batches(stage, ctx)`` (e.g. features sampled from fitted Gaussians for an
     alignment pass) once per epoch. ``persistent=True`` keeps this stage's optimizer (and its state)
     from task to task instead of re-creating it; ``params`` is passed to ``method.param_groups``.
+    ``augment`` overrides the run's ``augment`` for this stage's task data. ``steps_per_epoch`` tells
+    the engine how many batches a ``data="method"`` stage yields per epoch, so that per-step schedules
+    and progress bars work there (task-data stages know their length).
     """
 
     name: str = "train"
@@ -154,10 +177,15 @@ class Stage:
     persistent: Optional[bool] = None
     data: str = "task"
     params: str = "default"
+    augment: Optional[bool] = None
+    steps_per_epoch: Optional[int] = None
 
     def __post_init__(self):
         if self.data not in ("task", "method"):
             raise ValueError(f"Stage.data must be 'task' or 'method', got {self.data!r}")
+        if self.steps_per_epoch is not None and (isinstance(self.steps_per_epoch, bool)
+                                                 or int(self.steps_per_epoch) < 1):
+            raise ValueError(f"Stage.steps_per_epoch must be a positive int or None, got {self.steps_per_epoch!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,6 +216,9 @@ class TaskContext:
     epoch: int = 0
     split: str = "train"            # which data the current batch comes from: "train" or "test"
     cacheable: bool = False         # the current split's transform is deterministic (per-image caches ok)
+    class_names: tuple[str, ...] = ()   # names of the labels 0..num_classes-1 (remapped order), if known
+    seed: int = 0                   # the run's seed (see generator())
+    batch_size: Optional[int] = None    # this rank's batch size in the current stage
     task_loader: Optional[Callable[..., Any]] = field(default=None, compare=False, repr=False)
 
     @property
@@ -200,6 +231,18 @@ class TaskContext:
 
     def replace(self, **changes) -> "TaskContext":
         return dataclasses.replace(self, **changes)
+
+    def generator(self, device: Any = "cpu", *salt: Any) -> torch.Generator:
+        """A generator for this task, stage, epoch and rank (e.g. batches a method generates).
+
+        Seeded from the run's seed and those coordinates (plus ``salt``), so ranks draw different
+        samples, every epoch differs, and a resumed run draws the same ones again.
+        """
+        parts = (self.seed, self.task, self.stage, self.epoch, self.rank) + tuple(salt)
+        digest = hashlib.sha256(repr(parts).encode()).digest()
+        g = torch.Generator(device=device)
+        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return g
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
         """Sum (or ``"mean"``/``"max"``) ``tensor`` over ranks in place; identity in one process."""
@@ -326,6 +369,41 @@ class Method(nn.Module):
         from :func:`scaled_param_groups` of a sub-module, so that ``lr_scales`` keeps working.
         """
         return scaled_param_groups(self, self.cfg.lr_scales)
+
+    @classmethod
+    def build_backbone(cls, run_cfg: Any) -> nn.Module:
+        """The backbone for a run (default: the timm ViT named by ``run_cfg.backbone``, with its
+        ``pretrained``/``checkpoint_path``). Override for other backbones (CLIP, a VLM); the engine
+        reads ``data_config`` (input size, crop, interpolation) and ``weights`` (for the run record)
+        from what this returns."""
+        from ..backbones.vit import create_vit
+
+        return create_vit(run_cfg.backbone, pretrained=run_cfg.pretrained, checkpoint_path=run_cfg.checkpoint_path)
+
+    def extra_weights(self) -> list[dict]:
+        """Provenance (name, source, sha256) of pretrained weights besides ``backbone.weights``, for
+        the run record: a second encoder, a text model (default: none)."""
+        return []
+
+    def transform_args(self) -> dict:
+        """Changes to the train transform's random crop and flip: ``scale`` (area range of the
+        RandomResizedCrop, default (0.08, 1.0)) and ``hflip`` (probability, default 0.5)."""
+        return {}
+
+    def lr_factor(self, stage: Stage, pos: float, total: float) -> Optional[float]:
+        """The lr multiplier at ``pos`` of ``total`` (epochs or steps, as the stage's schedule moves);
+        None (default) uses the stage's :class:`ScheduleConfig`. Override for schedules no config
+        expresses."""
+        return None
+
+    def score(self, batch: dict, logits: Tensor, ctx: TaskContext) -> Tensor:
+        """Credit per sample (B,) float for evaluation, from ``logits`` already restricted to the seen
+        classes (and to each sample's task when task-incremental). Default: 1 for a correct argmax,
+        or the soft score of the predicted answer in VQA batches (``answer_scores``)."""
+        pred = logits.argmax(1)
+        if "answer_scores" in batch:
+            return batch["answer_scores"].float().gather(1, pred[:, None]).squeeze(1)
+        return (pred == batch["label"]).float()
 
     def after_optimizer_step(self) -> None:
         """Called by the engine after every optimizer step (default: restore the frozen rows)."""

@@ -1,0 +1,174 @@
+"""The hooks later methods need: class names, per-rank generators, stage-level augmentation and batch
+counts, custom lr factors, transform arguments, scoring, backbone construction, and checkpoints that
+leave the frozen backbone out."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clfast.backbones.vit import create_vit
+from clfast.engine import Trainer, RunConfig
+from clfast.engine import io as rio
+from clfast.engine.optim import lr_factor
+from clfast.methods import (FrozenQueryMethod, MethodConfig, OptimConfig, ScheduleConfig, Stage, StepOutput,
+                            TaskContext, masked_logits, register_method)
+
+ALIGN_STEPS = 4
+
+
+@register_method("_test_api")
+class ApiProbe(FrozenQueryMethod):
+    """Records what the engine hands it; an augmented task stage and a generated-data stage."""
+
+    Config = MethodConfig
+    built_with = []
+
+    def __init__(self, backbone, num_classes, num_tasks, cfg):
+        super().__init__(backbone, num_classes, num_tasks, cfg)
+        self.seen: dict[str, list] = {"task_ctx": [], "align_lr": [], "stats_aug": [], "features": []}
+
+    @classmethod
+    def build_backbone(cls, run_cfg):
+        cls.built_with.append(run_cfg.backbone)
+        return create_vit(run_cfg.backbone, pretrained=run_cfg.pretrained)
+
+    def extra_weights(self):
+        return [{"name": "text_encoder", "source": "test", "sha256": "0" * 64}]
+
+    def transform_args(self):
+        return {"scale": (0.5, 1.0), "hflip": 0.0}
+
+    def stages(self, ctx):
+        return [Stage("task", augment=True),
+                Stage("align", epochs=2, data="method", steps_per_epoch=ALIGN_STEPS, params="head",
+                      optimizer=OptimConfig("sgd", lr=1.0, momentum=0.0),
+                      schedule=ScheduleConfig("cosine", per="step"))]
+
+    def lr_factor(self, stage, pos, total):
+        if stage.name == "align":
+            return math.cos(0.5 * math.pi * pos / total)   # a schedule no config expresses
+        return None
+
+    def param_groups(self, stage):
+        if stage.params == "head":
+            return [{"params": list(self.head.parameters())}]
+        return super().param_groups(stage)
+
+    def training_step(self, batch, ctx: TaskContext):
+        if ctx.stage == "align":
+            logits = masked_logits(self.classify(batch["features"]), (0, ctx.seen_classes))
+        else:
+            self.seen["task_ctx"].append((ctx.augment, ctx.cacheable, ctx.batch_size, len(ctx.class_names)))
+            logits = self.train_logits(self.classify(self.query(batch, ctx)), ctx)
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        return StepOutput(loss, {})
+
+    def stage_batches(self, stage, ctx):
+        g = ctx.generator()
+        for _ in range(ALIGN_STEPS):
+            feats = torch.randn(ctx.batch_size, self.embed_dim, generator=g)
+            self.seen["features"].append(feats[0, :3].clone())
+            yield {"features": feats, "label": torch.randint(0, ctx.seen_classes, (ctx.batch_size,), generator=g)}
+
+    def end_task(self, ctx, loader):
+        self.seen["stats_aug"].append(ctx.task_loader(augment=True).loader.dataset.transform.deterministic)
+
+    def score(self, batch, logits, ctx):
+        return torch.full((logits.shape[0],), 0.25)
+
+    def predict(self, batch, ctx):
+        return self.predict_logits(self.classify(self.query(batch, ctx)), ctx)
+
+
+def cfg(**kw):
+    base = dict(method="_test_api", dataset="digits", num_tasks=2, epochs=1, batch_size=16, limit_train_batches=5,
+                limit_eval_batches=1, quiet=True, threads=1, amp="none", augment=False, log_every=1,
+                optimizer={"name": "adam", "lr": 0.01})
+    return RunConfig(**{**base, **kw})
+
+
+def test_hooks_reach_the_engine(tmp_path):
+    ApiProbe.built_with.clear()
+    t = Trainer(cfg(), out=str(tmp_path / "r"))
+    summary = t.fit()
+    m = t.method
+    assert ApiProbe.built_with == ["vit_tiny_synth"]
+    # the task stage augments although the run does not; per-rank batch and class names reach it
+    assert m.seen["task_ctx"] and all(s == (True, False, 16, t.scenario.num_classes) for s in m.seen["task_ctx"])
+    assert t.context(0).class_names == tuple(t.scenario.class_names)
+    crop = t._train_tfs[True]._pipeline.transforms
+    assert tuple(crop[0].scale) == (0.5, 1.0) and len(crop) == 1          # no flip with hflip 0
+    assert m.seen["stats_aug"] == [False, False]                          # task_loader(augment=True)
+    # the method stage ran 2 epochs × steps_per_epoch, with the method's own per-step lr factor
+    lrs = [e["lr"] for e in rio.read_jsonl(tmp_path / "r" / "metrics.jsonl")
+           if e["event"] == "step" and e["stage"] == "align"]
+    total = 2 * ALIGN_STEPS
+    assert lrs == pytest.approx([math.cos(0.5 * math.pi * p / total) for p in range(total)] * 2)
+    # generated batches differ by epoch and task, and are drawn again identically from the same coordinates
+    feats = m.seen["features"]
+    assert len(feats) == 2 * 2 * ALIGN_STEPS and not torch.equal(feats[0], feats[ALIGN_STEPS])
+    ctx = t.context(0).replace(stage="align", epoch=0, batch_size=16)
+    assert torch.equal(torch.randn(16, m.embed_dim, generator=ctx.generator())[0, :3], feats[0])
+    other_rank = ctx.replace(rank=1).generator()
+    assert not torch.equal(torch.randn(3, generator=other_rank), torch.randn(3, generator=ctx.generator()))
+    # the method's score is what the accuracy matrix counts
+    assert summary["A_N"] == pytest.approx(25.0)
+    rec = json.loads((tmp_path / "r" / "record.json").read_text())
+    assert rec["extra_weights"] == [{"name": "text_encoder", "source": "test", "sha256": "0" * 64}]
+
+
+def test_checkpoints_leave_out_the_frozen_backbone_and_check_it_on_load(tmp_path):
+    run = tmp_path / "r"
+    t = Trainer(cfg(method="l2p", method_args={"pool_size": 4, "top_k": 1, "length": 2}), out=str(run))
+    t.fit()
+    path = run / "checkpoints" / "task002.pt"
+    state = torch.load(path, weights_only=True)
+    qkv = "backbone.vit.blocks.0.attn.qkv.weight"
+    assert qkv in state["method_unchanged"] and qkv not in state["method_state"]
+    assert "prompts" in state["method_state"] and "head.weight" in state["method_state"]
+    full = sum(v.numel() * v.element_size() for v in t.method.state_dict().values())
+    saved = sum(v.numel() * v.element_size() for v in state["method_state"].values())
+    assert saved < 0.2 * full
+    # the model built for `clfast eval` / --resume is checked against the digests
+    fresh = Trainer(cfg(method="l2p", method_args={"pool_size": 4, "top_k": 1, "length": 2}),
+                    out=str(tmp_path / "fresh"))
+    rio.restore_unchanged(fresh.method, state["method_state"], state["method_unchanged"])
+    for k, v in t.method.state_dict().items():
+        assert torch.equal(fresh.method.state_dict()[k], v), k
+    with torch.no_grad():
+        fresh.method.backbone.vit.blocks[0].attn.qkv.weight.add_(1e-3)    # "other pretrained weights"
+    with pytest.raises(ValueError, match="were the pretrained weights"):
+        rio.restore_unchanged(fresh.method, state["method_state"], state["method_unchanged"])
+    with pytest.raises(ValueError, match="missing"):
+        rio.restore_unchanged(fresh.method, {}, {})
+
+
+@pytest.mark.parametrize("kw, pos, total, want", [
+    (dict(name="warmup_linear", warmup=4, warmup_start=0.0), 0, 20, 0.0),      # HF: lr 0 at step 0
+    (dict(name="warmup_linear", warmup=4, warmup_start=0.0), 2, 20, 0.5),
+    (dict(name="warmup_linear", warmup=4), 0, 20, 1 / 5),                      # default never 0
+    (dict(name="warmup_constant", warmup=400, warmup_start=1 / 30, every=100), 150, 10_000,
+     1 / 30 + (1 - 1 / 30) * 100 / 400),                                       # CluMo's stairs
+    (dict(name="warmup_constant", warmup=400, warmup_start=1 / 30, every=100), 5000, 10_000, 1.0),
+])
+def test_schedule_warmup_start_and_stairs(kw, pos, total, want):
+    assert lr_factor(ScheduleConfig(**kw), pos, total, 1.0) == pytest.approx(want)
+
+
+def test_bad_new_settings_name_the_field():
+    with pytest.raises(ValueError, match="warmup_start"):
+        ScheduleConfig(warmup_start=1.5)
+    with pytest.raises(ValueError, match="every"):
+        ScheduleConfig(every=0)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        Stage("x", data="method", steps_per_epoch=0)
+    from clfast.data.transforms import build_transforms
+    with pytest.raises(ValueError, match="scale"):
+        build_transforms(32, train=True, scale=(0.9, 0.5))
+    with pytest.raises(ValueError, match="hflip"):
+        build_transforms(32, train=True, hflip=2)
