@@ -22,7 +22,7 @@ import difflib
 import logging
 import os
 import warnings
-from typing import Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 from urllib.parse import urlparse
 
 import torch
@@ -519,7 +519,9 @@ class ViTBackbone(nn.Module):
         return prefixes
 
     def forward(self, images: Tensor, *, prompt_tokens: Optional[Tensor] = None,
-                prefixes: Optional[dict] = None, normalized: bool = False) -> Tensor:
+                prefixes: Optional[dict] = None, normalized: bool = False,
+                block_fn: Optional[Callable[[int, Tensor], Any]] = None,
+                site_fns: Optional[dict] = None) -> Tensor:
         """The final-norm token sequence, with optional prompt tokens and prefixes.
 
         Args:
@@ -530,6 +532,16 @@ class ViTBackbone(nn.Module):
                 ``(B, P, C)`` / ``(P, C)`` or head-split ``(B, H, P, d)`` / ``(H, P, d)`` (see
                 :class:`~clfast.ops.PromptContext`). Layers must be in ``prompt_layers``.
             normalized: ``images`` are already normalised.
+            block_fn: prefixes that depend on the hidden state: ``block_fn(layer, x)`` is called with the
+                ``(B, N', C)`` tokens entering each block and returns that block's ``(prefix_k, prefix_v)``
+                or None (GPLS-style prompts, queries from a block's input). A layer may not get a
+                prefix both here and in ``prefixes``.
+            site_fns: ``{"attn_out": f, "mlp_out": g}``, each ``f(layer, out) -> out`` applied to the
+                attention / MLP branch output of every block before its residual add (adapters).
+                Needs timm's ``Block`` layout (norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2).
+
+            All of these are recomputed correctly under :meth:`set_grad_checkpointing` (the prefix of
+            each block is an argument of its checkpointed call; ``site_fns`` run inside it).
 
         Returns:
             ``(B, N + L, C)`` tokens: class/register tokens, the L prompts, then the patches.
@@ -547,17 +559,55 @@ class ViTBackbone(nn.Module):
             x = self._insert_prompts(x, prompt_tokens)
         x = vit.norm_pre(x)
         prefixes = self._check_prefixes(prefixes)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for i, block in enumerate(vit.blocks):
-                x = checkpoint(self._prompted_block, block, i, x, prefixes.get(i), use_reentrant=False)
-        else:
+        sites = self._check_sites(site_fns)
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        if block_fn is None and not sites and not ckpt:
             with self.context.prompts(prefixes):
                 x = vit.blocks(x)
+            return vit.norm(x)
+        for i, block in enumerate(vit.blocks):
+            prefix = prefixes.get(i)
+            if block_fn is not None:
+                dynamic = block_fn(i, x)
+                if dynamic is not None:
+                    if prefix is not None:
+                        raise ValueError(f"ViTBackbone: layer {i} got a prefix from both prefixes and block_fn")
+                    prefix = self._check_prefixes({i: dynamic})[i]
+            if ckpt:
+                x = checkpoint(self._prompted_block, block, i, x, prefix, sites, use_reentrant=False)
+            else:
+                x = self._prompted_block(block, i, x, prefix, sites)
         return vit.norm(x)
 
-    def _prompted_block(self, block: nn.Module, layer: int, x: Tensor, prefix) -> Tensor:
+    _SITES = ("attn_out", "mlp_out")
+    _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+    def _check_sites(self, site_fns) -> dict:
+        if not site_fns:
+            return {}
+        if not isinstance(site_fns, dict):
+            raise TypeError(f"ViTBackbone: site_fns must be a dict site -> fn(layer, out), got {type(site_fns).__name__}")
+        bad = [k for k in site_fns if k not in self._SITES]
+        if bad:
+            raise ValueError(f"ViTBackbone: unknown site_fns {bad}; sites are {list(self._SITES)}")
+        block = self.vit.blocks[0]
+        missing = [p for p in self._BLOCK_PARTS if not hasattr(block, p)]
+        if missing:
+            raise TypeError(f"ViTBackbone: site_fns need timm's Block layout; {type(block).__name__} lacks {missing}")
+        return dict(site_fns)
+
+    def _prompted_block(self, block: nn.Module, layer: int, x: Tensor, prefix, sites=None) -> Tensor:
         with self.context.prompts({} if prefix is None else {layer: prefix}):
-            return block(x)
+            if not sites:
+                return block(x)
+            a = block.attn(block.norm1(x))
+            if "attn_out" in sites:
+                a = sites["attn_out"](layer, a)
+            x = x + block.drop_path1(block.ls1(a))
+            m = block.mlp(block.norm2(x))
+            if "mlp_out" in sites:
+                m = sites["mlp_out"](layer, m)
+            return x + block.drop_path2(block.ls2(m))
 
     def cls(self, tokens: Tensor) -> Tensor:
         """``(B, N', C)`` tokens → ``(B, C)`` class token (index 0)."""

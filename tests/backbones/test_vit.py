@@ -184,6 +184,65 @@ def test_grad_checkpointing_recomputes_with_the_same_prompts(images):
         torch.testing.assert_close(bb.features(images), bb.set_grad_checkpointing(False).features(images))
 
 
+def test_block_fn_prefixes_from_the_hidden_state_match_a_manual_block_loop(backbone, images):
+    """block_fn sees the tokens entering each block; the result equals running the blocks by hand."""
+    w = torch.randn(192, 192, requires_grad=True) * 0.05
+
+    def block_fn(layer, x):
+        if layer not in (1, 3):
+            return None
+        p = (x[:, :1] @ w).expand(-1, 2, -1)          # (B, 2, C) from the block input's CLS token
+        return p, p * 0.5
+
+    out = backbone(images, block_fn=block_fn)
+    vit = backbone.vit
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(backbone.normalize(images))))
+    for i, blk in enumerate(vit.blocks):
+        pref = block_fn(i, x)
+        with backbone.context.prompts({} if pref is None else {i: pref}):
+            x = blk(x)
+    torch.testing.assert_close(out, vit.norm(x))
+    assert (out - backbone(images)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="both prefixes and block_fn"):
+        backbone(images, prefixes={1: block_fn(1, torch.zeros(2, 65, 192))}, block_fn=block_fn)
+
+
+def test_site_fns_wrap_the_attention_and_mlp_branches(backbone, images):
+    seen = []
+    ident = {"attn_out": lambda i, a: (seen.append(("attn", i)), a)[1],
+             "mlp_out": lambda i, m: (seen.append(("mlp", i)), m)[1]}
+    torch.testing.assert_close(backbone(images, site_fns=ident), backbone(images))   # identity sites: timm's block
+    assert seen == [(k, i) for i in range(6) for k in ("attn", "mlp")]
+    up = torch.zeros(192, 192, requires_grad=True)
+    adapter = {"mlp_out": lambda i, m: m + m @ up}          # an adapter after each MLP, zero-initialised
+    out = backbone(images, site_fns=adapter)
+    torch.testing.assert_close(out, backbone(images))
+    out.square().sum().backward()
+    assert up.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown site_fns"):
+        backbone(images, site_fns={"ffn": lambda i, m: m})
+
+
+def test_block_fn_and_sites_under_grad_checkpointing(images):
+    torch.manual_seed(0)
+    bb = B.create_vit("vit_tiny_synth", pretrained=True)
+    w = torch.randn(192, 192, requires_grad=True)
+    up = torch.randn(192, 192, requires_grad=True)
+
+    def run():
+        out = bb.features(images, block_fn=lambda i, x: (x[:, :2] @ w * 0.01, x[:, :2] * 0.5) if i == 2 else None,
+                          site_fns={"attn_out": lambda i, a: a + 0.01 * a @ up})
+        out.square().sum().backward()
+        got = [out.detach(), w.grad.clone(), up.grad.clone()]
+        w.grad = up.grad = None
+        return got
+
+    plain = run()
+    bb.set_grad_checkpointing()
+    for a, b in zip(plain, run()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_prompt_layers_subset_and_bad_values(images):
     bb = B.create_vit("vit_tiny_synth", prompt_layers=[0, 1])
     assert bb.prompt_layers == (0, 1)
