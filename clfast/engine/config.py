@@ -63,6 +63,8 @@ class RunConfig:
     method_args: dict = field(default_factory=dict)
     # run
     seed: int = 0
+    val_fraction: float = 0.0   # held out of each task's training data (per class) for validation
+    val_seed: int = 0           # the held-out split's own seed (fixed across `seed`s)
     device: str = "auto"
     num_workers: int = 0
     threads: Optional[int] = None
@@ -98,6 +100,8 @@ class RunConfig:
                 raise ValueError(f"{key} must be a positive integer or null, got {v!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         for key in ("method_args", "dataset_args", "compile_options"):

@@ -11,7 +11,8 @@ writes each to ``metrics.jsonl`` and mirrors its numbers to the sinks named in t
   the project is the run's ``wandb_project``.
 
 Scalars are named ``train/<name>`` (every ``log_every`` steps), ``epoch/<name>``, ``eval/task<i>`` and
-``eval/mean`` (after each task), and ``summary/<name>``; TensorBoard puts them all on the global step,
+``eval/mean`` (after each task; ``val/...`` likewise on the held-out split when ``val_fraction`` > 0),
+and ``summary/<name>``; TensorBoard puts them all on the global step,
 W&B plots ``eval/*`` against ``tasks_trained`` and keeps ``summary/*`` in the run summary. Only rank 0
 writes anything.
 """
@@ -114,7 +115,8 @@ class RunLogger:
             self._wandb = wandb.init(project=self.project, id=run_id, resume="allow", dir=self.run_dir,
                                      name=os.path.basename(self.run_dir), config=self.config)
             # own x axes, so a resumed run (whose step goes back to its checkpoint) logs without conflict
-            for prefix, axis in (("train", "global_step"), ("epoch", "global_step"), ("eval", "tasks_trained")):
+            for prefix, axis in (("train", "global_step"), ("epoch", "global_step"), ("eval", "tasks_trained"),
+                                 ("val", "tasks_trained")):
                 self._wandb.define_metric(axis, hidden=True)
                 self._wandb.define_metric(f"{prefix}/*", step_metric=axis)
 
@@ -133,7 +135,7 @@ class RunLogger:
         if self._wandb is not None:
             if event == "summary":
                 self._wandb.summary.update(scalars)
-            elif event == "eval":
+            elif event in ("eval", "eval_val"):
                 self._wandb.log({**scalars, "tasks_trained": int(fields["after_task"]) + 1})
             else:
                 self._wandb.log({**scalars, "global_step": step})
@@ -147,9 +149,10 @@ class RunLogger:
         if event == "epoch":
             skip = ("task", "epoch", "step", "steps")
             return _scalars({k: v for k, v in fields.items() if k not in skip}, "epoch"), step
-        if event == "eval":
-            out = {f"eval/task{i + 1}": float(a) for i, a in enumerate(fields.get("acc", []))}
-            out["eval/mean"] = float(fields["mean"])
+        if event in ("eval", "eval_val"):
+            prefix = "eval" if event == "eval" else "val"
+            out = {f"{prefix}/task{i + 1}": float(a) for i, a in enumerate(fields.get("acc", []))}
+            out[f"{prefix}/mean"] = float(fields["mean"])
             return out, step
         if event == "summary":
             return _scalars({k: v for k, v in fields.items() if k != "step"}, "summary"), step

@@ -150,6 +150,8 @@ class Trainer:
         if cfg.compile:
             self.method.compile_for_training(**cfg.compile_options)
         self.acc = AccuracyMatrix()
+        self.acc_val = AccuracyMatrix() if cfg.val_fraction else None
+        self._val_split: dict[int, tuple[list[int], list[int]]] = {}
         self.metrics = RunLogger(self.run_dir, enabled=self.is_main, log_to=cfg.log_to, config=cfg.to_dict(),
                                  project=cfg.wandb_project)
         self.pos = Position()
@@ -231,8 +233,44 @@ class Trainer:
         return self.train_tf if augment is None else self._train_tfs[bool(augment)]
 
     def train_data(self, task: int, augment: Optional[bool] = None):
-        """Task ``task``'s training data with the run's train transform (or with/without augmentation)."""
-        return _Transformed(self.scenario.train_set(task), self._train_transform(augment))
+        """Task ``task``'s training data with the run's train transform (or with/without augmentation);
+        without the held-out validation items when ``val_fraction`` > 0."""
+        return _Transformed(self._train_part(task), self._train_transform(augment))
+
+    def _val_positions(self, task: int) -> tuple[list[int], list[int]]:
+        """(train, val) positions in the task's training set: per class, a seeded ``val_fraction``
+        share (at least one item of every class with two or more) is held out."""
+        if task not in self._val_split:
+            labels = torch.as_tensor(self.scenario.train_set(task).targets)
+            g = torch.Generator().manual_seed(derive_seed("val", self.cfg.val_seed, task))
+            val: list[int] = []
+            for c in torch.unique(labels).tolist():
+                pos = torch.nonzero(labels == c).flatten()
+                pos = pos[torch.randperm(len(pos), generator=g)]
+                k = int(round(self.cfg.val_fraction * len(pos)))
+                k = min(max(k, 1), len(pos) - 1) if len(pos) > 1 else 0
+                val += pos[:k].tolist()
+            keep = sorted(set(range(len(labels))) - set(val))
+            self._val_split[task] = (keep, sorted(val))
+        return self._val_split[task]
+
+    def _train_part(self, task: int):
+        ds = self.scenario.train_set(task)
+        if not self.cfg.val_fraction:
+            return ds
+        return torch.utils.data.Subset(ds, self._val_positions(task)[0])
+
+    def val_data(self, task: int):
+        """Task ``task``'s held-out validation items (eval transform); requires ``val_fraction`` > 0."""
+        if not self.cfg.val_fraction:
+            raise ValueError("val_data: the run has no validation split (set val_fraction > 0)")
+        return _Transformed(torch.utils.data.Subset(self.scenario.train_set(task), self._val_positions(task)[1]),
+                            self.eval_tf)
+
+    def _val_loader(self, task: int) -> "_ProgressLoader":
+        ds = self.val_data(task)
+        loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
+        return _ProgressLoader(loader, f"validation, task {task + 1}", enabled=not self.quiet)
 
     def test_data(self, task: int):
         return _Transformed(self.scenario.test_set(task), self.eval_tf)
@@ -253,7 +291,8 @@ class Trainer:
                            device=self.device, amp_dtype=self.amp_dtype, scenario=sc.kind, rank=self.rank,
                            world_size=self.world, augment=not self.train_tf.deterministic,
                            class_names=tuple(getattr(sc, "class_names", ()) or ()), seed=int(self.cfg.seed),
-                           task_loader=lambda augment=False, t=task: self._stats_loader(t, augment), **kw)
+                           task_loader=lambda augment=False, t=task: self._stats_loader(t, augment),
+                           val_loader=(lambda t=task: self._val_loader(t)) if self.cfg.val_fraction else None, **kw)
 
     def _loader(self, dataset, sampler, batch_size: int) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
@@ -266,7 +305,7 @@ class Trainer:
         augmented features). Each pass over it (a method may make several, e.g. EM iterations) shows
         a progress bar.
         """
-        ds = _Transformed(self.scenario.train_set(task), self._train_tfs[True] if augment else self.eval_tf)
+        ds = _Transformed(self._train_part(task), self._train_tfs[True] if augment else self.eval_tf)
         loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
         return _ProgressLoader(loader, f"statistics, task {task + 1}", enabled=not self.quiet)
 
@@ -492,11 +531,11 @@ class Trainer:
 
     # evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate_task(self, evaluated: int, after: int) -> tuple[int, int]:
-        """(correct, total) on task ``evaluated``'s test split with the model after task ``after``."""
-        ds = self.test_data(evaluated)
+    def evaluate_task(self, evaluated: int, after: int, split: str = "test") -> tuple[int, int]:
+        """(correct, total) on task ``evaluated``'s test (or ``"val"``) split with the model after task ``after``."""
+        ds = self.test_data(evaluated) if split == "test" else self.val_data(evaluated)
         loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
-        ctx = self.context(after, split="test", cacheable=True)
+        ctx = self.context(after, split=split, cacheable=True)
         correct = torch.zeros((), dtype=torch.float64)
         total = torch.zeros((), dtype=torch.float64)
         limit = self.cfg.limit_eval_batches
@@ -540,6 +579,16 @@ class Trainer:
         if self.is_main:
             self.acc.to_csv(os.path.join(self.run_dir, "acc_matrix.csv"))
         del m
+        if self.acc_val is not None:  # the held-out split, for choosing settings without the test set
+            vrow = []
+            for i in range(after + 1):
+                c, n = self.evaluate_task(i, after, split="val")
+                self.acc_val.update(i, after, c, n)
+                vrow.append(100.0 * c / max(n, 1))
+            self.metrics.log(event="eval_val", after_task=after, step=self.global_step,
+                             acc=[round(a, 4) for a in vrow], mean=round(float(sum(vrow) / len(vrow)), 4))
+            if self.is_main:
+                self.acc_val.to_csv(os.path.join(self.run_dir, "acc_matrix_val.csv"))
 
     # files ----------------------------------------------------------------------------------------
     def record(self) -> dict:
@@ -593,6 +642,8 @@ class Trainer:
         m = self.acc.matrix()
         n = self.scenario.num_tasks
         summary = {k: float(v) for k, v in self.acc.summary().items()}
+        if self.acc_val is not None:
+            summary.update({f"val_{k}": float(v) for k, v in self.acc_val.summary().items()})
         summary["wall_time_s"] = round(time.time() - self._t0 + self._prior_wall(), 3)
         summary["train_time_s"] = round(self._train_time, 3)
         summary["images_per_s"] = round(self._train_images / max(self._train_time, 1e-9), 2)
@@ -631,6 +682,7 @@ class Trainer:
             "optimizers": opts,
             "rng": self._rng_states(),
             "acc": self.acc.state_dict(),
+            "acc_val": self.acc_val.state_dict() if self.acc_val is not None else None,
             "train_time": self._train_time,
             "train_images": self._train_images,
             "wall_time": time.time() - self._t0 + self._prior_wall(),
@@ -697,6 +749,8 @@ class Trainer:
         self.pos = Position(*[int(x) for x in state["position"]])
         self.global_step = int(state["global_step"])
         self.acc = AccuracyMatrix.from_state_dict(state["acc"])
+        if self.acc_val is not None and state.get("acc_val") is not None:
+            self.acc_val = AccuracyMatrix.from_state_dict(state["acc_val"])
         self._train_time = float(state["train_time"])
         self._train_images = int(state["train_images"])
         self._wall_before_resume = float(state["wall_time"])

@@ -220,6 +220,7 @@ class TaskContext:
     seed: int = 0                   # the run's seed (see generator())
     batch_size: Optional[int] = None    # this rank's batch size in the current stage
     task_loader: Optional[Callable[..., Any]] = field(default=None, compare=False, repr=False)
+    val_loader: Optional[Callable[..., Any]] = field(default=None, compare=False, repr=False)  # None: no val split
 
     @property
     def is_main(self) -> bool:

@@ -172,3 +172,35 @@ def test_bad_new_settings_name_the_field():
         build_transforms(32, train=True, scale=(0.9, 0.5))
     with pytest.raises(ValueError, match="hflip"):
         build_transforms(32, train=True, hflip=2)
+
+
+def test_validation_split_is_held_out_per_class_and_evaluated(tmp_path):
+    run = tmp_path / "r"
+    t = Trainer(cfg(method="linear", val_fraction=0.2, val_seed=3), out=str(run))
+    for task in range(2):
+        train_pos, val_pos = t._val_positions(task)
+        full = t.scenario.train_set(task)
+        assert not set(train_pos) & set(val_pos) and len(train_pos) + len(val_pos) == len(full)
+        labels = torch.as_tensor(full.targets)
+        for c in torch.unique(labels).tolist():                 # every class is in both parts, ~20 % held out
+            n_c = int((labels == c).sum())
+            n_val = int((labels[val_pos] == c).sum())
+            assert 1 <= n_val < n_c and abs(n_val - 0.2 * n_c) <= 1
+        assert len(t.train_data(task)) == len(train_pos) and len(t.val_data(task)) == len(val_pos)
+    probe = {}
+    orig = t.method.end_task
+
+    def end_task(ctx, loader):
+        probe[ctx.task] = sum(b["label"].numel() for b in ctx.val_loader())
+        return orig(ctx, loader)
+
+    t.method.end_task = end_task
+    summary = t.fit()
+    assert probe == {0: len(t._val_positions(0)[1]), 1: len(t._val_positions(1)[1])}
+    assert (run / "acc_matrix_val.csv").is_file() and 0 <= summary["val_A_N"] <= 100
+    assert {"val_F_N", "val_BWT"} <= set(summary)
+    # the split depends on val_seed only, not on the run's seed
+    again = Trainer(cfg(method="linear", val_fraction=0.2, val_seed=3, seed=7), out=str(tmp_path / "s"))
+    assert again._val_positions(1) == t._val_positions(1)
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        cfg(val_fraction=1.0)
