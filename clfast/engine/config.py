@@ -61,6 +61,7 @@ class RunConfig:
     grad_checkpointing: bool = False  # recompute backbone blocks in the backward (less activation memory)
     compile_options: dict = field(default_factory=dict)   # torch.compile kwargs, e.g. {mode: max-autotune}
     method_args: dict = field(default_factory=dict)
+    init_from: Optional[str] = None   # start from another run's method state: a checkpoint file or run dir
     # run
     seed: int = 0
     val_fraction: float = 0.0   # held out of each task's training data (per class) for validation

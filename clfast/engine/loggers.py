@@ -153,6 +153,7 @@ class RunLogger:
             prefix = "eval" if event == "eval" else "val"
             out = {f"{prefix}/task{i + 1}": float(a) for i, a in enumerate(fields.get("acc", []))}
             out[f"{prefix}/mean"] = float(fields["mean"])
+            out.update({f"{prefix}/{k}": float(v) for k, v in fields.items() if k.endswith("_mean") and k != "mean"})
             return out, step
         if event == "summary":
             return _scalars({k: v for k, v in fields.items() if k != "step"}, "summary"), step

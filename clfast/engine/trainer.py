@@ -131,6 +131,7 @@ class Trainer:
         _seed_everything(cfg.seed)  # model construction and augmentation draw from the global generators
         self.scenario = scenario if scenario is not None else self._build_scenario()
         self.method = method if method is not None else self._build_method()
+        self._init_info = self._init_from(cfg.init_from) if cfg.init_from else None
         # digests of the model as built: checkpoints leave out what still matches (frozen weights)
         self._built_digests = {k: rio.tensor_digest(v) for k, v in self.method.state_dict().items()
                                if v.numel() * v.element_size() >= 1 << 16}
@@ -151,6 +152,8 @@ class Trainer:
             self.method.compile_for_training(**cfg.compile_options)
         self.acc = AccuracyMatrix()
         self.acc_val = AccuracyMatrix() if cfg.val_fraction else None
+        self.eval_extras: dict[str, float] = {}      # the method's extra scores after the last evaluation
+        self.last_score_extras: dict[str, float] = {}
         self._val_split: dict[int, tuple[list[int], list[int]]] = {}
         self.metrics = RunLogger(self.run_dir, enabled=self.is_main, log_to=cfg.log_to, config=cfg.to_dict(),
                                  project=cfg.wandb_project)
@@ -281,6 +284,33 @@ class Trainer:
         backbone = method_class(self.cfg.method).build_backbone(self.cfg)
         return create_method(self.cfg.method, backbone, self.scenario.num_classes, self.scenario.num_tasks,
                              **self.cfg.method_args)
+
+    def _init_from(self, source: str) -> dict:
+        """Load the method state of another run (its newest end-of-task checkpoint, or a checkpoint
+        file) into the freshly built method: every saved tensor must exist here with the same shape;
+        tensors the source left out (unchanged since it was built) keep this run's values."""
+        import hashlib
+
+        from .evaluate import latest_task_checkpoint
+
+        path = latest_task_checkpoint(source) if os.path.isdir(source) else source
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"init_from: {source} is neither a checkpoint file nor a run directory")
+        state = rio.load_checkpoint(path)
+        saved = state.get("method_state", {})
+        own = self.method.state_dict()
+        unknown = sorted(k for k in saved if k not in own)
+        shapes = sorted(k for k in saved if k in own and tuple(saved[k].shape) != tuple(own[k].shape))
+        if unknown or shapes:
+            raise ValueError(f"init_from {path}: the checkpoint (method {state.get('method')!r}) does not fit "
+                             f"{self.cfg.method!r}: unknown keys {unknown[:5]}, shape mismatches "
+                             + ", ".join(f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:5]))
+        self.method.load_state_dict(saved, strict=False)
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        self.log.info(f"init_from {path}: loaded {len(saved)} of {len(own)} tensors (method {state.get('method')!r})")
+        return {"path": os.path.abspath(path), "sha256": digest, "method": state.get("method"),
+                "loaded": len(saved)}
 
     # contexts and loaders -------------------------------------------------------------------------
     def context(self, task: int, **kw) -> TaskContext:
@@ -538,6 +568,8 @@ class Trainer:
         ctx = self.context(after, split=split, cacheable=True)
         correct = torch.zeros((), dtype=torch.float64)
         total = torch.zeros((), dtype=torch.float64)
+        names = tuple(self.method.score_names)      # the same on every rank, also one with no batches
+        extra = torch.zeros(len(names), dtype=torch.float64)
         limit = self.cfg.limit_eval_batches
         for i, batch in enumerate(progress(loader, total=min(len(loader), limit or len(loader)), enabled=not self.quiet,
                                            desc=f"eval task {evaluated + 1} after {after + 1}")):
@@ -549,31 +581,47 @@ class Trainer:
             logits = masked_logits(logits, (0, ctx.seen_classes))
             if self.scenario.kind == "task-incremental":
                 logits = _mask_to_tasks(logits, batch["task"], ctx.task_ranges)
-            credit = self.method.score(batch, logits, ctx)
-            if credit.shape != (logits.shape[0],):
-                raise ValueError(f"{type(self.method).__name__}.score() must return ({logits.shape[0]},) per-sample "
-                                 f"credit, got shape {tuple(credit.shape)}")
-            correct += float(credit.double().sum())
+            scored = self.method.score(batch, logits, ctx)
+            parts = scored if isinstance(scored, dict) else {"credit": scored}
+            if set(parts) != {"credit", *names}:
+                raise ValueError(f"{type(self.method).__name__}.score() must return "
+                                 f"{'a dict with credit and ' + ', '.join(names) if names else 'a tensor'}, "
+                                 f"got {sorted(parts) if isinstance(scored, dict) else type(scored).__name__}")
+            for k, v in parts.items():
+                if v.shape != (logits.shape[0],):
+                    raise ValueError(f"{type(self.method).__name__}.score()[{k!r}] must be ({logits.shape[0]},) "
+                                     f"per-sample values, got shape {tuple(v.shape)}")
+            correct += float(parts["credit"].double().sum())
+            for j, k in enumerate(names):
+                extra[j] += float(parts[k].double().sum())
             total += logits.shape[0]
-        counts = torch.stack([correct, total])
+        counts = torch.cat([torch.stack([correct, total]), extra])
         if self.world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(counts)
+        n = max(int(counts[1]), 1)
+        self.last_score_extras = {k: float(counts[2 + j]) / n for j, k in enumerate(names)}
         return float(counts[0]), int(counts[1])
 
     def _evaluate(self, after: int) -> None:
         self.method.eval()
         t0 = time.time()
         row = []
+        extras: dict[str, list[float]] = {k: [] for k in self.method.score_names}
         for i in range(after + 1):
             c, n = self.evaluate_task(i, after)
             self.acc.update(i, after, c, n)
             row.append(100.0 * c / max(n, 1))
+            for k, v in self.last_score_extras.items():
+                extras[k].append(v)
         m = self.acc.matrix()
         seen_mean = float(sum(row) / len(row))
-        self.metrics.log(event="eval", after_task=after, step=self.global_step, acc=[round(a, 4) for a in row], mean=round(seen_mean, 4),
-                         seconds=round(time.time() - t0, 3))
+        self.eval_extras = {k: float(sum(v) / len(v)) for k, v in extras.items()}   # mean over the seen tasks
+        self.metrics.log(event="eval", after_task=after, step=self.global_step, acc=[round(a, 4) for a in row],
+                         mean=round(seen_mean, 4), seconds=round(time.time() - t0, 3),
+                         **({"extras": {k: [round(x, 6) for x in v] for k, v in extras.items()}} if extras else {}),
+                         **{f"{k}_mean": round(v, 6) for k, v in self.eval_extras.items()})
         self.log.info(f"after task {after + 1}: accuracy on tasks 1..{after + 1} = "
                       + " ".join(f"{a:.1f}" for a in row) + f"  (mean {seen_mean:.2f})")
         if self.is_main:
@@ -606,6 +654,7 @@ class Trainer:
             "scenario": self.scenario.record(),
             "backbone": weights.to_dict() if weights is not None else {"name": self.cfg.backbone},
             "extra_weights": list(self.method.extra_weights()),
+            "init_from": self._init_info,
             "batchwise_vote": bool(self.cfg.method_args.get("batchwise_vote", False)),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
                          "numpy": numpy.__version__},
@@ -642,6 +691,7 @@ class Trainer:
         m = self.acc.matrix()
         n = self.scenario.num_tasks
         summary = {k: float(v) for k, v in self.acc.summary().items()}
+        summary.update({f"eval_{k}": v for k, v in self.eval_extras.items()})
         if self.acc_val is not None:
             summary.update({f"val_{k}": float(v) for k, v in self.acc_val.summary().items()})
         summary["wall_time_s"] = round(time.time() - self._t0 + self._prior_wall(), 3)
@@ -683,6 +733,7 @@ class Trainer:
             "rng": self._rng_states(),
             "acc": self.acc.state_dict(),
             "acc_val": self.acc_val.state_dict() if self.acc_val is not None else None,
+            "eval_extras": dict(self.eval_extras),
             "train_time": self._train_time,
             "train_images": self._train_images,
             "wall_time": time.time() - self._t0 + self._prior_wall(),
@@ -749,6 +800,7 @@ class Trainer:
         self.pos = Position(*[int(x) for x in state["position"]])
         self.global_step = int(state["global_step"])
         self.acc = AccuracyMatrix.from_state_dict(state["acc"])
+        self.eval_extras = {k: float(v) for k, v in state.get("eval_extras", {}).items()}
         if self.acc_val is not None and state.get("acc_val") is not None:
             self.acc_val = AccuracyMatrix.from_state_dict(state["acc_val"])
         self._train_time = float(state["train_time"])

@@ -397,10 +397,18 @@ class Method(nn.Module):
         expresses."""
         return None
 
-    def score(self, batch: dict, logits: Tensor, ctx: TaskContext) -> Tensor:
+    #: names of the extra per-sample values :meth:`score` returns (e.g. ``("task_id_correct",)``)
+    score_names: ClassVar[tuple[str, ...]] = ()
+
+    def score(self, batch: dict, logits: Tensor, ctx: TaskContext) -> Tensor | dict[str, Tensor]:
         """Credit per sample (B,) float for evaluation, from ``logits`` already restricted to the seen
         classes (and to each sample's task when task-incremental). Default: 1 for a correct argmax,
-        or the soft score of the predicted answer in VQA batches (``answer_scores``)."""
+        or the soft score of the predicted answer in VQA batches (``answer_scores``).
+
+        A method with :attr:`score_names` returns a dict instead: ``"credit"`` plus one (B,) tensor per
+        name (e.g. whether the task was inferred right); the engine averages each over every evaluated
+        task, logs them with the accuracies and puts the final ones in the summary as ``eval_<name>``.
+        """
         pred = logits.argmax(1)
         if "answer_scores" in batch:
             return batch["answer_scores"].float().gather(1, pred[:, None]).squeeze(1)

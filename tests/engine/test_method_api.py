@@ -27,6 +27,7 @@ class ApiProbe(FrozenQueryMethod):
 
     Config = MethodConfig
     built_with = []
+    score_names = ("half",)
 
     def __init__(self, backbone, num_classes, num_tasks, cfg):
         super().__init__(backbone, num_classes, num_tasks, cfg)
@@ -79,7 +80,8 @@ class ApiProbe(FrozenQueryMethod):
         self.seen["stats_aug"].append(ctx.task_loader(augment=True).loader.dataset.transform.deterministic)
 
     def score(self, batch, logits, ctx):
-        return torch.full((logits.shape[0],), 0.25)
+        n = logits.shape[0]
+        return {"credit": torch.full((n,), 0.25), "half": (torch.arange(n) % 2).float()}
 
     def predict(self, batch, ctx):
         return self.predict_logits(self.classify(self.query(batch, ctx)), ctx)
@@ -116,8 +118,11 @@ def test_hooks_reach_the_engine(tmp_path):
     assert torch.equal(torch.randn(16, m.embed_dim, generator=ctx.generator())[0, :3], feats[0])
     other_rank = ctx.replace(rank=1).generator()
     assert not torch.equal(torch.randn(3, generator=other_rank), torch.randn(3, generator=ctx.generator()))
-    # the method's score is what the accuracy matrix counts
+    # the method's score is what the accuracy matrix counts; its extra values are averaged and reported
     assert summary["A_N"] == pytest.approx(25.0)
+    evals = [e for e in rio.read_jsonl(tmp_path / "r" / "metrics.jsonl") if e["event"] == "eval"]
+    assert [len(e["extras"]["half"]) for e in evals] == [1, 2]
+    assert 0.4 < summary["eval_half"] < 0.6 and summary["eval_half"] == pytest.approx(evals[-1]["half_mean"])
     rec = json.loads((tmp_path / "r" / "record.json").read_text())
     assert rec["extra_weights"] == [{"name": "text_encoder", "source": "test", "sha256": "0" * 64}]
 
@@ -204,3 +209,25 @@ def test_validation_split_is_held_out_per_class_and_evaluated(tmp_path):
     assert again._val_positions(1) == t._val_positions(1)
     with pytest.raises(ValueError, match="val_fraction must be in"):
         cfg(val_fraction=1.0)
+
+
+def test_init_from_another_run(tmp_path):
+    args = {"pool_size": 4, "top_k": 1, "length": 2}
+    src = Trainer(cfg(method="l2p", method_args=args, num_tasks=2), out=str(tmp_path / "src"))
+    src.fit()
+    trained = {k: v.clone() for k, v in src.method.state_dict().items()}
+    dst = Trainer(cfg(method="l2p", method_args=args, init_from=str(tmp_path / "src"), seed=5),
+                  out=str(tmp_path / "dst"))
+    for k in ("prompts", "keys", "head.weight"):
+        assert torch.equal(dst.method.state_dict()[k], trained[k]), k
+    rec = dst.record()["init_from"]
+    assert rec["path"].endswith("task002.pt") and len(rec["sha256"]) == 64 and rec["method"] == "l2p"
+    dst.fit()                                  # trains on, and its own checkpoints resume from there
+    with pytest.raises(ValueError, match="does not fit 'dualprompt'"):
+        Trainer(cfg(method="dualprompt", method_args={"e_length": 4}, init_from=str(tmp_path / "src")),
+                out=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="shape mismatches prompts"):
+        Trainer(cfg(method="l2p", method_args={**args, "length": 3}, init_from=str(tmp_path / "src")),
+                out=str(tmp_path / "bad2"))
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        Trainer(cfg(method="l2p", init_from=str(tmp_path / "nothing.pt")), out=str(tmp_path / "bad3"))
