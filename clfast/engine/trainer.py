@@ -126,7 +126,7 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
         self.amp_dtype = self._amp_dtype()
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
 
         _seed_everything(cfg.seed)  # model construction and augmentation draw from the global generators
         self.scenario = scenario if scenario is not None else self._build_scenario()
@@ -195,9 +195,7 @@ class Trainer:
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if self.cfg.amp == "none":
             return None
-        if self.cfg.amp == "fp16":
-            if self.device.type != "cuda":
-                raise ValueError("amp 'fp16' (with a GradScaler) needs CUDA; on the CPU use amp=bf16 or amp=none")
+        if self.cfg.amp == "fp16":  # with a GradScaler (on the CPU too: the same code path, testable here)
             return torch.float16
         return torch.bfloat16
 
@@ -734,6 +732,7 @@ class Trainer:
             "acc": self.acc.state_dict(),
             "acc_val": self.acc_val.state_dict() if self.acc_val is not None else None,
             "eval_extras": dict(self.eval_extras),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "train_time": self._train_time,
             "train_images": self._train_images,
             "wall_time": time.time() - self._t0 + self._prior_wall(),
@@ -801,6 +800,8 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.acc = AccuracyMatrix.from_state_dict(state["acc"])
         self.eval_extras = {k: float(v) for k, v in state.get("eval_extras", {}).items()}
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.acc_val is not None and state.get("acc_val") is not None:
             self.acc_val = AccuracyMatrix.from_state_dict(state["acc_val"])
         self._train_time = float(state["train_time"])

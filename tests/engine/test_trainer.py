@@ -93,6 +93,25 @@ def test_persistent_adamw_leaves_frozen_components_alone_and_resumes_exactly(tmp
     assert torch.equal(final["prompts"], after2["prompts"])
 
 
+def test_fp16_with_grad_scaler_trains_and_resumes_its_scale(tmp_path):
+    # the fp16 + GradScaler path runs on the CPU too (the same code as on CUDA)
+    full = Trainer(tiny_cfg("dualprompt", ["amp=fp16"]), out=str(tmp_path / "full")).fit()
+    cut = tmp_path / "cut"
+    t = Trainer(tiny_cfg("dualprompt", ["amp=fp16", "stop_after_steps=3"]), out=str(cut))
+    assert t.amp_dtype == torch.float16 and t.scaler is not None
+    # any scale; powers of two leave the unscaled gradients exact
+    t.scaler.load_state_dict({"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                              "growth_interval": 2000, "_growth_tracker": 0})
+    with pytest.raises(Interrupted):
+        t.fit()
+    saved = torch.load(cut / "checkpoints" / "interrupt.pt", weights_only=True)["scaler"]
+    assert saved["scale"] == 1024.0
+    resumed = Trainer.resume(str(cut), stop_after_steps=None)
+    assert resumed.scaler.get_scale() == 1024.0
+    summary = resumed.fit()
+    assert summary["A_N"] == full["A_N"] and summary["F_N"] == full["F_N"]
+
+
 def test_step_checkpoints_resume_after_a_crash(tmp_path, monkeypatch):
     """checkpoint_every_steps: a run killed by an error (not a signal) resumes from its last step checkpoint."""
     full = Trainer(tiny_cfg("dualprompt"), out=str(tmp_path / "full")).fit()
