@@ -66,6 +66,7 @@ class RunConfig:
     seed: int = 0
     val_fraction: float = 0.0   # held out of each task's training data (per class) for validation
     val_seed: int = 0           # the held-out split's own seed (fixed across `seed`s)
+    validate_every: Optional[float] = None   # epochs between validations in task-data stages (keeps the best)
     device: str = "auto"
     num_workers: int = 0
     threads: Optional[int] = None
@@ -103,6 +104,8 @@ class RunConfig:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.validate_every is not None and not self.validate_every > 0:
+            raise ValueError(f"validate_every must be > 0 (epochs) or null, got {self.validate_every!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         for key in ("method_args", "dataset_args", "compile_options"):

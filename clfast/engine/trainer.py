@@ -153,6 +153,8 @@ class Trainer:
         self.acc = AccuracyMatrix()
         self.acc_val = AccuracyMatrix() if cfg.val_fraction else None
         self.eval_extras: dict[str, float] = {}      # the method's extra scores after the last evaluation
+        self._best: Optional[dict] = None            # best validation state of the running stage
+        self._pending_best: Optional[dict] = None
         self.last_score_extras: dict[str, float] = {}
         self._val_split: dict[int, tuple[list[int], list[int]]] = {}
         self.metrics = RunLogger(self.run_dir, enabled=self.is_main, log_to=cfg.log_to, config=cfg.to_dict(),
@@ -439,6 +441,15 @@ class Trainer:
             if state is not None:
                 opt.load_state_dict(state)
         step_module = self._wrap(stage)
+        validate_every = stage.validate_every
+        if validate_every is None and stage.data == "task":
+            validate_every = self.cfg.validate_every
+        if validate_every is not None and not self.cfg.val_fraction:
+            raise ValueError(f"stage {stage.name!r}: validate_every needs a validation split (set val_fraction > 0)")
+        if resume:
+            self._best, self._pending_best = self._pending_best, None
+        else:
+            self._best = None
 
         n_epochs = max(1, math.ceil(s["epochs"]))
         frac = s["epochs"] - math.floor(s["epochs"]) if s["epochs"] != math.floor(s["epochs"]) else 0.0
@@ -454,6 +465,9 @@ class Trainer:
                     n_steps = max(1, int(round(frac * steps_full)))
                 if self.cfg.limit_train_batches:
                     n_steps = min(n_steps, self.cfg.limit_train_batches)
+                val_every = (max(1, round(validate_every * min(steps_full, self.cfg.limit_train_batches
+                                                               or steps_full)))
+                             if validate_every is not None else None)
                 sampler = EpochSampler(len(data), derive_seed(self.cfg.seed, task, si, epoch), rank=self.rank,
                                        world=self.world, skip=skip * per_rank)
                 batches: Iterable = self._loader(data, sampler, per_rank)
@@ -462,6 +476,7 @@ class Trainer:
                 # Batches the method generates (e.g. sampled features) cannot be skipped without
                 # drawing them: an interrupted epoch of such a stage restarts from its first batch.
                 skip = 0
+                val_every = None
                 batches = self.method.stage_batches(stage, sctx.replace(epoch=epoch))
                 total_steps = stage.steps_per_epoch
                 n_steps = min(x for x in (self.cfg.limit_train_batches, total_steps, 1 << 62) if x)
@@ -492,6 +507,8 @@ class Trainer:
                 if self.global_step % self.cfg.log_every == 0:
                     self.metrics.log(event="step", task=task, stage=stage.name, epoch=epoch, step=self.global_step,
                                      lr=opt.param_groups[0]["lr"], **logs)
+                if val_every and (b % val_every == 0 or (n_steps is not None and b >= n_steps)):
+                    self._validate(task, stage, sctx)
                 stop = self.cfg.stop_after_steps and self.global_step >= self.cfg.stop_after_steps
                 every = self.cfg.checkpoint_every_steps
                 if self._interrupted() or stop or (every and self.global_step % every == 0):
@@ -513,7 +530,27 @@ class Trainer:
             if logs_acc:
                 self.log.info(f"  task {task + 1} {stage.name} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
                     f"{k} {v / max(n_logged, 1):.4f}" for k, v in logs_acc.items()) + f" ({dt:.1f} s)")
+        if self._best is not None and stage.keep_best:
+            with torch.no_grad():
+                params = dict(self.method.named_parameters())
+                for name, value in self._best["params"].items():
+                    params[name].copy_(value)
+            self.log.info(f"  task {task + 1} {stage.name}: kept the parameters of step {self._best['step']} "
+                          f"(validation accuracy {self._best['acc']:.2f})")
+        self._best = None
         self.method.end_stage(stage, sctx)
+
+    def _validate(self, task: int, stage: Stage, sctx: TaskContext) -> None:
+        """Accuracy on the current task's held-out split; remember the best trainable parameters."""
+        self.method.eval()
+        c, n = self.evaluate_task(task, task, split="val")
+        self.method.train()
+        acc = 100.0 * c / max(n, 1)
+        self.metrics.log(event="validate", task=task, stage=stage.name, step=self.global_step, acc=round(acc, 4))
+        if self._best is None or acc > self._best["acc"]:
+            self._best = {"acc": acc, "step": self.global_step,
+                          "params": {k: p.detach().clone() for k, p in self.method.named_parameters()
+                                     if p.requires_grad}}
 
     def _stash_optimizer(self, key: str, opt: torch.optim.Optimizer) -> None:
         self._current_opt = (key, opt)
@@ -733,6 +770,7 @@ class Trainer:
             "acc_val": self.acc_val.state_dict() if self.acc_val is not None else None,
             "eval_extras": dict(self.eval_extras),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "stage_best": self._best if not pos.at_task_start else None,
             "train_time": self._train_time,
             "train_images": self._train_images,
             "wall_time": time.time() - self._t0 + self._prior_wall(),
@@ -800,6 +838,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.acc = AccuracyMatrix.from_state_dict(state["acc"])
         self.eval_extras = {k: float(v) for k, v in state.get("eval_extras", {}).items()}
+        self._pending_best = state.get("stage_best")
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.acc_val is not None and state.get("acc_val") is not None:

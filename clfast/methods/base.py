@@ -165,7 +165,10 @@ class Stage:
     from task to task instead of re-creating it; ``params`` is passed to ``method.param_groups``.
     ``augment`` overrides the run's ``augment`` for this stage's task data. ``steps_per_epoch`` tells
     the engine how many batches a ``data="method"`` stage yields per epoch, so that per-step schedules
-    and progress bars work there (task-data stages know their length).
+    and progress bars work there (task-data stages know their length). ``validate_every`` (in epochs,
+    e.g. 0.25) evaluates the current task's held-out split (the run's ``val_fraction``) that often
+    during a task-data stage and, with ``keep_best``, ends the stage with the trainable parameters of
+    the best validation accuracy (best-checkpoint selection without the test set).
     """
 
     name: str = "train"
@@ -179,6 +182,8 @@ class Stage:
     params: str = "default"
     augment: Optional[bool] = None
     steps_per_epoch: Optional[int] = None
+    validate_every: Optional[float] = None
+    keep_best: bool = True
 
     def __post_init__(self):
         if self.data not in ("task", "method"):
@@ -186,6 +191,11 @@ class Stage:
         if self.steps_per_epoch is not None and (isinstance(self.steps_per_epoch, bool)
                                                  or int(self.steps_per_epoch) < 1):
             raise ValueError(f"Stage.steps_per_epoch must be a positive int or None, got {self.steps_per_epoch!r}")
+        if self.validate_every is not None:
+            if isinstance(self.validate_every, bool) or not float(self.validate_every) > 0:
+                raise ValueError(f"Stage.validate_every must be > 0 (epochs) or None, got {self.validate_every!r}")
+            if self.data != "task":
+                raise ValueError("Stage.validate_every needs a task-data stage (data='task')")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from clfast.backbones.vit import create_vit
-from clfast.engine import Trainer, RunConfig
+from clfast.engine import Interrupted, RunConfig, Trainer
 from clfast.engine import io as rio
 from clfast.engine.optim import lr_factor
 from clfast.methods import (FrozenQueryMethod, MethodConfig, OptimConfig, ScheduleConfig, Stage, StepOutput,
@@ -231,3 +231,68 @@ def test_init_from_another_run(tmp_path):
                 out=str(tmp_path / "bad2"))
     with pytest.raises(FileNotFoundError, match="init_from"):
         Trainer(cfg(method="l2p", init_from=str(tmp_path / "nothing.pt")), out=str(tmp_path / "bad3"))
+
+
+@register_method("_test_worsen")
+class Worsen(FrozenQueryMethod):
+    """Learns for the first half of each task, then unlearns (gradient ascent): the best parameters are
+    those of the middle validation, not the last ones."""
+
+    Config = MethodConfig
+
+    def __init__(self, backbone, num_classes, num_tasks, cfg):
+        super().__init__(backbone, num_classes, num_tasks, cfg)
+        self.history: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))   # checkpointed, unlike history
+
+    def stages(self, ctx):
+        return [Stage("train", validate_every=0.25)]
+
+    def end_stage(self, stage, ctx):
+        self.kept.append(self.head.weight.detach().clone())
+
+    def training_step(self, batch, ctx):
+        logits = self.train_logits(self.classify(self.query(batch, ctx)), ctx)
+        sign = 1.0 if int(self.steps) % 8 < 4 else -1.0
+        return StepOutput(sign * F.cross_entropy(logits.float(), batch["label"]), {})
+
+    def after_optimizer_step(self):
+        self.steps += 1
+        self.history.append(self.head.weight.detach().clone())
+
+    def predict(self, batch, ctx):
+        return self.predict_logits(self.classify(self.query(batch, ctx)), ctx)
+
+
+def test_validation_keeps_the_best_parameters_and_resumes_exactly(tmp_path):
+    kw = dict(method="_test_worsen", val_fraction=0.2, limit_train_batches=8, num_tasks=2,
+              optimizer={"name": "adam", "lr": 0.005})
+    t = Trainer(cfg(**kw), out=str(tmp_path / "full"))
+    t.fit()
+    events = [e for e in rio.read_jsonl(tmp_path / "full" / "metrics.jsonl") if e["event"] == "validate"]
+    worse = 0
+    for task in (0, 1):
+        ev = [e for e in events if e["task"] == task]
+        assert [e["step"] for e in ev] == [8 * task + s for s in (2, 4, 6, 8)]   # every quarter of the 8 steps
+        best = max(ev, key=lambda e: (e["acc"], -e["step"]))                    # the first of the best
+        worse += best["acc"] > ev[-1]["acc"]
+        assert torch.equal(t.method.kept[task], t.method.history[best["step"] - 1]), task
+    assert worse, "the toy must end a task worse than its best for this test to mean anything"
+    # interrupted after a validation inside task 2: the best-so-far travels in the checkpoint
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        Trainer(cfg(**kw, stop_after_steps=13), out=str(cut)).fit()
+    resumed = Trainer.resume(str(cut), stop_after_steps=None)
+    resumed.fit()
+    assert torch.equal(resumed.method.head.weight, t.method.head.weight)
+    assert torch.equal(resumed.method.kept[-1], t.method.kept[-1])
+    with pytest.raises(ValueError, match="needs a validation split"):
+        Trainer(cfg(method="_test_worsen"), out=str(tmp_path / "noval")).fit()
+    # the run-level setting applies to methods that do not name it in their stages
+    Trainer(cfg(method="linear", val_fraction=0.2, validate_every=0.5, limit_train_batches=4),
+            out=str(tmp_path / "run_level")).fit()
+    steps = [e["step"] for e in rio.read_jsonl(tmp_path / "run_level" / "metrics.jsonl") if e["event"] == "validate"]
+    assert steps == [2, 4, 6, 8]
+    with pytest.raises(ValueError, match="validate_every"):
+        Stage("x", data="method", validate_every=0.5)
