@@ -44,7 +44,7 @@ class ImageTransform:
 
     def __init__(self, input_size: int, *, random: bool, crop_pct: float = 0.875,
                  interpolation: str = "bicubic", scale: Sequence[float] = (0.08, 1.0),
-                 hflip: float = 0.5):
+                 hflip: float = 0.5, extra: Sequence = ()):
         v2 = _v2()
         mode = getattr(v2.InterpolationMode, interpolation.upper())
         self.input_size = int(input_size)
@@ -56,6 +56,7 @@ class ImageTransform:
                                           antialias=True)]
             if hflip > 0:
                 steps.append(v2.RandomHorizontalFlip(hflip))
+            steps.extend(extra)
             self.resize_size = None
         else:
             self.resize_size = int(self.input_size / self.crop_pct)
@@ -86,7 +87,7 @@ class ImageTransform:
 
 def build_transforms(input_size: int, *, train: bool, augment: bool = True, crop_pct: float = 0.875,
                      interpolation: str = "bicubic", scale: Sequence[float] = (0.08, 1.0),
-                     hflip: float = 0.5) -> ImageTransform:
+                     hflip: float = 0.5, extra: Sequence = ()) -> ImageTransform:
     """The train or eval transform for a backbone taking ``input_size × input_size`` images.
 
     Args:
@@ -97,6 +98,8 @@ def build_transforms(input_size: int, *, train: bool, augment: bool = True, crop
         interpolation: ``"bicubic"`` (timm's default for ViTs), ``"bilinear"`` or ``"nearest"``.
         scale: train pipeline: area range of the RandomResizedCrop.
         hflip: train pipeline: probability of a horizontal flip.
+        extra: train pipeline: more random ops after the flip, each ``(3, S, S) float -> same``, e.g.
+            ``torchvision.transforms.v2.RandAugment()`` (torchvision's v2 ops take float images).
 
     Returns:
         A callable ``(3, H, W) float [0, 1] -> (3, input_size, input_size) float [0, 1]``; in the eval
@@ -117,5 +120,7 @@ def build_transforms(input_size: int, *, train: bool, augment: bool = True, crop
         raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
     if not isinstance(hflip, (int, float)) or not 0.0 <= float(hflip) <= 1.0:
         raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
+    if not isinstance(extra, (list, tuple)) or not all(callable(op) for op in extra):
+        raise ValueError(f"extra must be a list of callables (image -> image), got {extra!r}")
     return ImageTransform(input_size, random=bool(train and augment), crop_pct=float(crop_pct),
-                          interpolation=interpolation, scale=scale, hflip=hflip)
+                          interpolation=interpolation, scale=scale, hflip=hflip, extra=tuple(extra))

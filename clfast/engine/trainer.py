@@ -222,10 +222,10 @@ class Trainer:
         interp = interp if interp in ("nearest", "bilinear", "bicubic") else "bicubic"
         crop = float(dc.get("crop_pct", 0.875) or 0.875)
         extra = dict(self.method.transform_args())
-        unknown = set(extra) - {"scale", "hflip"}
+        unknown = set(extra) - {"scale", "hflip", "extra"}
         if unknown:
             raise ValueError(f"{type(self.method).__name__}.transform_args(): unknown keys {sorted(unknown)} "
-                             f"(expected scale, hflip)")
+                             f"(expected scale, hflip, extra)")
         # the train transform with and without augmentation (a Stage may override the run's `augment`)
         self._train_tfs = {flag: build_transforms(size, train=True, augment=flag, crop_pct=crop,
                                                   interpolation=interp, **extra) for flag in (True, False)}

@@ -397,8 +397,9 @@ class Method(nn.Module):
         return []
 
     def transform_args(self) -> dict:
-        """Changes to the train transform's random crop and flip: ``scale`` (area range of the
-        RandomResizedCrop, default (0.08, 1.0)) and ``hflip`` (probability, default 0.5)."""
+        """Changes to the augmenting train transform: ``scale`` (area range of the RandomResizedCrop,
+        default (0.08, 1.0)), ``hflip`` (probability, default 0.5) and ``extra`` (more random ops after
+        the flip, e.g. ``[torchvision.transforms.v2.RandAugment()]``)."""
         return {}
 
     def lr_factor(self, stage: Stage, pos: float, total: float) -> Optional[float]:

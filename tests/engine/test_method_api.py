@@ -21,6 +21,11 @@ from clfast.methods import (FrozenQueryMethod, MethodConfig, OptimConfig, Schedu
 ALIGN_STEPS = 4
 
 
+class _Brighten(torch.nn.Module):
+    def forward(self, x):
+        return (x + 0.25).clamp(0, 1)
+
+
 @register_method("_test_api")
 class ApiProbe(FrozenQueryMethod):
     """Records what the engine hands it; an augmented task stage and a generated-data stage."""
@@ -42,7 +47,7 @@ class ApiProbe(FrozenQueryMethod):
         return [{"name": "text_encoder", "source": "test", "sha256": "0" * 64}]
 
     def transform_args(self):
-        return {"scale": (0.5, 1.0), "hflip": 0.0}
+        return {"scale": (0.5, 1.0), "hflip": 0.0, "extra": [_Brighten()]}
 
     def stages(self, ctx):
         return [Stage("task", augment=True),
@@ -104,7 +109,9 @@ def test_hooks_reach_the_engine(tmp_path):
     assert m.seen["task_ctx"] and all(s == (True, False, 16, t.scenario.num_classes) for s in m.seen["task_ctx"])
     assert t.context(0).class_names == tuple(t.scenario.class_names)
     crop = t._train_tfs[True]._pipeline.transforms
-    assert tuple(crop[0].scale) == (0.5, 1.0) and len(crop) == 1          # no flip with hflip 0
+    assert tuple(crop[0].scale) == (0.5, 1.0) and isinstance(crop[1], _Brighten) and len(crop) == 2  # no flip
+    assert t._train_tfs[True](torch.zeros(3, 40, 40)).min() == 0.25        # the extra op runs in training
+    assert t.eval_tf(torch.zeros(3, 40, 40)).max() == 0                    # and not in evaluation
     assert m.seen["stats_aug"] == [False, False]                          # task_loader(augment=True)
     # the method stage ran 2 epochs × steps_per_epoch, with the method's own per-step lr factor
     lrs = [e["lr"] for e in rio.read_jsonl(tmp_path / "r" / "metrics.jsonl")
@@ -177,6 +184,8 @@ def test_bad_new_settings_name_the_field():
         build_transforms(32, train=True, scale=(0.9, 0.5))
     with pytest.raises(ValueError, match="hflip"):
         build_transforms(32, train=True, hflip=2)
+    with pytest.raises(ValueError, match="extra must be a list of callables"):
+        build_transforms(32, train=True, extra=["RandAugment"])
 
 
 def test_validation_split_is_held_out_per_class_and_evaluated(tmp_path):
