@@ -75,7 +75,8 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     # of 0.03 is chaotic in the first steps: Adam turns 1e-7 reassociation differences in near-zero
     # gradients into ±lr steps, so two runs drift apart whatever the process count.)
     args = ["train", "--method", "dualprompt", "--dataset", "digits", "--quiet", "num_tasks=2", "epochs=1",
-            "batch_size=32", "limit_train_batches=8", "threads=1", "amp=none", "method_args.e_length=4"]
+            "batch_size=32", "limit_train_batches=8", "threads=1", "amp=none", "method_args.e_length=4",
+            "val_fraction=0.2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clfast", *args,
                           "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
@@ -85,6 +86,9 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     b = torch.tensor(read_acc_csv(tmp_path / "one" / "acc_matrix.csv"))
     # same global batches and averaged gradients: equal up to float reassociation
     torch.testing.assert_close(a, b, atol=1.2, rtol=0, equal_nan=True)   # at most 2 of 177 test samples
+    # the held-out split is the same on every rank count, sharded without duplicates
+    va, vb = (torch.tensor(read_acc_csv(tmp_path / d / "acc_matrix_val.csv")) for d in ("ddp", "one"))
+    torch.testing.assert_close(va, vb, atol=1.2, rtol=0, equal_nan=True)
     states = [torch.load(tmp_path / d / "checkpoints" / "task002.pt", weights_only=True)["method_state"]
               for d in ("ddp", "one")]
     for k, v in states[1].items():
