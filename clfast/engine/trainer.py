@@ -392,8 +392,9 @@ class Trainer:
         self.method.begin_task(ctx)
         stages = self.method.stages(ctx)
         self.log.info(f"task {task + 1}/{self.scenario.num_tasks}: classes "
-                      f"{ctx.class_range[0]}–{ctx.class_range[1] - 1}, {self.scenario.task_sizes('train')[task]} "
-                      f"training images, stages: {', '.join(s.name for s in stages)}")
+                      f"{ctx.class_range[0]}–{ctx.class_range[1] - 1}, {len(self._train_part(task))} training images"
+                      + (f" ({len(self._val_positions(task)[1])} held out)" if self.cfg.val_fraction else "")
+                      + f", stages: {', '.join(s.name for s in stages)}")
         first_stage = self.pos.stage if resuming_mid_task else 0
         for si in range(first_stage, len(stages)):
             self._run_stage(task, si, stages[si], ctx, resume=resuming_mid_task and si == first_stage)
