@@ -335,7 +335,9 @@ class Trainer:
         augmented features). Each pass over it (a method may make several, e.g. EM iterations) shows
         a progress bar.
         """
-        ds = _Transformed(self._train_part(task), self._train_tfs[True] if augment else self.eval_tf)
+        # augmented items carry no "index": what a per-image cache would store is not stable
+        ds = _Transformed(self._train_part(task), self._train_tfs[True] if augment else self.eval_tf,
+                          keep_index=not augment)
         loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
         return _ProgressLoader(loader, f"statistics, task {task + 1}", enabled=not self.quiet)
 
@@ -884,17 +886,20 @@ class _ProgressLoader:
 class _Transformed(torch.utils.data.Dataset):
     """A scenario subset with an image transform applied per item (in the loader's workers)."""
 
-    def __init__(self, data, transform):
-        self.data, self.transform = data, transform
+    def __init__(self, data, transform, keep_index: bool = True):
+        self.data, self.transform, self.keep_index = data, transform, keep_index
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> dict:
         item = self.data[i]
-        if self.transform is not None:
+        if self.transform is not None or not self.keep_index:
             item = dict(item)
+        if self.transform is not None:
             item["image"] = self.transform(item["image"])
+        if not self.keep_index:
+            item.pop("index", None)
         return item
 
 

@@ -82,7 +82,10 @@ class ApiProbe(FrozenQueryMethod):
             yield {"features": feats, "label": torch.randint(0, ctx.seen_classes, (ctx.batch_size,), generator=g)}
 
     def end_task(self, ctx, loader):
-        self.seen["stats_aug"].append(ctx.task_loader(augment=True).loader.dataset.transform.deterministic)
+        augmented = ctx.task_loader(augment=True)
+        self.seen["stats_aug"].append(augmented.loader.dataset.transform.deterministic)
+        # ctx is cacheable for the plain loader; augmented batches carry no index, so no cache keeps them
+        assert ctx.cacheable and "index" in next(iter(loader)) and "index" not in next(iter(augmented))
 
     def score(self, batch, logits, ctx):
         n = logits.shape[0]
