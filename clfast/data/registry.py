@@ -81,10 +81,37 @@ def _unknown(name) -> ValueError:
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """The registry entry of ``name``; ValueError with close matches if unknown."""
+    """The registry entry of ``name``; ValueError with close matches if unknown.
+
+    ``"a+b+..."`` names a sequence of classification datasets (:mod:`clfast.data.sequence`): one task
+    per part by default.
+    """
+    from .sequence import SEPARATOR
+
+    if isinstance(name, str) and SEPARATOR in name and name not in _DATASETS:
+        parts = name.split(SEPARATOR)
+        infos = [dataset_info(p) for p in parts]
+        vqa = [i.name for i in infos if i.kind != "classification"]
+        if vqa:
+            raise ValueError(f"dataset {name!r}: a sequence joins classification datasets only, not {vqa}")
+        return DatasetInfo(name=name, builder=_sequence_builder(parts), kind="classification",
+                           num_classes=sum(i.num_classes for i in infos), default_tasks=len(parts),
+                           description="the sequence " + " → ".join(parts), needs_root=any(i.needs_root for i in infos))
     if name not in _DATASETS:
         raise _unknown(name)
     return _DATASETS[name]
+
+
+def _sequence_builder(parts: list[str]) -> Callable:
+    def build(split, root, transform, **kwargs):
+        from .sequence import DatasetSequence
+
+        # {part name: {...}} goes to that part only; other keys to every part
+        shared = {k: v for k, v in kwargs.items() if k not in parts}
+        own = {p: dict(kwargs.get(p) or {}) for p in parts}
+        return DatasetSequence([create_dataset(p, split, root, transform, **shared, **own[p]) for p in parts], parts)
+
+    return build
 
 
 def create_dataset(name: str, split: str = "train", root: Optional[str] = None,

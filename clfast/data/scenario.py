@@ -199,6 +199,10 @@ class Scenario:
     def _setup_class_split(self, num_tasks, class_order, seed, first_task_classes) -> None:
         C = self.num_classes
         T = _positive_int("num_tasks", num_tasks)
+        blocks = getattr(self.train_dataset, "class_blocks", None)   # a dataset sequence: parts stay apart
+        if blocks is not None and class_order is None:
+            self._setup_blocks([int(b) for b in blocks], T, seed, first_task_classes)
+            return
         if class_order is not None:
             self.class_order, self.class_order_seed = self._check_order(class_order), None
         elif self.shuffle_classes:
@@ -231,6 +235,37 @@ class Scenario:
                                      f"share of the remaining classes: ({C} - {F}) % {T - 1} = "
                                      f"{rest % (T - 1)}, need 0")
                 sizes = [F] + [rest // (T - 1)] * (T - 1)
+        self._set_task_sizes(sizes)
+
+    def _setup_blocks(self, blocks: list[int], T: int, seed, first_task_classes) -> None:
+        """A dataset sequence: each part's classes permuted on their own, ``T / len(blocks)`` tasks each."""
+        if first_task_classes is not None:
+            raise ValueError("first_task_classes cannot be used with a dataset sequence (each part is cut "
+                             "into its own tasks)")
+        if T % len(blocks):
+            raise ValueError(f"num_tasks={T} must be a multiple of the {len(blocks)} datasets of the sequence "
+                             f"(tasks per dataset)")
+        per = T // len(blocks)
+        bad = [b for b in blocks if b % per]
+        if bad:
+            raise ValueError(f"num_tasks={T} gives {per} tasks per dataset, which must divide each dataset's "
+                             f"classes {blocks}")
+        order, start = [], 0
+        shuffle = self.shuffle_classes
+        if shuffle and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
+            raise ValueError(f"class_order_seed must be an int, got {seed!r}")
+        for b in blocks:
+            perm = np.random.RandomState(int(seed)).permutation(b) if shuffle else np.arange(b)
+            order += [start + int(c) for c in perm]
+            start += b
+        self.class_order = order
+        self.class_order_seed = int(seed) if shuffle else None
+        self._set_task_sizes([b // per for b in blocks for _ in range(per)])
+        parts = list(getattr(self.train_dataset, "parts", [f"part {i}" for i in range(len(blocks))]))
+        self.task_names = [p if per == 1 else f"{p} {k + 1}/{per}" for p in parts for k in range(per)]
+
+    def _set_task_sizes(self, sizes: list[int]) -> None:
+        C, T = self.num_classes, len(sizes)
         self.num_tasks = T
         bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self._ranges = [(int(bounds[t]), int(bounds[t + 1])) for t in range(T)]

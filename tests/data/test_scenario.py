@@ -275,3 +275,35 @@ def test_record_includes_manifest(tmp_path):
     assert info == rec["manifests"]["test"] and info["seed"] == 1993
     assert (info["n_train"], info["n_test"]) == (8, 2) and len(info["sha256"]) == 64
     assert rec["task_sizes"] == {"train": [4, 4], "test": [1, 1]}
+
+
+def test_dataset_sequence_keeps_parts_apart():
+    from clfast.data.registry import dataset_info
+    from clfast.data.sequence import DatasetSequence
+
+    kw = {"synth-shapes": {"n_per_class": 3}}          # a part's own arguments
+    sc = Scenario.from_name("digits+synth-shapes", dataset_kwargs=kw, num_tasks=4)
+    train = sc.train_dataset
+    assert isinstance(train, DatasetSequence) and train.class_blocks == [10, 100]
+    digits, shapes = create_dataset("digits", "train"), create_dataset("synth-shapes", "train", n_per_class=3)
+    assert len(train) == len(digits) + len(shapes) == len(train.targets)
+    img, y = train[len(digits) + 5]                      # an item of the second part: label offset by 10
+    ref_img, ref_y = shapes[5]
+    assert y == ref_y + 10 and torch.equal(img, ref_img)
+    assert train.classes[10 + ref_y] == f"synth-shapes:{shapes.classes[ref_y]}"
+    # each part permuted on its own with the class-order seed, two tasks per part
+    perm = lambda n: list(np.random.RandomState(1993).permutation(n))   # noqa: E731
+    assert sc.class_order == perm(10) + [10 + int(c) for c in perm(100)]
+    assert sc.task_ranges == ((0, 5), (5, 10), (10, 60), (60, 110))
+    assert sc.task_names == ["digits 1/2", "digits 2/2", "synth-shapes 1/2", "synth-shapes 2/2"]
+    part_of_task = [{int(i >= len(digits)) for i in sc.train_set(t).indices} for t in range(4)]
+    assert part_of_task == [{0}, {0}, {1}, {1}]
+    assert dataset_info("digits+synth-shapes").default_tasks == 2
+    with pytest.raises(ValueError, match="multiple of the 2 datasets"):
+        Scenario.from_name("digits+synth-shapes", dataset_kwargs=kw, num_tasks=3)
+    with pytest.raises(ValueError, match="classification datasets only"):
+        dataset_info("digits+synth-vqa")
+    with pytest.raises(ValueError, match="did you mean 'synth-shapes'"):
+        dataset_info("digits+synth-shapez")
+    with pytest.raises(ValueError, match="cannot repeat"):
+        DatasetSequence([digits, digits], ["digits", "digits"])
