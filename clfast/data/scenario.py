@@ -205,13 +205,8 @@ class Scenario:
             return
         if class_order is not None:
             self.class_order, self.class_order_seed = self._check_order(class_order), None
-        elif self.shuffle_classes:
-            if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-                raise ValueError(f"class_order_seed must be an int, got {seed!r}")
-            self.class_order = [int(c) for c in np.random.RandomState(int(seed)).permutation(C)]
-            self.class_order_seed = int(seed)
         else:
-            self.class_order, self.class_order_seed = list(range(C)), None
+            self.class_order, self.class_order_seed = self._seeded_order(C, seed), self._order_seed(seed)
         if first_task_classes is None:
             if C % T:
                 raise ValueError(f"num_tasks={T} must divide the {C} classes into equal tasks "
@@ -237,6 +232,19 @@ class Scenario:
                 sizes = [F] + [rest // (T - 1)] * (T - 1)
         self._set_task_sizes(sizes)
 
+    def _order_seed(self, seed) -> Optional[int]:
+        """The class-order seed the run used (None without shuffling); ValueError if not an int."""
+        if not self.shuffle_classes:
+            return None
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise ValueError(f"class_order_seed must be an int, got {seed!r}")
+        return int(seed)
+
+    def _seeded_order(self, n: int, seed) -> list[int]:
+        """``0..n-1`` permuted with ``np.random.RandomState(seed)`` (LAMDA-PILOT's order), or in order."""
+        s = self._order_seed(seed)
+        return [int(c) for c in (np.random.RandomState(s).permutation(n) if s is not None else range(n))]
+
     def _setup_blocks(self, blocks: list[int], T: int, seed, first_task_classes) -> None:
         """A dataset sequence: each part's classes permuted on their own, ``T / len(blocks)`` tasks each."""
         if first_task_classes is not None:
@@ -251,15 +259,10 @@ class Scenario:
             raise ValueError(f"num_tasks={T} gives {per} tasks per dataset, which must divide each dataset's "
                              f"classes {blocks}")
         order, start = [], 0
-        shuffle = self.shuffle_classes
-        if shuffle and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
-            raise ValueError(f"class_order_seed must be an int, got {seed!r}")
         for b in blocks:
-            perm = np.random.RandomState(int(seed)).permutation(b) if shuffle else np.arange(b)
-            order += [start + int(c) for c in perm]
+            order += [start + c for c in self._seeded_order(b, seed)]
             start += b
-        self.class_order = order
-        self.class_order_seed = int(seed) if shuffle else None
+        self.class_order, self.class_order_seed = order, self._order_seed(seed)
         self._set_task_sizes([b // per for b in blocks for _ in range(per)])
         parts = list(getattr(self.train_dataset, "parts", [f"part {i}" for i in range(len(blocks))]))
         self.task_names = [p if per == 1 else f"{p} {k + 1}/{per}" for p in parts for k in range(per)]

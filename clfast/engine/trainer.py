@@ -289,8 +289,7 @@ class Trainer:
         """Load the method state of another run (its newest end-of-task checkpoint, or a checkpoint
         file) into the freshly built method: every saved tensor must exist here with the same shape;
         tensors the source left out (unchanged since it was built) keep this run's values."""
-        import hashlib
-
+        from ..backbones.zoo import sha256_file
         from .evaluate import latest_task_checkpoint
 
         path = latest_task_checkpoint(source) if os.path.isdir(source) else source
@@ -306,8 +305,7 @@ class Trainer:
                              f"{self.cfg.method!r}: unknown keys {unknown[:5]}, shape mismatches "
                              + ", ".join(f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:5]))
         self.method.load_state_dict(saved, strict=False)
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = sha256_file(path)
         self.log.info(f"init_from {path}: loaded {len(saved)} of {len(own)} tensors (method {state.get('method')!r})")
         return {"path": os.path.abspath(path), "sha256": digest, "method": state.get("method"),
                 "loaded": len(saved)}

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
@@ -249,10 +248,10 @@ class TaskContext:
         Seeded from the run's seed and those coordinates (plus ``salt``), so ranks draw different
         samples, every epoch differs, and a resumed run draws the same ones again.
         """
-        parts = (self.seed, self.task, self.stage, self.epoch, self.rank) + tuple(salt)
-        digest = hashlib.sha256(repr(parts).encode()).digest()
+        from ..engine.sampling import derive_seed  # the engine's seeding (methods import no engine at load)
+
         g = torch.Generator(device=device)
-        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        g.manual_seed(derive_seed(self.seed, self.task, self.stage, self.epoch, self.rank, *salt))
         return g
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
