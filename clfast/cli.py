@@ -71,7 +71,13 @@ def cmd_train(args) -> int:
     os.environ.setdefault("CLFAST_COMMAND", " ".join(["clfast"] + sys.argv[1:]))
     try:
         if args.resume:
+            if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+                return _fail(f"--out {args.out} and --resume {args.resume} name different run directories")
             overrides = dict(parse for parse in (_parse(o) for o in args.overrides))
+            # the original command line with --resume added: what it names must match the run
+            for key in ("method", "dataset", "preset", "data_root"):
+                if getattr(args, key) is not None:
+                    overrides[key] = getattr(args, key)
             if args.quiet:
                 overrides["quiet"] = True
             trainer = Trainer.resume(args.resume, **overrides)
@@ -194,7 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after options too (`--out DIR seed=3`), which argparse's "*"
+    # positional does not collect once an option has ended it
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.fn(args) or 0)
 
 

@@ -204,8 +204,33 @@ def preset_path(method: str, preset: str) -> str:
     return path
 
 
+def read_preset(method: str, preset: str, _chain: tuple = ()) -> dict:
+    """A preset's settings, with ``base: <other preset>`` resolved: the preset holds only what differs
+    from its base (nested mappings such as ``method_args`` merge key by key)."""
+    if preset in _chain:
+        raise ValueError(f"preset {preset!r} of {method!r}: 'base' presets form a cycle "
+                         f"({' -> '.join(_chain + (preset,))})")
+    with open(preset_path(method, preset), encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"preset {preset!r} of {method!r} must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"preset {preset!r} of {method!r}: base must be a preset name, got {base!r}")
+    return _merge(read_preset(method, base, _chain + (preset,)), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def default_preset(method: str, dataset: str) -> str:
-    """The dataset's own preset when one exists (``cifar100``, ``imagenet_r``), else ``fast``."""
+    """The dataset's own preset when one exists (``cifar100``, ``imagenet_r``, ``digits``), else ``fast``."""
     key = dataset.replace("-", "_")
     return key if key in list_presets(method) else "fast"
 
@@ -215,10 +240,7 @@ def load_config(method: str, dataset: str, preset: Optional[str] = None,
     """Preset (default: the dataset's, else ``fast``) → explicit ``fields`` → ``overrides``."""
     method_class(method)  # unknown method: error with close matches
     preset = preset or default_preset(method, dataset)
-    with open(preset_path(method, preset), encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"preset {preset!r} of {method!r} must be a mapping")
+    data = read_preset(method, preset)
     data.update({k: v for k, v in fields.items() if v is not None})
     data["method"], data["dataset"], data["preset"] = method, dataset, preset
     parsed = [parse_override(o) if isinstance(o, str) else tuple(o) for o in (overrides or [])]

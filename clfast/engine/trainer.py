@@ -17,6 +17,8 @@ from the newest checkpoint and, on the CPU, ends with the same numbers as an uni
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 import platform
@@ -235,10 +237,11 @@ class Trainer:
     def _train_transform(self, augment: Optional[bool]):
         return self.train_tf if augment is None else self._train_tfs[bool(augment)]
 
-    def train_data(self, task: int, augment: Optional[bool] = None):
+    def train_data(self, task: int, augment: Optional[bool] = None, seed: int = 0):
         """Task ``task``'s training data with the run's train transform (or with/without augmentation);
-        without the held-out validation items when ``val_fraction`` > 0."""
-        return _Transformed(self._train_part(task), self._train_transform(augment))
+        without the held-out validation items when ``val_fraction`` > 0. An augmenting transform draws
+        item ``i``'s randomness from its own stream, ``derive_seed(seed, i)`` (see :class:`_Transformed`)."""
+        return _Transformed(self._train_part(task), self._train_transform(augment), seed=seed)
 
     def _val_positions(self, task: int) -> tuple[list[int], list[int]]:
         """(train, val) positions in the task's training set: per class, a seeded ``val_fraction``
@@ -323,9 +326,11 @@ class Trainer:
                            val_loader=(lambda t=task: self._val_loader(t)) if self.cfg.val_fraction else None, **kw)
 
     def _loader(self, dataset, sampler, batch_size: int) -> DataLoader:
+        # The loader's own generator: creating an iterator draws a worker base seed from it, which would
+        # otherwise come from the global generator that the method's randomness (and checkpoints) use.
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
                           pin_memory=self.device.type == "cuda", drop_last=False,
-                          persistent_workers=False)
+                          persistent_workers=False, generator=torch.Generator().manual_seed(0))
 
     def _stats_loader(self, task: int, augment: bool = False) -> "_ProgressLoader":
         """The task's training data, sharded over ranks without duplicates: with the deterministic eval
@@ -337,7 +342,9 @@ class Trainer:
         ds = _Transformed(self._train_part(task), self._train_tfs[True] if augment else self.eval_tf,
                           keep_index=not augment)
         loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
-        return _ProgressLoader(loader, f"statistics, task {task + 1}", enabled=not self.quiet)
+        # every pass draws new augmentations, the same ones again after a resume
+        return _ProgressLoader(loader, f"statistics, task {task + 1}", enabled=not self.quiet,
+                               seed=derive_seed(self.cfg.seed, "stats", task) if augment else None)
 
     # the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -354,11 +361,12 @@ class Trainer:
             signal.signal(s, self._on_signal)
         try:
             try:
-                for task in range(self.pos.task, self.scenario.num_tasks):
-                    self._run_task(task)
-                    self.pos = Position(task + 1)
-                    self._evaluate(task)
-                    self._save_checkpoint(tag=f"task{task + 1:03d}")
+                with deterministic_cpu(self.device.type == "cpu"):
+                    for task in range(self.pos.task, self.scenario.num_tasks):
+                        self._run_task(task)
+                        self.pos = Position(task + 1)
+                        self._evaluate(task)
+                        self._save_checkpoint(tag=f"task{task + 1:03d}")
             finally:
                 for s, h in old.items():
                     signal.signal(s, h)
@@ -471,6 +479,7 @@ class Trainer:
                              if validate_every is not None else None)
                 sampler = EpochSampler(len(data), derive_seed(self.cfg.seed, task, si, epoch), rank=self.rank,
                                        world=self.world, skip=skip * per_rank)
+                data.seed = derive_seed(self.cfg.seed, "augment", task, si, epoch)
                 batches: Iterable = self._loader(data, sampler, per_rank)
                 total_steps = n_steps
             else:
@@ -490,12 +499,12 @@ class Trainer:
             seen = 0
             logs_acc: dict[str, float] = {}
             n_logged = 0
+            if n_steps is not None:  # never draw (load, augment) a batch that will not be trained on
+                batches = itertools.islice(batches, max(0, n_steps - skip))
             it = progress(batches, total=(total_steps - skip) if total_steps else None, enabled=not self.quiet,
                           desc=f"task {task + 1} {stage.name} ep {epoch + 1}/{n_epochs}")
             b = skip
             for batch in it:
-                if n_steps is not None and b >= n_steps:
-                    break
                 if s["sched"].per == "step" and total_steps:
                     set_lr(opt, self._lr_factor(stage, s, epoch * total_steps + b, n_epochs * total_steps))
                 logs = self._step(step_module, opt, batch, ectx, s["clip"])
@@ -805,7 +814,10 @@ class Trainer:
         """A trainer continuing the run in ``run_dir`` from its newest checkpoint.
 
         ``overrides`` may change only what does not affect the numbers (``quiet``, ``num_workers``,
-        ``threads``, ``stop_after_steps``, ``limit_*`` must stay as they were).
+        ``threads``, ``stop_after_steps``, ``checkpoint_every_steps``, logging); any other key must be
+        given the value the run already has (so the original command line with ``--resume`` added is
+        accepted). ``stop_after_steps`` applies to the process it is given to: the resumed run does not
+        inherit it.
         """
         import yaml
 
@@ -814,12 +826,13 @@ class Trainer:
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a clfast run directory)")
         with open(cfg_path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-        allowed = {"quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps", "log_every",
-                   "log_to", "wandb_project"}
-        bad = set(overrides) - allowed
-        if bad:
-            raise ValueError(f"--resume: cannot change {sorted(bad)} of a run (only {sorted(allowed)})")
-        data.update(overrides)
+        data["stop_after_steps"] = None
+        changed = sorted(k for k, v in overrides.items() if k not in RESUME_MAY_CHANGE and not _same_setting(data, k, v))
+        if changed:
+            raise ValueError(f"--resume: cannot change {', '.join(_describe_change(data, k, overrides[k]) for k in changed)} "
+                             f"of a run (only {sorted(RESUME_MAY_CHANGE)} may change)")
+        for k, v in overrides.items():
+            _set_setting(data, k, v)
         cfg = config_from_dict(data)
         ckpt_path = rio.find_latest_checkpoint(run_dir)
         if ckpt_path is None:
@@ -865,15 +878,23 @@ class Trainer:
 
 
 class _ProgressLoader:
-    """A DataLoader whose every iteration shows its own progress bar (statistics passes)."""
+    """A DataLoader whose every iteration shows its own progress bar (statistics passes).
 
-    def __init__(self, loader: DataLoader, desc: str, enabled: bool):
-        self.loader, self.desc, self.enabled = loader, desc, enabled
+    With ``seed``, pass ``p`` over an augmenting dataset draws its augmentations from
+    ``derive_seed(seed, p)``: passes differ from each other and repeat exactly in a resumed run.
+    """
+
+    def __init__(self, loader: DataLoader, desc: str, enabled: bool, seed: Optional[int] = None):
+        self.loader, self.desc, self.enabled, self.seed = loader, desc, enabled, seed
+        self.passes = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        if self.seed is not None:
+            self.loader.dataset.seed = derive_seed(self.seed, self.passes)
+        self.passes += 1
         return iter(progress(self.loader, total=len(self.loader), desc=self.desc, enabled=self.enabled))
 
     @property
@@ -882,10 +903,19 @@ class _ProgressLoader:
 
 
 class _Transformed(torch.utils.data.Dataset):
-    """A scenario subset with an image transform applied per item (in the loader's workers)."""
+    """A scenario subset with an image transform applied per item (in the loader's workers).
 
-    def __init__(self, data, transform, keep_index: bool = True):
-        self.data, self.transform, self.keep_index = data, transform, keep_index
+    A random (augmenting) transform of item ``i`` draws from torch's CPU generator re-seeded with
+    ``derive_seed(seed, i)`` for that one call, and the generator's state is put back afterwards. So an
+    item's augmentation depends only on (``seed``, ``i``): not on which batches came before, how many
+    workers or ranks load the data, or whether the run was resumed in between; and augmentation never
+    moves the global generator that the method's own randomness (and the checkpoints) use. Extra ops
+    must draw from torch's generator (torchvision's do), not Python's ``random``.
+    """
+
+    def __init__(self, data, transform, keep_index: bool = True, seed: Optional[int] = 0):
+        self.data, self.transform, self.keep_index, self.seed = data, transform, keep_index, seed
+        self.random = transform is not None and not getattr(transform, "deterministic", False)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -894,11 +924,53 @@ class _Transformed(torch.utils.data.Dataset):
         item = self.data[i]
         if self.transform is not None or not self.keep_index:
             item = dict(item)
-        if self.transform is not None:
+        if self.random:
+            with _cpu_rng_seeded(derive_seed(self.seed, int(i))):
+                item["image"] = self.transform(item["image"])
+        elif self.transform is not None:
             item["image"] = self.transform(item["image"])
         if not self.keep_index:
             item.pop("index", None)
         return item
+
+
+@contextlib.contextmanager
+def deterministic_cpu(enabled: bool = True):
+    """``torch.use_deterministic_algorithms`` inside the block (CPU runs), the caller's setting after.
+
+    On the CPU a run with the same seed and thread count is then bitwise reproducible: the few stock
+    ops that add atomically across threads (``index_put_`` with ``accumulate``, the backward of
+    advanced indexing) take their sort-based deterministic kernels. ``warn_only``: an op with no
+    deterministic kernel warns instead of failing. Uninitialised memory is not NaN-filled (a cost the
+    numbers do not need). CUDA runs are left alone (cuBLAS would need ``CUBLAS_WORKSPACE_CONFIG``, and
+    fused GPU backward kernels add atomically): they are reproducible only up to float reassociation.
+    """
+    if not enabled:
+        yield
+        return
+    import torch.utils.deterministic as tud
+
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           tud.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    tud.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        tud.fill_uninitialized_memory = was[2]
+
+
+@contextlib.contextmanager
+def _cpu_rng_seeded(seed: int):
+    """Torch's default CPU generator seeded with ``seed`` inside the block, its state restored after
+    (CUDA generators are not touched)."""
+    state = torch.random.get_rng_state()
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def _seed_everything(seed: int) -> None:
@@ -938,10 +1010,44 @@ def _hashable_config(cfg: RunConfig) -> dict:
 
 
 _MISSING = object()
+# what `--resume` may change: settings that do not change the numbers
+RESUME_MAY_CHANGE = frozenset({"quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps",
+                               "log_every", "log_to", "wandb_project"})
+
+
+def _get_setting(data: dict, key: str):
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _set_setting(data: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def _same_setting(data: dict, key: str, value) -> bool:
+    """Whether ``key`` (dotted) already has ``value`` in the run's config (tuples compare as lists)."""
+    have = _get_setting(data, key)
+    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    if have is _MISSING:  # a setting the run's config.yaml predates: only its default is "the same"
+        default = _get_setting(RunConfig().to_dict(), key)
+        return default is not _MISSING and norm(default) == norm(value)
+    return norm(have) == norm(value)
+
+
+def _describe_change(data: dict, key: str, value) -> str:
+    have = _get_setting(data, key)
+    return f"{key} ({'unset' if have is _MISSING else repr(have)} -> {value!r})"
 # run settings that do not change the numbers: checkpoints do not record them (Trainer.resume lets
 # most of them change)
-_NOT_HASHED = ("quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps", "log_every",
-               "log_to", "wandb_project", "name", "device")
+_NOT_HASHED = RESUME_MAY_CHANGE | {"name", "device"}
 
 
 def _clfast_version() -> str:

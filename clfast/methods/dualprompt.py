@@ -78,7 +78,7 @@ class DualPrompt(FrozenQueryMethod):
                 out[layer][0].append(self.g_prompt[i, 0].expand(B, -1, -1))
                 out[layer][1].append(self.g_prompt[i, 1].expand(B, -1, -1))
         for i, layer in enumerate(self.cfg.e_layers):
-            e = self.e_prompt[i][:, e_idx]                     # (2, B, length, C)
+            e = self.e_prompt[i].index_select(1, e_idx)         # (2, B, length, C); deterministic backward
             out.setdefault(layer, [[], []])
             out[layer][0].append(e[0])
             out[layer][1].append(e[1])

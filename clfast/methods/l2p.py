@@ -106,7 +106,7 @@ class L2P(FrozenQueryMethod):
                 # most votes first, ties to the lower index (stable sort of the negated counts)
                 chosen = torch.sort(-votes, stable=True).indices[:k].to(idx.device)
                 idx = chosen.expand(q.shape[0], k)
-                cos = F.normalize(q.float(), dim=-1) @ F.normalize(self.keys[chosen].float(), dim=-1).T
+                cos = F.normalize(q.float(), dim=-1) @ F.normalize(self.keys.index_select(0, chosen).float(), dim=-1).T
                 scores = cos                                                   # (B, k)
             with torch.no_grad():
                 self.task_usage += torch.bincount(idx.flatten(), minlength=self.cfg.pool_size).to(self.task_usage)
@@ -117,7 +117,9 @@ class L2P(FrozenQueryMethod):
         q = self.query(batch, ctx)                                         # (B, C)
         scores, idx = self._select(q, training, ctx)                       # (B, k)
         B = q.shape[0]
-        tokens = self.prompts[idx].reshape(B, self.cfg.top_k * self.cfg.length, self.embed_dim)
+        # index_select, not prompts[idx]: its backward (index_add_) is deterministic on the CPU, while
+        # advanced indexing's (index_put_ with accumulate) adds atomically across threads
+        tokens = self.prompts.index_select(0, idx.flatten()).reshape(B, self.cfg.top_k * self.cfg.length, self.embed_dim)
         out = self.backbone(batch["image"], prompt_tokens=tokens)             # (B, N + kL, C)
         if self.cfg.head == "cls":
             feat = self.backbone.vit.fc_norm(self.backbone.cls(out))
