@@ -30,7 +30,7 @@ from .progress import log_to_file  # noqa: F401  (re-exported: the trainer calls
 __all__ = [
     "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "JsonlLogger", "read_jsonl",
     "CheckpointError", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint", "LATEST_POINTER",
-    "rng_state", "set_rng_state", "config_hash", "to_jsonable", "log_to_file",
+    "rng_state", "set_rng_state", "check_unchanged", "config_hash", "to_jsonable", "log_to_file",
 ]
 
 LATEST_POINTER = "latest.json"
@@ -462,6 +462,17 @@ def split_unchanged(state: dict, built: dict[str, str], min_bytes: int = 1 << 16
     return keep, same
 
 
+def check_unchanged(module: torch.nn.Module, unchanged: dict[str, str]) -> None:
+    """ValueError unless ``module``'s tensors named in ``unchanged`` have those digests (the tensors a
+    checkpoint left out because they still equalled the model as built when the run started)."""
+    current = module.state_dict()
+    bad = [k for k, d in unchanged.items() if k not in current or tensor_digest(current[k]) != d]
+    if bad:
+        raise ValueError(f"the checkpoint leaves out {len(bad)} tensors that were unchanged from the model as "
+                         f"built when the run started (e.g. {bad[:3]}), but the model built now differs there: "
+                         f"were the pretrained weights (backbone, checkpoint_path) or the method's code changed?")
+
+
 def restore_unchanged(module: torch.nn.Module, state: dict, unchanged: dict[str, str]) -> None:
     """Load ``state`` into ``module`` whose other tensors must match the ``unchanged`` digests.
 
@@ -469,12 +480,7 @@ def restore_unchanged(module: torch.nn.Module, state: dict, unchanged: dict[str,
         ValueError: a left-out tensor differs in the module built now (other pretrained weights or a
             changed initialisation since the run started), or keys are missing/unexpected.
     """
-    current = module.state_dict()
-    bad = [k for k, d in unchanged.items() if k not in current or tensor_digest(current[k]) != d]
-    if bad:
-        raise ValueError(f"the checkpoint leaves out {len(bad)} tensors that were unchanged from the model as "
-                         f"built when the run started (e.g. {bad[:3]}), but the model built now differs there: "
-                         f"were the pretrained weights (backbone, checkpoint_path) or the method's code changed?")
+    check_unchanged(module, unchanged)
     result = module.load_state_dict(state, strict=False)
     missing = sorted(set(result.missing_keys) - set(unchanged))
     if missing or result.unexpected_keys:

@@ -483,11 +483,13 @@ class Trainer:
                 batches: Iterable = self._loader(data, sampler, per_rank)
                 total_steps = n_steps
             else:
-                # Batches the method generates (e.g. sampled features) cannot be skipped without
-                # drawing them: an interrupted epoch of such a stage restarts from its first batch.
-                skip = 0
+                # Batches the method generates (e.g. sampled features) are skipped by drawing them: from
+                # ctx.generator(), the stage's own stream, they are the batches the interrupted run drew
+                # (the global generator, which the training steps use, was restored from the checkpoint).
                 val_every = None
                 batches = self.method.stage_batches(stage, sctx.replace(epoch=epoch))
+                if skip:
+                    batches = itertools.islice(batches, skip, None)
                 total_steps = stage.steps_per_epoch
                 n_steps = min(x for x in (self.cfg.limit_train_batches, total_steps, 1 << 62) if x)
                 n_steps = None if n_steps == 1 << 62 else n_steps
@@ -870,6 +872,7 @@ class Trainer:
         elif self.world > 1:
             raise ValueError("the checkpoint was written by one process; resume it with one process")
         method_state = (state["method_state"], state.get("method_unchanged", {}))
+        rio.check_unchanged(self.method, method_state[1])   # now, not when the stage starts
         if self.pos.at_task_start:
             rio.restore_unchanged(self.method, *method_state)
             rio.set_rng_state(rng)

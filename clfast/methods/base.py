@@ -367,7 +367,12 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def stage_batches(self, stage: Stage, ctx: TaskContext) -> Iterable[dict]:
-        """Batches of one epoch of a ``Stage(data="method")`` stage."""
+        """Batches of one epoch of a ``Stage(data="method")`` stage.
+
+        Draw their randomness from ``ctx.generator()`` (a stream per task, stage, epoch and rank), not
+        from the global generator: a run resumed inside such an epoch re-draws and discards the batches
+        already trained on, which repeats them exactly only from that stream.
+        """
         raise NotImplementedError(f"{type(self).__name__} has a data='method' stage "
                                   f"{stage.name!r} but no stage_batches()")
 
