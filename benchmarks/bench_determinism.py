@@ -17,7 +17,7 @@ import torch
 
 from clfast.engine import Trainer, load_config
 from clfast.engine.optim import build_optimizer
-from clfast.engine.trainer import deterministic_cpu
+from clfast.engine.reproducibility import deterministic_cpu
 
 METHODS = ["linear", "l2p", "dualprompt", "coda_prompt"]
 

@@ -60,7 +60,7 @@ def _run_trainer(trainer) -> int:
         trainer.fit()
     except Interrupted as e:
         print(f"clfast: {e}", file=sys.stderr)
-        return 130 if trainer._interrupt else 0
+        return 130 if trainer.interrupted else 0
     return 0
 
 
@@ -68,7 +68,7 @@ def cmd_train(args) -> int:
     from clfast.engine.config import load_config
     from clfast.engine.trainer import Trainer
 
-    os.environ.setdefault("CLFAST_COMMAND", " ".join(["clfast"] + sys.argv[1:]))
+    command = _command_line(args)
     try:
         if args.resume:
             if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
@@ -80,16 +80,23 @@ def cmd_train(args) -> int:
                     overrides[key] = getattr(args, key)
             if args.quiet:
                 overrides["quiet"] = True
-            trainer = Trainer.resume(args.resume, **overrides)
+            trainer = Trainer.resume(args.resume, command=command, **overrides)
         else:
             if not args.method or not args.dataset:
                 return _fail("train needs --method and --dataset (or --resume DIR)")
             cfg = load_config(args.method, args.dataset, args.preset, args.overrides,
                               data_root=args.data_root, quiet=True if args.quiet else None)
-            trainer = Trainer(cfg, out=args.out)
+            trainer = Trainer(cfg, out=args.out, command=command)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
         return _fail(str(e))
     return _run_trainer(trainer)
+
+
+def _command_line(args) -> str:
+    """The command as typed, for the run record (``python -m clfast`` and torchrun launches included)."""
+    import shlex
+
+    return " ".join(["clfast"] + [shlex.quote(a) for a in args.argv])
 
 
 def _parse(text: str):
@@ -113,11 +120,10 @@ def cmd_demo(args) -> int:
     from clfast.engine.config import load_config
     from clfast.engine.trainer import Trainer
 
-    os.environ.setdefault("CLFAST_COMMAND", " ".join(["clfast"] + sys.argv[1:]))
     out = args.out or os.path.join("runs", f"demo_{args.method}_{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         cfg = load_config(args.method, "synth-shapes", "fast", args.overrides, quiet=True if args.quiet else None)
-        trainer = Trainer(cfg, out=out)
+        trainer = Trainer(cfg, out=out, command=_command_line(args))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         return _fail(str(e))
     print(f"clfast demo: {args.method} on synth-shapes (10 tasks x 10 classes, shipped with clfast) with the "
@@ -127,7 +133,7 @@ def cmd_demo(args) -> int:
         import json
 
         from clfast.engine.metrics import read_acc_csv
-        from clfast.engine.trainer import format_summary
+        from clfast.engine.record import format_summary
 
         m = read_acc_csv(os.path.join(trainer.run_dir, "acc_matrix.csv"))
         with open(os.path.join(trainer.run_dir, "summary.json"), encoding="utf-8") as f:
@@ -203,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come after options too (`--out DIR seed=3`), which argparse's "*"
     # positional does not collect once an option has ended it
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides) + extra

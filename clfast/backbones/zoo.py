@@ -17,13 +17,13 @@ CLIP uses OpenAI's mean/std (open_clip's default), so the usual preprocessing ap
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Optional
 
 import torch
 
+from ..utils.files import sha256_file
 from .tokenizer import WordTokenizer
 
 try:
@@ -155,13 +155,6 @@ def vit_normalize(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Integrity
 
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_assets() -> dict[str, str]:

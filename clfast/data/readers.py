@@ -28,7 +28,6 @@ import io
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..utils.files import atomic_write_text, sha256_file
 from .base import InMemoryImages
 from .registry import dataset_info, list_datasets, register_dataset
 
@@ -67,31 +67,6 @@ def load_image(path: str) -> torch.Tensor:
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255.0)
-
-
-def _sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _check_split(split: str) -> str:
@@ -224,8 +199,8 @@ def generate_split_manifest(data_dir: str, path: str, seed: int = DEFAULT_SPLIT_
         is_train[np.random.default_rng([int(seed), label]).permutation(n)[:n_train]] = True
         for f, tr in zip(files, is_train):
             writer.writerow((f"{cls}/{f}", label, "train" if tr else "test",
-                             _sha256(os.path.join(data_dir, cls, f))))
-    _atomic_write_text(path, buf.getvalue())
+                             sha256_file(os.path.join(data_dir, cls, f))))
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_split_manifest(path: str, data_dir: str, *, seed: Optional[int] = None,
@@ -277,7 +252,7 @@ def read_split_manifest(path: str, data_dir: str, *, seed: Optional[int] = None,
             f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}. Restore the files; the "
             f"manifest is never regenerated over a changed dataset (delete it to make a new split)")
     if verify:
-        changed = [p for p, h in zip(paths, hashes) if _sha256(os.path.join(data_dir, p)) != h]
+        changed = [p for p, h in zip(paths, hashes) if sha256_file(os.path.join(data_dir, p)) != h]
         if changed:
             raise ValueError(f"split manifest {path}: {len(changed)} file(s) differ from their "
                              f"recorded sha256: {', '.join(changed[:5])}")

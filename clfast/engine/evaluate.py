@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import time
 
 from . import io as rio
+from .checkpoint import hashable_config, latest_task_checkpoint, load_run_config
+from .config import config_from_dict
+from .trainer import Trainer
 
-__all__ = ["evaluate_run", "latest_task_checkpoint"]
-
-
-def latest_task_checkpoint(run_dir: str) -> str:
-    """The newest ``checkpoints/task*.pt`` of ``run_dir`` (end-of-task checkpoints, not interrupts)."""
-    paths = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "task*.pt")))
-    if not paths:
-        raise FileNotFoundError(f"{run_dir}: no end-of-task checkpoint in {os.path.join(run_dir, 'checkpoints')} "
-                                "(the run has not finished its first task)")
-    return paths[-1]
+__all__ = ["evaluate_run"]
 
 
 def evaluate_run(run_dir: str, quiet: bool = False) -> int:
@@ -25,22 +18,13 @@ def evaluate_run(run_dir: str, quiet: bool = False) -> int:
 
     Returns 0; raises FileNotFoundError / ValueError for a missing or mismatched run.
     """
-    import yaml
-
-    from .config import config_from_dict
-    from .trainer import Trainer, _hashable_config
-
     run_dir = os.path.abspath(run_dir)
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"--run {run_dir}: no config.yaml there (not a clfast run directory)")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = config_from_dict(yaml.safe_load(f))
+    cfg = config_from_dict(load_run_config(run_dir, what="--run"))
     cfg.quiet = quiet or cfg.quiet
     ckpt = latest_task_checkpoint(run_dir)
     trainer = Trainer(cfg, out=run_dir, _resume=True)
     state = rio.load_checkpoint(ckpt, expected={"method": cfg.method,
-                                                "config_hash": rio.config_hash(_hashable_config(cfg))})
+                                                "config_hash": rio.config_hash(hashable_config(cfg))})
     rio.restore_unchanged(trainer.method, state["method_state"], state.get("method_unchanged", {}))
     trainer.method.eval()
     after = int(state["position"][0]) - 1

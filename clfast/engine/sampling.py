@@ -13,19 +13,14 @@ twice (``DistributedSampler`` pads by repeating samples).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Iterator
 
 import torch
 from torch.utils.data import Sampler
 
+from ..utils.seeding import derive_seed
+
 __all__ = ["EpochSampler", "ShardSampler", "derive_seed"]
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (stable across processes and Python versions)."""
-    h = hashlib.sha256(repr(tuple(parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
 class EpochSampler(Sampler[int]):

@@ -17,34 +17,33 @@ from the newest checkpoint and, on the CPU, ends with the same numbers as an uni
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
-import platform
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from ..methods.base import Method, Stage, TaskContext, create_method, masked_logits
+from ..methods.base import Method, Stage, TaskContext, create_method, masked_logits, method_class
+from ..utils.seeding import derive_seed, seed_everything
 from . import io as rio
-from .config import RunConfig, config_from_dict
+from .checkpoint import Checkpointing, Position, init_from
+from .config import RunConfig
+from .data_views import RunData
+from .distributed import Processes
 from .loggers import RunLogger
 from .metrics import AccuracyMatrix
 from .optim import build_optimizer, lr_factor, set_lr
 from .progress import get_logger, progress
-from .sampling import EpochSampler, ShardSampler, derive_seed
+from .record import format_summary, run_record
+from .reproducibility import deterministic_cpu
+from .sampling import EpochSampler
 
-__all__ = ["Trainer", "Position", "Interrupted"]
-
-CHECKPOINT_FORMAT = 2      # 2: tensors unchanged since the model was built are left out (by digest)
-READABLE_FORMATS = (1, 2)
+__all__ = ["Trainer", "Position", "Interrupted", "format_summary"]
 
 
 class Interrupted(Exception):
@@ -53,20 +52,6 @@ class Interrupted(Exception):
     def __init__(self, path: str):
         super().__init__(f"interrupted; checkpoint saved to {path}; continue with --resume")
         self.path = path
-
-
-@dataclass
-class Position:
-    """Where training stands: the next batch to run is ``batch`` of ``epoch`` of ``stage`` of ``task``."""
-
-    task: int = 0
-    stage: int = 0
-    epoch: int = 0
-    batch: int = 0
-
-    @property
-    def at_task_start(self) -> bool:
-        return self.stage == 0 and self.epoch == 0 and self.batch == 0
 
 
 class _StepModule(nn.Module):
@@ -81,12 +66,6 @@ class _StepModule(nn.Module):
         return out.loss, out.logs
 
 
-def _dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -97,21 +76,23 @@ def _scalar(v) -> Any:
     return v
 
 
-class Trainer:
+class Trainer(Checkpointing):
     """Runs one continual-learning experiment described by a :class:`RunConfig`.
 
     Args:
         cfg: the resolved configuration.
         out: run directory (default ``runs/<name>``); created if missing.
         method, scenario: pre-built objects (tests, notebooks); built from ``cfg`` when None.
+        command: the command line that started the run, for ``record.json``.
     """
 
     def __init__(self, cfg: RunConfig, out: Optional[str] = None, *, method: Optional[Method] = None,
-                 scenario=None, _resume: bool = False):
+                 scenario=None, command: Optional[str] = None, _resume: bool = False):
         self.cfg = cfg
-        self.rank, self.world, self.local_rank = _dist_env()
-        self._init_distributed()
-        self.device = self._pick_device()
+        self.command = command
+        self.procs = Processes(cfg.device)
+        self.rank, self.world = self.procs.rank, self.procs.world
+        self.device = self.procs.device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         self.is_main = self.rank == 0
@@ -130,10 +111,11 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
 
-        _seed_everything(cfg.seed)  # model construction and augmentation draw from the global generators
+        seed_everything(cfg.seed)  # model construction and augmentation draw from the global generators
         self.scenario = scenario if scenario is not None else self._build_scenario()
         self.method = method if method is not None else self._build_method()
-        self._init_info = self._init_from(cfg.init_from) if cfg.init_from else None
+        self._init_info = (init_from(self.method, cfg.init_from, cfg.method, self.log) if cfg.init_from
+                           else None)
         # digests of the model as built: checkpoints leave out what still matches (frozen weights)
         self._built_digests = {k: rio.tensor_digest(v) for k, v in self.method.state_dict().items()
                                if v.numel() * v.element_size() >= 1 << 16}
@@ -143,7 +125,9 @@ class Trainer:
         if self.scenario.kind == "vqa" and getattr(self.method, "tokenizer", None) is not None:
             self.scenario.set_tokenizer(self.method.tokenizer)  # questions tokenized once per split
         self.method.to(self.device)
-        self._build_transforms()
+        self.data = RunData(cfg, self.scenario, self.method.backbone.data_config, self.method.transform_args(),
+                            type(self.method).__name__, rank=self.rank, world=self.world,
+                            pin_memory=self.device.type == "cuda", quiet=self.quiet)
         if cfg.grad_checkpointing:
             setter = getattr(self.method.backbone, "set_grad_checkpointing", None)
             if setter is None:
@@ -158,7 +142,6 @@ class Trainer:
         self._best: Optional[dict] = None            # best validation state of the running stage
         self._pending_best: Optional[dict] = None
         self.last_score_extras: dict[str, float] = {}
-        self._val_split: dict[int, tuple[list[int], list[int]]] = {}
         self.metrics = RunLogger(self.run_dir, enabled=self.is_main, log_to=cfg.log_to, config=cfg.to_dict(),
                                  project=cfg.wandb_project)
         self.pos = Position()
@@ -172,30 +155,6 @@ class Trainer:
         self._t0 = time.time()
 
     # setup ----------------------------------------------------------------------------------------
-    def _init_distributed(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
-                dist.init_process_group(backend)
-            # the per-step interrupt flag goes over a CPU group, so it never waits for the GPU
-            self._flag_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-    def _pick_device(self) -> torch.device:
-        want = self.cfg.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {self.cfg.device!r}: no CUDA device is available here; use device=cpu")
-            dev = torch.device("cuda", self.local_rank if self.world > 1 else torch.device(want).index or 0)
-            torch.cuda.set_device(dev)
-            return dev
-        if want != "cpu":
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.cfg.device!r}")
-        return torch.device("cpu")
-
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if self.cfg.amp == "none":
             return None
@@ -215,103 +174,20 @@ class Trainer:
         return Scenario.from_name(self.cfg.dataset, root=self.cfg.data_root, num_tasks=self.cfg.num_tasks,
                                   dataset_kwargs=dict(self.cfg.dataset_args), kind=kind, **extra)
 
-    def _build_transforms(self) -> None:
-        from ..data.transforms import build_transforms
-
-        dc = self.method.backbone.data_config
-        size = int(dc["input_size"][-1])
-        interp = dc.get("interpolation", "bicubic")
-        interp = interp if interp in ("nearest", "bilinear", "bicubic") else "bicubic"
-        crop = float(dc.get("crop_pct", 0.875) or 0.875)
-        extra = dict(self.method.transform_args())
-        unknown = set(extra) - {"scale", "hflip", "extra"}
-        if unknown:
-            raise ValueError(f"{type(self.method).__name__}.transform_args(): unknown keys {sorted(unknown)} "
-                             f"(expected scale, hflip, extra)")
-        # the train transform with and without augmentation (a Stage may override the run's `augment`)
-        self._train_tfs = {flag: build_transforms(size, train=True, augment=flag, crop_pct=crop,
-                                                  interpolation=interp, **extra) for flag in (True, False)}
-        self.train_tf = self._train_tfs[bool(self.cfg.augment)]
-        self.eval_tf = build_transforms(size, train=False, crop_pct=crop, interpolation=interp)
-
-    def _train_transform(self, augment: Optional[bool]):
-        return self.train_tf if augment is None else self._train_tfs[bool(augment)]
-
     def train_data(self, task: int, augment: Optional[bool] = None, seed: int = 0):
-        """Task ``task``'s training data with the run's train transform (or with/without augmentation);
-        without the held-out validation items when ``val_fraction`` > 0. An augmenting transform draws
-        item ``i``'s randomness from its own stream, ``derive_seed(seed, i)`` (see :class:`_Transformed`)."""
-        return _Transformed(self._train_part(task), self._train_transform(augment), seed=seed)
-
-    def _val_positions(self, task: int) -> tuple[list[int], list[int]]:
-        """(train, val) positions in the task's training set: per class, a seeded ``val_fraction``
-        share (at least one item of every class with two or more) is held out."""
-        if task not in self._val_split:
-            labels = torch.as_tensor(self.scenario.train_set(task).targets)
-            g = torch.Generator().manual_seed(derive_seed("val", self.cfg.val_seed, task))
-            val: list[int] = []
-            for c in torch.unique(labels).tolist():
-                pos = torch.nonzero(labels == c).flatten()
-                pos = pos[torch.randperm(len(pos), generator=g)]
-                k = int(round(self.cfg.val_fraction * len(pos)))
-                k = min(max(k, 1), len(pos) - 1) if len(pos) > 1 else 0
-                val += pos[:k].tolist()
-            keep = sorted(set(range(len(labels))) - set(val))
-            self._val_split[task] = (keep, sorted(val))
-        return self._val_split[task]
-
-    def _train_part(self, task: int):
-        ds = self.scenario.train_set(task)
-        if not self.cfg.val_fraction:
-            return ds
-        return torch.utils.data.Subset(ds, self._val_positions(task)[0])
+        """Task ``task``'s training data (see :meth:`RunData.train_data`)."""
+        return self.data.train_data(task, augment, seed)
 
     def val_data(self, task: int):
-        """Task ``task``'s held-out validation items (eval transform); requires ``val_fraction`` > 0."""
-        if not self.cfg.val_fraction:
-            raise ValueError("val_data: the run has no validation split (set val_fraction > 0)")
-        return _Transformed(torch.utils.data.Subset(self.scenario.train_set(task), self._val_positions(task)[1]),
-                            self.eval_tf)
-
-    def _val_loader(self, task: int) -> "_ProgressLoader":
-        ds = self.val_data(task)
-        loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
-        return _ProgressLoader(loader, f"validation, task {task + 1}", enabled=not self.quiet)
+        return self.data.val_data(task)
 
     def test_data(self, task: int):
-        return _Transformed(self.scenario.test_set(task), self.eval_tf)
+        return self.data.test_data(task)
 
     def _build_method(self) -> Method:
-        from ..methods.base import method_class
-
         backbone = method_class(self.cfg.method).build_backbone(self.cfg)
         return create_method(self.cfg.method, backbone, self.scenario.num_classes, self.scenario.num_tasks,
                              **self.cfg.method_args)
-
-    def _init_from(self, source: str) -> dict:
-        """Load the method state of another run (its newest end-of-task checkpoint, or a checkpoint
-        file) into the freshly built method: every saved tensor must exist here with the same shape;
-        tensors the source left out (unchanged since it was built) keep this run's values."""
-        from ..backbones.zoo import sha256_file
-        from .evaluate import latest_task_checkpoint
-
-        path = latest_task_checkpoint(source) if os.path.isdir(source) else source
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"init_from: {source} is neither a checkpoint file nor a run directory")
-        state = rio.load_checkpoint(path)
-        saved = state.get("method_state", {})
-        own = self.method.state_dict()
-        unknown = sorted(k for k in saved if k not in own)
-        shapes = sorted(k for k in saved if k in own and tuple(saved[k].shape) != tuple(own[k].shape))
-        if unknown or shapes:
-            raise ValueError(f"init_from {path}: the checkpoint (method {state.get('method')!r}) does not fit "
-                             f"{self.cfg.method!r}: unknown keys {unknown[:5]}, shape mismatches "
-                             + ", ".join(f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:5]))
-        self.method.load_state_dict(saved, strict=False)
-        digest = sha256_file(path)
-        self.log.info(f"init_from {path}: loaded {len(saved)} of {len(own)} tensors (method {state.get('method')!r})")
-        return {"path": os.path.abspath(path), "sha256": digest, "method": state.get("method"),
-                "loaded": len(saved)}
 
     # contexts and loaders -------------------------------------------------------------------------
     def context(self, task: int, **kw) -> TaskContext:
@@ -320,36 +196,14 @@ class Trainer:
         return TaskContext(task=task, num_tasks=sc.num_tasks, class_range=ranges[task],
                            seen_classes=ranges[task][1], num_classes=sc.num_classes, task_ranges=ranges,
                            device=self.device, amp_dtype=self.amp_dtype, scenario=sc.kind, rank=self.rank,
-                           world_size=self.world, augment=not self.train_tf.deterministic,
+                           world_size=self.world, augment=not self.data.train_tf.deterministic,
                            class_names=tuple(getattr(sc, "class_names", ()) or ()), seed=int(self.cfg.seed),
-                           task_loader=lambda augment=False, t=task: self._stats_loader(t, augment),
-                           val_loader=(lambda t=task: self._val_loader(t)) if self.cfg.val_fraction else None, **kw)
-
-    def _loader(self, dataset, sampler, batch_size: int) -> DataLoader:
-        # The loader's own generator: creating an iterator draws a worker base seed from it, which would
-        # otherwise come from the global generator that the method's randomness (and checkpoints) use.
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
-                          pin_memory=self.device.type == "cuda", drop_last=False,
-                          persistent_workers=False, generator=torch.Generator().manual_seed(0))
-
-    def _stats_loader(self, task: int, augment: bool = False) -> "_ProgressLoader":
-        """The task's training data, sharded over ranks without duplicates: with the deterministic eval
-        transform, or with ``augment=True`` the augmenting train transform (e.g. statistics of
-        augmented features). Each pass over it (a method may make several, e.g. EM iterations) shows
-        a progress bar.
-        """
-        # augmented items carry no "index": what a per-image cache would store is not stable
-        ds = _Transformed(self._train_part(task), self._train_tfs[True] if augment else self.eval_tf,
-                          keep_index=not augment)
-        loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
-        # every pass draws new augmentations, the same ones again after a resume
-        return _ProgressLoader(loader, f"statistics, task {task + 1}", enabled=not self.quiet,
-                               seed=derive_seed(self.cfg.seed, "stats", task) if augment else None)
+                           task_loader=lambda augment=False, t=task: self.data.stats_loader(t, augment),
+                           val_loader=(lambda t=task: self.data.val_loader(t)) if self.cfg.val_fraction else None, **kw)
 
     # the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train on every task from the current position; returns the summary dict."""
-        cfg = self.cfg
         if self.is_main and self.pos.at_task_start and self.pos.task == 0:
             self._write_start_files()
         self._banner()
@@ -382,15 +236,14 @@ class Trainer:
             self.log.warning(f"{name}: saving a checkpoint at the next step (send it again to abort without saving)")
         self._interrupt = True
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether this process was asked to stop (Ctrl-C / SIGTERM, here or on another rank)."""
+        return self._interrupt
+
     def _interrupted(self) -> bool:
         """Whether any rank was interrupted, the same answer on every rank (a MAX all-reduce under DDP)."""
-        if self.world == 1:
-            return self._interrupt
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if self._interrupt else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
-        self._interrupt = bool(flag.item())
+        self._interrupt = self.procs.any(self._interrupt)
         return self._interrupt
 
     def _run_task(self, task: int) -> None:
@@ -400,15 +253,15 @@ class Trainer:
         self.method.begin_task(ctx)
         stages = self.method.stages(ctx)
         self.log.info(f"task {task + 1}/{self.scenario.num_tasks}: classes "
-                      f"{ctx.class_range[0]}–{ctx.class_range[1] - 1}, {len(self._train_part(task))} training images"
-                      + (f" ({len(self._val_positions(task)[1])} held out)" if self.cfg.val_fraction else "")
+                      f"{ctx.class_range[0]}–{ctx.class_range[1] - 1}, {len(self.data.train_part(task))} training images"
+                      + (f" ({len(self.data.val_positions(task)[1])} held out)" if self.cfg.val_fraction else "")
                       + f", stages: {', '.join(s.name for s in stages)}")
         first_stage = self.pos.stage if resuming_mid_task else 0
         for si in range(first_stage, len(stages)):
             self._run_stage(task, si, stages[si], ctx, resume=resuming_mid_task and si == first_stage)
         self.method.eval()
         with torch.no_grad(), self._autocast():
-            self.method.end_task(ctx.replace(split="stats", cacheable=True), self._stats_loader(task))
+            self.method.end_task(ctx.replace(split="stats", cacheable=True), self.data.stats_loader(task))
 
     def _stage_settings(self, stage: Stage) -> dict:
         cfg = self.cfg
@@ -428,7 +281,7 @@ class Trainer:
         if s["batch"] % self.world:
             raise ValueError(f"stage {stage.name!r}: batch size {s['batch']} must be divisible by the "
                              f"number of processes {self.world}")
-        tf = self._train_transform(stage.augment)
+        tf = self.data.train_transform(stage.augment)
         sctx = ctx.replace(stage=stage.name, split="train", cacheable=tf.deterministic, augment=not tf.deterministic,
                            batch_size=s["batch"] // self.world)
         self.method.begin_stage(stage, sctx)
@@ -480,7 +333,7 @@ class Trainer:
                 sampler = EpochSampler(len(data), derive_seed(self.cfg.seed, task, si, epoch), rank=self.rank,
                                        world=self.world, skip=skip * per_rank)
                 data.seed = derive_seed(self.cfg.seed, "augment", task, si, epoch)
-                batches: Iterable = self._loader(data, sampler, per_rank)
+                batches: Iterable = self.data.loader(data, sampler, per_rank)
                 total_steps = n_steps
             else:
                 # Batches the method generates (e.g. sampled features) are skipped by drawing them: from
@@ -611,7 +464,7 @@ class Trainer:
     def evaluate_task(self, evaluated: int, after: int, split: str = "test") -> tuple[int, int]:
         """(correct, total) on task ``evaluated``'s test (or ``"val"``) split with the model after task ``after``."""
         ds = self.test_data(evaluated) if split == "test" else self.val_data(evaluated)
-        loader = self._loader(ds, ShardSampler(len(ds), self.rank, self.world), self.cfg.eval_batch_size)
+        loader = self.data.sharded_loader(ds)
         ctx = self.context(after, split=split, cacheable=True)
         correct = torch.zeros((), dtype=torch.float64)
         total = torch.zeros((), dtype=torch.float64)
@@ -642,11 +495,7 @@ class Trainer:
             for j, k in enumerate(names):
                 extra[j] += float(parts[k].double().sum())
             total += logits.shape[0]
-        counts = torch.cat([torch.stack([correct, total]), extra])
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(counts)
+        counts = self.procs.all_reduce(torch.cat([torch.stack([correct, total]), extra]))
         n = max(int(counts[1]), 1)
         self.last_score_extras = {k: float(counts[2 + j]) / n for j, k in enumerate(names)}
         return float(counts[0]), int(counts[1])
@@ -687,34 +536,9 @@ class Trainer:
 
     # files ----------------------------------------------------------------------------------------
     def record(self) -> dict:
-        import numpy
-        import timm
-
-        backbone = getattr(self.method, "backbone", None)
-        weights = getattr(backbone, "weights", None)
-        rec = {
-            "clfast_version": _clfast_version(),
-            "command": os.environ.get("CLFAST_COMMAND"),
-            "method": self.cfg.method,
-            "dataset": self.cfg.dataset,
-            "seed": self.cfg.seed,
-            "scenario": self.scenario.record(),
-            "backbone": weights.to_dict() if weights is not None else {"name": self.cfg.backbone},
-            "extra_weights": list(self.method.extra_weights()),
-            "init_from": self._init_info,
-            "batchwise_vote": bool(self.cfg.method_args.get("batchwise_vote", False)),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                         "numpy": numpy.__version__},
-            "device": {"type": self.device.type, "name": (torch.cuda.get_device_name(self.device)
-                                                          if self.device.type == "cuda" else platform.processor()
-                                                          or platform.machine()),
-                       "world_size": self.world, "threads": torch.get_num_threads()},
-            "amp": self.cfg.amp,
-        }
-        from ..info import backend_summary
-
-        rec["op_backends"] = backend_summary()
-        return rec
+        """What ``record.json`` holds (see :func:`clfast.engine.record.run_record`)."""
+        return run_record(self.cfg, self.method, self.scenario, self.device, self.world, command=self.command,
+                          init_from=self._init_info)
 
     def _write_start_files(self) -> None:
         import yaml
@@ -752,239 +576,8 @@ class Trainer:
             plot_accuracy_curve(m, os.path.join(self.run_dir, "accuracy_curve.png"), label=self.cfg.method)
             self.metrics.log(event="summary", step=self.global_step, **summary)
         self.log.info(format_summary(m, summary, self.run_dir))
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        self.procs.barrier()
         return summary
-
-    def _prior_wall(self) -> float:
-        return getattr(self, "_wall_before_resume", 0.0)
-
-    # checkpoints ----------------------------------------------------------------------------------
-    def _checkpoint_state(self, pos: Optional[Position] = None) -> dict:
-        pos = self.pos if pos is None else pos
-        opts = {k: o.state_dict() for k, o in self.persistent_opts.items()}
-        cur = getattr(self, "_current_opt", None)
-        if cur is not None and not pos.at_task_start:
-            opts[cur[0]] = cur[1].state_dict()
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "method": self.cfg.method,
-            "config_hash": rio.config_hash(_hashable_config(self.cfg)),
-            "position": [pos.task, pos.stage, pos.epoch, pos.batch],
-            "global_step": self.global_step,
-            **dict(zip(("method_state", "method_unchanged"),
-                       rio.split_unchanged(self.method.state_dict(), self._built_digests))),
-            "optimizers": opts,
-            "rng": self._rng_states(),
-            "acc": self.acc.state_dict(),
-            "acc_val": self.acc_val.state_dict() if self.acc_val is not None else None,
-            "eval_extras": dict(self.eval_extras),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "stage_best": self._best if not pos.at_task_start else None,
-            "train_time": self._train_time,
-            "train_images": self._train_images,
-            "wall_time": time.time() - self._t0 + self._prior_wall(),
-        }
-
-    def _rng_states(self):
-        """This process's RNG state; under DDP, every rank's (a list indexed by rank)."""
-        if self.world == 1:
-            return rio.rng_state()
-        return self._gathered_rng
-
-    def _save_checkpoint(self, tag: str, pos: Optional[Position] = None) -> str:
-        """Write ``checkpoints/<tag>.pt`` (resuming at ``pos``, default the current position)."""
-        path = os.path.join(self.run_dir, "checkpoints", f"{tag}.pt")
-        if self.world > 1:  # every rank's random streams, so a resumed DDP run continues each of them
-            import torch.distributed as dist
-
-            states = [None] * self.world
-            dist.all_gather_object(states, rio.rng_state())
-            self._gathered_rng = states
-        if self.is_main:
-            rio.save_checkpoint(path, self._checkpoint_state(pos))
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return path
-
-    @classmethod
-    def resume(cls, run_dir: str, **overrides) -> "Trainer":
-        """A trainer continuing the run in ``run_dir`` from its newest checkpoint.
-
-        ``overrides`` may change only what does not affect the numbers (``quiet``, ``num_workers``,
-        ``threads``, ``stop_after_steps``, ``checkpoint_every_steps``, logging); any other key must be
-        given the value the run already has (so the original command line with ``--resume`` added is
-        accepted). ``stop_after_steps`` applies to the process it is given to: the resumed run does not
-        inherit it.
-        """
-        import yaml
-
-        cfg_path = os.path.join(run_dir, "config.yaml")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a clfast run directory)")
-        with open(cfg_path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-        data["stop_after_steps"] = None
-        changed = sorted(k for k, v in overrides.items() if k not in RESUME_MAY_CHANGE and not _same_setting(data, k, v))
-        if changed:
-            raise ValueError(f"--resume: cannot change {', '.join(_describe_change(data, k, overrides[k]) for k in changed)} "
-                             f"of a run (only {sorted(RESUME_MAY_CHANGE)} may change)")
-        for k, v in overrides.items():
-            _set_setting(data, k, v)
-        cfg = config_from_dict(data)
-        ckpt_path = rio.find_latest_checkpoint(run_dir)
-        if ckpt_path is None:
-            raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
-        trainer = cls(cfg, out=run_dir, _resume=True)
-        state = rio.load_checkpoint(ckpt_path, expected={
-            "method": cfg.method, "config_hash": rio.config_hash(_hashable_config(cfg))})
-        trainer._load_state(state)
-        trainer.log.info(f"resuming {run_dir} from {os.path.basename(ckpt_path)} at task {trainer.pos.task + 1}, "
-                         f"stage {trainer.pos.stage + 1}, epoch {trainer.pos.epoch + 1}, batch {trainer.pos.batch}")
-        return trainer
-
-    def _load_state(self, state: dict) -> None:
-        if state.get("format") not in READABLE_FORMATS:
-            raise ValueError(f"checkpoint format {state.get('format')} is not one of {READABLE_FORMATS}")
-        self.pos = Position(*[int(x) for x in state["position"]])
-        self.global_step = int(state["global_step"])
-        self.acc = AccuracyMatrix.from_state_dict(state["acc"])
-        self.eval_extras = {k: float(v) for k, v in state.get("eval_extras", {}).items()}
-        self._pending_best = state.get("stage_best")
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if self.acc_val is not None and state.get("acc_val") is not None:
-            self.acc_val = AccuracyMatrix.from_state_dict(state["acc_val"])
-        self._train_time = float(state["train_time"])
-        self._train_images = int(state["train_images"])
-        self._wall_before_resume = float(state["wall_time"])
-        self._opt_states = dict(state["optimizers"])
-        rng = state["rng"]
-        if isinstance(rng, list):
-            if len(rng) != self.world:
-                raise ValueError(f"the checkpoint was written by {len(rng)} processes; resume it with the same "
-                                 f"number (this run has {self.world})")
-            rng = rng[self.rank]
-        elif self.world > 1:
-            raise ValueError("the checkpoint was written by one process; resume it with one process")
-        method_state = (state["method_state"], state.get("method_unchanged", {}))
-        rio.check_unchanged(self.method, method_state[1])   # now, not when the stage starts
-        if self.pos.at_task_start:
-            rio.restore_unchanged(self.method, *method_state)
-            rio.set_rng_state(rng)
-        else:  # applied in _run_stage, after begin_task and begin_stage have run again
-            self._pending = (method_state, rng)
-
-
-class _ProgressLoader:
-    """A DataLoader whose every iteration shows its own progress bar (statistics passes).
-
-    With ``seed``, pass ``p`` over an augmenting dataset draws its augmentations from
-    ``derive_seed(seed, p)``: passes differ from each other and repeat exactly in a resumed run.
-    """
-
-    def __init__(self, loader: DataLoader, desc: str, enabled: bool, seed: Optional[int] = None):
-        self.loader, self.desc, self.enabled, self.seed = loader, desc, enabled, seed
-        self.passes = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        if self.seed is not None:
-            self.loader.dataset.seed = derive_seed(self.seed, self.passes)
-        self.passes += 1
-        return iter(progress(self.loader, total=len(self.loader), desc=self.desc, enabled=self.enabled))
-
-    @property
-    def dataset(self):
-        return self.loader.dataset
-
-
-class _Transformed(torch.utils.data.Dataset):
-    """A scenario subset with an image transform applied per item (in the loader's workers).
-
-    A random (augmenting) transform of item ``i`` draws from torch's CPU generator re-seeded with
-    ``derive_seed(seed, i)`` for that one call, and the generator's state is put back afterwards. So an
-    item's augmentation depends only on (``seed``, ``i``): not on which batches came before, how many
-    workers or ranks load the data, or whether the run was resumed in between; and augmentation never
-    moves the global generator that the method's own randomness (and the checkpoints) use. Extra ops
-    must draw from torch's generator (torchvision's do), not Python's ``random``.
-    """
-
-    def __init__(self, data, transform, keep_index: bool = True, seed: Optional[int] = 0):
-        self.data, self.transform, self.keep_index, self.seed = data, transform, keep_index, seed
-        self.random = transform is not None and not getattr(transform, "deterministic", False)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.data[i]
-        if self.transform is not None or not self.keep_index:
-            item = dict(item)
-        if self.random:
-            with _cpu_rng_seeded(derive_seed(self.seed, int(i))):
-                item["image"] = self.transform(item["image"])
-        elif self.transform is not None:
-            item["image"] = self.transform(item["image"])
-        if not self.keep_index:
-            item.pop("index", None)
-        return item
-
-
-@contextlib.contextmanager
-def deterministic_cpu(enabled: bool = True):
-    """``torch.use_deterministic_algorithms`` inside the block (CPU runs), the caller's setting after.
-
-    On the CPU a run with the same seed and thread count is then bitwise reproducible: the few stock
-    ops that add atomically across threads (``index_put_`` with ``accumulate``, the backward of
-    advanced indexing) take their sort-based deterministic kernels. ``warn_only``: an op with no
-    deterministic kernel warns instead of failing. Uninitialised memory is not NaN-filled (a cost the
-    numbers do not need). CUDA runs are left alone (cuBLAS would need ``CUBLAS_WORKSPACE_CONFIG``, and
-    fused GPU backward kernels add atomically): they are reproducible only up to float reassociation.
-    """
-    if not enabled:
-        yield
-        return
-    import torch.utils.deterministic as tud
-
-    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-           tud.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    tud.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-        tud.fill_uninitialized_memory = was[2]
-
-
-@contextlib.contextmanager
-def _cpu_rng_seeded(seed: int):
-    """Torch's default CPU generator seeded with ``seed`` inside the block, its state restored after
-    (CUDA generators are not touched)."""
-    state = torch.random.get_rng_state()
-    torch.random.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
-
-
-def _seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (CPU and every CUDA device)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _mask_to_tasks(logits: torch.Tensor, task: torch.Tensor, ranges) -> torch.Tensor:
@@ -994,82 +587,3 @@ def _mask_to_tasks(logits: torch.Tensor, task: torch.Tensor, ranges) -> torch.Te
     cols = torch.arange(logits.shape[1], device=logits.device)
     keep = (cols[None] >= starts[:, None]) & (cols[None] < stops[:, None])
     return logits.masked_fill(~keep, float("-inf"))
-
-
-def _hashable_config(cfg: RunConfig) -> dict:
-    """The settings that change the numbers (what a checkpoint must agree with)."""
-    d = cfg.to_dict()
-    for k in _NOT_HASHED:
-        d.pop(k, None)
-    # settings at their default are left out, so a field added in a later version (at its default)
-    # does not make older checkpoints unresumable
-    default = RunConfig().to_dict()
-    for k in list(d):
-        if isinstance(d[k], dict) and isinstance(default.get(k), dict):
-            d[k] = {s: v for s, v in d[k].items() if default[k].get(s, _MISSING) != v}
-        if d[k] == default.get(k, _MISSING):
-            del d[k]
-    return d
-
-
-_MISSING = object()
-# what `--resume` may change: settings that do not change the numbers
-RESUME_MAY_CHANGE = frozenset({"quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps",
-                               "log_every", "log_to", "wandb_project"})
-
-
-def _get_setting(data: dict, key: str):
-    node = data
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def _set_setting(data: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
-
-
-def _same_setting(data: dict, key: str, value) -> bool:
-    """Whether ``key`` (dotted) already has ``value`` in the run's config (tuples compare as lists)."""
-    have = _get_setting(data, key)
-    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
-    if have is _MISSING:  # a setting the run's config.yaml predates: only its default is "the same"
-        default = _get_setting(RunConfig().to_dict(), key)
-        return default is not _MISSING and norm(default) == norm(value)
-    return norm(have) == norm(value)
-
-
-def _describe_change(data: dict, key: str, value) -> str:
-    have = _get_setting(data, key)
-    return f"{key} ({'unset' if have is _MISSING else repr(have)} -> {value!r})"
-# run settings that do not change the numbers: checkpoints do not record them (Trainer.resume lets
-# most of them change)
-_NOT_HASHED = RESUME_MAY_CHANGE | {"name", "device"}
-
-
-def _clfast_version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def format_summary(m, summary: dict, run_dir: Optional[str] = None) -> str:
-    """The accuracy matrix (rows: task evaluated, columns: after task) and the headline figures."""
-    n = len(m)
-    lines = ["accuracy matrix (%, row = task evaluated, column = after training task):",
-             "        " + " ".join(f"{j + 1:>6d}" for j in range(n))]
-    for i in range(n):
-        cells = " ".join(("{:6.1f}".format(m[i][j]) if j >= i else "     ·") for j in range(n))
-        lines.append(f"task {i + 1:>2d} {cells}")
-    lines.append(f"A_N {summary['A_N']:.2f}   F_N {summary['F_N']:.2f}   BWT {summary['BWT']:.2f}   "
-                 f"sample-weighted {summary['sample_weighted_accuracy']:.2f}   "
-                 f"({summary.get('wall_time_s', 0):.0f} s, {summary.get('images_per_s', 0):.0f} images/s)")
-    if run_dir:
-        lines.append(f"run directory: {run_dir} (acc_matrix.csv, summary.json, acc_matrix.png, accuracy_curve.png)")
-    return "\n".join(lines)

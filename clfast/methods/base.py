@@ -46,6 +46,8 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..utils.seeding import derive_seed
+
 __all__ = [
     "OptimConfig", "ScheduleConfig", "Stage", "TaskContext", "StepOutput", "Method", "MethodConfig",
     "register_method", "create_method", "list_methods", "method_class", "freeze_rows", "masked_logits",
@@ -248,8 +250,6 @@ class TaskContext:
         Seeded from the run's seed and those coordinates (plus ``salt``), so ranks draw different
         samples, every epoch differs, and a resumed run draws the same ones again.
         """
-        from ..engine.sampling import derive_seed  # the engine's seeding (methods import no engine at load)
-
         g = torch.Generator(device=device)
         g.manual_seed(derive_seed(self.seed, self.task, self.stage, self.epoch, self.rank, *salt))
         return g
@@ -399,6 +399,11 @@ class Method(nn.Module):
         """Provenance (name, source, sha256) of pretrained weights besides ``backbone.weights``, for
         the run record: a second encoder, a text model (default: none)."""
         return []
+
+    def record(self) -> dict:
+        """The method's own facts for ``record.json`` (``method_record``), e.g. evaluation options that
+        change what the numbers mean, such as batch-wise prompt voting (default: none)."""
+        return {}
 
     def transform_args(self) -> dict:
         """Changes to the augmenting train transform: ``scale`` (area range of the RandomResizedCrop,

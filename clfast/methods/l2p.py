@@ -135,6 +135,11 @@ class L2P(FrozenQueryMethod):
         loss = ce - self.cfg.pull_weight * pull
         return StepOutput(loss, {"ce": ce.detach(), "key_cos": pull.detach() / self.cfg.top_k})
 
+    def record(self) -> dict:
+        # the run record flags every batch-level selection: none at test time, the vote only in training
+        return {"test_time_batch_vote": False, "train_vote": self.cfg.train_vote,
+                "frequency_penalty": self.cfg.frequency_penalty}
+
     def predict(self, batch: dict, ctx: TaskContext) -> Tensor:
         logits, _ = self._forward(batch, ctx)
         return self.predict_logits(logits, ctx)

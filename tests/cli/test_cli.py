@@ -76,7 +76,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     # gradients into ±lr steps, so two runs drift apart whatever the process count.)
     args = ["train", "--method", "dualprompt", "--dataset", "digits", "--quiet", "num_tasks=2", "epochs=1",
             "batch_size=32", "limit_train_batches=8", "threads=1", "amp=none", "method_args.e_length=4",
-            "val_fraction=0.2"]
+            "val_fraction=0.2", "augment=true"]   # an item's augmentation depends on (seed, index), not the rank
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clfast", *args,
                           "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)

@@ -77,9 +77,9 @@ def test_log_to_is_validated_and_not_part_of_the_run_identity():
         RunConfig(log_to=["tensorbord"])
     with pytest.raises(ValueError, match="log_to must be a list"):
         RunConfig(log_to=3)
-    from clfast.engine.trainer import _hashable_config
+    from clfast.engine.checkpoint import hashable_config
 
-    assert _hashable_config(RunConfig(log_to=["tensorboard"])) == _hashable_config(RunConfig())
+    assert hashable_config(RunConfig(log_to=["tensorboard"])) == hashable_config(RunConfig())
 
 
 def test_missing_package_is_named(tmp_path, monkeypatch):

@@ -111,10 +111,10 @@ def test_hooks_reach_the_engine(tmp_path):
     # the task stage augments although the run does not; per-rank batch and class names reach it
     assert m.seen["task_ctx"] and all(s == (True, False, 16, t.scenario.num_classes) for s in m.seen["task_ctx"])
     assert t.context(0).class_names == tuple(t.scenario.class_names)
-    crop = t._train_tfs[True]._pipeline.transforms
+    crop = t.data.train_tfs[True]._pipeline.transforms
     assert tuple(crop[0].scale) == (0.5, 1.0) and isinstance(crop[1], _Brighten) and len(crop) == 2  # no flip
-    assert t._train_tfs[True](torch.zeros(3, 40, 40)).min() == 0.25        # the extra op runs in training
-    assert t.eval_tf(torch.zeros(3, 40, 40)).max() == 0                    # and not in evaluation
+    assert t.data.train_tfs[True](torch.zeros(3, 40, 40)).min() == 0.25        # the extra op runs in training
+    assert t.data.eval_tf(torch.zeros(3, 40, 40)).max() == 0                    # and not in evaluation
     assert m.seen["stats_aug"] == [False, False]                          # task_loader(augment=True)
     # the method stage ran 2 epochs × steps_per_epoch, with the method's own per-step lr factor
     lrs = [e["lr"] for e in rio.read_jsonl(tmp_path / "r" / "metrics.jsonl")
@@ -195,7 +195,7 @@ def test_validation_split_is_held_out_per_class_and_evaluated(tmp_path):
     run = tmp_path / "r"
     t = Trainer(cfg(method="linear", val_fraction=0.2, val_seed=3), out=str(run))
     for task in range(2):
-        train_pos, val_pos = t._val_positions(task)
+        train_pos, val_pos = t.data.val_positions(task)
         full = t.scenario.train_set(task)
         assert not set(train_pos) & set(val_pos) and len(train_pos) + len(val_pos) == len(full)
         labels = torch.as_tensor(full.targets)
@@ -213,12 +213,12 @@ def test_validation_split_is_held_out_per_class_and_evaluated(tmp_path):
 
     t.method.end_task = end_task
     summary = t.fit()
-    assert probe == {0: len(t._val_positions(0)[1]), 1: len(t._val_positions(1)[1])}
+    assert probe == {0: len(t.data.val_positions(0)[1]), 1: len(t.data.val_positions(1)[1])}
     assert (run / "acc_matrix_val.csv").is_file() and 0 <= summary["val_A_N"] <= 100
     assert {"val_F_N", "val_BWT"} <= set(summary)
     # the split depends on val_seed only, not on the run's seed
     again = Trainer(cfg(method="linear", val_fraction=0.2, val_seed=3, seed=7), out=str(tmp_path / "s"))
-    assert again._val_positions(1) == t._val_positions(1)
+    assert again.data.val_positions(1) == t.data.val_positions(1)
     with pytest.raises(ValueError, match="val_fraction must be in"):
         cfg(val_fraction=1.0)
 

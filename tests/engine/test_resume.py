@@ -20,7 +20,7 @@ import torch
 
 from clfast.engine import Interrupted, Trainer, load_config
 from clfast.engine import io as rio
-from clfast.engine import trainer as trainer_mod
+from clfast.engine import data_views
 from clfast.engine.metrics import read_acc_csv
 
 # small but not degenerate: 2 tasks of digits, 4 steps of 16 images each, augmentation on
@@ -79,9 +79,9 @@ def test_resume_with_augmentation_is_exact(dual_full, tmp_path, stop_at):
 def test_negative_control_global_rng_augmentation_breaks_resume(dual_full, tmp_path, monkeypatch):
     """The bug this file guards, put back: augmentation from the global generator and loaders that draw
     their worker seed from it. The resumed run then differs, so the tests above would catch it."""
-    monkeypatch.setattr(trainer_mod, "_cpu_rng_seeded", lambda seed: contextlib.nullcontext())
-    real_loader = trainer_mod.DataLoader
-    monkeypatch.setattr(trainer_mod, "DataLoader",
+    monkeypatch.setattr(data_views, "cpu_rng_seeded", lambda seed: contextlib.nullcontext())
+    real_loader = data_views.DataLoader
+    monkeypatch.setattr(data_views, "DataLoader",
                         lambda *a, generator=None, **kw: real_loader(*a, **kw))
     interrupted_then_resumed(dual_cfg, tmp_path / "cut", 6)
     assert differing(final_state(tmp_path / "cut"), final_state(dual_full))
@@ -93,7 +93,7 @@ def test_augmentation_of_an_item_depends_only_on_seed_and_index():
     from clfast.data.transforms import build_transforms
 
     images = [{"image": torch.rand(3, 40, 40), "label": i} for i in range(3)]
-    ds = trainer_mod._Transformed(images, build_transforms(32, train=True), seed=123)
+    ds = data_views.Transformed(images, build_transforms(32, train=True), seed=123)
     before = torch.get_rng_state()
     a = ds[1]["image"]
     assert torch.equal(torch.get_rng_state(), before)
@@ -138,7 +138,7 @@ def test_negative_control_skipping_the_rng_restore_breaks_resume(stages_full, tm
     alignment batches (the method samples them from the global generator)."""
     with pytest.raises(Interrupted):
         Trainer(two_stage_cfg(["stop_after_steps=12"]), out=str(tmp_path / "cut")).fit()
-    monkeypatch.setattr(trainer_mod.rio, "set_rng_state", lambda state: None)
+    monkeypatch.setattr(rio, "set_rng_state", lambda state: None)
     Trainer.resume(str(tmp_path / "cut")).fit()
     assert differing(final_state(tmp_path / "cut"), final_state(stages_full))
 

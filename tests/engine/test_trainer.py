@@ -164,14 +164,14 @@ def test_a_signal_saves_a_checkpoint_at_the_next_step(tmp_path, monkeypatch, sig
 
 
 def test_config_hash_ignores_settings_left_at_their_default():
-    from clfast.engine.trainer import _hashable_config
+    from clfast.engine.checkpoint import hashable_config
 
     base = tiny_cfg("linear")
-    h = _hashable_config(base)
+    h = hashable_config(base)
     assert "grad_checkpointing" not in h and "checkpoint_every_steps" not in h  # as if added later
-    assert _hashable_config(tiny_cfg("linear", ["checkpoint_every_steps=5", "quiet=false"])) == h
-    assert _hashable_config(tiny_cfg("linear", ["grad_checkpointing=true"]))["grad_checkpointing"] is True
-    assert _hashable_config(tiny_cfg("linear", ["optimizer.lr=0.5"]))["optimizer"]["lr"] == 0.5
+    assert hashable_config(tiny_cfg("linear", ["checkpoint_every_steps=5", "quiet=false"])) == h
+    assert hashable_config(tiny_cfg("linear", ["grad_checkpointing=true"]))["grad_checkpointing"] is True
+    assert hashable_config(tiny_cfg("linear", ["optimizer.lr=0.5"]))["optimizer"]["lr"] == 0.5
 
 
 def test_resume_rejects_a_changed_config(tmp_path):
