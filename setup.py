@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,11 +88,23 @@ def _extensions():
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
+class build_py(_build_py):
+    """Ships the top-level kernels/<op>.py as clfast/kernels/<op>.py. The folder has no __init__.py, so
+    that a checkout on sys.path never holds a package named ``kernels`` (see clfast/kernels/__init__.py,
+    which searches that folder in a source tree)."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "clfast.kernels":
+            modules += [(package, os.path.splitext(os.path.basename(f))[0], f)
+                        for f in sorted(glob.glob(os.path.join("kernels", "*.py")))]
+        return modules
+
+
 ext_modules, build_ext = _extensions()
 setup(
-    packages=find_packages(include=["clfast", "clfast.*"]) + ["clfast.kernels"],
-    package_dir={"clfast": "clfast", "clfast.kernels": "kernels"},
+    packages=find_packages(include=["clfast", "clfast.*"]),
     package_data={"clfast": ["assets/*", "configs/*/*.yaml", "data/*.json", "data/descriptors/*.json"]},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_ext, "build_py": build_py},
 )

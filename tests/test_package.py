@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import clfast
 
 _BLOCK_EXT = """
@@ -58,18 +60,80 @@ def test_cli_rejects_unknown_command():
     assert "invalid choice: 'trian'" in res.stderr
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Entry points that must not load the compiled extension, any op or Triton: what a user touches first.
+_LIGHT_ENTRY_POINTS = {
+    "import clfast.data": "import clfast.data",
+    "import clfast.engine.config": "import clfast.engine.config",
+    "clfast --help": ("import runpy\n"
+                      "sys.argv = ['clfast', '--help']\n"
+                      "try:\n"
+                      "    runpy.run_module('clfast', run_name='__main__', alter_sys=True)\n"
+                      "except SystemExit as exc:\n"
+                      "    assert exc.code == 0, exc.code\n"),
+}
+_HEAVY = ("clfast._C", "clfast.ops", "clfast.kernels", "triton")
+
+
+@pytest.mark.parametrize("entry", [
+    "import clfast.data",
+    pytest.param("import clfast.engine.config", marks=pytest.mark.xfail(strict=True, reason=(
+        "clfast/methods/__init__.py imports the method modules, and l2p.py/dualprompt.py import "
+        "clfast.ops at load; config.py imports clfast.methods.base, so loading config loads the ops"))),
+    "clfast --help",
+])
+def test_light_entry_points_load_no_kernels(entry):
+    code = ("import sys\n" + _LIGHT_ENTRY_POINTS[entry] + "\n"
+            f"heavy = {_HEAVY!r}\n"
+            "print('HEAVY', sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in heavy)))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "HEAVY []" in res.stdout, f"{entry} loaded: {res.stdout[res.stdout.rfind('HEAVY'):]}"
+
+
+def test_clfast_exposes_its_subpackages_lazily():
+    code = ("import sys, clfast\n"
+            "assert 'clfast.ops' not in sys.modules\n"
+            "assert 'ops' in dir(clfast)\n"
+            "print(clfast.__version__, clfast.ops.prefix_attention.__module__, 'clfast.ops' in sys.modules)\n"
+            "try:\n"
+            "    clfast.no_such_thing\n"
+            "except AttributeError as exc:\n"
+            "    print('AttributeError', exc)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"{clfast.__version__} clfast.ops.attention True" in res.stdout
+    assert "AttributeError module 'clfast' has no attribute 'no_such_thing'" in res.stdout
+
+
 def test_source_checkout_does_not_shadow_an_installed_kernels_package():
     # transformers 5 (under sentence-transformers) imports Hugging Face's `kernels`; with the repository
     # root on sys.path (python -m from a checkout, pytest) our kernels/ folder must not hide it
     import importlib.metadata
 
     importlib.metadata.version("kernels")  # installed with transformers; a missing one is a setup error
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import kernels, clfast.kernels.prefix_attention as pa, os\n"
             "assert os.path.dirname(os.path.dirname(kernels.__file__)) != os.getcwd(), kernels.__file__\n"
             "from kernels import Device\n"
             "import sentence_transformers\n"
-            "print(pa.__name__)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+            "print(pa.__name__, os.path.relpath(pa.__file__))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "clfast.kernels.prefix_attention"
+    # this checkout's kernels, not those of the checkout an editable install points at
+    assert out.stdout.split() == ["clfast.kernels.prefix_attention", os.path.join("kernels", "prefix_attention.py")]
+
+
+def test_source_checkout_holds_no_package_named_kernels():
+    # The kernels/ folder has no __init__.py: without an installed `kernels` the name is at most an empty
+    # PEP 420 namespace portion, which any installed package or module of that name outranks wherever it
+    # sits on sys.path (and which transformers' availability check reports as not installed).
+    assert not os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))
+    code = ("import importlib.util\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print('SPEC', 'absent' if spec is None else 'namespace' if spec.origin is None "
+            "and spec.submodule_search_locations is not None else spec.origin)\n")
+    # -S: no site-packages, so Hugging Face's kernels is absent; the repository root is sys.path[0]
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() in ("SPEC absent", "SPEC namespace"), out.stdout
