@@ -576,11 +576,25 @@ def register_method(name: str):
     return deco
 
 
+# the methods that ship with clfast, imported (registered) on the first registry lookup, so that
+# importing the config or the method API does not load the ops and their kernels
+_BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt")
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for m in _BUILTIN:
+        importlib.import_module(f"{__package__}.{m}")
+
+
 def list_methods() -> list[str]:
+    _load_builtin()
     return sorted(_METHODS)
 
 
 def method_class(name: str) -> type[Method]:
+    _load_builtin()
     if name not in _METHODS:
         close = difflib.get_close_matches(str(name), list(_METHODS), n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -2,7 +2,7 @@
 
 Convention: each ``kernels/<op>.py`` exposes ``AOT_CASES``, a list of
 ``(jit_fn, signature, constexprs[, options])`` tuples or a function returning one (see
-``kernels/__init__.py``). Every ``@triton.jit`` function whose name ends in ``_kernel`` must appear in
+``clfast/kernels/__init__.py``). Every ``@triton.jit`` function whose name ends in ``_kernel`` must appear in
 at least one case. Each case is compiled with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))``,
 pointers marked 16-byte aligned as the JIT would see torch allocations, and its shared memory is checked
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -48,11 +49,9 @@ _PKG = "_clfast_kernels_aot"
 def _load_module(name: str):
     """kernels/<name>.py by path, inside a package so that relative imports work; clfast itself is not
     imported (a kernel module must not depend on it)."""
-    spec = importlib.util.spec_from_file_location(_PKG, KERNELS_DIR / "__init__.py",
-                                                  submodule_search_locations=[str(KERNELS_DIR)])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules[_PKG] = pkg
-    spec.loader.exec_module(pkg)
+    spec = importlib.machinery.ModuleSpec(_PKG, None, is_package=True)
+    spec.submodule_search_locations = [str(KERNELS_DIR)]
+    sys.modules[_PKG] = importlib.util.module_from_spec(spec)
     return importlib.import_module(f"{_PKG}.{name}")
 
 
