@@ -1,4 +1,5 @@
-# clfast: `make demo` runs the default job, `make test` the whole test suite, `make bench` the benchmarks.
+# clfast: `make demo` runs the default job, `make test` the test suite (`make test-slow` its long tests),
+# `make bench` the benchmarks.
 # Each target sets everything up first (a .venv with the PyTorch recipe of ENV.md, the compiled kernels).
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_STAMP  := $(VENV)/.ext-stamp
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup demo test bench bench-quick info clean
+.PHONY: setup demo test test-slow bench bench-quick info clean
 
 setup: $(EXT_STAMP)
 
@@ -35,7 +36,11 @@ demo: setup
 	$(VENV)/bin/clfast demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# the long versions (every method's full digits preset, ...): minutes more than `make test`
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 bench: setup
 	$(VENV)/bin/clfast bench ops --write

@@ -120,6 +120,7 @@ def cmd_demo(args) -> int:
     from clfast.engine.config import load_config
     from clfast.engine.trainer import Trainer
 
+    args.method = args.method or _default_method()
     out = args.out or os.path.join("runs", f"demo_{args.method}_{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         cfg = load_config(args.method, "synth-shapes", "fast", args.overrides, quiet=True if args.quiet else None)
@@ -161,6 +162,12 @@ def cmd_datasets(args) -> int:
     return 0
 
 
+def _default_method() -> str:
+    from clfast.engine.config import DEFAULT_METHOD
+
+    return DEFAULT_METHOD
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clfast", description=__doc__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -174,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write", action="store_true", help="also write the table into BENCHMARKS.md")
     s.set_defaults(fn=cmd_bench)
     s = sub.add_parser("demo", help="a continual-learning run on the data and backbone that ship with clfast")
-    s.add_argument("--method", default="dualprompt", help="method to run (default: dualprompt)")
+    s.add_argument("--method", default=None, help=f"method to run (default: {_default_method()})")
     s.add_argument("--out", default=None, help="run directory (default: runs/demo_<method>_<time>)")
     s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=1")

@@ -71,10 +71,6 @@ KNOWN_VIOLATIONS = {
         "info walks the dispatch priority list itself; the public clfast.ops function will",
     "clfast.info -> clfast.ops._dispatch._UNAVAILABLE: private name of another module":
         "info reads why a backend is unavailable from the dispatch table; the public function will",
-    "clfast.backbones.vit -> clfast.backbones.zoo._missing: private name of another module":
-        "vit.py calls the zoo's helpers; splitting vit.py (loading / ViT / CLIP) gives them a public name",
-    "clfast.backbones.vit -> clfast.backbones.zoo._open_clip: private name of another module":
-        "vit.py imports open_clip through the zoo's private helper; same split",
 }
 
 

@@ -19,7 +19,9 @@ from .zoo import (ASSET_DIR, CLIP_TINY_SYNTH_CONFIG, CLIP_TINY_SYNTH_FILE, CLIP_
                   list_pretrained, register_open_clip_configs, sha256_file, verify_assets, vit_normalize,
                   vit_tiny_synth)
 from .sentence import DEFAULT_SENTENCE_ENCODER, embed_phrases, load_sentence_encoder
-from .vit import ViTBackbone, WeightsInfo, create_clip, create_vit, hub_offline
+from .clip import create_clip
+from .vit import ViTBackbone, create_vit
+from .weights import WeightsInfo, hub_offline
 
 try:  # register the open_clip config when open_clip is present; create_clip_tiny_synth says if not
     register_open_clip_configs()

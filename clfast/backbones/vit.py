@@ -1,4 +1,4 @@
-"""Frozen pretrained backbones for prompting: timm ViTs with prompt-aware attention, and open_clip CLIPs.
+"""Frozen pretrained timm ViTs with prompt-aware attention.
 
     backbone = create_vit("vit_base_patch16_224.augreg_in21k")            # hub (or its local cache)
     backbone = create_vit("vit_base_patch16_224.augreg_in21k", checkpoint_path="ViT-B_16.npz")
@@ -9,21 +9,14 @@ The timm ``VisionTransformer`` is used as built by ``timm.create_model``; the on
 block's ``attn`` becomes a :class:`~clfast.ops.PromptedAttention` holding the same weights, so the
 state dict keeps timm's key names and any timm ViT name (with its weight tag) works.
 
-Where the weights come from is recorded in a :class:`WeightsInfo` (name with tag, source, file,
-sha256) for the run record. Pretrained weights that cannot be had (offline, nothing cached) give a
-randomly initialised model with a loud warning that says which file is missing and how to pass it
-with ``checkpoint_path=``; ``HF_HUB_OFFLINE=1`` is honoured even when set after import.
+Where the weights come from is recorded in a :class:`~clfast.backbones.weights.WeightsInfo` (name with
+tag, source, file, sha256) for the run record (see :mod:`clfast.backbones.weights` for the offline rules).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import logging
 import os
-import warnings
 from typing import Any, Callable, Iterable, Optional, Union
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -36,127 +29,14 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from clfast.ops.attention import PromptContext, PromptedAttention
 
+from ..utils.files import sha256_file
 from . import zoo
+from .weights import (WeightsInfo, check_file, close_matches, first_keys, hf_cached, hub_offline, logger, loud_warning,
+                      pretrained_choice, safe_first, url_cached)
 
-__all__ = ["WeightsInfo", "ViTBackbone", "create_vit", "create_clip", "hub_offline"]
+__all__ = ["ViTBackbone", "create_vit", "WeightsInfo", "hub_offline"]
 
-logger = logging.getLogger(__name__)
-
-SOURCES = ("shipped", "hub", "file", "random", "unknown")
-_RANDOM_WORDS = ("none", "random", "false", "scratch")
-_PRETRAINED_WORDS = ("true", "default", "hub")
 _HEAD_KEYS = ("head.", "head_dist.")
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightsInfo:
-    """Where a backbone's weights came from, for the run record.
-
-    Attributes:
-        name: the model name with its weight tag, e.g. ``"vit_base_patch16_224.augreg_in21k"`` (timm) or
-            ``"ViT-B-16:openai"`` (open_clip).
-        source: ``"shipped"`` (a file inside clfast), ``"hub"`` (downloaded or found in the hub cache),
-            ``"file"`` (a local file given by the user), ``"random"`` (random initialisation) or
-            ``"unknown"`` (a model handed to :class:`ViTBackbone` directly).
-        path: the file the weights were read from, or None.
-        sha256: hex digest of that file, or None.
-        note: free text: why the weights are random, where they were downloaded from, ...
-    """
-
-    name: str
-    source: str
-    path: Optional[str] = None
-    sha256: Optional[str] = None
-    note: str = ""
-
-    def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"WeightsInfo: source must be one of {SOURCES}, got {self.source!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------------------------------
-# Small helpers shared by the ViT and CLIP loaders
-
-
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set now or was set when
-    huggingface_hub was imported (it reads the variable only once)."""
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    if env.strip().upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - huggingface_hub comes with timm
-        return False
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _safe_first(filename: str) -> list[str]:
-    """The names a hub download tries for ``filename``, safetensors first (as timm and open_clip do)."""
-    if filename == "pytorch_model.bin":
-        return ["model.safetensors", filename]
-    if filename == "open_clip_pytorch_model.bin":
-        return ["open_clip_model.safetensors", filename]
-    if filename.endswith((".bin", ".pth")):
-        return [filename[:-4] + ".safetensors", filename]
-    return [filename]
-
-
-def _hf_cached(repo_id: str, filenames: Iterable[str]) -> Optional[str]:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return None
-    repo_id, _, revision = repo_id.partition("@")
-    for filename in filenames:
-        path = try_to_load_from_cache(repo_id, filename, revision=revision or None)
-        if isinstance(path, str) and os.path.isfile(path):
-            return path
-    return None
-
-
-def _url_cached(url: str, cache_dir: str) -> Optional[str]:
-    path = os.path.join(cache_dir, os.path.basename(urlparse(url).path))
-    return path if url and os.path.isfile(path) else None
-
-
-def _as_choice(pretrained: Union[bool, str, None], fn: str) -> Union[bool, str, None]:
-    """Map the spellings of "random" to False and of "the default weights" to True."""
-    if isinstance(pretrained, str):
-        word = pretrained.strip().lower()
-        if word in _RANDOM_WORDS or word == "":
-            return False
-        if word in _PRETRAINED_WORDS:
-            return True
-    elif not (pretrained is None or isinstance(pretrained, bool)):
-        raise TypeError(f"{fn}: pretrained must be a bool or a str, got {type(pretrained).__name__}")
-    return pretrained
-
-
-def _close(name: str, candidates: Iterable[str], n: int = 5) -> str:
-    matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
-    return f" Did you mean: {', '.join(matches)}?" if matches else ""
-
-
-def _loud(msg: str, depth: int = 1) -> None:
-    """Log and warn; ``depth`` = how many clfast frames lie between the caller's code and ``_loud``'s caller."""
-    logger.warning(msg)
-    warnings.warn(msg, UserWarning, stacklevel=2 + depth)
-
-
-def _first(keys: list[str], n: int = 8) -> str:
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def _check_file(path: str, fn: str) -> str:
-    path = os.path.abspath(os.path.expanduser(str(path)))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{fn}: checkpoint_path {path!r} does not exist")
-    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,11 +51,11 @@ def _resolve_vit_name(name: str) -> tuple[str, dict]:
     arch, tag = timm.models.split_model_name_tag(name)
     if not timm.is_model(arch):
         raise ValueError(f"create_vit: unknown timm model {name!r}."
-                         + _close(name, timm.list_models(pretrained=True) + timm.list_models()))
+                         + close_matches(name, timm.list_models(pretrained=True) + timm.list_models()))
     tags = timm.list_pretrained(f"{arch}.*")
     if tag and f"{arch}.{tag}" not in tags:
         raise ValueError(f"create_vit: {arch!r} has no weight tag {tag!r}; known tags: "
-                         f"{', '.join(tags) or 'none'}." + _close(name, tags))
+                         f"{', '.join(tags) or 'none'}." + close_matches(name, tags))
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:  # an architecture without any pretrained config
         return arch, {}
@@ -193,12 +73,12 @@ def _hub_location(cfg: dict) -> str:
 def _vit_hub_cached(cfg: dict) -> Optional[str]:
     """The file timm would load for ``cfg`` if it is already in the HF or torch.hub cache."""
     if cfg.get("hf_hub_id"):
-        names = _safe_first(cfg.get("hf_hub_filename") or "pytorch_model.bin")
-        path = _hf_cached(cfg["hf_hub_id"], names)
+        names = safe_first(cfg.get("hf_hub_filename") or "pytorch_model.bin")
+        path = hf_cached(cfg["hf_hub_id"], names)
         if path:
             return path
     if cfg.get("url"):
-        return _url_cached(cfg["url"], os.path.join(torch.hub.get_dir(), "checkpoints"))
+        return url_cached(cfg["url"], os.path.join(torch.hub.get_dir(), "checkpoints"))
     return None
 
 
@@ -206,7 +86,7 @@ def _missing_weights(name: str, cfg: dict, reason: str) -> str:
     hub_id = cfg.get("hf_hub_id")
     if hub_id:
         fetch = (f"`huggingface-cli download {hub_id.split('@')[0]} "
-                 f"{_safe_first(cfg.get('hf_hub_filename') or 'pytorch_model.bin')[0]}`")
+                 f"{safe_first(cfg.get('hf_hub_filename') or 'pytorch_model.bin')[0]}`")
     elif cfg.get("url"):
         fetch = cfg["url"]
     else:
@@ -261,9 +141,9 @@ def _load_vit_file(model: VisionTransformer, path: str, name: str) -> None:
     mismatched = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sorted(sd) if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        parts = [f"missing keys [{_first(missing)}]" if missing else "",
-                 f"unexpected keys [{_first(unexpected)}]" if unexpected else "",
-                 f"shape mismatches [{_first(mismatched)}]" if mismatched else ""]
+        parts = [f"missing keys [{first_keys(missing)}]" if missing else "",
+                 f"unexpected keys [{first_keys(unexpected)}]" if unexpected else "",
+                 f"shape mismatches [{first_keys(mismatched)}]" if mismatched else ""]
         raise ValueError(f"create_vit: weights file {path!r} does not fit {name!r}: "
                          + "; ".join(p for p in parts if p))
     model.load_state_dict(sd, strict=True)
@@ -305,7 +185,7 @@ def create_vit(name: str, *, pretrained: Union[bool, str] = True, checkpoint_pat
         FileNotFoundError: ``checkpoint_path`` does not exist.
     """
     full, cfg = _resolve_vit_name(name)
-    choice = _as_choice(pretrained, "create_vit")
+    choice = pretrained_choice(pretrained, "create_vit")
     if isinstance(choice, str):
         raise ValueError(f"create_vit: pretrained must be True, False, 'default' or 'none', got {pretrained!r}; "
                          f"pass a local file as checkpoint_path=")
@@ -329,8 +209,8 @@ def create_vit(name: str, *, pretrained: Union[bool, str] = True, checkpoint_pat
         return model
 
     if checkpoint_path is not None:
-        path = _check_file(checkpoint_path, "create_vit")
-        weights = WeightsInfo(full, "file", path, zoo.sha256_file(path), "checkpoint_path")
+        path = check_file(checkpoint_path, "create_vit")
+        weights = WeightsInfo(full, "file", path, sha256_file(path), "checkpoint_path")
         model = from_file(path)
     elif not choice:
         model = build(False)
@@ -339,14 +219,14 @@ def create_vit(name: str, *, pretrained: Union[bool, str] = True, checkpoint_pat
     elif cfg.get("file"):  # registered with a local file: the shipped vit_tiny_synth
         path = os.path.abspath(cfg["file"])
         if not os.path.isfile(path):
-            raise zoo._missing(path, full)
+            raise zoo.missing_weights(path, full)
         asset_dir = os.path.abspath(zoo.ASSET_DIR)
         shipped = os.path.commonpath([path, asset_dir]) == asset_dir
-        weights = WeightsInfo(full, "shipped" if shipped else "file", path, zoo.sha256_file(path),
+        weights = WeightsInfo(full, "shipped" if shipped else "file", path, sha256_file(path),
                               "shipped with clfast" if shipped else "registered local file")
         model = from_file(path)
     elif not (cfg.get("hf_hub_id") or cfg.get("url")):
-        _loud(_missing_weights(full, cfg, "timm has no pretrained weights for this name"))
+        loud_warning(_missing_weights(full, cfg, "timm has no pretrained weights for this name"))
         model = build(False)
         weights = WeightsInfo(full, "random", note="timm lists no pretrained weights; randomly initialised")
     else:
@@ -373,7 +253,7 @@ def _vit_from_hub(full: str, cfg: dict, build, from_file) -> tuple[VisionTransfo
     where = _hub_location(cfg)
     cached = _vit_hub_cached(cfg)
     if cached:  # read the cached file directly: no network, whatever HF_HUB_OFFLINE says
-        return from_file(cached), WeightsInfo(full, "hub", cached, zoo.sha256_file(cached), f"{where} (local cache)")
+        return from_file(cached), WeightsInfo(full, "hub", cached, sha256_file(cached), f"{where} (local cache)")
     if hub_offline():
         reason = f"HF_HUB_OFFLINE is set and {where} is not in the local cache"
     else:
@@ -383,8 +263,8 @@ def _vit_from_hub(full: str, cfg: dict, build, from_file) -> tuple[VisionTransfo
             reason = f"download from {where} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         else:
             path = _vit_hub_cached(cfg)
-            return model, WeightsInfo(full, "hub", path, zoo.sha256_file(path) if path else None, where)
-    _loud(_missing_weights(full, cfg, reason), depth=2)
+            return model, WeightsInfo(full, "hub", path, sha256_file(path) if path else None, where)
+    loud_warning(_missing_weights(full, cfg, reason), depth=2)
     return build(False), WeightsInfo(full, "random", note=f"pretrained weights missing: {reason}")
 
 
@@ -638,108 +518,3 @@ def _model_name(vit: nn.Module) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # open_clip CLIP
-
-
-def _clip_cached(tag_cfg: dict) -> Optional[str]:
-    """The file open_clip would load for a tag if it is in the HF or ~/.cache/clip cache."""
-    if tag_cfg.get("file") and os.path.isfile(tag_cfg["file"]):
-        return tag_cfg["file"]
-    if tag_cfg.get("hf_hub"):
-        repo_id, filename = os.path.split(tag_cfg["hf_hub"].rstrip())
-        path = _hf_cached(repo_id, _safe_first(filename or "open_clip_pytorch_model.bin"))
-        if path:
-            return path
-    if tag_cfg.get("url"):
-        return _url_cached(tag_cfg["url"], os.path.expanduser("~/.cache/clip"))
-    return None
-
-
-def create_clip(name: str, *, pretrained: Union[bool, str, None] = None, checkpoint_path: Optional[str] = None,
-                device: Union[str, torch.device] = "cpu"):
-    """Build an open_clip model through ``open_clip.create_model_and_transforms`` and record its weights.
-
-    Weights: ``checkpoint_path`` (source ``"file"``); else for ``clip_tiny_synth`` the shipped file (source
-    ``"shipped"``) unless ``pretrained`` is False / ``"none"``; else the open_clip tag ``pretrained`` (source
-    ``"hub"``; the cached file if there is one). A tag whose weights cannot be had (``HF_HUB_OFFLINE`` and not
-    cached, or a failed download) gives random weights with a loud warning, as does ``pretrained=None`` for a
-    model other than ``clip_tiny_synth``.
-
-    Args:
-        name: an open_clip model name (``open_clip.list_models()``), e.g. ``"ViT-B-16"``, ``"clip_tiny_synth"``.
-        pretrained: an open_clip tag (``open_clip.list_pretrained_tags_by_model(name)``), a local file,
-            False / ``"none"`` for random weights, or None for the default (shipped file or random).
-        checkpoint_path: a local weights file; overrides ``pretrained``.
-        device: where to put the model.
-
-    Returns:
-        ``(model, preprocess, tokenizer, weights)``: the model in eval mode, open_clip's validation
-        transform for PIL images, the tokenizer (``tok(texts) -> (N, L) int64``) and a :class:`WeightsInfo`.
-
-    Raises:
-        ValueError: unknown model name or tag (with close matches). FileNotFoundError: missing checkpoint_path.
-    """
-    open_clip = zoo._open_clip()
-    if not isinstance(name, str) or name.replace("/", "-") not in open_clip.list_models():
-        raise ValueError(f"create_clip: unknown open_clip model {name!r}."
-                         + _close(str(name), open_clip.list_models()))
-    name = name.replace("/", "-")
-    choice = _as_choice(pretrained, "create_clip")
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    load, weights = None, None
-    if checkpoint_path is not None:
-        path = _check_file(checkpoint_path, "create_clip")
-        load, weights = path, WeightsInfo(name, "file", path, zoo.sha256_file(path), "checkpoint_path")
-    elif isinstance(choice, str) and os.path.isfile(os.path.expanduser(choice)):
-        path = os.path.abspath(os.path.expanduser(choice))
-        load, weights = path, WeightsInfo(name, "file", path, zoo.sha256_file(path), "pretrained=<file>")
-    elif name == "clip_tiny_synth" and choice in (None, True):
-        path = zoo.CLIP_TINY_SYNTH_FILE
-        if not os.path.isfile(path):
-            raise zoo._missing(path, "clip_tiny_synth")
-        load, weights = path, WeightsInfo(name, "shipped", path, zoo.sha256_file(path), "shipped with clfast")
-    elif choice is False:
-        weights = WeightsInfo(name, "random", note=f"pretrained={pretrained!r}: randomly initialised")
-        logger.warning("create_clip: %s is randomly initialised (pretrained=%r)", name, pretrained)
-    elif choice is None or choice is True:
-        _loud(f"create_clip: no pretrained tag given for {name!r}, so it is RANDOMLY INITIALISED. Pass "
-              f"pretrained=<tag> (one of: {', '.join(tags) or 'none known'}), checkpoint_path=<file>, or "
-              f"pretrained='none' to ask for random weights.")
-        weights = WeightsInfo(name, "random", note="no pretrained tag given; randomly initialised")
-    else:
-        tag_cfg = open_clip.get_pretrained_cfg(name, choice)
-        if not tag_cfg:
-            raise ValueError(f"create_clip: {name!r} has no pretrained tag {choice!r} and no such file exists; "
-                             f"known tags: {', '.join(tags) or 'none'}." + _close(choice, tags))
-        load, weights = _clip_from_hub(open_clip, name, choice, tag_cfg)
-    if load is None:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
-    else:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=load, device=device)
-    model.eval()
-    tokenizer = zoo.clip_tiny_synth_tokenizer() if name == "clip_tiny_synth" else open_clip.get_tokenizer(name)
-    logger.info("create_clip: %s", weights)
-    return model, preprocess, tokenizer, weights
-
-
-def _clip_from_hub(open_clip, name: str, tag: str, tag_cfg: dict) -> tuple[Optional[str], WeightsInfo]:
-    """(what to pass as open_clip's ``pretrained``, WeightsInfo) for a tag; random if it cannot be had."""
-    full = f"{name}:{tag}"
-    where = f"hf-hub:{tag_cfg['hf_hub']}" if tag_cfg.get("hf_hub") else tag_cfg.get("url", "")
-    cached = _clip_cached(tag_cfg)
-    if cached:
-        # Passing the tag (not the path) keeps the tag's preprocessing; open_clip finds the cached file.
-        return tag, WeightsInfo(full, "hub", cached, zoo.sha256_file(cached), f"{where} (local cache)")
-    if hub_offline():
-        reason = f"HF_HUB_OFFLINE is set and {where} is not in the local cache"
-    else:
-        try:
-            path = open_clip.download_pretrained(tag_cfg)
-        except OSError as e:
-            reason = f"download from {where} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        else:
-            return tag, WeightsInfo(full, "hub", path, zoo.sha256_file(path) if path else None, where)
-    _loud(depth=2, msg=f"create_clip: pretrained weights {full!r} are missing ({reason}). The model is RANDOMLY "
-          f"INITIALISED. "
-          f"Fetch {where} where there is network and pass create_clip({name!r}, checkpoint_path='/path/to/file'), "
-          f"or fill the Hugging Face cache and set HF_HUB_OFFLINE=1.")
-    return None, WeightsInfo(full, "random", note=f"pretrained weights missing: {reason}")

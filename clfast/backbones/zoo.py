@@ -61,7 +61,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _missing(path: str, what: str) -> FileNotFoundError:
+def missing_weights(path: str, what: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"{what} weights not found at {path}. They ship inside the clfast package (package data "
         f"'assets/*'); in a source checkout, regenerate them with `{PRETRAIN_COMMAND}`.")
@@ -78,7 +78,7 @@ def vit_tiny_synth(pretrained: bool = False, **kwargs) -> VisionTransformer:
     if pretrained:
         path = overlay.get("file") or VIT_TINY_SYNTH_FILE
         if not os.path.isfile(path):   # timm's own error here has an empty message
-            raise _missing(path, "vit_tiny_synth")
+            raise missing_weights(path, "vit_tiny_synth")
     model_args = dict(VIT_TINY_SYNTH_ARGS, **kwargs)
     return build_model_with_cfg(VisionTransformer, "vit_tiny_synth", pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn,
@@ -89,7 +89,7 @@ def vit_tiny_synth(pretrained: bool = False, **kwargs) -> VisionTransformer:
 # open_clip
 
 
-def _open_clip():
+def open_clip_module():
     try:
         import open_clip
     except ImportError as e:
@@ -101,7 +101,7 @@ def _open_clip():
 
 def register_open_clip_configs() -> None:
     """Make ``clip_tiny_synth`` an open_clip model name (idempotent)."""
-    _open_clip()
+    open_clip_module()
 
 
 def clip_tiny_synth_tokenizer(context_length: Optional[int] = None) -> WordTokenizer:
@@ -128,12 +128,12 @@ def create_clip_tiny_synth(pretrained: bool = True, device="cpu", checkpoint_pat
         Images from :mod:`clfast.data` are already 32×32 tensors in [0, 1]: normalise them with
         :func:`clip_normalize` instead of ``preprocess``.
     """
-    open_clip = _open_clip()
+    open_clip = open_clip_module()
     path = None
     if pretrained:
         path = checkpoint_path or CLIP_TINY_SYNTH_FILE
         if not os.path.isfile(path):
-            raise _missing(path, "clip_tiny_synth")
+            raise missing_weights(path, "clip_tiny_synth")
     model, _, preprocess = open_clip.create_model_and_transforms(
         "clip_tiny_synth", pretrained=path, device=device, **kwargs)
     model.eval()

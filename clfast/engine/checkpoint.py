@@ -9,6 +9,7 @@ numbers (:func:`hashable_config`); loading refuses another method or other setti
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import time
@@ -43,11 +44,17 @@ class Position:
 def hashable_config(cfg: RunConfig) -> dict:
     """The settings that change the numbers (what a checkpoint must agree with)."""
     d = cfg.to_dict()
+    d.pop("method")   # a checkpoint records its method on its own (and loading checks it)
     for k in NOT_HASHED:
         d.pop(k, None)
     # settings at their default are left out, so a field added in a later version (at its default)
     # does not make older checkpoints unresumable
     default = RunConfig().to_dict()
+    # method settings at the method's own default count as unset too, spelled out in a preset or not
+    method_cfg = cfg.method_config()
+    method_default = dataclasses.asdict(type(method_cfg)())
+    d["method_args"] = {k: v for k, v in d["method_args"].items()
+                        if _plain(method_default.get(k, _MISSING)) != _plain(getattr(method_cfg, k))}
     for k in list(d):
         if isinstance(d[k], dict) and isinstance(default.get(k), dict):
             d[k] = {s: v for s, v in d[k].items() if default[k].get(s, _MISSING) != v}
@@ -57,6 +64,12 @@ def hashable_config(cfg: RunConfig) -> dict:
 
 
 _MISSING = object()
+
+
+def _plain(v):
+    """Tuples as lists, so that a YAML list and a dataclass tuple compare equal."""
+    return list(v) if isinstance(v, tuple) else v
+
 # what `--resume` may change: settings that do not change the numbers
 RESUME_MAY_CHANGE = frozenset({"quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps",
                                "log_every", "log_to", "wandb_project"})

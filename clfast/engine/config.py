@@ -18,11 +18,13 @@ from typing import Any, Optional
 
 import yaml
 
+from ..data.scenario import DEFAULT_CLASS_ORDER_SEED
 from ..methods.base import OptimConfig, ScheduleConfig, build_config, check_fields, method_class
 
 __all__ = ["RunConfig", "load_config", "parse_override", "apply_overrides", "preset_path", "list_presets",
-           "CONFIG_DIR"]
+           "CONFIG_DIR", "DEFAULT_METHOD", "read_preset"]
 
+DEFAULT_METHOD = "dualprompt"   # `clfast demo` and a RunConfig that names none
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 AMP = ("bf16", "fp16", "none")
 SCENARIOS = ("class-incremental", "task-incremental", "domain-incremental")
@@ -32,7 +34,7 @@ SCENARIOS = ("class-incremental", "task-incremental", "domain-incremental")
 class RunConfig:
     """Everything a run needs; ``config.yaml`` in the run directory is this, resolved."""
 
-    method: str = "l2p"
+    method: str = DEFAULT_METHOD
     dataset: str = "synth-shapes"
     data_root: Optional[str] = None
     dataset_args: dict = field(default_factory=dict)
@@ -41,11 +43,11 @@ class RunConfig:
     scenario: str = "class-incremental"
     num_tasks: Optional[int] = None
     first_task_classes: Optional[int] = None
-    class_order_seed: int = 1993
+    class_order_seed: int = DEFAULT_CLASS_ORDER_SEED
     shuffle_classes: bool = True
     # backbone
     backbone: str = "vit_tiny_synth"
-    pretrained: Any = True
+    pretrained: Any = True   # or False / a weight tag / a spelling of "random" the backbone loader reads
     checkpoint_path: Optional[str] = None
     # training
     epochs: float = 1.0
@@ -114,8 +116,6 @@ class RunConfig:
         from .loggers import check_sinks
 
         self.log_to = list(check_sinks(self.log_to))
-        if isinstance(self.pretrained, str) and self.pretrained.lower() in ("none", "false", "random"):
-            self.pretrained = False
 
     def method_config(self):
         """The method's own ``Config`` dataclass, validated (unknown keys raise with close matches)."""
@@ -238,7 +238,7 @@ def default_preset(method: str, dataset: str) -> str:
 def load_config(method: str, dataset: str, preset: Optional[str] = None,
                 overrides: Optional[list] = None, **fields) -> RunConfig:
     """Preset (default: the dataset's, else ``fast``) → explicit ``fields`` → ``overrides``."""
-    method_class(method)  # unknown method: error with close matches
+    cls = method_class(method)  # unknown method: error with close matches, before any preset lookup
     preset = preset or default_preset(method, dataset)
     data = read_preset(method, preset)
     data.update({k: v for k, v in fields.items() if v is not None})
@@ -253,7 +253,7 @@ def load_config(method: str, dataset: str, preset: Optional[str] = None,
         cfg = RunConfig(**data)
     except TypeError as e:
         raise ValueError(f"bad config value: {e}") from None
-    cfg.method_config()  # validate method_args now, not mid-run
+    build_config(cls.Config, dict(cfg.method_args), f"method_args of {method!r}")  # now, not mid-run
     return cfg
 
 

@@ -185,8 +185,8 @@ class Trainer(Checkpointing):
         return self.data.test_data(task)
 
     def _build_method(self) -> Method:
-        backbone = method_class(self.cfg.method).build_backbone(self.cfg)
-        return create_method(self.cfg.method, backbone, self.scenario.num_classes, self.scenario.num_tasks,
+        cls = method_class(self.cfg.method)
+        return create_method(cls, cls.build_backbone(self.cfg), self.scenario.num_classes, self.scenario.num_tasks,
                              **self.cfg.method_args)
 
     # contexts and loaders -------------------------------------------------------------------------

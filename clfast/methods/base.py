@@ -615,7 +615,9 @@ def build_config(cls: type, values: dict, where: str):
     return cls(**values)
 
 
-def create_method(name: str, backbone: nn.Module, num_classes: int, num_tasks: int, **cfg) -> Method:
-    """Build registered method ``name``; ``cfg`` are its ``Config`` fields (unknown keys raise)."""
-    cls = method_class(name)
-    return cls(backbone, num_classes, num_tasks, build_config(cls.Config, cfg, f"method {name!r}"))
+def create_method(name: "str | type[Method]", backbone: nn.Module, num_classes: int, num_tasks: int,
+                  **cfg) -> Method:
+    """Build registered method ``name`` (or a :class:`Method` class already looked up); ``cfg`` are its
+    ``Config`` fields (unknown keys raise)."""
+    cls = method_class(name) if isinstance(name, str) else name
+    return cls(backbone, num_classes, num_tasks, build_config(cls.Config, cfg, f"method {cls.name!r}"))

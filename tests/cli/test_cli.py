@@ -29,7 +29,15 @@ def test_train_each_baseline_through_the_cli(tmp_path, method, capsys):
     for f in RUN_FILES:
         assert (out / f).is_file(), f
     s = json.loads((out / "summary.json").read_text())
-    assert 0 <= s["A_N"] <= 100 and s["num_tasks"] == 2
+    m = read_acc_csv(out / "acc_matrix.csv")
+    assert m.shape == (2, 2) and s["num_tasks"] == 2
+    assert s["A_N"] == pytest.approx((m[0, 1] + m[1, 1]) / 2)
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["method"] == method and rec["command"].startswith(f"clfast train --method {method}")
+    # task 2 trained the method: its head moved, and the frozen backbone was left out as unchanged
+    t1, t2 = (torch.load(out / "checkpoints" / f"task00{t}.pt", weights_only=True) for t in (1, 2))
+    assert not torch.equal(t1["method_state"]["head.weight"], t2["method_state"]["head.weight"])
+    assert "backbone.vit.blocks.0.attn.qkv.weight" in t2["method_unchanged"]
 
 
 def test_eval_reproduces_the_last_column(tmp_path, capsys):

@@ -239,6 +239,44 @@ def test_every_method_has_fast_and_paper_presets():
             cfg.method_config()
 
 
+def test_presets_hold_only_what_differs_from_the_defaults():
+    """A default lives in its dataclass (RunConfig, OptimConfig, ScheduleConfig, the method's Config); a
+    preset spells out only what differs from it."""
+    import dataclasses
+
+    from clfast.engine.config import CONFIG_DIR, read_preset
+    from clfast.methods import method_class
+
+    plain = (lambda v: list(v) if isinstance(v, tuple) else v)
+    run_default = RunConfig().to_dict()
+    for m in list_methods():
+        method_default = {k: plain(v) for k, v in dataclasses.asdict(method_class(m).Config()).items()}
+        for preset in list_presets(m):
+            raw = yaml.safe_load(open(os.path.join(CONFIG_DIR, m, f"{preset}.yaml"), encoding="utf-8"))
+            for key, value in raw.items():
+                if key == "method_args":
+                    same = [a for a, b in value.items() if method_default.get(a) == b]
+                elif key in ("optimizer", "schedule"):
+                    same = [a for a, b in value.items() if plain(run_default[key].get(a)) == b]
+                else:
+                    same = [] if key == "base" or run_default.get(key) != value else [key]
+                assert not same, f"{m}/{preset}.yaml repeats the default of {key}: {same}"
+            read_preset(m, preset)   # and resolves (its base chain included)
+
+
+def test_preset_base_merges_and_refuses_a_cycle(tmp_path, monkeypatch):
+    from clfast.engine import config as config_mod
+
+    for name, text in {"a": "epochs: 3\nmethod_args: {pool_size: 4, top_k: 2}\n",
+                       "b": "base: a\nmethod_args: {top_k: 1}\n", "c": "base: d\n", "d": "base: c\n"}.items():
+        (tmp_path / "l2p").mkdir(exist_ok=True)
+        (tmp_path / "l2p" / f"{name}.yaml").write_text(text)
+    monkeypatch.setattr(config_mod, "CONFIG_DIR", str(tmp_path))
+    assert config_mod.read_preset("l2p", "b") == {"epochs": 3, "method_args": {"pool_size": 4, "top_k": 1}}
+    with pytest.raises(ValueError, match="cycle"):
+        config_mod.read_preset("l2p", "c")
+
+
 def test_overrides_parse_and_validate():
     assert parse_override("optimizer.lr=1e-3") == ("optimizer.lr", 1e-3)
     assert parse_override("augment=false") == ("augment", False)
@@ -259,17 +297,26 @@ def test_overrides_parse_and_validate():
         apply_overrides({}, [("epochs.x", 1)])
     with pytest.raises(ValueError, match="preset"):
         load_config("l2p", "synth-shapes", "fats")
-    assert RunConfig(pretrained="none").pretrained is False
+    assert RunConfig(pretrained="none").pretrained == "none"   # the backbone loader reads the spellings
 
 
 def test_compiled_training_matches_eager(tmp_path):
     """compile: true traces the prompted backbone (custom ops included) and trains the same."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     states = []
     for i, extra in enumerate([[], ["compile=true", "compile_options.backend=aot_eager"]]):
         out = tmp_path / f"r{i}"
         with pytest.raises(Interrupted):
             Trainer(tiny_cfg("dualprompt", ["amp=none", "stop_after_steps=3", *extra]), out=str(out)).fit()
         states.append(torch.load(out / "checkpoints" / "interrupt.pt", weights_only=True)["method_state"])
+        if i == 0:   # the eager run compiled nothing
+            assert counters["stats"]["unique_graphs"] == 0
+    # the compiled run traced the backbone, prefixes and custom ops included, in whole graphs
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
     for k, v in states[0].items():
         torch.testing.assert_close(states[1][k], v, atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
 
