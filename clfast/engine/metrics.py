@@ -32,7 +32,7 @@ import numpy as np
 __all__ = [
     "final_accuracy", "forgetting", "backward_transfer", "accuracy_curve", "average_incremental_accuracy",
     "per_task_accuracy", "sample_weighted_accuracy", "summarize", "AccuracyMatrix", "write_acc_csv",
-    "read_acc_csv",
+    "read_acc_csv", "check_matrix",
 ]
 
 
@@ -40,7 +40,7 @@ __all__ = [
 # validation
 
 
-def _check_matrix(acc: Any, name: str = "acc") -> np.ndarray:
+def check_matrix(acc: Any, name: str = "acc") -> np.ndarray:
     """Return ``acc`` as a float64 (N, N) array; every entry with ``i <= j`` must be a finite percent."""
     try:
         a = np.array(acc, dtype=np.float64)
@@ -117,7 +117,7 @@ def final_accuracy(acc: Any) -> float:
     Returns:
         ``A_N`` in percent.
     """
-    a = _check_matrix(acc)
+    a = check_matrix(acc)
     return float(a[:, -1].mean())
 
 
@@ -133,7 +133,7 @@ def forgetting(acc: Any) -> float:
     Returns:
         ``F_N`` in percentage points.
     """
-    a = _check_matrix(acc)
+    a = check_matrix(acc)
     n = a.shape[0]
     if n == 1:
         return 0.0
@@ -152,7 +152,7 @@ def backward_transfer(acc: Any) -> float:
     Returns:
         ``BWT`` in percentage points.
     """
-    a = _check_matrix(acc)
+    a = check_matrix(acc)
     n = a.shape[0]
     if n == 1:
         return 0.0
@@ -168,7 +168,7 @@ def accuracy_curve(acc: Any) -> np.ndarray:
     Returns:
         (N,) float array, ``A_j = mean_{i<=j} acc[i][j]``; its last entry is ``A_N``.
     """
-    a = _check_matrix(acc)
+    a = check_matrix(acc)
     return np.array([a[:j + 1, j].mean() for j in range(a.shape[0])], dtype=np.float64)
 
 
@@ -229,7 +229,7 @@ def summarize(acc: Any, correct_last: Any, total_last: Any) -> dict[str, float]:
     Returns:
         ``{"A_N", "F_N", "BWT", "A_avg", "sample_weighted_accuracy"}``, all floats in percent.
     """
-    a = _check_matrix(acc)
+    a = check_matrix(acc)
     per_task = per_task_accuracy(correct_last, total_last)
     if per_task.shape[0] != a.shape[0]:
         raise ValueError(f"correct_last and total_last must have one entry per task (N={a.shape[0]}); "
@@ -273,7 +273,7 @@ def write_acc_csv(acc: Any, path: str | os.PathLike) -> None:
     """
     from .io import atomic_write_text
 
-    atomic_write_text(path, _csv_text(_check_matrix(acc)))
+    atomic_write_text(path, _csv_text(check_matrix(acc)))
 
 
 def read_acc_csv(path: str | os.PathLike) -> np.ndarray:
@@ -306,7 +306,7 @@ def read_acc_csv(path: str | os.PathLike) -> np.ndarray:
                 except ValueError:
                     raise ValueError(f"path {os.fspath(path)!r}: cell (task {i + 1}, after_{j + 1}) is not a "
                                      f"number: {cell!r}") from None
-    return _check_matrix(a, name=f"matrix in {os.fspath(path)!r}")
+    return check_matrix(a, name=f"matrix in {os.fspath(path)!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from .io import atomic_write_bytes
-from .metrics import _check_matrix, accuracy_curve
+from .metrics import check_matrix, accuracy_curve
 
 __all__ = ["plot_acc_matrix", "plot_accuracy_curve", "matplotlib_available"]
 
@@ -60,7 +60,7 @@ def plot_acc_matrix(acc: Any, path: str | os.PathLike, title: Optional[str] = No
         path: output file (``.png``, ``.pdf`` or ``.svg``).
         title: figure title; default ``"Accuracy matrix (%)"``.
     """
-    a = _check_matrix(acc)
+    a = check_matrix(acc)
     n = a.shape[0]
     side = min(max(3.0, 0.55 * n + 1.5), 16.0)
     fig = _new_figure(side + 1.0, side)

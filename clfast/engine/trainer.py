@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -64,6 +65,21 @@ class _StepModule(nn.Module):
     def forward(self, batch: dict, ctx: TaskContext):
         out = self.method.training_step(batch, ctx)
         return out.loss, out.logs
+
+
+@dataclass
+class _StageRun:
+    """A running stage: what every epoch of it needs."""
+
+    task: int
+    si: int                 # the stage's index among the task's stages
+    stage: Stage
+    settings: dict          # Trainer._stage_settings: epochs, batch, optim, sched, clip, persistent
+    ctx: TaskContext
+    opt: torch.optim.Optimizer
+    key: str                # the optimizer's key in checkpoints ("<stage name>/<index>")
+    module: nn.Module       # what a step calls (the method, DDP-wrapped under torchrun)
+    n_epochs: int
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -293,16 +309,7 @@ class Trainer(Checkpointing):
             rio.restore_unchanged(self.method, *method_state)
             rio.set_rng_state(rng)
         key = f"{stage.name}/{si}"
-        opt = self.persistent_opts.get(key) if s["persistent"] else None
-        if opt is None:
-            opt = build_optimizer(self.method.param_groups(stage), s["optim"], s["batch"])
-            if s["persistent"]:
-                self.persistent_opts[key] = opt
-        if resume or (s["persistent"] and key in self._opt_states):
-            state = self._opt_states.pop(key, None)
-            if state is not None:
-                opt.load_state_dict(state)
-        step_module = self._wrap(stage)
+        opt = self._stage_optimizer(stage, key, s, resume)
         validate_every = stage.validate_every
         if validate_every is None and stage.data == "task":
             validate_every = self.cfg.validate_every
@@ -312,89 +319,14 @@ class Trainer(Checkpointing):
             self._best, self._pending_best = self._pending_best, None
         else:
             self._best = None
-
-        n_epochs = max(1, math.ceil(s["epochs"]))
-        frac = s["epochs"] - math.floor(s["epochs"]) if s["epochs"] != math.floor(s["epochs"]) else 0.0
-        per_rank = s["batch"] // self.world
+        run = _StageRun(task, si, stage, s, sctx, opt, key, self._wrap(stage), max(1, math.ceil(s["epochs"])))
         data = None if stage.data == "method" else self.train_data(task, stage.augment)
-        steps_full = None if data is None else math.ceil(math.ceil(len(data) / self.world) / per_rank)
         start_epoch = self.pos.epoch if resume else 0
-        for epoch in range(start_epoch, n_epochs):
+        for epoch in range(start_epoch, run.n_epochs):
             skip = self.pos.batch if (resume and epoch == start_epoch) else 0
-            if data is not None:
-                n_steps = steps_full
-                if frac and epoch == n_epochs - 1:
-                    n_steps = max(1, int(round(frac * steps_full)))
-                if self.cfg.limit_train_batches:
-                    n_steps = min(n_steps, self.cfg.limit_train_batches)
-                val_every = (max(1, round(validate_every * min(steps_full, self.cfg.limit_train_batches
-                                                               or steps_full)))
-                             if validate_every is not None else None)
-                sampler = EpochSampler(len(data), derive_seed(self.cfg.seed, task, si, epoch), rank=self.rank,
-                                       world=self.world, skip=skip * per_rank)
-                data.seed = derive_seed(self.cfg.seed, "augment", task, si, epoch)
-                batches: Iterable = self.data.loader(data, sampler, per_rank)
-                total_steps = n_steps
-            else:
-                # Batches the method generates (e.g. sampled features) are skipped by drawing them: from
-                # ctx.generator(), the stage's own stream, they are the batches the interrupted run drew
-                # (the global generator, which the training steps use, was restored from the checkpoint).
-                val_every = None
-                batches = self.method.stage_batches(stage, sctx.replace(epoch=epoch))
-                if skip:
-                    batches = itertools.islice(batches, skip, None)
-                total_steps = stage.steps_per_epoch
-                n_steps = min(x for x in (self.cfg.limit_train_batches, total_steps, 1 << 62) if x)
-                n_steps = None if n_steps == 1 << 62 else n_steps
-                total_steps = n_steps
             if s["sched"].per == "epoch":
-                set_lr(opt, self._lr_factor(stage, s, epoch, n_epochs))
-            ectx = sctx.replace(epoch=epoch)
-            t_epoch = time.time()
-            seen = 0
-            logs_acc: dict[str, float] = {}
-            n_logged = 0
-            if n_steps is not None:  # never draw (load, augment) a batch that will not be trained on
-                batches = itertools.islice(batches, max(0, n_steps - skip))
-            it = progress(batches, total=(total_steps - skip) if total_steps else None, enabled=not self.quiet,
-                          desc=f"task {task + 1} {stage.name} ep {epoch + 1}/{n_epochs}")
-            b = skip
-            for batch in it:
-                if s["sched"].per == "step" and total_steps:
-                    set_lr(opt, self._lr_factor(stage, s, epoch * total_steps + b, n_epochs * total_steps))
-                logs = self._step(step_module, opt, batch, ectx, s["clip"])
-                b += 1
-                self.global_step += 1
-                seen += int(batch["image"].shape[0]) if "image" in batch else 0
-                for k, v in logs.items():
-                    logs_acc[k] = logs_acc.get(k, 0.0) + v
-                n_logged += 1
-                if self.global_step % self.cfg.log_every == 0:
-                    self.metrics.log(event="step", task=task, stage=stage.name, epoch=epoch, step=self.global_step,
-                                     lr=opt.param_groups[0]["lr"], **logs)
-                if val_every and (b % val_every == 0 or (n_steps is not None and b >= n_steps)):
-                    self._validate(task, stage, sctx)
-                stop = self.cfg.stop_after_steps and self.global_step >= self.cfg.stop_after_steps
-                every = self.cfg.checkpoint_every_steps
-                if self._interrupted() or stop or (every and self.global_step % every == 0):
-                    resume_at = Position(task, si, epoch, b)
-                    if n_steps is not None and b >= n_steps:
-                        resume_at = Position(task, si, epoch + 1, 0)
-                    self._stash_optimizer(key, opt)
-                    if self._interrupt or stop:
-                        self.pos = resume_at
-                        raise Interrupted(self._save_checkpoint(tag="interrupt"))
-                    self._save_checkpoint(tag="step", pos=resume_at)  # periodic: save and go on
-            dt = time.time() - t_epoch
-            self._train_time += dt
-            self._train_images += seen * self.world
-            self.metrics.log(event="epoch", task=task, stage=stage.name, epoch=epoch, step=self.global_step,
-                             steps=b - skip,
-                             seconds=round(dt, 3), images_per_s=round(seen * self.world / max(dt, 1e-9), 2),
-                             **{k: v / max(n_logged, 1) for k, v in logs_acc.items()})
-            if logs_acc:
-                self.log.info(f"  task {task + 1} {stage.name} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
-                    f"{k} {v / max(n_logged, 1):.4f}" for k, v in logs_acc.items()) + f" ({dt:.1f} s)")
+                set_lr(opt, self._lr_factor(stage, s, epoch, run.n_epochs))
+            self._run_epoch(run, self._epoch_plan(run, data, epoch, skip, validate_every), epoch, skip)
         if self._best is not None and stage.keep_best:
             with torch.no_grad():
                 params = dict(self.method.named_parameters())
@@ -405,7 +337,98 @@ class Trainer(Checkpointing):
         self._best = None
         self.method.end_stage(stage, sctx)
 
-    def _validate(self, task: int, stage: Stage, sctx: TaskContext) -> None:
+    def _stage_optimizer(self, stage: Stage, key: str, s: dict, resume: bool) -> torch.optim.Optimizer:
+        """The stage's optimizer: kept across tasks when persistent, its state restored on resume."""
+        opt = self.persistent_opts.get(key) if s["persistent"] else None
+        if opt is None:
+            opt = build_optimizer(self.method.param_groups(stage), s["optim"], s["batch"])
+            if s["persistent"]:
+                self.persistent_opts[key] = opt
+        if resume or (s["persistent"] and key in self._opt_states):
+            state = self._opt_states.pop(key, None)
+            if state is not None:
+                opt.load_state_dict(state)
+        return opt
+
+    def _epoch_plan(self, run: "_StageRun", data, epoch: int, skip: int, validate_every: Optional[float]) -> dict:
+        """One epoch's batches (from batch ``skip`` on), its step count (None: as many as the method
+        yields; also the per-step schedule's length), and how often to validate."""
+        task, si, stage, s = run.task, run.si, run.stage, run.settings
+        per_rank = s["batch"] // self.world
+        if data is not None:
+            steps_full = math.ceil(math.ceil(len(data) / self.world) / per_rank)
+            n_steps = steps_full
+            if s["epochs"] != math.floor(s["epochs"]) and epoch == run.n_epochs - 1:   # a fractional last epoch
+                n_steps = max(1, int(round((s["epochs"] - math.floor(s["epochs"])) * steps_full)))
+            if self.cfg.limit_train_batches:
+                n_steps = min(n_steps, self.cfg.limit_train_batches)
+            val_every = (max(1, round(validate_every * min(steps_full, self.cfg.limit_train_batches or steps_full)))
+                         if validate_every is not None else None)
+            sampler = EpochSampler(len(data), derive_seed(self.cfg.seed, task, si, epoch), rank=self.rank,
+                                   world=self.world, skip=skip * per_rank)
+            data.seed = derive_seed(self.cfg.seed, "augment", task, si, epoch)
+            batches: Iterable = self.data.loader(data, sampler, per_rank)
+        else:
+            # Batches the method generates (e.g. sampled features) are skipped by drawing them: from
+            # ctx.generator(), the stage's own stream, they are the batches the interrupted run drew
+            # (the global generator, which the training steps use, was restored from the checkpoint).
+            val_every = None
+            batches = self.method.stage_batches(stage, run.ctx.replace(epoch=epoch))
+            if skip:
+                batches = itertools.islice(batches, skip, None)
+            known = [x for x in (self.cfg.limit_train_batches, stage.steps_per_epoch) if x]
+            n_steps = min(known) if known else None
+        if n_steps is not None:  # never draw (load, augment) a batch that will not be trained on
+            batches = itertools.islice(batches, max(0, n_steps - skip))
+        return {"batches": batches, "n_steps": n_steps, "val_every": val_every}
+
+    def _run_epoch(self, run: "_StageRun", plan: dict, epoch: int, skip: int) -> None:
+        task, stage, s, opt, n_epochs = run.task, run.stage, run.settings, run.opt, run.n_epochs
+        n_steps, val_every = plan["n_steps"], plan["val_every"]
+        ectx = run.ctx.replace(epoch=epoch)
+        t_epoch = time.time()
+        seen, n_logged = 0, 0
+        logs_acc: dict[str, float] = {}
+        it = progress(plan["batches"], total=(n_steps - skip) if n_steps else None, enabled=not self.quiet,
+                      desc=f"task {task + 1} {stage.name} ep {epoch + 1}/{n_epochs}")
+        b = skip
+        for batch in it:
+            if s["sched"].per == "step" and n_steps:
+                set_lr(opt, self._lr_factor(stage, s, epoch * n_steps + b, n_epochs * n_steps))
+            logs = self._step(run.module, opt, batch, ectx, s["clip"])
+            b += 1
+            self.global_step += 1
+            seen += int(batch["image"].shape[0]) if "image" in batch else 0
+            for k, v in logs.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + v
+            n_logged += 1
+            if self.global_step % self.cfg.log_every == 0:
+                self.metrics.log(event="step", task=task, stage=stage.name, epoch=epoch, step=self.global_step,
+                                 lr=opt.param_groups[0]["lr"], **logs)
+            if val_every and (b % val_every == 0 or (n_steps is not None and b >= n_steps)):
+                self._validate(task, stage)
+            stop = self.cfg.stop_after_steps and self.global_step >= self.cfg.stop_after_steps
+            every = self.cfg.checkpoint_every_steps
+            if self._interrupted() or stop or (every and self.global_step % every == 0):
+                done = n_steps is not None and b >= n_steps
+                resume_at = Position(task, run.si, epoch + 1, 0) if done else Position(task, run.si, epoch, b)
+                self._stash_optimizer(run.key, opt)
+                if self._interrupt or stop:
+                    self.pos = resume_at
+                    raise Interrupted(self._save_checkpoint(tag="interrupt"))
+                self._save_checkpoint(tag="step", pos=resume_at)  # periodic: save and go on
+        dt = time.time() - t_epoch
+        self._train_time += dt
+        self._train_images += seen * self.world
+        means = {k: v / max(n_logged, 1) for k, v in logs_acc.items()}
+        self.metrics.log(event="epoch", task=task, stage=stage.name, epoch=epoch, step=self.global_step,
+                         steps=b - skip, seconds=round(dt, 3), images_per_s=round(seen * self.world / max(dt, 1e-9), 2),
+                         **means)
+        if means:
+            self.log.info(f"  task {task + 1} {stage.name} epoch {epoch + 1}/{n_epochs}: "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" ({dt:.1f} s)")
+
+    def _validate(self, task: int, stage: Stage) -> None:
         """Accuracy on the current task's held-out split; remember the best trainable parameters."""
         self.method.eval()
         c, n = self.evaluate_task(task, task, split="val")
