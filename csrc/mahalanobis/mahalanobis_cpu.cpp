@@ -1,5 +1,6 @@
 // CPU kernels of clfast's Gaussian ops: mahalanobis (squared distances under a shared precision) and
-// gaussian_kl (KL of diagonal Gaussians from a full-covariance prior), forward and backward.
+// gaussian_kl (KL of diagonal Gaussians from a full-covariance prior), forward and backward, registered by
+// bindings.cpp.
 //
 // The precision is P = L·Lᵀ with L lower-triangular (only its lower triangle is read) or a diagonal given as
 // a vector l (P = diag(l²)). Everything reduces to products with L, done as GEMMs that skip L's zero triangle:
@@ -21,7 +22,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -30,6 +30,7 @@
 #include "common/check.h"
 #include "common/tensor_util.h"
 #include "mahalanobis/mahalanobis.h"
+#include "ops.h"
 
 namespace clfast::gaussian {
 namespace {
@@ -412,18 +413,3 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_bwd_cpu(const Tensor& gra
 
 }  // namespace clfast::gaussian
 
-TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
-  m.def("mahalanobis_fwd(Tensor x, Tensor means, Tensor prec_chol) -> (Tensor, Tensor)");
-  m.def("mahalanobis_bwd(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor proj) -> (Tensor, Tensor, "
-        "Tensor)");
-  m.def("gaussian_kl_fwd(Tensor mu, Tensor log_var, Tensor prior_mean, Tensor prec_chol) -> (Tensor, Tensor)");
-  m.def("gaussian_kl_bwd(Tensor grad, Tensor mu, Tensor log_var, Tensor prior_mean, Tensor prec_chol, "
-        "Tensor proj) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) {
-  m.impl("mahalanobis_fwd", &clfast::gaussian::mahalanobis_fwd_cpu);
-  m.impl("mahalanobis_bwd", &clfast::gaussian::mahalanobis_bwd_cpu);
-  m.impl("gaussian_kl_fwd", &clfast::gaussian::gaussian_kl_fwd_cpu);
-  m.impl("gaussian_kl_bwd", &clfast::gaussian::gaussian_kl_bwd_cpu);
-}

@@ -1,4 +1,4 @@
-// CPU kernels of clfast::prefix_attention (forward and backward), registered as
+// CPU kernels of clfast::prefix_attention (forward and backward), registered by bindings.cpp as
 // _clfast_C::prefix_attention_fwd / prefix_attention_bwd. Math: see prefix_attention.h.
 //
 // Work is split over (b, h) and blocks of queries; every product is a plain row-major GEMM.
@@ -21,7 +21,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -37,6 +36,7 @@
 #include "common/scratch.h"
 #include "common/static_switch.h"
 #include "common/tensor_util.h"
+#include "ops.h"
 #include "prefix_attention/cpu_packing.h"
 #include "prefix_attention/cpu_tiles.h"
 #include "prefix_attention/prefix_attention.h"
@@ -585,18 +585,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 
 }  // namespace prefix_attention
 }  // namespace clfast
-
-TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
-  m.def(
-      "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
-      "Tensor? kv_mask, float scale) -> (Tensor out, Tensor lse)");
-  m.def(
-      "prefix_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, "
-      "Tensor? prefix_v, Tensor? kv_mask, Tensor out, Tensor lse, float scale) -> "
-      "(Tensor dq, Tensor dk, Tensor dv, Tensor dprefix_k, Tensor dprefix_v)");
-}
-
-TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) {
-  m.impl("prefix_attention_fwd", &clfast::prefix_attention::prefix_attention_fwd_cpu);
-  m.impl("prefix_attention_bwd", &clfast::prefix_attention::prefix_attention_bwd_cpu);
-}

@@ -1,4 +1,5 @@
-// CPU kernels of prompt_conv (ConvPrompt's prompt generation), forward and backward.
+// CPU kernels of prompt_conv (ConvPrompt's prompt generation), forward and backward, registered by
+// bindings.cpp.
 //
 //   out[b,h] = Σ_f pw[b,f] · (E_h ⋆ W_hf + bias_hf)        ⋆: valid single-channel cross-correlation
 //
@@ -18,7 +19,6 @@
 // vector load needs a bounds check. The small GEMMs go to ATen. 16-bit inputs compute in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -28,6 +28,7 @@
 #include "common/index_math.h"
 #include "common/static_switch.h"
 #include "common/tensor_util.h"
+#include "ops.h"
 #include "prompt_conv/prompt_conv.h"
 
 namespace clfast::prompt_conv {
@@ -397,15 +398,3 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> prompt_conv_bwd_cpu(const Tensor& gra
 }
 
 }  // namespace clfast::prompt_conv
-
-TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
-  m.def("prompt_conv_fwd(Tensor embeddings, Tensor weight, Tensor bias, Tensor prompt_weights, bool mix_first) -> "
-        "(Tensor, Tensor)");
-  m.def("prompt_conv_bwd(Tensor grad, Tensor embeddings, Tensor weight, Tensor bias, Tensor prompt_weights, "
-        "Tensor saved, bool mix_first) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) {
-  m.impl("prompt_conv_fwd", &clfast::prompt_conv::prompt_conv_fwd_cpu);
-  m.impl("prompt_conv_bwd", &clfast::prompt_conv::prompt_conv_bwd_cpu);
-}

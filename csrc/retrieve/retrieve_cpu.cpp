@@ -1,5 +1,5 @@
 // retrieve on the CPU: the top-k keys of each query by cosine / inner product / negative squared L2,
-// without the (B, M) score matrix. Registered as retrieve_topk(query (B,D), keys (M,D), k,
+// without the (B, M) score matrix. Registered by bindings.cpp as retrieve_topk(query (B,D), keys (M,D), k,
 // metric) -> (scores (B,k) float32, indices (B,k) int64), each row by (score desc, index asc).
 //
 // Scan. The keys are cut into tiles. A work item is (key tile, block of queries): the raw dot products of
@@ -25,7 +25,6 @@
 // out by index on every path and at any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
@@ -37,6 +36,7 @@
 #include "common/cpu_features.h"
 #include "common/simd_avx2.h"
 #include "common/static_switch.h"
+#include "ops.h"
 #include "retrieve/retrieve.h"
 
 namespace clfast::retrieve {
@@ -593,9 +593,3 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_cpu(const at::Tensor& query, co
 }
 
 }  // namespace clfast::retrieve
-
-TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
-  m.def("retrieve_topk(Tensor query, Tensor keys, int k, str metric) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) { m.impl("retrieve_topk", &clfast::retrieve::retrieve_topk_cpu); }
