@@ -17,6 +17,9 @@
 #include "common/transpose.h"
 
 namespace clfast::prefix_attention {
+// Internal linkage, as when this code sat inside prefix_attention_cpu.cpp (its only includer): GCC then
+// specialises and inlines these calls as it did there.
+namespace {
 
 using cpu::kVnni;
 using cpu::RowPrefetch;
@@ -189,4 +192,5 @@ void pack_b_rows(const RowFn& src, int64_t n, int64_t nrow, int64_t d, C* dst) {
   }
 }
 
+}  // namespace
 }  // namespace clfast::prefix_attention

@@ -27,6 +27,9 @@
 #include "prefix_attention/prefix_attention.h"
 
 namespace clfast::prefix_attention {
+// Internal linkage, as when this code sat inside prefix_attention_cpu.cpp (its only includer): GCC then
+// specialises and inlines these calls as it did there.
+namespace {
 
 using cpu::kVnni;
 using cpu::RowPrefetch;
@@ -604,4 +607,5 @@ void grad_tile(float* S, float* dP, int64_t ldq, int64_t kn, int64_t ncol, float
              [&] { grad_tile<C>(Isa{}, S, dP, ldq, kn, ncol, scale, lse, di, Pa, dSa, dSv, pf, pf_step); });
 }
 
+}  // namespace
 }  // namespace clfast::prefix_attention
