@@ -42,6 +42,7 @@ inline __m128i cvt8_bf16(__m256 v) {
   return _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
 }
 
+// 8 floats -> 8 values of the 16-bit type C (bf16 or fp16), round to nearest even.
 template <typename C>
 inline __m128i cvt8_16bit(__m256 v) {
   if constexpr (std::is_same_v<C, c10::BFloat16>) {
@@ -51,6 +52,7 @@ inline __m128i cvt8_16bit(__m256 v) {
   }
 }
 
+// 8 values of T (float, bf16 or fp16) as 8 floats.
 template <typename T>
 inline __m256 load8(const T* src) {
   if constexpr (std::is_same_v<T, float>) {
@@ -63,6 +65,7 @@ inline __m256 load8(const T* src) {
   }
 }
 
+// 8 floats stored as C (float, or bf16 / fp16 rounded to nearest even).
 template <typename C>
 inline void store8(C* dst, __m256 v) {
   if constexpr (std::is_same_v<C, float>) {
@@ -80,6 +83,7 @@ inline void store8_pair(C* dst, __m256 a, __m256 b) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8), _mm_unpackhi_epi16(x, y));
 }
 
+// In-register transposes: r[k] = row k on entry, column k on exit.
 inline void transpose8x8(__m256 r[8]) {
   __m256 t[8], u[8];
   for (int k = 0; k < 8; k += 2) {

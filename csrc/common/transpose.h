@@ -124,6 +124,7 @@ CLFAST_AVX512_TARGET void transpose_words(isa::Avx512, const RowFn& src, int64_t
   }
 }
 
+// AVX-512: the same, 32 values per step with masked tails.
 template <typename C, typename RowFn>
 CLFAST_AVX512_TARGET void interleave_rows(isa::Avx512, const RowFn& src, int64_t n, int64_t nrow, int64_t d,
                                           C* dst) {

@@ -3,11 +3,13 @@
 // write-backs and the backward's Di = rowsum(dout * out). Math: prefix_attention.h.
 //
 // Each kernel has an AVX2 form (scalar in builds without AVX2) and, for fp32 and bf16, an AVX-512 form
-// (cpu_features.h). The two forms are not one template over the vector width: the AVX-512 forms compute
-// exp as 2^x with polynomials fitted for their precision, convert to bf16 with vcvtneps2bf16 (which flushes
-// denormals), handle tails with masks instead of scalar loops, group softmax rows, and write outputs with
-// streaming stores, so each form keeps its own numbers and speed. The entry points at the end of this file
-// pick the form per call (ISA_SWITCH).
+// (cpu_features.h); the entry points at the end of this file pick one per call (ISA_SWITCH). The forms are
+// kept apart on purpose rather than written once over the vector width: the AVX-512 forms compute exp as 2^x
+// with polynomials fitted to the output precision, apply the scale in another order, convert to bf16 with
+// vcvtneps2bf16 (which flushes denormals), handle tails with masks instead of scalar loops, group softmax
+// rows and write outputs with streaming stores. A shared body would change one form's numbers, and GCC
+// gives a function template one target for all its instantiations (an AVX-512 instantiation of a
+// default-target template cannot inline AVX-512 intrinsics).
 #pragma once
 
 #include <c10/util/BFloat16.h>
