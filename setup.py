@@ -67,6 +67,10 @@ def _extensions():
         cxx.append("-march=native")
     use_cuda, why = _want_cuda(torch)
     define = [("CLFAST_BUILD_CUDA", "1" if use_cuda else "0")]
+    # csrc/bindings.cpp registers the kernels of the op folders built here (CLFAST_WITH_<OP>=1) only.
+    for op in sorted(os.listdir(os.path.join(ROOT, "csrc"))):
+        if os.path.isdir(os.path.join(ROOT, "csrc", op)) and op != "common":
+            define.append((f"CLFAST_WITH_{op.upper()}", "0" if op in skip else "1"))
     build_note = f"cuda={'on' if use_cuda else 'off'} ({why})"
     define.append(("CLFAST_BUILD_NOTE", f'"{build_note}"'))
     print(f"[clfast setup] {build_note}", flush=True)

@@ -1,14 +1,31 @@
-// The Python module clfast._C. Each op's translation unit registers its own kernels with
-// TORCH_LIBRARY_FRAGMENT(_clfast_C, ...) and TORCH_LIBRARY_IMPL(_clfast_C, CPU/CUDA, ...); importing this
-// module runs those static registrations. This file adds only the module itself and a build-info op.
+// The Python module clfast._C, and every kernel's registration: the schemas of the library _clfast_C
+// (TORCH_LIBRARY_FRAGMENT) and their CPU kernels (TORCH_LIBRARY_IMPL), declared in ops.h. Importing the
+// module runs these static registrations; the Python side calls torch.ops._clfast_C.<name>.
+//
+// setup.py defines CLFAST_WITH_<OP>=0 for the op folders that CLFAST_EXCLUDE_OPS leaves out: their schemas
+// are not registered (clfast._ext.has_op reports them missing).
 #include <Python.h>
 
 #include <torch/library.h>
 
 #include <string>
 
+#include "ops.h"
+
 #ifndef CLFAST_BUILD_NOTE
 #define CLFAST_BUILD_NOTE "unknown"
+#endif
+#ifndef CLFAST_WITH_PREFIX_ATTENTION
+#define CLFAST_WITH_PREFIX_ATTENTION 1
+#endif
+#ifndef CLFAST_WITH_RETRIEVE
+#define CLFAST_WITH_RETRIEVE 1
+#endif
+#ifndef CLFAST_WITH_MAHALANOBIS
+#define CLFAST_WITH_MAHALANOBIS 1
+#endif
+#ifndef CLFAST_WITH_PROMPT_CONV
+#define CLFAST_WITH_PROMPT_CONV 1
 #endif
 
 namespace {
@@ -40,6 +57,52 @@ bool built_with_cuda() { return CLFAST_BUILD_CUDA != 0; }
 TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
   m.def("build_info() -> str", &build_info);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+#if CLFAST_WITH_PREFIX_ATTENTION
+  m.def(
+      "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
+      "Tensor? kv_mask, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "prefix_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, "
+      "Tensor? prefix_v, Tensor? kv_mask, Tensor out, Tensor lse, float scale) -> "
+      "(Tensor dq, Tensor dk, Tensor dv, Tensor dprefix_k, Tensor dprefix_v)");
+#endif
+#if CLFAST_WITH_RETRIEVE
+  m.def("retrieve_topk(Tensor query, Tensor keys, int k, str metric) -> (Tensor, Tensor)");
+#endif
+#if CLFAST_WITH_MAHALANOBIS
+  m.def("mahalanobis_fwd(Tensor x, Tensor means, Tensor prec_chol) -> (Tensor, Tensor)");
+  m.def("mahalanobis_bwd(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor proj) -> (Tensor, Tensor, "
+        "Tensor)");
+  m.def("gaussian_kl_fwd(Tensor mu, Tensor log_var, Tensor prior_mean, Tensor prec_chol) -> (Tensor, Tensor)");
+  m.def("gaussian_kl_bwd(Tensor grad, Tensor mu, Tensor log_var, Tensor prior_mean, Tensor prec_chol, "
+        "Tensor proj) -> (Tensor, Tensor, Tensor, Tensor)");
+#endif
+#if CLFAST_WITH_PROMPT_CONV
+  m.def("prompt_conv_fwd(Tensor embeddings, Tensor weight, Tensor bias, Tensor prompt_weights, bool mix_first) -> "
+        "(Tensor, Tensor)");
+  m.def("prompt_conv_bwd(Tensor grad, Tensor embeddings, Tensor weight, Tensor bias, Tensor prompt_weights, "
+        "Tensor saved, bool mix_first) -> (Tensor, Tensor, Tensor, Tensor)");
+#endif
+}
+
+TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) {
+#if CLFAST_WITH_PREFIX_ATTENTION
+  m.impl("prefix_attention_fwd", &clfast::prefix_attention::prefix_attention_fwd_cpu);
+  m.impl("prefix_attention_bwd", &clfast::prefix_attention::prefix_attention_bwd_cpu);
+#endif
+#if CLFAST_WITH_RETRIEVE
+  m.impl("retrieve_topk", &clfast::retrieve::retrieve_topk_cpu);
+#endif
+#if CLFAST_WITH_MAHALANOBIS
+  m.impl("mahalanobis_fwd", &clfast::gaussian::mahalanobis_fwd_cpu);
+  m.impl("mahalanobis_bwd", &clfast::gaussian::mahalanobis_bwd_cpu);
+  m.impl("gaussian_kl_fwd", &clfast::gaussian::gaussian_kl_fwd_cpu);
+  m.impl("gaussian_kl_bwd", &clfast::gaussian::gaussian_kl_bwd_cpu);
+#endif
+#if CLFAST_WITH_PROMPT_CONV
+  m.impl("prompt_conv_fwd", &clfast::prompt_conv::prompt_conv_fwd_cpu);
+  m.impl("prompt_conv_bwd", &clfast::prompt_conv::prompt_conv_bwd_cpu);
+#endif
 }
 
 static struct PyModuleDef clfast_c_module = {PyModuleDef_HEAD_INIT, "_C", "clfast compiled kernels", -1,

@@ -1,5 +1,6 @@
 // CPU kernels of clfast's Gaussian ops: mahalanobis (squared distances under a shared precision) and
-// gaussian_kl (KL of diagonal Gaussians from a full-covariance prior), forward and backward.
+// gaussian_kl (KL of diagonal Gaussians from a full-covariance prior), forward and backward, registered by
+// bindings.cpp.
 //
 // The precision is P = L·Lᵀ with L lower-triangular (only its lower triangle is read) or a diagonal given as
 // a vector l (P = diag(l²)). Everything reduces to products with L, done as GEMMs that skip L's zero triangle:
@@ -21,22 +22,20 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <tuple>
 
+#include "common/check.h"
+#include "common/tensor_util.h"
 #include "mahalanobis/mahalanobis.h"
+#include "ops.h"
 
 namespace clfast::gaussian {
 namespace {
 
 using at::Tensor;
-
-#define CHECK_SHAPE(t, ...)                                                                        \
-  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t " must have shape (" #__VA_ARGS__ \
-              "), got ", (t).sizes())
 
 // Column block of the triangular GEMMs: big enough for GEMM efficiency, small enough to skip most of the
 // zero triangle (D = 768 in blocks of 128 does 58% of the dense work).
@@ -46,15 +45,10 @@ constexpr int64_t kFewRows = 8;
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// t in dtype, in storage of its own (a copy, never a view of t).
-Tensor owned(const Tensor& t, at::ScalarType dtype) {
-  return t.to(t.options().dtype(dtype), /*non_blocking=*/false, /*copy=*/true);
-}
-
 void check_float(const Tensor& t, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
               t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  check_cpu(t, name);
 }
 
 void check_prec_chol(const Tensor& L, int64_t D, at::ScalarType dtype) {
@@ -205,9 +199,13 @@ Tensor tril_outer(const Tensor& A, const Tensor& Bm) {
   return out.tril_();
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------------
 // mahalanobis
 // ---------------------------------------------------------------------------------------------------
+
+namespace {
 
 void check_mahalanobis(const Tensor& x, const Tensor& means, const Tensor& L) {
   check_float(x, "x");
@@ -215,8 +213,7 @@ void check_mahalanobis(const Tensor& x, const Tensor& means, const Tensor& L) {
   TORCH_CHECK(x.dim() == 2, "x must have shape (B,D), got ", x.sizes());
   TORCH_CHECK(means.dim() == 2 && means.size(1) == x.size(1), "means must have shape (K,D) with D = ", x.size(1),
               ", got ", means.sizes());
-  TORCH_CHECK(means.scalar_type() == x.scalar_type(), "means must have x's dtype ", x.scalar_type(), ", got ",
-              means.scalar_type());
+  check_same_dtype(means, "means", x, "x");
   check_prec_chol(L, x.size(1), x.scalar_type());
 }
 
@@ -230,7 +227,9 @@ Tensor centred_rows(const Tensor& x, const Tensor& means, at::ScalarType acc) {
   return Z;
 }
 
-std::tuple<Tensor, Tensor> mahalanobis_fwd(const Tensor& x, const Tensor& means, const Tensor& prec_chol) {
+}  // namespace
+
+std::tuple<Tensor, Tensor> mahalanobis_fwd_cpu(const Tensor& x, const Tensor& means, const Tensor& prec_chol) {
   check_mahalanobis(x, means, prec_chol);
   const int64_t B = x.size(0), K = means.size(0);
   const auto acc = compute_type(x.scalar_type());
@@ -251,8 +250,8 @@ std::tuple<Tensor, Tensor> mahalanobis_fwd(const Tensor& x, const Tensor& means,
   return {dist.to(x.scalar_type()), Y};
 }
 
-std::tuple<Tensor, Tensor, Tensor> mahalanobis_bwd(const Tensor& grad, const Tensor& x, const Tensor& means,
-                                                   const Tensor& prec_chol, const Tensor& proj) {
+std::tuple<Tensor, Tensor, Tensor> mahalanobis_bwd_cpu(const Tensor& grad, const Tensor& x, const Tensor& means,
+                                                       const Tensor& prec_chol, const Tensor& proj) {
   check_mahalanobis(x, means, prec_chol);
   const int64_t B = x.size(0), K = means.size(0), D = x.size(1);
   const auto acc = compute_type(x.scalar_type());
@@ -286,6 +285,8 @@ std::tuple<Tensor, Tensor, Tensor> mahalanobis_bwd(const Tensor& grad, const Ten
 // ---------------------------------------------------------------------------------------------------
 // gaussian_kl
 // ---------------------------------------------------------------------------------------------------
+
+namespace {
 
 void check_kl(const Tensor& mu, const Tensor& log_var, const Tensor& prior_mean, const Tensor& L) {
   check_float(mu, "mu");
@@ -323,8 +324,10 @@ std::pair<Tensor, T> precision_diag(const Tensor& L) {
   return {diag_p, log_half};
 }
 
-std::tuple<Tensor, Tensor> gaussian_kl_fwd(const Tensor& mu, const Tensor& log_var, const Tensor& prior_mean,
-                                           const Tensor& prec_chol) {
+}  // namespace
+
+std::tuple<Tensor, Tensor> gaussian_kl_fwd_cpu(const Tensor& mu, const Tensor& log_var, const Tensor& prior_mean,
+                                               const Tensor& prec_chol) {
   check_kl(mu, log_var, prior_mean, prec_chol);
   const int64_t B = mu.size(0), D = mu.size(1);
   const auto acc = compute_type(mu.scalar_type());
@@ -351,9 +354,9 @@ std::tuple<Tensor, Tensor> gaussian_kl_fwd(const Tensor& mu, const Tensor& log_v
   return {kl.to(mu.scalar_type()), U};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_bwd(const Tensor& grad, const Tensor& mu,
-                                                           const Tensor& log_var, const Tensor& prior_mean,
-                                                           const Tensor& prec_chol, const Tensor& proj) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_bwd_cpu(const Tensor& grad, const Tensor& mu,
+                                                               const Tensor& log_var, const Tensor& prior_mean,
+                                                               const Tensor& prec_chol, const Tensor& proj) {
   check_kl(mu, log_var, prior_mean, prec_chol);
   const int64_t B = mu.size(0), D = mu.size(1);
   const auto acc = compute_type(mu.scalar_type());
@@ -408,21 +411,5 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_bwd(const Tensor& grad, c
           dL.to(prec_chol.scalar_type())};
 }
 
-}  // namespace
 }  // namespace clfast::gaussian
 
-TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
-  m.def("mahalanobis_fwd(Tensor x, Tensor means, Tensor prec_chol) -> (Tensor, Tensor)");
-  m.def("mahalanobis_bwd(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor proj) -> (Tensor, Tensor, "
-        "Tensor)");
-  m.def("gaussian_kl_fwd(Tensor mu, Tensor log_var, Tensor prior_mean, Tensor prec_chol) -> (Tensor, Tensor)");
-  m.def("gaussian_kl_bwd(Tensor grad, Tensor mu, Tensor log_var, Tensor prior_mean, Tensor prec_chol, "
-        "Tensor proj) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) {
-  m.impl("mahalanobis_fwd", &clfast::gaussian::mahalanobis_fwd);
-  m.impl("mahalanobis_bwd", &clfast::gaussian::mahalanobis_bwd);
-  m.impl("gaussian_kl_fwd", &clfast::gaussian::gaussian_kl_fwd);
-  m.impl("gaussian_kl_bwd", &clfast::gaussian::gaussian_kl_bwd);
-}

@@ -15,16 +15,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/index_math.h"
+
 namespace clfast {
 namespace prefix_attention {
-
-C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-C10_HOST_DEVICE inline int64_t round_up(int64_t a, int64_t multiple) {
-  return ceil_div(a, multiple) * multiple;
-}
 
 // Block size that splits n into the fewest blocks of at most max_block, as even as possible,
 // rounded up to `multiple` (so max_block should itself be a multiple of `multiple`).

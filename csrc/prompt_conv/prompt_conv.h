@@ -6,11 +6,11 @@
 
 #include <cstdint>
 
+#include "common/index_math.h"
+
 namespace clfast::prompt_conv {
 
 C10_HOST_DEVICE inline int64_t valid_size(int64_t in, int64_t k) { return in - k + 1; }
-
-C10_HOST_DEVICE inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // One output of a valid cross-correlation: Σ_u Σ_v x[(i+u)·ldx + j+v] · w[u·kw + v]. The reference for the
 // vectorised tiles (and what a CUDA thread would compute).

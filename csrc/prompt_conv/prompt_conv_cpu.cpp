@@ -1,4 +1,5 @@
-// CPU kernels of prompt_conv (ConvPrompt's prompt generation), forward and backward.
+// CPU kernels of prompt_conv (ConvPrompt's prompt generation), forward and backward, registered by
+// bindings.cpp.
 //
 //   out[b,h] = Σ_f pw[b,f] · (E_h ⋆ W_hf + bias_hf)        ⋆: valid single-channel cross-correlation
 //
@@ -18,12 +19,16 @@
 // vector load needs a bounds check. The small GEMMs go to ATen. 16-bit inputs compute in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 #include <tuple>
 
+#include "common/check.h"
+#include "common/index_math.h"
+#include "common/static_switch.h"
+#include "common/tensor_util.h"
+#include "ops.h"
 #include "prompt_conv/prompt_conv.h"
 
 namespace clfast::prompt_conv {
@@ -67,8 +72,6 @@ inline float hsum(const vec& v) {
   std::memcpy(t, &v, sizeof(vec));
   return ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
 }
-
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------------
 // Tiles. Register budget (16 vector registers): NB·JB accumulators + NB splats + 1 load.
@@ -171,57 +174,33 @@ constexpr int kFwdNB = 3, kFwdJB = 4;    // 12 accumulators
 constexpr int kGradNB = 3, kGradVB = 4;  // 12 accumulators
 constexpr int kSumJB = 6;                // 2 rows: up to 12 accumulators
 
+// The tile instance for the block sizes of one task (each in [1, its maximum]), called through a pointer.
 using FwdFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*,
                        int64_t, int);
 using GradFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 using SumFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
                        int64_t, int64_t, float*, int64_t, int);
 
-template <int NB>
-FwdFn fwd_fn(int jb) {
-  switch (jb) {
-    case 1: return fwd_tile<NB, 1>;
-    case 2: return fwd_tile<NB, 2>;
-    case 3: return fwd_tile<NB, 3>;
-    default: return fwd_tile<NB, 4>;
-  }
-}
-
 FwdFn fwd_fn(int nb, int jb) {
-  switch (nb) {
-    case 1: return fwd_fn<1>(jb);
-    case 2: return fwd_fn<2>(jb);
-    default: return fwd_fn<3>(jb);
-  }
-}
-
-template <int NB>
-GradFn grad_fn(int vb) {
-  switch (vb) {
-    case 1: return grad_tile<NB, 1>;
-    case 2: return grad_tile<NB, 2>;
-    case 3: return grad_tile<NB, 3>;
-    default: return grad_tile<NB, 4>;
-  }
+  FwdFn fn = nullptr;
+  int_switch<kFwdNB>(nb, [&](auto n) {
+    int_switch<kFwdJB>(jb, [&](auto j) { fn = fwd_tile<decltype(n)::value, decltype(j)::value>; });
+  });
+  return fn;
 }
 
 GradFn grad_fn(int nb, int vb) {
-  switch (nb) {
-    case 1: return grad_fn<1>(vb);
-    case 2: return grad_fn<2>(vb);
-    default: return grad_fn<3>(vb);
-  }
+  GradFn fn = nullptr;
+  int_switch<kGradNB>(nb, [&](auto n) {
+    int_switch<kGradVB>(vb, [&](auto v) { fn = grad_tile<decltype(n)::value, decltype(v)::value>; });
+  });
+  return fn;
 }
 
 SumFn sum_fn(int jb) {
-  switch (jb) {
-    case 1: return sum_tile<1>;
-    case 2: return sum_tile<2>;
-    case 3: return sum_tile<3>;
-    case 4: return sum_tile<4>;
-    case 5: return sum_tile<5>;
-    default: return sum_tile<6>;
-  }
+  SumFn fn = nullptr;
+  int_switch<kSumJB>(jb, [&](auto j) { fn = sum_tile<decltype(j)::value>; });
+  return fn;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -263,7 +242,7 @@ Tensor pad_images(const Tensor& src, int64_t n, int64_t rows, int64_t cols, int6
 void conv_forward(const Geometry& g, const float* X, const float* K, int64_t k_head, int64_t k_stride,
                   const float* bias, int64_t b_head, int64_t b_stride, float* out, int64_t o_head, int64_t o_stride,
                   int64_t ldo, int64_t N) {
-  const int64_t nblk = cdiv(N, kFwdNB), cblk = cdiv(cdiv(g.Do, kV), kFwdJB);
+  const int64_t nblk = ceil_div(N, kFwdNB), cblk = ceil_div(ceil_div(g.Do, kV), kFwdJB);
   const int64_t tasks = g.H * nblk * g.Lo * cblk;
   const int64_t x_head = g.Lin * g.ldx, kk = g.kh * g.kw;
   at::parallel_for(0, tasks, std::max<int64_t>(1, 4096 / (kk * kFwdNB)), [&](int64_t t0, int64_t t1) {
@@ -277,7 +256,7 @@ void conv_forward(const Geometry& g, const float* X, const float* K, int64_t k_h
       const int64_t j0 = c * kFwdJB * kV;
       const int ncols = static_cast<int>(std::min<int64_t>(kFwdJB * kV, g.Do - j0));
       const int nb = static_cast<int>(std::min<int64_t>(kFwdNB, N - n0));
-      fwd_fn(nb, static_cast<int>(cdiv(ncols, kV)))(
+      fwd_fn(nb, static_cast<int>(ceil_div(ncols, kV)))(
           X + h * x_head + i * g.ldx + j0, g.ldx, K + h * k_head + n0 * k_stride, k_stride, g.kh, g.kw,
           bias + h * b_head + n0 * b_stride, b_stride, out + h * o_head + n0 * o_stride + i * ldo + j0, o_stride,
           ncols);
@@ -288,9 +267,9 @@ void conv_forward(const Geometry& g, const float* X, const float* K, int64_t k_h
 // dK(h, n)[u, v] = Σ X_h[i+u, j+v] · G(h, n)[i, j] for n < N; G padded (ldg, valid columns from kw−1).
 void conv_weight_grad(const Geometry& g, const float* X, const float* G, int64_t g_head, int64_t g_stride, float* dK,
                       int64_t k_head, int64_t k_stride, int64_t N) {
-  const int64_t nblk = cdiv(N, kGradNB), vblk = cdiv(g.kw, kGradVB);
+  const int64_t nblk = ceil_div(N, kGradNB), vblk = ceil_div(g.kw, kGradVB);
   const int64_t tasks = g.H * nblk * g.kh * vblk;
-  const int64_t x_head = g.Lin * g.ldx, nvec = cdiv(g.Do, kV);
+  const int64_t x_head = g.Lin * g.ldx, nvec = ceil_div(g.Do, kV);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t rest = t;
@@ -310,17 +289,17 @@ void conv_weight_grad(const Geometry& g, const float* X, const float* G, int64_t
 // dE_h = Σ_n G(h, n) ∗ K(h, n) (full convolution), written to dE (H, Lin, Din) contiguous.
 void conv_input_grad(const Geometry& g, const float* G, int64_t g_head, int64_t g_stride, const float* K,
                      int64_t k_head, int64_t k_stride, int64_t N, float* dE) {
-  const int64_t nvec = cdiv(g.Din, kV);
-  const int64_t cblk = cdiv(nvec, kSumJB);
-  const int64_t jb = cdiv(nvec, cblk);  // even column blocks: 10 vectors run as 5 + 5, not 6 + 4
-  const int64_t rblk = cdiv(g.Lin, 2);
+  const int64_t nvec = ceil_div(g.Din, kV);
+  const int64_t cblk = ceil_div(nvec, kSumJB);
+  const int64_t jb = ceil_div(nvec, cblk);  // even column blocks: 10 vectors run as 5 + 5, not 6 + 4
+  const int64_t rblk = ceil_div(g.Lin, 2);
   const int64_t tasks = g.H * rblk * cblk;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % cblk, r = (t / cblk) % rblk * 2, h = t / (cblk * rblk);
       const int64_t c0 = c * jb * kV;
       const int ncols = static_cast<int>(std::min<int64_t>(jb * kV, g.Din - c0));
-      sum_fn(static_cast<int>(cdiv(ncols, kV)))(G + h * g_head + c0, g_stride, g.ldg, g.Lo, K + h * k_head, k_stride,
+      sum_fn(static_cast<int>(ceil_div(ncols, kV)))(G + h * g_head + c0, g_stride, g.ldg, g.Lo, K + h * k_head, k_stride,
                                                 N, g.kh, g.kw, r, std::min<int64_t>(2, g.Lin - r),
                                                 dE + (h * g.Lin + r) * g.Din + c0, g.Din, ncols);
     }
@@ -333,11 +312,9 @@ void conv_input_grad(const Geometry& g, const float* G, int64_t g_head, int64_t 
 
 void check_inputs(const Tensor& E, const Tensor& W, const Tensor& b, const Tensor& pw) {
   for (auto [t, name] : {std::pair{&E, "embeddings"}, {&W, "weight"}, {&b, "bias"}, {&pw, "prompt_weights"}}) {
-    TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor, got ", t->device());
-    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf,
-                name, " must be float32, bfloat16 or float16, got ", t->scalar_type());
-    TORCH_CHECK(t->scalar_type() == E.scalar_type(), name, " must have the dtype of embeddings (",
-                E.scalar_type(), "), got ", t->scalar_type());
+    check_cpu(*t, name);
+    check_kernel_dtype(*t, name);
+    check_same_dtype(*t, name, E, "embeddings");
   }
   TORCH_CHECK(E.dim() == 3, "embeddings must have shape (H,Lin,Din), got ", E.sizes());
   TORCH_CHECK(W.dim() == 4 && W.size(0) == E.size(0), "weight must have shape (H,F,kh,kw) with H = ", E.size(0),
@@ -353,12 +330,9 @@ void check_inputs(const Tensor& E, const Tensor& W, const Tensor& b, const Tenso
 
 Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-// t in dtype, in storage of its own.
-Tensor owned(const Tensor& t, at::ScalarType dtype) {
-  return t.to(t.options().dtype(dtype), /*non_blocking=*/false, /*copy=*/true);
-}
+}  // namespace
 
-std::tuple<Tensor, Tensor> prompt_conv_fwd(const Tensor& embeddings, const Tensor& weight, const Tensor& bias,
+std::tuple<Tensor, Tensor> prompt_conv_fwd_cpu(const Tensor& embeddings, const Tensor& weight, const Tensor& bias,
                                            const Tensor& prompt_weights, bool mix_first) {
   check_inputs(embeddings, weight, bias, prompt_weights);
   const Geometry g = geometry(embeddings, weight);
@@ -380,15 +354,15 @@ std::tuple<Tensor, Tensor> prompt_conv_fwd(const Tensor& embeddings, const Tenso
   return {out.to(embeddings.scalar_type()), at::empty({0}, E.options())};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> prompt_conv_bwd(const Tensor& grad, const Tensor& embeddings,
-                                                           const Tensor& weight, const Tensor& bias,
-                                                           const Tensor& prompt_weights, const Tensor& saved,
-                                                           bool mix_first) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> prompt_conv_bwd_cpu(const Tensor& grad, const Tensor& embeddings,
+                                                               const Tensor& weight, const Tensor& bias,
+                                                               const Tensor& prompt_weights, const Tensor& saved,
+                                                               bool mix_first) {
   check_inputs(embeddings, weight, bias, prompt_weights);
   const Geometry g = geometry(embeddings, weight);
   const int64_t B = prompt_weights.size(0), F = weight.size(1), kk = g.kh * g.kw, P = g.Lo * g.Do;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, g.H, g.Lo, g.Do}), "grad must have shape (B,H,Lout,Dout) = (", B,
-              ",", g.H, ",", g.Lo, ",", g.Do, "), got ", grad.sizes());
+  const int64_t H = g.H, Lout = g.Lo, Dout = g.Do;
+  CHECK_SHAPE(grad, B, H, Lout, Dout);
   const Tensor E = f32(embeddings), W = f32(weight), b = f32(bias), pw = f32(prompt_weights);
   const Tensor dout = f32(grad);
   const Tensor X = pad_images(E, g.H, g.Lin, g.Din, g.ldx, 0);
@@ -423,17 +397,4 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> prompt_conv_bwd(const Tensor& grad, c
           owned(dpw, prompt_weights.scalar_type())};
 }
 
-}  // namespace
 }  // namespace clfast::prompt_conv
-
-TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
-  m.def("prompt_conv_fwd(Tensor embeddings, Tensor weight, Tensor bias, Tensor prompt_weights, bool mix_first) -> "
-        "(Tensor, Tensor)");
-  m.def("prompt_conv_bwd(Tensor grad, Tensor embeddings, Tensor weight, Tensor bias, Tensor prompt_weights, "
-        "Tensor saved, bool mix_first) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) {
-  m.impl("prompt_conv_fwd", &clfast::prompt_conv::prompt_conv_fwd);
-  m.impl("prompt_conv_bwd", &clfast::prompt_conv::prompt_conv_bwd);
-}

@@ -1,6 +1,6 @@
 // retrieve on the CPU: the top-k keys of each query by cosine / inner product / negative squared L2,
-// without the (B, M) score matrix. Schema: retrieve_topk(query (B,D), keys (M,D), k, metric) ->
-// (scores (B,k) float32, indices (B,k) int64), each row by (score desc, index asc).
+// without the (B, M) score matrix. Registered by bindings.cpp as retrieve_topk(query (B,D), keys (M,D), k,
+// metric) -> (scores (B,k) float32, indices (B,k) int64), each row by (score desc, index asc).
 //
 // Scan. The keys are cut into tiles. A work item is (key tile, block of queries): the raw dot products of
 // the block with the tile go to a per-thread float32 buffer, are finished into scores (cosine: x 1/|q| x
@@ -13,8 +13,9 @@
 // The dot products of a tile come from one of three paths:
 //   kDot     B <= 8 (unit column stride): AVX2 dot products from the key rows as stored, bf16/fp16
 //            converted on load; the scan is bound by reading the keys.
-//   kBf16Dp  bf16 query and keys on CPUs with AVX512-BF16: the tile is packed in VNNI pairs and multiplied
-//            by vdpbf16ps (exact products, float32 sums), about twice the float32 FMA rate.
+//   kBf16Dp  bf16 query and keys where the AVX-512 forms run (cpu::use_avx512(), with AVX512-BF16): the tile
+//            is packed in VNNI pairs and multiplied by vdpbf16ps (exact products, float32 sums), about twice
+//            the float32 FMA rate.
 //   kGemm    otherwise: at::mm on the float32 tile (in place for unit-stride float32 rows, else converted
 //            tile by tile), i.e. the BLAS torch was built with.
 //
@@ -25,20 +26,17 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
-#include <torch/library.h>
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define CLFAST_RETRIEVE_X86 1
-#else
-#define CLFAST_RETRIEVE_X86 0
-#endif
 
 #include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "common/check.h"
+#include "common/cpu_features.h"
+#include "common/simd_avx2.h"
+#include "common/static_switch.h"
+#include "ops.h"
 #include "retrieve/retrieve.h"
 
 namespace clfast::retrieve {
@@ -47,6 +45,7 @@ namespace {
 constexpr int64_t kRowBlock = 256;            // queries per GEMM
 constexpr int64_t kTieSlack = 8;              // candidates kept beyond k for the exact re-rank
 constexpr int64_t kTileBytes = 1536 * 1024;   // float32 bytes of one GEMM key tile (stays in L3 between passes)
+constexpr const char* kOp = "retrieve_topk: ";  // the prefix of every error message
 
 Metric parse_metric(c10::string_view name) {
   if (name == "cosine") return Metric::kCosine;
@@ -184,23 +183,8 @@ float pair_score(Metric m, const float* q, float q_aux, const T* key, int64_t D,
 constexpr int64_t kDotMaxRows = 8;  // measured crossover with MKL sgemm on the 2-core EPYC
 constexpr int kDotRows = 6;
 
-#if CLFAST_RETRIEVE_X86 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CLFAST_RETRIEVE_DOT 1
-
-inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 ld8(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 ld8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-inline float hsum8(__m256 v) {
-  float b[8];
-  _mm256_storeu_ps(b, v);
-  return ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]));
-}
+#if CLFAST_HAS_AVX2
+using cpu::hsum8;
 
 // out[r * ld + c] = <q_r, key_c> for R query rows (row stride D) and the keys k0, k1 (c = 0, 1)
 template <int R, typename T>
@@ -209,7 +193,7 @@ void dot_rows_2keys(const float* q, const T* k0, const T* k1, int64_t D, float* 
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
-    const __m256 x0 = ld8(k0 + d), x1 = ld8(k1 + d);
+    const __m256 x0 = cpu::load8(k0 + d), x1 = cpu::load8(k1 + d);
     for (int r = 0; r < R; ++r) {
       const __m256 qv = _mm256_loadu_ps(q + r * D + d);
       a0[r] = _mm256_fmadd_ps(qv, x0, a0[r]);
@@ -237,14 +221,9 @@ void dot_tile(const float* q, int64_t nr, const T* keys, int64_t j0, int64_t nt,
     float pair_out[kDotRows * 2];
     for (int64_t r = 0; r < nr; r += kDotRows) {
       const int64_t n = std::min<int64_t>(kDotRows, nr - r);
-      switch (n) {
-        case 6: dot_rows_2keys<6>(q + r * D, k0, k1, D, pair_out, 2); break;
-        case 5: dot_rows_2keys<5>(q + r * D, k0, k1, D, pair_out, 2); break;
-        case 4: dot_rows_2keys<4>(q + r * D, k0, k1, D, pair_out, 2); break;
-        case 3: dot_rows_2keys<3>(q + r * D, k0, k1, D, pair_out, 2); break;
-        case 2: dot_rows_2keys<2>(q + r * D, k0, k1, D, pair_out, 2); break;
-        default: dot_rows_2keys<1>(q + r * D, k0, k1, D, pair_out, 2); break;
-      }
+      int_switch<kDotRows>(static_cast<int>(n), [&](auto rows) {
+        dot_rows_2keys<decltype(rows)::value>(q + r * D, k0, k1, D, pair_out, 2);
+      });
       for (int64_t i = 0; i < n; ++i) {
         out[(r + i) * ld + j] = pair_out[i * 2];
         if (j + 1 < nt) out[(r + i) * ld + j + 1] = pair_out[i * 2 + 1];
@@ -261,7 +240,7 @@ void dot_sq_norms(const T* keys, int64_t j0, int64_t n, int64_t s0, int64_t D, f
     __m256 a = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
-      const __m256 x = ld8(p + d);
+      const __m256 x = cpu::load8(p + d);
       a = _mm256_fmadd_ps(x, x, a);
     }
     float t = hsum8(a);
@@ -269,9 +248,7 @@ void dot_sq_norms(const T* keys, int64_t j0, int64_t n, int64_t s0, int64_t D, f
     out[j] = t;
   }
 }
-#else
-#define CLFAST_RETRIEVE_DOT 0
-#endif
+#endif  // CLFAST_HAS_AVX2
 
 // ---------------------------------------------------------------------------------------------------
 // bfloat16 x bfloat16 -> float32 tiles with AVX512-BF16 (vdpbf16ps), chosen at run time.
@@ -283,13 +260,7 @@ void dot_sq_norms(const T* keys, int64_t j0, int64_t n, int64_t s0, int64_t D, f
 // (two zmm), accumulating R x 32 float32 scores in 2R registers. Products of bf16 are exact in float32.
 // ---------------------------------------------------------------------------------------------------
 
-#if CLFAST_RETRIEVE_X86 && defined(__GNUC__)
-bool cpu_has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
+#if CLFAST_HAS_AVX512
 constexpr int64_t kBf16Keys = 32;  // keys per microkernel column block
 constexpr int kBf16Rows = 8;       // queries per microkernel row block
 
@@ -318,7 +289,7 @@ void pack_bf16_tile(const c10::BFloat16* keys, int64_t j0, int64_t n, int64_t D,
 }
 
 // Squared norms of the n_pad keys of a packed tile: <pair, pair> summed over the pairs, 32 keys at a time.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_packed_sq_norms(
+CLFAST_AVX512_TARGET void bf16_packed_sq_norms(
     const uint16_t* packed, int64_t n_pad, int64_t d_pairs, float* out) {
   for (int64_t j = 0; j < n_pad; j += 32) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -334,7 +305,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_packed
 }
 
 template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_micro(
+CLFAST_AVX512_TARGET void bf16_micro(
     const uint32_t* q, int64_t q_ld, const uint16_t* packed, int64_t n_pad, int64_t d_pairs, float* out,
     int64_t out_ld) {
   __m512 acc[R][2];
@@ -363,20 +334,12 @@ void bf16_tile_gemm(const uint32_t* q, int64_t q_ld, int64_t nr, const uint16_t*
     for (; r + kBf16Rows <= nr; r += kBf16Rows) {
       bf16_micro<kBf16Rows>(q + r * q_ld, q_ld, kp, n_pad, d_pairs, out + r * out_ld + j, out_ld);
     }
-    switch (nr - r) {
-      case 7: bf16_micro<7>(q + r * q_ld, q_ld, kp, n_pad, d_pairs, out + r * out_ld + j, out_ld); break;
-      case 6: bf16_micro<6>(q + r * q_ld, q_ld, kp, n_pad, d_pairs, out + r * out_ld + j, out_ld); break;
-      case 5: bf16_micro<5>(q + r * q_ld, q_ld, kp, n_pad, d_pairs, out + r * out_ld + j, out_ld); break;
-      case 4: bf16_micro<4>(q + r * q_ld, q_ld, kp, n_pad, d_pairs, out + r * out_ld + j, out_ld); break;
-      case 3: bf16_micro<3>(q + r * q_ld, q_ld, kp, n_pad, d_pairs, out + r * out_ld + j, out_ld); break;
-      case 2: bf16_micro<2>(q + r * q_ld, q_ld, kp, n_pad, d_pairs, out + r * out_ld + j, out_ld); break;
-      case 1: bf16_micro<1>(q + r * q_ld, q_ld, kp, n_pad, d_pairs, out + r * out_ld + j, out_ld); break;
-      default: break;
-    }
+    int_switch<kBf16Rows - 1>(static_cast<int>(nr - r), [&](auto rows) {  // the last nr - r < 8 rows
+      bf16_micro<decltype(rows)::value>(q + r * q_ld, q_ld, kp, n_pad, d_pairs, out + r * out_ld + j, out_ld);
+    });
   }
 }
 #else
-bool cpu_has_avx512_bf16() { return false; }
 constexpr int64_t kBf16Keys = 32;
 void pack_bf16_tile(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                     uint16_t*) {}
@@ -506,7 +469,7 @@ void scan(const Query& q, const at::Tensor& keys, Metric metric, const Plan& p, 
           if (dp) {
             bf16_packed_sq_norms(packed.data(), nt_pad, q.d_pairs, k_aux.data());
           } else if (dot) {
-#if CLFAST_RETRIEVE_DOT
+#if CLFAST_HAS_AVX2
             dot_sq_norms<T>(kp, j0, nt, s0, D, k_aux.data());
 #endif
           } else {
@@ -522,7 +485,7 @@ void scan(const Query& q, const at::Tensor& keys, Metric metric, const Plan& p, 
         bf16_tile_gemm(q.bf16.data() + r0 * q.d_pairs, q.d_pairs, nr, packed.data(), nt_pad, q.d_pairs,
                        sbuf.data(), s_ld);
       } else if (dot) {
-#if CLFAST_RETRIEVE_DOT
+#if CLFAST_HAS_AVX2
         dot_tile<T>(q.f32.data_ptr<float>() + r0 * D, nr, kp, j0, nt, s0, D, sbuf.data(), s_ld);
 #endif
       } else {
@@ -545,11 +508,10 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_cpu(const at::Tensor& query, co
   TORCH_CHECK(keys.dim() == 2 && keys.size(1) == query.size(1),
               "retrieve_topk: keys must have shape (M,D) = (M,", query.size(1), ") to match query, got ",
               keys.sizes());
-  TORCH_CHECK(query.device().is_cpu() && keys.device().is_cpu(),
-              "retrieve_topk: query and keys must be CPU tensors, got ", query.device(), " and ", keys.device());
+  check_cpu(query, "query", kOp);
+  check_cpu(keys, "keys", kOp);
+  check_kernel_dtype(keys, "keys", kOp);
   const auto kd = keys.scalar_type(), qd = query.scalar_type();
-  TORCH_CHECK(kd == at::kFloat || kd == at::kBFloat16 || kd == at::kHalf,
-              "retrieve_topk: keys must be float32, bfloat16 or float16, got ", kd);
   TORCH_CHECK(qd == kd || qd == at::kFloat, "retrieve_topk: query must be float32 or the keys' dtype ", kd,
               ", got ", qd);
   const int64_t B = query.size(0), M = keys.size(0), D = keys.size(1);
@@ -563,9 +525,9 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_cpu(const at::Tensor& query, co
   // A few queries: dot products from the rows as stored. More: bf16 x bf16 on vdpbf16ps where the CPU has
   // it, everything else a float32 GEMM.
   Path path = Path::kGemm;
-  if (CLFAST_RETRIEVE_DOT && B <= kDotMaxRows && keys.stride(1) == 1) {
+  if (CLFAST_HAS_AVX2 && B <= kDotMaxRows && keys.stride(1) == 1) {
     path = Path::kDot;
-  } else if (kd == at::kBFloat16 && qd == at::kBFloat16 && cpu_has_avx512_bf16()) {
+  } else if (kd == at::kBFloat16 && qd == at::kBFloat16 && cpu::use_avx512()) {
     path = Path::kBf16Dp;
   }
   const bool use_bf16_dp = path == Path::kBf16Dp;
@@ -594,19 +556,15 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_cpu(const at::Tensor& query, co
   const int64_t n_threads = at::get_num_threads();
   std::vector<float> all_vals(n_threads * B * kc, -INFINITY);
   std::vector<int64_t> all_idx(n_threads * B * kc, kNoIndex);
-  switch (kd) {
-    case at::kFloat: scan<float>(q, keys, metric, plan, all_vals, all_idx); break;
-    case at::kBFloat16: scan<c10::BFloat16>(q, keys, metric, plan, all_vals, all_idx); break;
-    default: scan<c10::Half>(q, keys, metric, plan, all_vals, all_idx); break;
-  }
+  FLOAT_SWITCH(kd, T, [&] { scan<T>(q, keys, metric, plan, all_vals, all_idx); });
 
   // per row: merge the threads' candidate lists, then re-rank the candidates by exact pair scores
   float* ov = out_vals.data_ptr<float>();
   int64_t* oi = out_idx.data_ptr<int64_t>();
   const float* qp = q.f32.data_ptr<float>();
   const int64_t s0 = keys.stride(0), s1 = keys.stride(1);
-  auto rerank = [&](auto* kp) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+  FLOAT_SWITCH(kd, T, [&] {
+    const T* kp = keys.data_ptr<T>();
     at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> cv(kc), ev(k);
       std::vector<int64_t> ci(kc), ei(k);
@@ -630,19 +588,8 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_cpu(const at::Tensor& query, co
         std::copy_n(ei.data(), k, oi + b * k);
       }
     });
-  };
-  switch (kd) {
-    case at::kFloat: rerank(keys.data_ptr<float>()); break;
-    case at::kBFloat16: rerank(keys.data_ptr<c10::BFloat16>()); break;
-    default: rerank(keys.data_ptr<c10::Half>()); break;
-  }
+  });
   return {out_vals, out_idx};
 }
 
 }  // namespace clfast::retrieve
-
-TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
-  m.def("retrieve_topk(Tensor query, Tensor keys, int k, str metric) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(_clfast_C, CPU, m) { m.impl("retrieve_topk", &clfast::retrieve::retrieve_topk_cpu); }
