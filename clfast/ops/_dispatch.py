@@ -27,6 +27,9 @@ __all__ = [
     "use_backend",
     "forced_backend",
     "ops",
+    "priorities",
+    "unavailable",
+    "backend_summary",
     "fused_backend",
 ]
 
@@ -130,6 +133,30 @@ def set_priority(op: str, device_type: str, names: Sequence[str]) -> None:
 
 def ops() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def priorities(op: str) -> dict[str, list[str]]:
+    """The priority list of ``op`` per device type (a copy), e.g. ``{"cpu": ["cpu", "torch", "reference"]}``."""
+    return {dev: list(order) for dev, order in sorted(_PRIORITY.get(op, {}).items())}
+
+
+def unavailable(cls: type[Backend]) -> str | None:
+    """Why backend ``cls`` cannot run on this machine at all (None: it can), as resolved at registration."""
+    return _UNAVAILABLE.get(cls)
+
+
+def backend_summary() -> dict:
+    """Per op: the priority order per device, the forced backend, and why each unavailable backend is
+    (JSON-able; run records and ``clfast info`` quote it)::
+
+        {"retrieve": {"priority": {"cpu": [...], "cuda": [...]}, "forced": None,
+                      "unavailable": {"triton": "no CUDA device ..."}}, ...}
+    """
+    return {op: {"priority": priorities(op),
+                 "forced": forced_backend(op),
+                 "unavailable": {name: why for name, cls in sorted(_REGISTRY[op].items())
+                                 if (why := unavailable(cls)) is not None}}
+            for op in ops()}
 
 
 def backends(op: str) -> dict[str, type[Backend]]:
