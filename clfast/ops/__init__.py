@@ -15,9 +15,12 @@ Backends are picked per call (``clfast info`` lists them, ``backend_summary()`` 
 
 from clfast.ops._dispatch import backend_summary, backends, forced_backend, ops as list_ops, select, use_backend
 from clfast.ops.attention import PromptContext, PromptedAttention, prefix_attention
+from clfast.ops.clustering import kmeans
 from clfast.ops.conv import PromptConv, prompt_conv
-from clfast.ops.gaussian import GaussianStats, gaussian_kl, mahalanobis
-from clfast.ops.retrieval import KeyIndex, kmeans, retrieve
+from clfast.ops.gaussian import gaussian_kl, mahalanobis
+from clfast.ops.gaussian_stats import GaussianStats
+from clfast.ops.key_index import KeyIndex
+from clfast.ops.retrieval import retrieve
 
 __all__ = [
     "prefix_attention",

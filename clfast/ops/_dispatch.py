@@ -30,7 +30,6 @@ __all__ = [
     "priorities",
     "unavailable",
     "backend_summary",
-    "fused_backend",
 ]
 
 # op name -> backend name -> backend class
@@ -199,15 +198,6 @@ def use_backend(name: str, op: str | None = None) -> Iterator[None]:
         yield
     finally:
         _FORCED.pop()
-
-
-def fused_backend(op: str, name: str) -> type[Backend]:
-    """The backend ``name`` of ``op`` whose kernels run inside the registered op ``clfast::<op>``
-    (the registered ops take the backend's name as an argument)."""
-    cls = _REGISTRY.get(op, {}).get(name)
-    if cls is None or not getattr(cls, "FUSED", False):
-        raise ValueError(f"clfast::{op}: backend {name!r} is not a fused backend of this op")
-    return cls
 
 
 def select(op: str, inputs) -> type[Backend]:
