@@ -7,33 +7,11 @@ the ratios of medians within a group, never absolute times across machines.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
+from benchmarks.harness import DTYPES, available, device, implementation, step, time_case
 from benchmarks.peers import prefix_attention_peer
-from clfast.ops import _dispatch, prefix_attention, use_backend
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _available(op, name):
-    cls = _dispatch.backends(op).get(name)
-    return cls is not None and cls.available() and "cpu" in cls.devices() and not (
-        name == "triton" and not torch.cuda.is_available())
-
-
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _run(benchmark, fn, *, rounds):
-    def once():
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(once, rounds=rounds, warmup_rounds=2, iterations=1)
-
+from clfast.ops import prefix_attention
 
 # ---------------------------------------------------------------- prefix_attention
 # (B, H, N, d, P): ViT-B/16 shapes; the acceptance shape is B=16, P=20.
@@ -54,33 +32,22 @@ def _pa_cases(quick):
 def pytest_generate_tests(metafunc):
     if "pa_case" in metafunc.fixturenames:
         quick = metafunc.config.getoption("--quick")
-        cases = [c for c in _pa_cases(quick) if c[3] == "peer" or _available("prefix_attention", c[3])]
+        cases = [c for c in _pa_cases(quick) if available("prefix_attention", c[3])]
         ids = [f"B{s[0]}H{s[1]}N{s[2]}d{s[3]}P{s[4]}-{dt}-{mode}-{impl}" for s, dt, mode, impl in cases]
         metafunc.parametrize("pa_case", cases, ids=ids)
 
 
 def test_prefix_attention(benchmark, pa_case):
     (B, H, N, d, P), dt, mode, impl = pa_case
-    dtype, dev = DTYPES[dt], _device()
+    dtype, dev = DTYPES[dt], device()
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g).to(dev, dtype).requires_grad_(mode != "fwd")  # noqa: E731
     q, k, v, pk, pv = mk(B, H, N, d), mk(B, H, N, d), mk(B, H, N, d), mk(B, H, P, d), mk(B, H, P, d)
     dout = torch.randn(B, H, N, d, generator=g).to(dev, dtype)
     scale = d ** -0.5
-    if impl == "peer":
-        forward = lambda: prefix_attention_peer(q, k, v, pk, pv, scale)  # noqa: E731
-    else:
-        def forward():
-            with use_backend(impl, op="prefix_attention"):
-                return prefix_attention(q, k, v, pk, pv, scale=scale)
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                forward()
-    else:
-        def fn():
-            torch.autograd.grad(forward(), (q, k, v, pk, pv), dout)
-    benchmark.group = f"prefix_attention B{B} H{H} N{N} d{d} P{P} {dt} {mode}"
-    benchmark.extra_info.update(op="prefix_attention", impl=impl, dtype=dt, mode=mode,
-                                shape=dict(B=B, H=H, N=N, d=d, P=P), device=dev)
-    _run(benchmark, fn, rounds=11 if B >= 16 else 21)
+    run = implementation("prefix_attention", impl, prefix_attention,
+                         peer=lambda *a, scale: prefix_attention_peer(*a, scale))
+    fn = step(lambda: run(q, k, v, pk, pv, scale=scale), mode, (q, k, v, pk, pv), dout)
+    time_case(benchmark, fn, group=f"prefix_attention B{B} H{H} N{N} d{d} P{P} {dt} {mode}",
+              rounds=11 if B >= 16 else 21, op="prefix_attention", impl=impl, dtype=dt, mode=mode,
+              shape=dict(B=B, H=H, N=N, d=d, P=P))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.bench_ops import DTYPES, _available, _device, _run
+from benchmarks.harness import DTYPES, available, device, implementation, step, time_case
 from benchmarks.peers import gaussian_kl_gpls_svd_peer, gaussian_kl_peer, mahalanobis_peer
-from clfast.ops import gaussian_kl, mahalanobis, use_backend
+from clfast.ops import gaussian_kl, mahalanobis
 
 # (B, K, D)
 MAHA_SHAPES = [(128, 10, 768), (128, 200, 768), (128, 1000, 768)]
@@ -23,14 +23,9 @@ KL_QUICK = [(4, 64), (128, 768)]
 IMPLS = ["peer", "torch", "cpu", "triton"]
 
 
-def _run_peer(benchmark, fn):
-    """The peers take up to seconds per call: one warm-up, three rounds."""
-    def once():
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(once, rounds=3, warmup_rounds=1, iterations=1)
+# The peers take up to seconds per call: one warm-up, three rounds.
+PEER_ROUNDS = dict(rounds=3, warmup=1)
+ROUNDS = dict(rounds=10, warmup=2)
 
 
 def _chol(D, dev, dtype, g):
@@ -44,19 +39,18 @@ def pytest_generate_tests(metafunc):
     if "maha_case" in metafunc.fixturenames:
         cases = [(s, dt, mode, impl) for s in (MAHA_QUICK if quick else MAHA_SHAPES) for dt in ("fp32",)
                  for mode in ("fwd", "fwd+bwd") for impl in IMPLS
-                 if impl == "peer" or _available("mahalanobis", impl)]
+                 if available("mahalanobis", impl)]
         metafunc.parametrize("maha_case", cases, ids=[f"B{s[0]}K{s[1]}D{s[2]}-{dt}-{m}-{i}" for s, dt, m, i in cases])
     if "kl_case" in metafunc.fixturenames:
         cases = [(s, dt, mode, impl) for s in (KL_QUICK if quick else KL_SHAPES) for dt in ("fp32",)
                  for mode in ("fwd", "fwd+bwd") for impl in IMPLS + ["peer_svd"]
-                 if impl.startswith("peer") and not (impl == "peer_svd" and mode != "fwd")
-                 or _available("gaussian_kl", impl)]
+                 if available("gaussian_kl", impl) and not (impl == "peer_svd" and mode != "fwd")]
         metafunc.parametrize("kl_case", cases, ids=[f"B{s[0]}D{s[1]}-{dt}-{m}-{i}" for s, dt, m, i in cases])
 
 
 def test_mahalanobis(benchmark, maha_case):
     (B, K, D), dt, mode, impl = maha_case
-    dtype, dev = DTYPES[dt], _device()
+    dtype, dev = DTYPES[dt], device()
     g = torch.Generator().manual_seed(0)
     grad = mode != "fwd"
     x = torch.randn(B, D, generator=g).to(dev, dtype).requires_grad_(grad)
@@ -64,31 +58,17 @@ def test_mahalanobis(benchmark, maha_case):
     L = _chol(D, dev, dtype, g).requires_grad_(grad)
     dout = torch.randn(B, K, generator=g).to(dev, dtype)
     if impl == "peer":
-        P = (L @ L.T).detach().requires_grad_(grad)  # the peer holds the precision matrix itself
-        inputs = (x, means, P)
-        forward = lambda: mahalanobis_peer(x, means, P)  # noqa: E731
-    else:
-        inputs = (x, means, L)
-
-        def forward():
-            with use_backend(impl, op="mahalanobis"):
-                return mahalanobis(x, means, L)
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                forward()
-    else:
-        def fn():
-            torch.autograd.grad(forward(), inputs, dout)
-    benchmark.group = f"mahalanobis B{B} K{K} D{D} {dt} {mode}"
-    benchmark.extra_info.update(op="mahalanobis", impl=impl, dtype=dt, mode=mode, shape=dict(B=B, K=K, D=D),
-                                device=dev, peer_bkd_bytes=B * K * D * x.element_size())
-    _run_peer(benchmark, fn) if impl == "peer" else _run(benchmark, fn, rounds=10)
+        L = (L @ L.T).detach().requires_grad_(grad)  # the peer holds the precision matrix itself
+    run = implementation("mahalanobis", impl, mahalanobis, peer=mahalanobis_peer)
+    time_case(benchmark, step(lambda: run(x, means, L), mode, (x, means, L), dout),
+              group=f"mahalanobis B{B} K{K} D{D} {dt} {mode}", **(PEER_ROUNDS if impl == "peer" else ROUNDS),
+              op="mahalanobis", impl=impl, dtype=dt, mode=mode, shape=dict(B=B, K=K, D=D),
+              peer_bkd_bytes=B * K * D * x.element_size())
 
 
 def test_gaussian_kl(benchmark, kl_case):
     (B, D), dt, mode, impl = kl_case
-    dtype, dev = DTYPES[dt], _device()
+    dtype, dev = DTYPES[dt], device()
     g = torch.Generator().manual_seed(0)
     grad = mode != "fwd"
     mu = torch.randn(B, D, generator=g).to(dev, dtype).requires_grad_(grad)
@@ -97,26 +77,13 @@ def test_gaussian_kl(benchmark, kl_case):
     L = _chol(D, dev, dtype, g).requires_grad_(grad)
     dout = torch.randn(B, generator=g).to(dev, dtype)
     if impl == "peer":
-        P = (L @ L.T).detach().requires_grad_(grad)
-        inputs = (mu, log_var, prior, P)
-        forward = lambda: gaussian_kl_peer(mu, log_var, prior, P)  # noqa: E731
-    elif impl == "peer_svd":
+        L = (L @ L.T).detach().requires_grad_(grad)  # the precision matrix
+    inputs = (mu, log_var, prior, L)
+    run = implementation("gaussian_kl", impl, gaussian_kl, peer=gaussian_kl_peer)
+    if impl == "peer_svd":
         sigma, eps = (0.5 * log_var).exp().detach(), torch.randn(B, D, generator=g).to(dev, dtype)
         inputs = ()
-        forward = lambda: gaussian_kl_gpls_svd_peer(sigma, eps)  # noqa: E731
-    else:
-        inputs = (mu, log_var, prior, L)
-
-        def forward():
-            with use_backend(impl, op="gaussian_kl"):
-                return gaussian_kl(mu, log_var, prior, L)
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                forward()
-    else:
-        def fn():
-            torch.autograd.grad(forward(), inputs, dout)
-    benchmark.group = f"gaussian_kl B{B} D{D} {dt} {mode}"
-    benchmark.extra_info.update(op="gaussian_kl", impl=impl, dtype=dt, mode=mode, shape=dict(B=B, D=D), device=dev)
-    _run_peer(benchmark, fn) if impl.startswith("peer") else _run(benchmark, fn, rounds=10)
+        run = lambda *_: gaussian_kl_gpls_svd_peer(sigma, eps)  # noqa: E731
+    time_case(benchmark, step(lambda: run(mu, log_var, prior, L), mode, inputs, dout),
+              group=f"gaussian_kl B{B} D{D} {dt} {mode}", **(PEER_ROUNDS if impl.startswith("peer") else ROUNDS),
+              op="gaussian_kl", impl=impl, dtype=dt, mode=mode, shape=dict(B=B, D=D))

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.bench_ops import DTYPES, _available, _device, _run
+from benchmarks.harness import DTYPES, available, device, implementation, step, time_case
 from benchmarks.peers import prompt_conv_peer
-from clfast.ops import prompt_conv, use_backend
+from clfast.ops import prompt_conv
 
 LAYERS, HEADS, LIN, DIN, KERNEL = 7, 2 * 12, 36, 80, 17
 # (B, F)
@@ -34,13 +34,13 @@ def pytest_generate_tests(metafunc):
         quick = metafunc.config.getoption("--quick")
         cases = [(s, "fp32", mode, impl) for s in (PC_QUICK if quick else PC_SHAPES) for mode in ("fwd", "fwd+bwd")
                  for impl in IMPLS
-                 if (impl == "peer" and _peer_feasible(*s, mode, quick)) or (impl != "peer" and _available("prompt_conv", impl))]
+                 if available("prompt_conv", impl) and (impl != "peer" or _peer_feasible(*s, mode, quick))]
         metafunc.parametrize("pc_case", cases, ids=[f"B{s[0]}F{s[1]}-{dt}-{m}-{i}" for s, dt, m, i in cases])
 
 
 def test_prompt_conv(benchmark, pc_case):
     (B, F), dt, mode, impl = pc_case
-    dtype, dev = DTYPES[dt], _device()
+    dtype, dev = DTYPES[dt], device()
     g = torch.Generator().manual_seed(0)
     grad = mode != "fwd"
     bound = 1.0 / KERNEL
@@ -51,31 +51,15 @@ def test_prompt_conv(benchmark, pc_case):
     layers = [(mk(HEADS, LIN, DIN), mk(HEADS, F, KERNEL, KERNEL, scale=bound), mk(HEADS, F, scale=bound), mk(B, F))
               for _ in range(LAYERS)]
     inputs = [t for layer in layers for t in layer]
-    def forward():
-        if impl == "peer":
-            return [prompt_conv_peer(*layer) for layer in layers]
-        with use_backend(impl, op="prompt_conv"):
-            return [prompt_conv(*layer) for layer in layers]
-
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                forward()
-    else:
+    douts = None
+    if grad:
         douts = [torch.randn(B, HEADS, LIN - KERNEL + 1, DIN - KERNEL + 1, generator=g).to(dev, dtype)
                  for _ in range(LAYERS)]
-
-        def fn():
-            torch.autograd.grad(forward(), inputs, douts)
-    benchmark.group = f"prompt_conv {LAYERS}x(H{HEADS} {LIN}x{DIN} k{KERNEL}) B{B} F{F} {dt} {mode}"
-    benchmark.extra_info.update(op="prompt_conv", impl=impl, dtype=dt, mode=mode,
-                                shape=dict(layers=LAYERS, H=HEADS, Lin=LIN, Din=DIN, k=KERNEL, B=B, F=F), device=dev)
-    if impl == "peer":  # seconds per round: one round, no warm-up
-        def synced():
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-
-        benchmark.pedantic(synced, rounds=1, warmup_rounds=0, iterations=1)
-    else:
-        _run(benchmark, fn, rounds=5)
+    forward = implementation("prompt_conv", impl, lambda: [prompt_conv(*layer) for layer in layers],
+                             peer=lambda: [prompt_conv_peer(*layer) for layer in layers])
+    fn = step(forward, mode, inputs, douts)
+    # the peer takes seconds per round: one round, no warm-up
+    time_case(benchmark, fn, group=f"prompt_conv {LAYERS}x(H{HEADS} {LIN}x{DIN} k{KERNEL}) B{B} F{F} {dt} {mode}",
+              **(dict(rounds=1, warmup=0) if impl == "peer" else dict(rounds=5)),
+              op="prompt_conv", impl=impl, dtype=dt, mode=mode,
+              shape=dict(layers=LAYERS, H=HEADS, Lin=LIN, Din=DIN, k=KERNEL, B=B, F=F))

@@ -24,31 +24,14 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from clfast.ops import _dispatch, retrieve, use_backend
+from benchmarks.harness import DTYPES, available, device, implementation, step, time_case
+from benchmarks.peers import retrieve_peer
 from clfast.ops import retrieval as rt
+from clfast.ops import retrieve
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 D = 768
 IMPLS = ["peer", "torch", "cpu", "faiss", "triton"]
-
-
-def retrieve_peer(query, keys, k):
-    """How the official codes select keys: normalise both, full similarity matrix, topk."""
-    s = F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T
-    return s.topk(k, dim=1)
-
-
-def _available(name):
-    if name == "peer":
-        return True
-    cls = _dispatch.backends("retrieve").get(name)
-    return cls is not None and cls.available() and _device() in cls.devices()
-
-
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # (B, M, k, dtype, mode)
@@ -61,7 +44,7 @@ QUICK = [c for c in FULL if c[1] < 1_000_000 and c[2] == 5]
 def pytest_generate_tests(metafunc):
     if "rt_case" in metafunc.fixturenames:
         quick = metafunc.config.getoption("--quick")
-        cases = [(*c, impl) for c in (QUICK if quick else FULL) for impl in IMPLS if _available(impl)]
+        cases = [(*c, impl) for c in (QUICK if quick else FULL) for impl in IMPLS if available("retrieve", impl)]
         ids = [f"B{B}M{M}k{k}-{dt}-{mode}-{impl}" for B, M, k, dt, mode, impl in cases]
         metafunc.parametrize("rt_case", cases, ids=ids)
 
@@ -142,39 +125,20 @@ def _largest_intermediate_mb(impl, B, M, k, dtype, mode):
 
 def test_retrieve(benchmark, rt_case, pools):
     B, M, k, dt, mode, impl = rt_case
-    dtype, dev = DTYPES[dt], _device()
+    dtype, dev = DTYPES[dt], device()
     keys = pools.get(M, dtype, dev)
     g = torch.Generator(device="cpu").manual_seed(1)
     query = torch.randn(B, D, generator=g).to(dev, dtype)
     if mode == "fwd+bwd":
         keys = keys.detach().clone().requires_grad_(True)
         query = query.requires_grad_(True)
-    if impl == "peer":
-        forward = lambda: retrieve_peer(query, keys, k)  # noqa: E731
-    else:
-        def forward():
-            with use_backend(impl, op="retrieve"):
-                return retrieve(query, keys, k, metric="cosine")
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                forward()
-    else:
-        def fn():
-            s, _ = forward()
-            torch.autograd.grad(s.sum(), (query, keys))
-
-    def once():
-        fn()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
-    measured = _RssGrowth(once) if dev == "cpu" else once
-    benchmark.group = f"retrieve B{B} M{M} D{D} k{k} {dt} {mode}"
+    run = implementation("retrieve", impl, retrieve, peer=lambda q, keys, k, metric: retrieve_peer(q, keys, k))
+    fn = step(lambda: run(query, keys, k, metric="cosine")[0], mode, (query, keys))  # fwd+bwd: d(sum of scores)
     rounds, warmup = (3, 0) if M >= 1_000_000 else (5, 1) if M >= 100_000 else (30, 2)
-    benchmark.pedantic(measured, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    timed = time_case(benchmark, fn, group=f"retrieve B{B} M{M} D{D} k{k} {dt} {mode}", rounds=rounds,
+                      warmup=warmup, measure=_RssGrowth if dev == "cpu" else None)
     benchmark.extra_info.update(
         op="retrieve", impl=impl, dtype=dt, mode=mode, shape=dict(B=B, M=M, D=D, k=k), metric="cosine",
-        device=dev, rss_growth_mb=getattr(measured, "mb", None),
+        rss_growth_mb=getattr(timed, "mb", None),
         largest_intermediate_mb=_largest_intermediate_mb(impl, B, M, k, dtype, mode),
         key_bytes=M * D * torch.finfo(dtype).bits // 8)

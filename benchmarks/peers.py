@@ -19,6 +19,13 @@ def prefix_attention_peer(q, k, v, prefix_k, prefix_v, scale):
     return attn @ v
 
 
+def retrieve_peer(query, keys, k):
+    """How the official codes (L2P, DualPrompt, CODA-Prompt, CluMo) select keys: normalise both, the full
+    (B, M) similarity matrix, topk."""
+    s = torch.nn.functional.normalize(query, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).T
+    return s.topk(k, dim=1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # mahalanobis / gaussian_kl
 # ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """Turn a pytest-benchmark JSON file into the ratio tables of BENCHMARKS.md.
 
-    python benchmarks/report.py benchmarks/results/ops_full.json [--write]
+    python benchmarks/report.py benchmarks/results/ops_full.json [--write] [--allow-dirty]
 
 Each group is one case (op, shape, dtype, mode); within it every implementation's median is quoted with
 its speed-up over ``peer`` (the way the official codes compute it) and over ``torch`` (the best stock
 PyTorch composition). Speed-up = other median / this median, so > 1 means faster.
+
+Figures carry the commit they were measured at (pytest-benchmark's ``commit_info``). BENCHMARKS.md takes figures
+from committed code only: ``--write`` refuses results measured in a tree with uncommitted changes (``+dirty``)
+unless ``--allow-dirty`` is given.
 """
 
 from __future__ import annotations
@@ -33,15 +37,30 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _commit() -> str:
+def _git_commit() -> tuple[str, bool]:
+    """(short sha, dirty) of the checkout report.py lives in; tracked files only."""
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return sha, bool(dirty)
+
+
+def commit(data: dict) -> tuple[str, bool]:
+    """(commit, dirty) the figures were measured at: the results' own ``commit_info`` (pytest-benchmark runs
+    ``git describe --dirty``), else this checkout as it is now."""
+    info = data.get("commit_info") or {}
+    if info.get("id") and info["id"] not in ("unknown", "unversioned"):
+        return info["id"][:7], bool(info.get("dirty"))
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        return _git_commit()
     except Exception:
-        return "unknown"
+        return "unknown", False
+
+
+def _commit_text(data: dict) -> str:
+    sha, dirty = commit(data)
+    return sha + ("+dirty" if dirty else "")
 
 
 def header(data: dict) -> str:
@@ -59,7 +78,7 @@ def header(data: dict) -> str:
     return (f"Machine: {_cpu_model()}, {os.cpu_count()} cores, torch threads "
             f"{os.environ.get('CLFAST_BENCH_THREADS', '2')}{gpu}. "
             f"Versions: Python {platform.python_version()}, torch {torch.__version__}, triton {triton_v}. "
-            f"Commit: {_commit()}. Date: {data.get('datetime', '')[:19]}.")
+            f"Commit: {_commit_text(data)}. Date: {data.get('datetime', '')[:19]}.")
 
 
 def tables(data: dict) -> dict[str, str]:
@@ -104,9 +123,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json", type=Path)
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="let --write quote results measured in a tree with uncommitted changes")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = p.parse_args(argv)
     data = json.loads(args.json.read_text())
+    sha, dirty = commit(data)
+    if dirty and args.write and not args.allow_dirty:
+        print(f"report.py: {args.json} was measured in a tree with uncommitted changes ({sha}+dirty); "
+              f"BENCHMARKS.md quotes committed code only: commit and rerun, or pass --allow-dirty",
+              file=sys.stderr)
+        return 2
+    if dirty:
+        print(f"report.py: note: measured in a tree with uncommitted changes ({sha}+dirty)", file=sys.stderr)
     head = header(data)
     tabs = tables(data)
     if not tabs:

@@ -10,7 +10,9 @@ import sys
 import torch
 
 from clfast import __version__, _ext, _triton
-from clfast.ops import _dispatch
+from clfast.ops import backend_summary, backends
+
+__all__ = ["report", "backend_summary", "main"]  # backend_summary: an alias of clfast.ops.backend_summary
 
 
 def _version(mod: str) -> str:
@@ -34,35 +36,18 @@ def report() -> str:
     else:
         lines.append("devices: cpu (no CUDA device)")
     lines.append(f"triton interpreter: {'on' if _triton.INTERPRET else 'off'}")
-    for op in _dispatch.ops():
+    for op, summary in backend_summary().items():
         lines.append("")
-        forced = _dispatch.forced_backend(op)
+        forced = summary["forced"]
         lines.append(f"op {op}" + (f"  [forced: {forced}]" if forced else ""))
-        for device, order in sorted(_dispatch._PRIORITY.get(op, {}).items()):
+        for device, order in summary["priority"].items():
             lines.append(f"  priority on {device}: {' > '.join(order)}")
-        for name, cls in sorted(_dispatch.backends(op).items()):
-            why = _ext_reason(cls)
+        for name, cls in sorted(backends(op).items()):
+            why = summary["unavailable"].get(name)
             status = "available" if why is None else f"unavailable: {why}"
             dtypes = ", ".join(str(d).replace("torch.", "") for d in cls.DTYPES)
             lines.append(f"  {name:<10} devices={','.join(cls.devices())} dtypes={dtypes}  {status}")
     return "\n".join(lines)
-
-
-def backend_summary() -> dict:
-    """Per op: the priority order per device, a forced backend, and why unavailable ones are (JSON-able)."""
-    out = {}
-    for op in _dispatch.ops():
-        out[op] = {
-            "priority": {dev: list(order) for dev, order in sorted(_dispatch._PRIORITY.get(op, {}).items())},
-            "forced": _dispatch.forced_backend(op),
-            "unavailable": {name: why for name, cls in sorted(_dispatch.backends(op).items())
-                            if (why := _ext_reason(cls)) is not None},
-        }
-    return out
-
-
-def _ext_reason(cls) -> str | None:
-    return _dispatch._UNAVAILABLE.get(cls)
 
 
 def main() -> int:

@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
-FP32_DOT_PRECISION = "tf32x3"
+from ._common import FP32_DOT_PRECISION, INTERPRETED, aot_case
 
 # _mm_kernel epilogues
 EPI_NONE, EPI_DIST, EPI_ROWSCALE = 0, 1, 2
@@ -125,7 +126,6 @@ class Config(NamedTuple):
     num_stages: int
 
 
-INTERPRETED = not isinstance(_mm_kernel, triton.runtime.JITFunction)
 # Interpreted (TRITON_INTERPRET=1) on CPU tensors: 16-wide tiles (tl.dot's minimum) so that small test
 # shapes cross tile and triangle boundaries.
 _INTERPRETER_MM = Config(16, 16, 16, 1, 1)
@@ -148,7 +148,7 @@ def _mm(a: Tensor, b: Tensor, *, b_lower=False, b_upper=False, c_lower=False, ep
     v = dummy if v is None else v
     y_ = dummy if y is None else y
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n))
-    torch.library.wrap_triton(_mm_kernel)[grid](
+    wrap_triton(_mm_kernel)[grid](
         a, b, out, u, v, y_, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         y_.stride(0) if y is not None else 0, y_.stride(1) if y is not None else 0,
@@ -231,7 +231,7 @@ def gaussian_kl_fwd(mu: Tensor, log_var: Tensor, prior_mean: Tensor, prec_chol: 
     lv = _f32(log_var)
     kl = torch.empty((B,), dtype=torch.float32, device=mu.device)
     if B > 0:
-        torch.library.wrap_triton(_kl_rows_kernel)[(triton.cdiv(B, _KL_BLOCK_B),)](
+        wrap_triton(_kl_rows_kernel)[(triton.cdiv(B, _KL_BLOCK_B),)](
             u, lv, rho, offset, kl, B, D, u.stride(0), u.stride(1), lv.stride(0), lv.stride(1),
             BLOCK_B=_KL_BLOCK_B, BLOCK_D=_KL_BLOCK_D, num_warps=4, num_stages=1)
     return kl.to(mu.dtype), u
@@ -271,18 +271,6 @@ _MM_VARIANTS = [(True, False, False, EPI_NONE), (False, False, False, EPI_DIST),
                 (False, True, False, EPI_NONE), (False, False, True, EPI_NONE)]
 
 
-def _signature(fn, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def aot_cases() -> list:
     """Every _mm_kernel variant with the GPU tile config, and the KL row kernel."""
     cases = []
@@ -290,10 +278,8 @@ def aot_cases() -> list:
     for b_lower, b_upper, c_lower, epi in _MM_VARIANTS:
         consts = dict(B_LOWER=b_lower, B_UPPER=b_upper, C_LOWER=c_lower, EPILOGUE=epi, BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=FP32_DOT_PRECISION)
-        cases.append((_mm_kernel, _signature(_mm_kernel, consts), consts,
-                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
-    consts = dict(BLOCK_B=16, BLOCK_D=128)
-    cases.append((_kl_rows_kernel, _signature(_kl_rows_kernel, consts), consts, {"num_warps": 4, "num_stages": 1}))
+        cases.append(aot_case(_mm_kernel, consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    cases.append(aot_case(_kl_rows_kernel, dict(BLOCK_B=16, BLOCK_D=128), {"num_warps": 4, "num_stages": 1}))
     return cases
 
 

@@ -20,8 +20,8 @@ loops over all queries; ``_bwd_q_kernel`` owns a block of queries and loops over
 the backward is deterministic. Prefix gradients are written per sample in fp32 and, for a shared
 (H,P,d) prefix, summed over the batch by torch.
 
-The launchers use torch ops and ``torch.library.wrap_triton`` only, so ``clfast.ops`` can register
-them with ``torch.library.triton_op``.
+The launchers use torch ops and ``torch.library.wrap_triton`` only, so ``clfast.ops`` registers them with
+``torch.library.triton_op``.
 """
 
 from __future__ import annotations
@@ -33,15 +33,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+from ._common import FP32_DOT_PRECISION, INTERPRETED, TL_DTYPE, aot_case
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 MAX_HEAD_DIM = 256
-
-# tl.dot precision for fp32 inputs (16-bit inputs ignore it): 3xTF32 splits each operand into a TF32
-# head and tail and keeps three products, close to fp32 (about 2^-22 relative) on tensor cores, where
-# plain TF32 (2^-11) would not be "fp32" and "ieee" runs on the FMA units, several times slower.
-FP32_DOT_PRECISION = "tf32x3"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,6 +55,33 @@ def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
     else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _query_tile(H, NQ, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (BLOCK_M queries, b, h) tile of a grid (cdiv(NQ, BLOCK_M), B·H): b and h (int64), the query
+    and head-dim offsets, and their masks. The tile's rows of a contiguous (B·H, NQ) array start at
+    ``_row0(NQ)``."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b, h, offs_m, offs_d, offs_m < NQ, offs_d < D
+
+
+@triton.jit
+def _row0(NQ):
+    """First row of this program's (b, h) in a contiguous (B·H, NQ) array (int64)."""
+    return tl.program_id(1).to(tl.int64) * NQ
+
+
+@triton.jit
+def _load_rows(ptr, b, h, offs_m, offs_d, stride_b, stride_h, stride_m, stride_d, mask):
+    """The (rows offs_m, columns offs_d) tile of the (b, h) slice of a strided (B,H,N,D) tensor, 0 off ``mask``."""
+    return tl.load(ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_d[None, :] * stride_d,
+                   mask=mask, other=0.0)
 
 
 @triton.jit
@@ -177,17 +202,9 @@ def _fwd_kernel(
 
     qk_scale = scale·log2 e. A shared prefix comes with stride_pkb = stride_pvb = 0. out is contiguous
     (B,H,NQ,D) and lse contiguous (B,H,NQ)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < NQ
-    d_valid = offs_d < D
+    b, h, offs_m, offs_d, m_valid, d_valid = _query_tile(H, NQ, D, BLOCK_M, BLOCK_D)
     md_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=md_mask, other=0.0)
+    q = _load_rows(q_ptr, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, md_mask)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -204,7 +221,7 @@ def _fwd_kernel(
     l_safe = tl.where(attended, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(attended, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    row = pid_bh.to(tl.int64) * NQ + offs_m
+    row = _row0(NQ) + offs_m
     tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=md_mask)
     tl.store(lse_ptr + row, lse, mask=m_valid)
 
@@ -217,20 +234,12 @@ def _bwd_preprocess_kernel(
         H, NQ, D,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dout ∘ out) in fp32, contiguous (B,H,NQ). Grid (cdiv(NQ, BLOCK_M), B·H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < NQ
-    md_mask = m_valid[:, None] & (offs_d < D)[None, :]
-    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                mask=md_mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
+    b, h, offs_m, offs_d, m_valid, d_valid = _query_tile(H, NQ, D, BLOCK_M, BLOCK_D)
+    md_mask = m_valid[:, None] & d_valid[None, :]
+    o = _load_rows(out_ptr, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od, md_mask)
+    do = _load_rows(do_ptr, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod, md_mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + pid_bh.to(tl.int64) * NQ + offs_m, delta, mask=m_valid)
+    tl.store(delta_ptr + _row0(NQ) + offs_m, delta, mask=m_valid)
 
 
 @triton.jit
@@ -293,22 +302,13 @@ def _bwd_q_kernel(
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """dq of one (BLOCK_M queries, b, h) tile, over the prefix keys then the sequence keys.
     Grid (cdiv(NQ, BLOCK_M), B·H); dq contiguous (B,H,NQ,D), delta contiguous (B,H,NQ)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < NQ
-    d_valid = offs_d < D
+    b, h, offs_m, offs_d, m_valid, d_valid = _query_tile(H, NQ, D, BLOCK_M, BLOCK_D)
     md_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=md_mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
+    q = _load_rows(q_ptr, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, md_mask)
+    do = _load_rows(do_ptr, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod, md_mask)
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=m_valid, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * NQ + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(delta_ptr + _row0(NQ) + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mask_base = mask_ptr + b * stride_mb
     dq = _bwd_q_key_loop(
@@ -320,7 +320,7 @@ def _bwd_q_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd, mask_base, stride_mn, NK, qk_scale, offs_d, d_valid,
         HAS_MASK, BLOCK_N, DOT_FP32, PRECISION)
     dq = dq * scale
-    row = pid_bh.to(tl.int64) * NQ + offs_m
+    row = _row0(NQ) + offs_m
     tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=md_mask)
 
 
@@ -338,7 +338,6 @@ class Config(NamedTuple):
 
 # Interpreted kernels (TRITON_INTERPRET=1 at import) run on CPU tensors: small tiles, so that test
 # shapes of a few dozen tokens still cross block boundaries. 16 is tl.dot's minimum.
-INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 _INTERPRETER_CONFIG = Config(16, 16, 1, 1)
 _PREPROCESS_BLOCK_M = 64
 
@@ -429,7 +428,7 @@ def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Ten
     bd = block_d(D)
     cfg = _launch_config("fwd", bd, q.dtype)
     grid = (triton.cdiv(NQ, cfg.block_m), B * H)
-    torch.library.wrap_triton(_fwd_kernel)[grid](
+    wrap_triton(_fwd_kernel)[grid](
         q, k, v, pk, pv, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *spk, *spv, *smask,
         H, NQ, NK, P, D, scale * LOG2E,
@@ -465,19 +464,19 @@ def prefix_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k
         delta = torch.empty((B, H, NQ), dtype=torch.float32, device=dev)
         if NQ > 0:
             bm = _INTERPRETER_CONFIG.block_m if INTERPRETED else _PREPROCESS_BLOCK_M
-            torch.library.wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(NQ, bm), B * H)](
+            wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(NQ, bm), B * H)](
                 out, dout, delta, *out.stride(), *dout.stride(), H, NQ, D,
                 BLOCK_M=bm, BLOCK_D=bd, num_warps=4, num_stages=1)
         cfg = _launch_config("bwd_kv", bd, q.dtype)
         grid = (triton.cdiv(P, cfg.block_n) + triton.cdiv(NK, cfg.block_n), B * H)
         if grid[0] > 0:
-            torch.library.wrap_triton(_bwd_kv_kernel)[grid](
+            wrap_triton(_bwd_kv_kernel)[grid](
                 q, k, v, pk, pv, mask, dout, lse, delta, dk, dv, dpk32, dpv32, *args,
                 HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         cfg = _launch_config("bwd_q", bd, q.dtype)
         if NQ > 0:
-            torch.library.wrap_triton(_bwd_q_kernel)[(triton.cdiv(NQ, cfg.block_m), B * H)](
+            wrap_triton(_bwd_q_kernel)[(triton.cdiv(NQ, cfg.block_m), B * H)](
                 q, k, v, pk, pv, mask, dout, lse, delta, dq, *args,
                 HAS_MASK=has_mask, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -494,7 +493,6 @@ def prefix_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k
 # Ahead-of-time compile cases (tests/kernels/test_triton_aot.py)
 # ---------------------------------------------------------------------------------------------------
 
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FP32_PTRS = ("lse_ptr", "delta_ptr", "dpk_ptr", "dpv_ptr")
 # Strides the JIT sees as 1 for contiguous inputs (and then specialises as constants).
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_pkd", "stride_pvd", "stride_mn", "stride_od",
@@ -502,22 +500,17 @@ _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_pkd", "stride_pv
 
 
 def _aot_case(fn, dtype: torch.dtype, constexprs: dict, cfg: Optional[Config] = None):
-    sig, consts = {}, dict(constexprs)
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in _UNIT_STRIDES:
-            sig[name], consts[name] = "constexpr", 1
-        elif name == "mask_ptr":
-            sig[name] = "*u8"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in _FP32_PTRS else "*" + _TL_DTYPE[dtype]
-        elif name in ("qk_scale", "scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    options = {} if cfg is None else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return fn, sig, consts, options
+    consts = {**constexprs, **{name: 1 for name in _UNIT_STRIDES if name in fn.arg_names}}
+
+    def types(name):
+        if name == "mask_ptr":
+            return "*u8"
+        if name.endswith("_ptr"):
+            return "*fp32" if name in _FP32_PTRS else "*" + TL_DTYPE[dtype]
+        return "fp32" if name in ("qk_scale", "scale") else None
+
+    options = None if cfg is None else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return aot_case(fn, consts, options, types=types)
 
 
 def aot_cases() -> list:

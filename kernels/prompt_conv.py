@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
-FP32_DOT_PRECISION = "tf32x3"
+from ._common import FP32_DOT_PRECISION, INTERPRETED, aot_case
 
 
 @triton.jit
@@ -141,7 +142,6 @@ class Config(NamedTuple):
     num_stages: int
 
 
-INTERPRETED = not isinstance(_conv_fwd_kernel, triton.runtime.JITFunction)
 _GPU_CONFIGS = {"fwd": Config(128, 16, 32, 4, 3), "dw": Config(64, 16, 64, 4, 3), "dx": Config(128, 32, 0, 4, 2)}
 # 16 is tl.dot's minimum; interpreted (CPU) runs use the smallest tiles so test shapes cross tile edges.
 _INTERPRETER_CONFIGS = {"fwd": Config(16, 16, 16, 1, 1), "dw": Config(16, 16, 16, 1, 1), "dx": Config(16, 16, 0, 1, 1)}
@@ -165,7 +165,7 @@ def _conv(E: Tensor, W: Tensor, b: Tensor) -> Tensor:
     C = torch.empty((F, H, Lo, Do), dtype=torch.float32, device=E.device)
     cfg, bf = _CONFIGS["fwd"], _block_f(F)
     grid = (triton.cdiv(Lo * Do, cfg.block_a), triton.cdiv(F, bf), H)
-    torch.library.wrap_triton(_conv_fwd_kernel)[grid](
+    wrap_triton(_conv_fwd_kernel)[grid](
         E, W, b, C, H, F, Do, Lo * Do, kw, kh * kw, *E.stride(), *W.stride(), *b.stride(),
         BLOCK_P=cfg.block_a, BLOCK_F=bf, BLOCK_T=cfg.block_t, PRECISION=FP32_DOT_PRECISION,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -201,12 +201,12 @@ def prompt_conv_bwd(grad: Tensor, embeddings: Tensor, weight: Tensor, bias: Tens
     dW = torch.empty((H, F, kh, kw), dtype=torch.float32, device=E.device)
     dE = torch.empty((H, Lin, Din), dtype=torch.float32, device=E.device)
     cfg, bf = _CONFIGS["dw"], _block_f(F)
-    torch.library.wrap_triton(_conv_dw_kernel)[(triton.cdiv(kh * kw, cfg.block_t), triton.cdiv(F, bf), H)](
+    wrap_triton(_conv_dw_kernel)[(triton.cdiv(kh * kw, cfg.block_t), triton.cdiv(F, bf), H)](
         E, dC, dW, H, F, Do, Lo * Do, kw, kh * kw, *E.stride(),
         BLOCK_F=bf, BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_a, PRECISION=FP32_DOT_PRECISION,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     cfg = _CONFIGS["dx"]
-    torch.library.wrap_triton(_conv_dx_kernel)[(triton.cdiv(Lin * Din, cfg.block_a), H)](
+    wrap_triton(_conv_dx_kernel)[(triton.cdiv(Lin * Din, cfg.block_a), H)](
         dC, W, dE, H, F, Lo, Do, Din, Lin * Din, kw, kh * kw, *W.stride(),
         BLOCK_Q=cfg.block_a, BLOCK_T=cfg.block_b, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (dE.to(embeddings.dtype), dW.to(weight.dtype), db.to(bias.dtype, copy=True),
@@ -218,27 +218,19 @@ def prompt_conv_bwd(grad: Tensor, embeddings: Tensor, weight: Tensor, bias: Tens
 # ---------------------------------------------------------------------------------------------------
 
 
-def _signature(fn, constexprs: dict) -> dict:
-    return {name: "constexpr" if name in constexprs else "*fp32" if name.endswith("_ptr") else "i32"
-            for name in fn.arg_names}
-
-
 def aot_cases() -> list:
     """Each kernel with the GPU tile configs the launchers use (BLOCK_F 16 and 64: few and many prompts)."""
     cases = []
     for bf in (16, 64):
         cfg = _GPU_CONFIGS["fwd"]
         consts = dict(BLOCK_P=cfg.block_a, BLOCK_F=bf, BLOCK_T=cfg.block_t, PRECISION=FP32_DOT_PRECISION)
-        cases.append((_conv_fwd_kernel, _signature(_conv_fwd_kernel, consts), consts,
-                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+        cases.append(aot_case(_conv_fwd_kernel, consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
         cfg = _GPU_CONFIGS["dw"]
         consts = dict(BLOCK_F=bf, BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_a, PRECISION=FP32_DOT_PRECISION)
-        cases.append((_conv_dw_kernel, _signature(_conv_dw_kernel, consts), consts,
-                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+        cases.append(aot_case(_conv_dw_kernel, consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
     cfg = _GPU_CONFIGS["dx"]
     consts = dict(BLOCK_Q=cfg.block_a, BLOCK_T=cfg.block_b)
-    cases.append((_conv_dx_kernel, _signature(_conv_dx_kernel, consts), consts,
-                  {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    cases.append(aot_case(_conv_dx_kernel, consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
     return cases
 
 

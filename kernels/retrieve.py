@@ -29,13 +29,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+from ._common import FP32_DOT_PRECISION, INTERPRETED, TL_DTYPE, aot_case
 
 METRICS = {"cosine": 0, "ip": 1, "l2": 2}
 NORM_EPS = 1e-12
 MAX_K = 64
 INT32_MAX = 2 ** 31 - 1
-# fp32 inputs use 3xTF32 tl.dot on GPUs (about fp32 accuracy), as kernels/prefix_attention.py
-FP32_DOT_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -119,9 +120,6 @@ def _retrieve_topk_kernel(
 # Launcher
 # ---------------------------------------------------------------------------------------------------
 
-INTERPRETED = not isinstance(_retrieve_topk_kernel, triton.runtime.JITFunction)
-
-
 def block_d(dim: int) -> int:
     """BLOCK_D: a power of two, at least 16 (tl.dot's minimum), at most 64 (D is looped over)."""
     return min(64, max(16, triton.next_power_of_2(dim)))
@@ -181,7 +179,7 @@ def retrieve_topk(query: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Ten
     out_s = torch.empty((n_splits, B, k), dtype=torch.float32, device=dev)
     out_i = torch.empty((n_splits, B, k), dtype=torch.int32, device=dev)
     grid = (triton.cdiv(B, bb), n_splits)
-    torch.library.wrap_triton(_retrieve_topk_kernel)[grid](
+    wrap_triton(_retrieve_topk_kernel)[grid](
         query, keys, q_aux, out_s, out_i, B, M, D, per_split,
         *query.stride(), *keys.stride(),
         METRIC=mcode, K=k, KPAD=kpad(k), BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=block_d(D),
@@ -200,28 +198,12 @@ def retrieve_topk(query: Tensor, keys: Tensor, k: int, metric: str) -> tuple[Ten
 # Ahead-of-time compile cases (tests/kernels/test_triton_aot.py)
 # ---------------------------------------------------------------------------------------------------
 
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
 def _aot_case(q_dtype: torch.dtype, k_dtype: torch.dtype, metric: int, k: int):
     bb, bn, warps, stages = config(k_dtype, k)
     consts = dict(METRIC=metric, K=k, KPAD=kpad(k), BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=64,
                   DOT_FP32=q_dtype != k_dtype, PRECISION=FP32_DOT_PRECISION, stride_qd=1, stride_kd=1)
-    sig = {}
-    for name in _retrieve_topk_kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name == "q_ptr":
-            sig[name] = "*" + _TL_DTYPE[q_dtype]
-        elif name == "k_ptr":
-            sig[name] = "*" + _TL_DTYPE[k_dtype]
-        elif name in ("qaux_ptr", "out_s_ptr"):
-            sig[name] = "*fp32"
-        elif name == "out_i_ptr":
-            sig[name] = "*i32"
-        else:
-            sig[name] = "i32"
-    return _retrieve_topk_kernel, sig, consts, {"num_warps": warps, "num_stages": stages}
+    pointers = {"q_ptr": "*" + TL_DTYPE[q_dtype], "k_ptr": "*" + TL_DTYPE[k_dtype], "out_i_ptr": "*i32"}
+    return aot_case(_retrieve_topk_kernel, consts, {"num_warps": warps, "num_stages": stages}, types=pointers.get)
 
 
 def aot_cases() -> list:

@@ -9,14 +9,18 @@ torch.library registration and its public function / nn.Module.
     clfast.ops.retrieve(query, keys, k, metric=..., exact=...) -> (scores, indices)
     clfast.ops.KeyIndex(dim, metric, exact)   clfast.ops.kmeans(x, n_clusters, n_iter, seed)
 
-Backends are picked per call (``clfast info`` lists them); ``use_backend(name)`` or ``CLFAST_BACKEND`` forces one.
+Backends are picked per call (``clfast info`` lists them, ``backend_summary()`` returns the same as data);
+``use_backend(name)`` or ``CLFAST_BACKEND`` forces one.
 """
 
-from clfast.ops._dispatch import backends, forced_backend, ops as list_ops, select, use_backend
+from clfast.ops._dispatch import backend_summary, backends, forced_backend, ops as list_ops, select, use_backend
 from clfast.ops.attention import PromptContext, PromptedAttention, prefix_attention
+from clfast.ops.clustering import kmeans
 from clfast.ops.conv import PromptConv, prompt_conv
-from clfast.ops.gaussian import GaussianStats, gaussian_kl, mahalanobis
-from clfast.ops.retrieval import KeyIndex, kmeans, retrieve
+from clfast.ops.gaussian import gaussian_kl, mahalanobis
+from clfast.ops.gaussian_stats import GaussianStats
+from clfast.ops.key_index import KeyIndex
+from clfast.ops.retrieval import retrieve
 
 __all__ = [
     "prefix_attention",
@@ -35,4 +39,5 @@ __all__ = [
     "forced_backend",
     "list_ops",
     "select",
+    "backend_summary",
 ]

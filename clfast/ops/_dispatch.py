@@ -27,7 +27,9 @@ __all__ = [
     "use_backend",
     "forced_backend",
     "ops",
-    "fused_backend",
+    "priorities",
+    "unavailable",
+    "backend_summary",
 ]
 
 # op name -> backend name -> backend class
@@ -132,6 +134,30 @@ def ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def priorities(op: str) -> dict[str, list[str]]:
+    """The priority list of ``op`` per device type (a copy), e.g. ``{"cpu": ["cpu", "torch", "reference"]}``."""
+    return {dev: list(order) for dev, order in sorted(_PRIORITY.get(op, {}).items())}
+
+
+def unavailable(cls: type[Backend]) -> str | None:
+    """Why backend ``cls`` cannot run on this machine at all (None: it can), as resolved at registration."""
+    return _UNAVAILABLE.get(cls)
+
+
+def backend_summary() -> dict:
+    """Per op: the priority order per device, the forced backend, and why each unavailable backend is
+    (JSON-able; run records and ``clfast info`` quote it)::
+
+        {"retrieve": {"priority": {"cpu": [...], "cuda": [...]}, "forced": None,
+                      "unavailable": {"triton": "no CUDA device ..."}}, ...}
+    """
+    return {op: {"priority": priorities(op),
+                 "forced": forced_backend(op),
+                 "unavailable": {name: why for name, cls in sorted(_REGISTRY[op].items())
+                                 if (why := unavailable(cls)) is not None}}
+            for op in ops()}
+
+
 def backends(op: str) -> dict[str, type[Backend]]:
     """The registered backends of ``op`` by name."""
     if op not in _REGISTRY:
@@ -172,15 +198,6 @@ def use_backend(name: str, op: str | None = None) -> Iterator[None]:
         yield
     finally:
         _FORCED.pop()
-
-
-def fused_backend(op: str, name: str) -> type[Backend]:
-    """The backend ``name`` of ``op`` whose kernels run inside the registered op ``clfast::<op>``
-    (the registered ops take the backend's name as an argument)."""
-    cls = _REGISTRY.get(op, {}).get(name)
-    if cls is None or not getattr(cls, "FUSED", False):
-        raise ValueError(f"clfast::{op}: backend {name!r} is not a fused backend of this op")
-    return cls
 
 
 def select(op: str, inputs) -> type[Backend]:

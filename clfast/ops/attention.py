@@ -8,8 +8,10 @@ mode, CluMo's prompt on the fusion cross-attention memory and ATLAS's single-que
 
 Layers, as for every clfast op: :func:`reference` (the spec) → backends (``torch``: SDPA on the
 concatenation, the bar to beat; ``cpu``: C++ in csrc/prefix_attention; ``triton``: kernels/prefix_attention.py)
-→ the registered op ``clfast::prefix_attention`` (fake + autograd; torch.compile traces it without graph
-breaks) → the public :func:`prefix_attention` and the module :class:`PromptedAttention`.
+→ the registered ops ``clfast::prefix_attention`` (the C++ kernels, a custom_op) and
+``clfast::prefix_attention_triton`` (a triton_op, which torch.compile traces into), each with its backward op,
+fake and autograd, so torch.compile traces a model that uses them without graph breaks → the public
+:func:`prefix_attention` and the module :class:`PromptedAttention`.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clfast import _ext, _triton
-from clfast.ops import _dispatch
-from clfast.ops._dispatch import Backend, register_backend
+from clfast import _triton
+from clfast.ops import _backends, _dispatch
+from clfast.ops._backends import define_op
+from clfast.ops._checks import check_float_tensor, shape_str
+from clfast.ops._dispatch import register_backend
 
 __all__ = ["prefix_attention", "reference", "PromptedAttention", "PromptContext"]
 
 OP = "prefix_attention"
-_FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class Inputs(NamedTuple):
@@ -101,74 +104,55 @@ def reference(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None
 _LOWP_ATOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
-@register_backend
-class ReferenceBackend(Backend):
-    OP, NAME = OP, "reference"
-    DEVICES = ("cpu", "cuda")
-    DTYPES = _FLOAT
+class _Tolerances:
     ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, **_LOWP_ATOL}
     GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-4, **_LOWP_ATOL}
 
-    @staticmethod
-    def run(q, k, v, prefix_k, prefix_v, kv_mask, scale):
-        return reference(q, k, v, prefix_k, prefix_v, kv_mask, scale)
+
+@register_backend
+class ReferenceBackend(_Tolerances, _backends.Reference):
+    OP = OP
+    run = staticmethod(reference)
+
+
+def _torch_prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, scale):
+    B = q.shape[0]
+    P = 0 if prefix_k is None else prefix_k.shape[-2]
+    if P:
+        k = torch.cat([_expand_prefix(prefix_k, B), k], dim=2)
+        v = torch.cat([_expand_prefix(prefix_v, B), v], dim=2)
+    if kv_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    mask, any_valid = _full_mask(q, k[:, :, P:], P, kv_mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.masked_fill(~any_valid, 0.0)
 
 
 @register_backend
-class TorchBackend(Backend):
+class TorchBackend(_Tolerances, _backends.Torch):
     """``F.scaled_dot_product_attention`` on the concatenated K/V: the best stock-PyTorch composition."""
 
-    OP, NAME = OP, "torch"
-    DEVICES = ("cpu", "cuda")
-    DTYPES = _FLOAT
-    ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, **_LOWP_ATOL}
-    GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-4, **_LOWP_ATOL}
-
-    @staticmethod
-    def run(q, k, v, prefix_k, prefix_v, kv_mask, scale):
-        B = q.shape[0]
-        P = 0 if prefix_k is None else prefix_k.shape[-2]
-        if P:
-            k = torch.cat([_expand_prefix(prefix_k, B), k], dim=2)
-            v = torch.cat([_expand_prefix(prefix_v, B), v], dim=2)
-        if kv_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        mask, any_valid = _full_mask(q, k[:, :, P:], P, kv_mask)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return out.masked_fill(~any_valid, 0.0)
+    OP = OP
+    run = staticmethod(_torch_prefix_attention)
 
 
-class _FusedBackend(Backend):
-    """A backend whose forward/backward kernels run inside the registered op ``clfast::prefix_attention``."""
+class _Fused:
+    """Runs the registered op ``registered`` (set below, with the op), which returns ``(out, lse)``."""
 
-    FUSED = True
-
-    @staticmethod
-    def forward(q, k, v, prefix_k, prefix_v, kv_mask, scale):  # -> (out, lse)
-        raise NotImplementedError
-
-    @staticmethod
-    def backward(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale):  # -> 5 grads
-        raise NotImplementedError
+    registered = None
 
     @classmethod
     def run(cls, q, k, v, prefix_k, prefix_v, kv_mask, scale):
-        return torch.ops.clfast.prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, scale, cls.NAME)[0]
+        return cls.registered(q, k, v, prefix_k, prefix_v, kv_mask, scale)[0]
 
 
 @register_backend
-class CpuBackend(_FusedBackend):
+class CpuBackend(_Fused, _backends.Cpp):
     """C++ (csrc/prefix_attention): blocked online softmax, bf16 GEMM tiles with fp32 accumulation."""
 
-    OP, NAME = OP, "cpu"
-    DEVICES = ("cpu",)
-    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    OP, KERNEL = OP, "prefix_attention_fwd"
     ATOL = {torch.float32: 2e-5, **_LOWP_ATOL}
     GRAD_ATOL = {torch.float32: 1e-4, **_LOWP_ATOL}
-
-    @classmethod
-    def unavailable_reason(cls):
-        return _ext.missing_op_reason("prefix_attention_fwd")
 
     @staticmethod
     def forward(q, k, v, prefix_k, prefix_v, kv_mask, scale):
@@ -181,11 +165,11 @@ class CpuBackend(_FusedBackend):
 
 
 @register_backend
-class TritonBackend(_triton.TritonBackendMixin, _FusedBackend):
-    """Flash-style Triton kernels (kernels/prefix_attention.py); the default on CUDA."""
+class TritonBackend(_Fused, _backends.Triton):
+    """Flash-style Triton kernels (kernels/prefix_attention.py) in the triton_op ``clfast::prefix_attention_triton``;
+    the default on CUDA."""
 
-    OP, NAME = OP, "triton"
-    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    OP = OP
     # fp32 tl.dot may use TF32 on GPUs: looser than the C++ backend.
     ATOL = {torch.float32: 2e-3 if _triton.CUDA else 2e-5, **_LOWP_ATOL}
     GRAD_ATOL = {torch.float32: 5e-3 if _triton.CUDA else 1e-4, **_LOWP_ATOL}
@@ -194,54 +178,29 @@ class TritonBackend(_triton.TritonBackendMixin, _FusedBackend):
     def extra_reasons(cls, inputs):
         return [f"head_dim {inputs.head_dim} > 256"] if inputs.head_dim > 256 else []
 
-    @staticmethod
-    def forward(q, k, v, prefix_k, prefix_v, kv_mask, scale):
-        from clfast.kernels import prefix_attention as kern
 
-        return kern.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, kv_mask, scale)
-
-    @staticmethod
-    def backward(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale):
-        from clfast.kernels import prefix_attention as kern
-
-        return kern.prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale)
-
-
-_dispatch.set_priority(OP, "cpu", ["cpu", "torch", "reference"])
-_dispatch.set_priority(OP, "cuda", ["triton", "torch", "reference"])
+_backends.set_priorities(OP)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The registered op: clfast::prefix_attention (+ its backward), with fake implementations and autograd
+# The registered ops: clfast::prefix_attention (C++) and clfast::prefix_attention_triton, each with its backward
+# op, fake implementations and autograd
 # ---------------------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("clfast::prefix_attention", mutates_args=())
-def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
-                         kv_mask: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (out (B,H,Nq,d) in q's dtype, lse (B,H,Nq) float32). ``lse`` is saved for the backward and
-    is not differentiable."""
-    return _dispatch.fused_backend(OP, backend).forward(q, k, v, prefix_k, prefix_v, kv_mask, scale)
+_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? kv_mask, float scale) "
+           "-> (Tensor, Tensor)")
+_BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? kv_mask, "
+                    "Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-@_prefix_attention_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, kv_mask, scale, backend):
-    out = q.new_empty(q.shape)
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    return out, lse
+def _fake(q, k, v, prefix_k, prefix_v, kv_mask, scale):
+    """(out (B,H,Nq,d) in q's dtype, lse (B,H,Nq) float32). ``lse`` is saved for the backward and is not
+    differentiable."""
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("clfast::prefix_attention_backward", mutates_args=())
-def _prefix_attention_backward_op(
-        dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
-        kv_mask: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix grads are empty when there is no prefix."""
-    return _dispatch.fused_backend(OP, backend).backward(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale)
-
-
-@_prefix_attention_backward_op.register_fake
-def _(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale, backend):
+def _backward_fake(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale):
+    """(dq, dk, dv, dprefix_k, dprefix_v); the prefix grads are empty when there is no prefix."""
     def like(t):
         return q.new_empty((0,)) if t is None else t.new_empty(t.shape)
 
@@ -249,27 +208,40 @@ def _(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, scale, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, kv_mask, scale, backend = inputs
+    q, k, v, prefix_k, prefix_v, kv_mask, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, kv_mask, out, lse)
-    ctx.scale, ctx.backend = scale, backend
+    ctx.scale = scale
     # lse is an auxiliary output nobody differentiates: do not fill a (B,H,Nq) zero gradient for it
     # (that fill cost several ms per call on the CPU).
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, _dlse):
-    if dout is None:  # only lse was used downstream (never in clfast); nothing flows back
-        return (None,) * 8
-    q, k, v, prefix_k, prefix_v, kv_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dpk, dpv = torch.ops.clfast.prefix_attention_backward(
-        dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, ctx.scale, ctx.backend)
-    if prefix_k is None:
-        dpk = dpv = None
-    return dq, dk, dv, dpk, dpv, None, None, None
+def _register(name: str, forward, backward, *, triton: bool = False):
+    """``clfast::<name>`` computed by ``forward``, and ``clfast::<name>_backward`` by ``backward``, tied by
+    autograd. Returns the forward op."""
+    op = define_op(name, _SCHEMA, forward, _fake, triton=triton)
+    backward_op = define_op(f"{name}_backward", _BACKWARD_SCHEMA, backward, _backward_fake, triton=triton)
+
+    def _backward(ctx, dout, _dlse):
+        if dout is None:  # only lse was used downstream (never in clfast); nothing flows back
+            return (None,) * 7
+        q, k, v, prefix_k, prefix_v, kv_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv, dpk, dpv = backward_op(dout, q, k, v, prefix_k, prefix_v, kv_mask, out, lse, ctx.scale)
+        if prefix_k is None:
+            dpk = dpv = None
+        return dq, dk, dv, dpk, dpv, None, None
+
+    op.register_autograd(_backward, setup_context=_setup_context)
+    return getattr(torch.ops.clfast, name)
 
 
-_prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+CpuBackend.registered = _register(OP, CpuBackend.forward, CpuBackend.backward)
+if _backends.TRITON_OPS:
+    from clfast.kernels import prefix_attention as _kern
+
+    TritonBackend.registered = _register(f"{OP}_triton", _kern.prefix_attention_fwd, _kern.prefix_attention_bwd,
+                                         triton=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,23 +249,14 @@ _prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------
 
 
-def _shape(t: Tensor) -> str:
-    return "(" + ",".join(str(s) for s in t.shape) + ")"
-
-
 def _validate(q, k, v, prefix_k, prefix_v, kv_mask, scale) -> Inputs:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"prefix_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT:
-            raise TypeError(f"prefix_attention: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"prefix_attention: {name} must have shape (B,H,N,d), got {_shape(t)}")
+        check_float_tensor("prefix_attention", name, t, shape="(B,H,N,d)", dim=4)
     B, H, Nq, d = q.shape
     if k.shape[:2] != (B, H) or k.shape[3] != d:
-        raise ValueError(f"prefix_attention: k must have shape (B,H,Nk,d) = ({B},{H},Nk,{d}) to match q, got {_shape(k)}")
+        raise ValueError(f"prefix_attention: k must have shape (B,H,Nk,d) = ({B},{H},Nk,{d}) to match q, got {shape_str(k)}")
     if v.shape != k.shape:
-        raise ValueError(f"prefix_attention: v must have the shape of k {_shape(k)}, got {_shape(v)}")
+        raise ValueError(f"prefix_attention: v must have the shape of k {shape_str(k)}, got {shape_str(v)}")
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("prefix_attention: prefix_k and prefix_v must be given together (got only "
                          f"{'prefix_k' if prefix_v is None else 'prefix_v'})")
@@ -306,10 +269,10 @@ def _validate(q, k, v, prefix_k, prefix_v, kv_mask, scale) -> Inputs:
                 t.dim() == 3 and t.shape[0] == H and t.shape[2] == d)
             if not ok:
                 raise ValueError(f"prefix_attention: {name} must have shape (B,H,P,d) = ({B},{H},P,{d}) or "
-                                 f"(H,P,d) = ({H},P,{d}), got {_shape(t)}")
+                                 f"(H,P,d) = ({H},P,{d}), got {shape_str(t)}")
         if prefix_v.shape != prefix_k.shape:
-            raise ValueError(f"prefix_attention: prefix_v must have the shape of prefix_k {_shape(prefix_k)}, "
-                             f"got {_shape(prefix_v)}")
+            raise ValueError(f"prefix_attention: prefix_v must have the shape of prefix_k {shape_str(prefix_k)}, "
+                             f"got {shape_str(prefix_v)}")
         P, shared = prefix_k.shape[-2], prefix_k.dim() == 3
     tensors = [("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)]
     for name, t in tensors[1:]:
@@ -325,7 +288,7 @@ def _validate(q, k, v, prefix_k, prefix_v, kv_mask, scale) -> Inputs:
                             f"{getattr(kv_mask, 'dtype', type(kv_mask).__name__)}")
         if kv_mask.shape != (B, k.shape[2]):
             raise ValueError(f"prefix_attention: kv_mask must have shape (B,Nk) = ({B},{k.shape[2]}), "
-                             f"got {_shape(kv_mask)}")
+                             f"got {shape_str(kv_mask)}")
         if kv_mask.device != q.device:
             raise ValueError(f"prefix_attention: kv_mask must be on q's device {q.device}, got {kv_mask.device}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
@@ -448,7 +411,7 @@ class PromptedAttention(torch.nn.Module):
             return t
         if t.shape[-1] != H * d:
             raise ValueError(f"PromptedAttention(layer {self.layer}): {name} must have width {H * d} "
-                             f"((B,P,C) or (P,C)) or be head-split ((B,H,P,d) or (H,P,d)), got {_shape(t)}")
+                             f"((B,P,C) or (P,C)) or be head-split ((B,H,P,d) or (H,P,d)), got {shape_str(t)}")
         if t.dim() == 2:
             return t.reshape(t.shape[0], H, d).transpose(0, 1)
         return t.reshape(t.shape[0], t.shape[1], H, d).transpose(1, 2)

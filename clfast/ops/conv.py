@@ -10,7 +10,8 @@ GEMM over the batch (per-prompt plan), or the kernels mixed per sample first (mi
 
 Layers, as for every clfast op: :func:`reference` (the official per-prompt loop, the spec) → backends (``torch``:
 one grouped ``conv2d`` with ``groups=H`` + einsum, the bar to beat; ``cpu``: C++ in csrc/prompt_conv; ``triton``:
-kernels/prompt_conv.py) → the registered op ``clfast::prompt_conv`` (fake + autograd) → the public
+kernels/prompt_conv.py) → the registered ops ``clfast::prompt_conv`` (C++, a custom_op) and
+``clfast::prompt_conv_triton`` (a triton_op), each with its backward op, fake and autograd → the public
 :func:`prompt_conv` and the module :class:`PromptConv`.
 """
 
@@ -23,14 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clfast import _ext, _triton
-from clfast.ops import _dispatch
-from clfast.ops._dispatch import Backend, register_backend
+from clfast import _triton
+from clfast.ops import _backends, _dispatch
+from clfast.ops._backends import FLOAT, define_op
+from clfast.ops._checks import shape_str
+from clfast.ops._dispatch import register_backend
 
 __all__ = ["prompt_conv", "reference", "PromptConv"]
 
 OP = "prompt_conv"
-_FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class Inputs(NamedTuple):
@@ -86,17 +88,15 @@ def reference(embeddings: Tensor, weight: Tensor, bias: Tensor, prompt_weights: 
 _LOWP_ATOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-@register_backend
-class ReferenceBackend(Backend):
-    OP, NAME = OP, "reference"
-    DEVICES = ("cpu", "cuda")
-    DTYPES = _FLOAT
+class _Tolerances:
     ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, **_LOWP_ATOL}
     GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, **_LOWP_ATOL}
 
-    @staticmethod
-    def run(embeddings, weight, bias, prompt_weights):
-        return reference(embeddings, weight, bias, prompt_weights)
+
+@register_backend
+class ReferenceBackend(_Tolerances, _backends.Reference):
+    OP = OP
+    run = staticmethod(reference)
 
 
 def _torch_prompt_conv(embeddings: Tensor, weight: Tensor, bias: Tensor, prompt_weights: Tensor) -> Tensor:
@@ -107,60 +107,38 @@ def _torch_prompt_conv(embeddings: Tensor, weight: Tensor, bias: Tensor, prompt_
 
 
 @register_backend
-class TorchBackend(Backend):
+class TorchBackend(_Tolerances, _backends.Torch):
     """One grouped ``conv2d`` (groups=H, F output channels per group) for all (h, f), then an einsum over
     prompts: the best stock-PyTorch composition (DESIGN §6 of the ConvPrompt spec)."""
 
-    OP, NAME = OP, "torch"
-    DEVICES = ("cpu", "cuda")
-    DTYPES = _FLOAT
-    ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, **_LOWP_ATOL}
-    GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, **_LOWP_ATOL}
-
-    @staticmethod
-    def run(embeddings, weight, bias, prompt_weights):
-        return _torch_prompt_conv(embeddings, weight, bias, prompt_weights)
+    OP = OP
+    run = staticmethod(_torch_prompt_conv)
 
 
-class _FusedBackend(Backend):
-    """A backend whose kernels run inside the registered op ``clfast::prompt_conv``. ``forward`` returns
-    ``(out, saved)``: with the per-prompt plan ``saved`` holds the per-(h, f) convolutions (F, H, Lout, Dout)
-    float32 for the backward; with the mix-first plan it is empty."""
+class _Fused:
+    """Runs the registered op ``registered`` (set below, with the op). Its ``forward`` returns ``(out, saved)``:
+    with the per-prompt plan ``saved`` holds the per-(h, f) convolutions (F, H, Lout, Dout) float32 for the
+    backward; with the mix-first plan it is empty."""
 
-    FUSED = True
+    registered = None
 
     @classmethod
     def mix_first(cls, inputs: Inputs) -> bool:
         return False
 
-    @staticmethod
-    def forward(embeddings, weight, bias, prompt_weights, mix_first):
-        raise NotImplementedError
-
-    @staticmethod
-    def backward(grad, embeddings, weight, bias, prompt_weights, saved, mix_first):
-        raise NotImplementedError
-
     @classmethod
     def run(cls, embeddings, weight, bias, prompt_weights, inputs: Inputs):
-        return torch.ops.clfast.prompt_conv(embeddings, weight, bias, prompt_weights, cls.mix_first(inputs),
-                                            cls.NAME)[0]
+        return cls.registered(embeddings, weight, bias, prompt_weights, cls.mix_first(inputs))[0]
 
 
 @register_backend
-class CpuBackend(_FusedBackend):
+class CpuBackend(_Fused, _backends.Cpp):
     """C++ (csrc/prompt_conv): register-blocked 8-wide direct convolutions (forward, weight and input
     gradients), min(F, B) per head, and ATen GEMMs for the mixing over prompts."""
 
-    OP, NAME = OP, "cpu"
-    DEVICES = ("cpu",)
-    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    OP, KERNEL = OP, "prompt_conv_fwd"
     ATOL = {torch.float32: 2e-5, **_LOWP_ATOL}
     GRAD_ATOL = {torch.float32: 2e-5, **_LOWP_ATOL}
-
-    @classmethod
-    def unavailable_reason(cls):
-        return _ext.missing_op_reason("prompt_conv_fwd")
 
     @classmethod
     def mix_first(cls, inputs: Inputs) -> bool:
@@ -180,7 +158,10 @@ class CpuBackend(_FusedBackend):
 
     @staticmethod
     def backward(grad, embeddings, weight, bias, prompt_weights, saved, mix_first):
-        return torch.ops._clfast_C.prompt_conv_bwd(grad, embeddings, weight, bias, prompt_weights, saved, mix_first)
+        de, dw, db, dpw = torch.ops._clfast_C.prompt_conv_bwd(grad, embeddings, weight, bias, prompt_weights, saved,
+                                                               mix_first)
+        # the per-prompt plan sums dbias as an (F, H) transpose: make it the contiguous (H, F) the fake promises
+        return de, dw, db.contiguous(), dpw
 
 
 # A GEMM multiply-add costs about this fraction of a direct-convolution one on the CPU (measured, 2 threads).
@@ -188,49 +169,32 @@ _GEMM_DISCOUNT = 0.5
 
 
 @register_backend
-class TritonBackend(_triton.TritonBackendMixin, _FusedBackend):
+class TritonBackend(_Fused, _backends.Triton):
     """Triton (kernels/prompt_conv.py): implicit-GEMM convolutions once per (h, f) with tl.dot, the mixing over
-    prompts as GEMMs; the backward's weight gradient is an implicit GEMM too, the input gradient a gather."""
+    prompts as GEMMs; the backward's weight gradient is an implicit GEMM too, the input gradient a gather. On GPUs
+    the per-prompt plan's batch GEMMs are cheap: it is the only plan implemented."""
 
-    OP, NAME = OP, "triton"
-    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    OP = OP
     ATOL = {torch.float32: 2e-3 if _triton.CUDA else 2e-5, **_LOWP_ATOL}
     GRAD_ATOL = {torch.float32: 5e-3 if _triton.CUDA else 2e-5, **_LOWP_ATOL}
 
-    @staticmethod
-    def forward(embeddings, weight, bias, prompt_weights, mix_first):
-        from clfast.kernels import prompt_conv as kern
 
-        if mix_first:  # on GPUs the per-prompt plan's batch GEMMs are cheap: it is the only one implemented
-            raise ValueError("clfast::prompt_conv: the triton backend runs the per-prompt plan only (mix_first=False)")
-        return kern.prompt_conv_fwd(embeddings, weight, bias, prompt_weights)
-
-    @staticmethod
-    def backward(grad, embeddings, weight, bias, prompt_weights, saved, mix_first):
-        from clfast.kernels import prompt_conv as kern
-
-        return kern.prompt_conv_bwd(grad, embeddings, weight, bias, prompt_weights, saved)
-
-
-_dispatch.set_priority(OP, "cpu", ["cpu", "torch", "reference"])
-_dispatch.set_priority(OP, "cuda", ["triton", "torch", "reference"])
+_backends.set_priorities(OP)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The registered op: clfast::prompt_conv (+ its backward), with fake implementations and autograd
+# The registered ops: clfast::prompt_conv (C++) and clfast::prompt_conv_triton, each with its backward op, fake
+# implementations and autograd
 # ---------------------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("clfast::prompt_conv", mutates_args=())
-def _prompt_conv_op(embeddings: Tensor, weight: Tensor, bias: Tensor, prompt_weights: Tensor, mix_first: bool,
-                    backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (prompts (B,H,Lout,Dout) in the inputs' dtype, saved: the per-(h, f) convolutions
-    (F,H,Lout,Dout) float32 with the per-prompt plan, empty with the mix-first plan)."""
-    return _dispatch.fused_backend(OP, backend).forward(embeddings, weight, bias, prompt_weights, mix_first)
+_SCHEMA = "(Tensor embeddings, Tensor weight, Tensor bias, Tensor prompt_weights, bool mix_first) -> (Tensor, Tensor)"
+_BACKWARD_SCHEMA = ("(Tensor grad, Tensor embeddings, Tensor weight, Tensor bias, Tensor prompt_weights, "
+                    "Tensor saved, bool mix_first) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
-@_prompt_conv_op.register_fake
-def _(embeddings, weight, bias, prompt_weights, mix_first, backend):
+def _fake(embeddings, weight, bias, prompt_weights, mix_first):
+    """(prompts (B,H,Lout,Dout) in the inputs' dtype, saved: the per-(h, f) convolutions (F,H,Lout,Dout) float32
+    with the per-prompt plan, empty with the mix-first plan)."""
     H, Lin, Din = embeddings.shape
     Fn, kh, kw = weight.shape[1:]
     B = prompt_weights.shape[0]
@@ -240,33 +204,50 @@ def _(embeddings, weight, bias, prompt_weights, mix_first, backend):
     return out, saved
 
 
-@torch.library.custom_op("clfast::prompt_conv_backward", mutates_args=())
-def _prompt_conv_backward_op(grad: Tensor, embeddings: Tensor, weight: Tensor, bias: Tensor, prompt_weights: Tensor,
-                             saved: Tensor, mix_first: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dembeddings, dweight, dbias, dprompt_weights), each in its input's dtype and shape."""
-    return _dispatch.fused_backend(OP, backend).backward(grad, embeddings, weight, bias, prompt_weights, saved, mix_first)
-
-
-@_prompt_conv_backward_op.register_fake
-def _(grad, embeddings, weight, bias, prompt_weights, saved, mix_first, backend):
+def _backward_fake(grad, embeddings, weight, bias, prompt_weights, saved, mix_first):
+    """(dembeddings, dweight, dbias, dprompt_weights), each in its input's dtype and shape."""
     return (embeddings.new_empty(embeddings.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape),
             prompt_weights.new_empty(prompt_weights.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, bias, prompt_weights, mix_first, backend = inputs
+    embeddings, weight, bias, prompt_weights, mix_first = inputs
     ctx.save_for_backward(embeddings, weight, bias, prompt_weights, output[1])
-    ctx.mix_first, ctx.backend = mix_first, backend
+    ctx.mix_first = mix_first
 
 
-def _backward(ctx, grad, _dsaved):
-    embeddings, weight, bias, prompt_weights, saved = ctx.saved_tensors
-    grads = torch.ops.clfast.prompt_conv_backward(grad.contiguous(), embeddings, weight, bias, prompt_weights, saved,
-                                                  ctx.mix_first, ctx.backend)
-    return (*grads, None, None)
+def _register(name: str, forward, backward, *, triton: bool = False):
+    """``clfast::<name>`` computed by ``forward``, and ``clfast::<name>_backward`` by ``backward``, tied by
+    autograd. Returns the forward op."""
+    op = define_op(name, _SCHEMA, forward, _fake, triton=triton)
+    backward_op = define_op(f"{name}_backward", _BACKWARD_SCHEMA, backward, _backward_fake, triton=triton)
+
+    def _backward(ctx, grad, _dsaved):
+        embeddings, weight, bias, prompt_weights, saved = ctx.saved_tensors
+        grads = backward_op(grad.contiguous(), embeddings, weight, bias, prompt_weights, saved, ctx.mix_first)
+        return (*grads, None)
+
+    op.register_autograd(_backward, setup_context=_setup_context)
+    return getattr(torch.ops.clfast, name)
 
 
-_prompt_conv_op.register_autograd(_backward, setup_context=_setup_context)
+def _triton_forward(embeddings, weight, bias, prompt_weights, mix_first):
+    if mix_first:
+        raise ValueError("clfast::prompt_conv_triton: the triton backend runs the per-prompt plan only "
+                         "(mix_first=False)")
+    return _triton_prompt_conv_fwd(embeddings, weight, bias, prompt_weights)
+
+
+def _triton_backward(grad, embeddings, weight, bias, prompt_weights, saved, mix_first):
+    return _triton_prompt_conv_bwd(grad, embeddings, weight, bias, prompt_weights, saved)
+
+
+CpuBackend.registered = _register(OP, CpuBackend.forward, CpuBackend.backward)
+if _backends.TRITON_OPS:
+    from clfast.kernels.prompt_conv import prompt_conv_bwd as _triton_prompt_conv_bwd
+    from clfast.kernels.prompt_conv import prompt_conv_fwd as _triton_prompt_conv_fwd
+
+    TritonBackend.registered = _register(f"{OP}_triton", _triton_forward, _triton_backward, triton=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,34 +255,30 @@ _prompt_conv_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------
 
 
-def _shape(t: Tensor) -> str:
-    return "(" + ",".join(str(s) for s in t.shape) + ")"
-
-
 def _validate(embeddings, weight, bias, prompt_weights) -> Inputs:
     named = (("embeddings", embeddings), ("weight", weight), ("bias", bias), ("prompt_weights", prompt_weights))
     for name, t in named:
         if not isinstance(t, Tensor):
             raise TypeError(f"prompt_conv: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if embeddings.dtype not in _FLOAT:
+    if embeddings.dtype not in FLOAT:
         raise TypeError(f"prompt_conv: embeddings must be float32, bfloat16, float16 or float64, got "
                         f"{embeddings.dtype}")
     if embeddings.dim() != 3:
-        raise ValueError(f"prompt_conv: embeddings must have shape (H,Lin,Din), got {_shape(embeddings)}")
+        raise ValueError(f"prompt_conv: embeddings must have shape (H,Lin,Din), got {shape_str(embeddings)}")
     H, Lin, Din = embeddings.shape
     if weight.dim() != 4 or weight.shape[0] != H:
-        raise ValueError(f"prompt_conv: weight must have shape (H,F,kh,kw) with H = {H}, got {_shape(weight)}")
+        raise ValueError(f"prompt_conv: weight must have shape (H,F,kh,kw) with H = {H}, got {shape_str(weight)}")
     Fn, kh, kw = weight.shape[1:]
     if Fn < 1 or kh < 1 or kw < 1:
-        raise ValueError(f"prompt_conv: weight must have shape (H,F,kh,kw) with F, kh, kw >= 1, got {_shape(weight)}")
+        raise ValueError(f"prompt_conv: weight must have shape (H,F,kh,kw) with F, kh, kw >= 1, got {shape_str(weight)}")
     if kh > Lin or kw > Din:
         raise ValueError(f"prompt_conv: weight's kernel (kh,kw) = ({kh},{kw}) must fit in the embeddings "
                          f"(Lin,Din) = ({Lin},{Din})")
     if tuple(bias.shape) != (H, Fn):
-        raise ValueError(f"prompt_conv: bias must have shape (H,F) = ({H},{Fn}), got {_shape(bias)}")
+        raise ValueError(f"prompt_conv: bias must have shape (H,F) = ({H},{Fn}), got {shape_str(bias)}")
     if prompt_weights.dim() != 2 or prompt_weights.shape[1] != Fn:
         raise ValueError(f"prompt_conv: prompt_weights must have shape (B,F) with F = {Fn}, got "
-                         f"{_shape(prompt_weights)}")
+                         f"{shape_str(prompt_weights)}")
     for name, t in named[1:]:
         if t.dtype != embeddings.dtype:
             raise TypeError(f"prompt_conv: {name} must have the dtype of embeddings ({embeddings.dtype}), got {t.dtype}")

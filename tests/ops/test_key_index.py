@@ -1,18 +1,18 @@
-"""clfast.ops.KeyIndex (exact, HNSW, IVF-Flat; checkpointing; sharded over 2 gloo processes) and
-clfast.ops.kmeans."""
+"""clfast.ops.KeyIndex (exact against a float64 brute force, HNSW, IVF-Flat; checkpointing; sharded over 2 gloo
+processes) and clfast.ops.kmeans."""
 
 from __future__ import annotations
 
 import io
 import os
-import socket
-import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clfast.ops import KeyIndex, kmeans, retrieve
 from clfast.ops import retrieval as rt
+from tests.ops._util import free_port, magnitude, max_err, run_processes
 
 import faiss  # noqa: E402,F401  (a declared dependency; KeyIndex and kmeans need it)
 
@@ -37,15 +37,34 @@ def _roundtrip(index: KeyIndex, **kwargs) -> KeyIndex:
 # --------------------------------------------------------------------------------------------------
 
 
+def brute_force(q, keys, k, metric):
+    """Float64 scores of every (query, key) pair by a matmul, then a stable sort: the top-k, ties to the lower
+    index. Written here, independently of retrieve (which the exact index calls)."""
+    q, keys = q.double(), keys.double()
+    if metric == "cosine":
+        s = F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T
+    elif metric == "ip":
+        s = q @ keys.T
+    else:
+        s = -torch.cdist(q, keys).square()
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    return s.gather(1, order[:, :k]), order[:, :k], s.gather(1, order)
+
+
 @pytest.mark.parametrize("metric", rt.METRICS)
-def test_exact_index_equals_retrieve_over_all_keys(metric):
-    keys, q = _data(3000, 24)
+def test_exact_index_equals_brute_force_over_all_keys(metric):
+    """Keys added in three parts; the float32 search returns the float64 brute force's top-k (indices exactly on
+    rows whose k+1 best scores are apart by more than float32 rounding, scores to float32 accuracy)."""
+    keys, q = _data(3000, 24, b=20)
     index = KeyIndex(24, metric)
     ids = [index.add(keys[:1000]), index.add(keys[1000:1001]), index.add(keys[1001:])]
     assert torch.equal(torch.cat(ids), torch.arange(3000)) and len(index) == 3000
     s, i = index.search(q, 7)
-    rs, ri = retrieve(q, keys, 7, metric=metric)
-    assert torch.equal(i, ri) and torch.equal(s, rs)
+    rs, ri, all_scores = brute_force(q, keys, 7, metric)
+    tol = 2e-5 * magnitude(rs)
+    assert max_err(s, rs) <= tol
+    apart = (all_scores[:, :7] - all_scores[:, 1:8]).min(1).values > 10 * tol
+    assert apart.sum() >= 10 and torch.equal(i[apart], ri[apart])
 
 
 def test_search_is_differentiable_wrt_query():
@@ -172,12 +191,6 @@ def test_kmeans_spherical_and_bad_input():
 # --------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -211,16 +224,7 @@ def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_sharded_index_over_two_gloo_processes(tmp_path):
     """Each rank holds half the keys, queries differ per rank (3 and 5 rows); every rank's result equals an
     unsharded exact search of all keys, with gradients for its own queries."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("sharded KeyIndex workers did not finish within 180 s")
+    run_processes(_sharded_worker, (2, free_port(), str(tmp_path)), timeout=180)
     keys, _ = _data(1001, 16, seed=1)
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
