@@ -24,7 +24,7 @@ def run_record(cfg, method, scenario, device: torch.device, world: int, *, comma
     import numpy
     import timm
 
-    from ..info import backend_summary
+    from ..ops import backend_summary
 
     backbone = getattr(method, "backbone", None)
     weights = getattr(backbone, "weights", None)

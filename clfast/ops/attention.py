@@ -74,6 +74,11 @@ def _full_mask(q: Tensor, k: Tensor, prefix_len: int, kv_mask: Optional[Tensor])
     return full[:, None, None, :], any_valid[:, None, None, None]
 
 
+def softmax_scale(head_dim: int, scale: Optional[float] = None) -> float:
+    """The softmax scale every path uses: ``scale`` when given, else ``head_dim ** -0.5``."""
+    return float(head_dim ** -0.5 if scale is None else scale)
+
+
 def reference(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None,
               prefix_v: Optional[Tensor] = None, kv_mask: Optional[Tensor] = None,
               scale: Optional[float] = None) -> Tensor:
@@ -82,7 +87,7 @@ def reference(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None
     Rows with nothing to attend (no prefix and every key masked) give zeros, as flash attention does.
     """
     B, _, _, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
+    scale = softmax_scale(d, scale)
     pk, pv = _expand_prefix(prefix_k, B), _expand_prefix(prefix_v, B)
     if pk is not None:
         k = torch.cat([pk, k], dim=2)
@@ -326,7 +331,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     or ``CLFAST_BACKEND=name``.
     """
     inputs = _validate(q, k, v, prefix_k, prefix_v, kv_mask, scale)
-    scale = float(inputs.head_dim ** -0.5 if scale is None else scale)
+    scale = softmax_scale(inputs.head_dim, scale)
     backend = _dispatch.select(OP, inputs)
     return backend.run(q, k, v, prefix_k, prefix_v, kv_mask, scale)
 

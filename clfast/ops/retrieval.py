@@ -511,15 +511,3 @@ def retrieve(query: Tensor, keys: Tensor, k: int = 1, *, metric: str = "cosine",
     backend = _dispatch.select(OP, inputs)
     return backend.run(query, keys, k, metric, exact)
 
-
-def __getattr__(name: str):
-    """``clfast.ops.retrieval.KeyIndex`` and ``.kmeans``, where they were defined before their own modules."""
-    if name == "KeyIndex":
-        from clfast.ops.key_index import KeyIndex
-
-        return KeyIndex
-    if name == "kmeans":
-        from clfast.ops.clustering import kmeans
-
-        return kmeans
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
