@@ -233,20 +233,23 @@ class GPLS(FrozenQueryMethod):
         self.generators = nn.ModuleList(copy.deepcopy(proto) for _ in self.layers)   # identical at the start
         self.priors = nn.ModuleList(GaussianPrior(D, num_tasks) for _ in self.layers) if cfg.elbo_weight else None
         self.query_prior = GaussianPrior(D, num_tasks) if cfg.task_inference == "mahalanobis" else None
-        self.register_buffer("_task", torch.zeros((), dtype=torch.long))
+        # the task being trained, a Python int (set by begin_task, which the engine also re-runs on resume), so
+        # that the frozen-row hooks below read it without a device sync
+        self.current_task = 0
+        self._prior_tasks: set[int] = set()     # tasks whose prior this process has collected (no sync to ask)
         self.score_names = ("task_acc", "task_acc_keys") if self.query_prior is not None else ("task_acc",)
         # W^ε trains on task 0 only; old rows of Emb and the keys stay as their task left them
         for g in self.generators:
             for p in (g.eps_weight, g.eps_bias):
-                self.freeze_rows(p, stop=lambda p=p: p.shape[0] if int(self._task) > 0 else 0)
+                self.freeze_rows(p, stop=lambda p=p: p.shape[0] if self.current_task > 0 else 0)
         if cfg.freeze_past_task_rows:
             for p in (self.task_embed, self.keys):
-                self.freeze_rows(p, stop=lambda: int(self._task))
+                self.freeze_rows(p, stop=lambda: self.current_task)
         self._last_eval: Optional[tuple] = None
 
     # task start: the statistics pass ---------------------------------------------------------------
     def begin_task(self, ctx: TaskContext) -> None:
-        self._task.fill_(ctx.task)
+        self.current_task = int(ctx.task)
         fill_cache = self.cfg.cache_query and not ctx.augment
         if self.priors is None and self.query_prior is None and not fill_cache:
             return
@@ -287,6 +290,8 @@ class GPLS(FrozenQueryMethod):
         all_reduce_stats(layer_stats + ([q_stats] if q_stats is not None else []), ctx)
         for prior, stats in zip(self.priors or [], layer_stats):
             prior.add(stats, self.cfg.prior_shrinkage)
+        if layer_stats:
+            self._prior_tasks.add(t)
         if q_stats is not None:
             self.query_prior.add(q_stats, self.cfg.prior_shrinkage)
 
@@ -318,14 +323,16 @@ class GPLS(FrozenQueryMethod):
         """``(L,)`` float32: KL_l of every prompted block for task ``task`` (one ``gaussian_kl`` row each)."""
         if self.priors is None:
             raise ValueError("gpls: no prior (elbo_weight is 0)")
-        if not self.priors[0].has(task):
+        if task not in self._prior_tasks and not self.priors[0].has(task):
             raise ValueError(f"gpls: no prior for task {task}: begin_task collects it (it needs ctx.task_loader)")
         e = self.task_embed[task: task + 1]
         out = []
-        for g, prior in zip(self.generators, self.priors):
-            mu, sigma = g.mean_scale(e)                                     # (1, D) each, unit norm
-            log_var = sigma.square().clamp_min(1e-30).log()                 # sign-free (sigma_param "linear")
-            out.append(gaussian_kl(mu, log_var, prior.mean[task].float(), prior.chol))
+        # float32 throughout: the ops' CPU kernels run GEMMs that autocast would turn to bfloat16
+        with torch.autocast(e.device.type, enabled=False):
+            for g, prior in zip(self.generators, self.priors):
+                mu, sigma = g.mean_scale(e)                                 # (1, D) each, unit norm
+                log_var = sigma.square().clamp_min(1e-30).log()             # sign-free (sigma_param "linear")
+                out.append(gaussian_kl(mu, log_var, prior.mean[task].float(), prior.chol))
         return torch.cat(out)
 
     def training_step(self, batch: dict, ctx: TaskContext) -> StepOutput:
@@ -352,7 +359,8 @@ class GPLS(FrozenQueryMethod):
         by_keys = idx[:, 0]
         task = by_keys
         if self.query_prior is not None:
-            d = mahalanobis(q, self.query_prior.mean[:seen].float(), self.query_prior.chol)   # (B, seen)
+            with torch.autocast(q.device.type, enabled=False):   # float32 (see kl)
+                d = mahalanobis(q.float(), self.query_prior.mean[:seen].float(), self.query_prior.chol)  # (B, seen)
             task = d.argmin(1)
         if self.cfg.batchwise_vote:
             task = majority_task(task, self.num_tasks)

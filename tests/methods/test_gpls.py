@@ -398,6 +398,8 @@ def test_mahalanobis_task_inference_is_the_explicit_nearest_mean(tiny):
     torch.testing.assert_close(d.double(), explicit, rtol=1e-3, atol=1e-3)
     task, by_keys = m.infer_task(batch, ctx_for(1, split="test"))
     assert torch.equal(task, explicit.argmin(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):     # as the engine evaluates (the default amp)
+        assert torch.equal(m.infer_task(batch, ctx_for(1, split="test"))[0], task)
     with torch.no_grad():
         logits = m.predict(batch, ctx_for(1, split="test"))
         scores = m.score(batch, logits, ctx_for(1, split="test"))
