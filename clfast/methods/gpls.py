@@ -72,6 +72,8 @@ class GPLSConfig(MethodConfig):
     cache_query: bool = True           # cache the frozen query per image when the transform allows it
     mask_to_predicted_task: bool = False  # evaluation keeps only the inferred task's logits (the ImR code)
     skip_last_layer_imr: bool = False  # no prompt in the last block (DAP on ImageNet-R; dead code in GPLS)
+    head_init: str = "kaiming"         # the code's head (kaiming fan_out, bias -log 99) or "trunc_normal" (the
+                                       # baselines': std 0.02, bias 0)
     batchwise_vote: bool = False       # UNFAIR: each test batch takes its majority task (the code)
     eval_all_logits: bool = False      # NOT clfast's protocol: unseen classes' logits compete (the code)
     acc_mean_of_batches: bool = False  # NOT clfast's protocol: a task's accuracy = mean of batch accuracies
@@ -85,7 +87,7 @@ class GPLSConfig(MethodConfig):
             raise ValueError(f"gpls: elbo_weight and pull_weight must be >= 0, got {self.elbo_weight} and "
                              f"{self.pull_weight}")
         for key, allowed in (("sigma_param", ("softplus", "linear")), ("task_inference", ("keys", "mahalanobis")),
-                             ("prior_features", ("raw", "unit"))):
+                             ("prior_features", ("raw", "unit")), ("head_init", ("kaiming", "trunc_normal"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"gpls: {key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not 0.0 <= self.prior_shrinkage <= 1.0:
@@ -224,9 +226,10 @@ class GPLS(FrozenQueryMethod):
         if missing:
             raise ValueError(f"gpls: blocks {missing} of the backbone are not promptable (prompt_layers="
                              f"{backbone.prompt_layers}); build it with prompt_layers='all'")
-        nn.init.kaiming_normal_(self.head.weight, mode="fan_out")              # the code's head
-        if self.head.bias is not None:
-            nn.init.constant_(self.head.bias, -math.log(99.0))
+        if cfg.head_init == "kaiming":   # the code's head (FrozenQueryMethod's is the trunc_normal one)
+            nn.init.kaiming_normal_(self.head.weight, mode="fan_out")
+            if self.head.bias is not None:
+                nn.init.constant_(self.head.bias, -math.log(99.0))
         self.keys = nn.Parameter(torch.empty(num_tasks, D).uniform_(-0.0625, 0.0625))
         self.task_embed = nn.Parameter(torch.randn(num_tasks, cfg.task_embed_dim))   # nn.Embedding's N(0, 1)
         proto = PromptGenerator(int(backbone.num_tokens), cfg.prompt_length, D, cfg.task_embed_dim, cfg.sigma_param)

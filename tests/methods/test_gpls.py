@@ -659,6 +659,15 @@ def test_noise_in_training_only(tiny):
     assert torch.equal(l1, l2)
 
 
+def test_head_init_is_the_codes_or_the_baselines(tiny):
+    m = create_method("gpls", tiny, 100, 10)
+    assert torch.all(m.head.bias == -math.log(99.0))
+    assert abs(float(m.head.weight.std()) - math.sqrt(2.0 / 100)) < 0.01          # kaiming, fan_out = 100
+    torch.manual_seed(0)
+    b = create_method("gpls", tiny, 100, 10, head_init="trunc_normal")
+    assert torch.all(b.head.bias == 0) and abs(float(b.head.weight.std()) - 0.02) < 0.002
+
+
 def test_unit_prior_features_and_config_errors(tiny):
     m = build(tiny, prior_features="unit")
     m.begin_task(ctx_for(0, task_data(0)))
