@@ -298,8 +298,9 @@ class ViTBackbone(nn.Module):
 
     Attributes:
         vit, context, embed_dim (C), num_layers, num_heads (H), head_dim (d), num_prefix_tokens (class +
-        register tokens), prompt_layers, data_config (timm's: input_size, mean, std, interpolation,
-        crop_pct, crop_mode), weights.
+        register tokens), num_tokens (N: prefix tokens + patches entering every block, 197 for ViT-B/16 at
+        224), prompt_layers, data_config (timm's: input_size, mean, std, interpolation, crop_pct,
+        crop_mode), weights.
     """
 
     def __init__(self, vit: VisionTransformer, *, weights: Optional[WeightsInfo] = None,
@@ -326,6 +327,7 @@ class ViTBackbone(nn.Module):
         self.num_heads: int = attn0.num_heads
         self.head_dim: int = attn0.head_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens
+        self.num_tokens: int = int(vit.patch_embed.num_patches) + self.num_prefix_tokens
         cfg = dict(timm.data.resolve_model_data_config(vit))
         cfg["input_size"] = (3, *vit.patch_embed.img_size)  # the built size, also when img_size= changed it
         self.data_config: dict = cfg
@@ -488,6 +490,49 @@ class ViTBackbone(nn.Module):
             if "mlp_out" in sites:
                 m = sites["mlp_out"](layer, m)
             return x + block.drop_path2(block.ls2(m))
+
+    def prompt_kv(self, layer: int, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens → the key/value prefix they would give block ``layer`` if they were inserted into its input.
+
+        Inserting ``P`` tokens into a block's input sequence and dropping their rows after the block (GPLS,
+        DAP, VPT-deep) changes the real rows' outputs only through the keys and values the tokens add to
+        the attention: the block has no positional embedding and attention ignores the order of keys. So
+        the real rows' outputs equal those of prefix attention with the prefix returned here, and only the
+        real rows need computing (``forward(..., block_fn=...)`` returning this pair).
+
+        Args:
+            layer: the block index.
+            tokens: ``(B, P, C)`` per-sample tokens or ``(P, C)`` shared ones, in model width C.
+
+        Returns:
+            ``(prefix_k, prefix_v)``, each ``(B, H, P, d)`` (or ``(H, P, d)`` for shared tokens): the block's
+            LayerNorm ``norm1``, then the key and value slices of its ``qkv`` projection (with bias), split
+            into heads, and the attention's ``k_norm`` on the keys (identity in plain ViTs), as the inserted
+            tokens would get. Differentiable w.r.t. ``tokens``.
+
+        Equivalent PyTorch (timm ``Attention``, ``A = H·d``)::
+
+            y = block.norm1(tokens)
+            k = y @ W_qkv[A:2A].T + b_qkv[A:2A]          # (B, P, A) -> (B, H, P, d)
+            v = y @ W_qkv[2A:].T + b_qkv[2A:]
+        """
+        if not 0 <= int(layer) < self.num_layers:
+            raise ValueError(f"ViTBackbone.prompt_kv: layer must be in [0, {self.num_layers}), got {layer}")
+        if not isinstance(tokens, Tensor) or tokens.dim() not in (2, 3) or tokens.shape[-1] != self.embed_dim:
+            raise ValueError(f"ViTBackbone.prompt_kv: tokens must have shape (B,P,C) or (P,C) with C = "
+                             f"{self.embed_dim}, got {tuple(tokens.shape) if isinstance(tokens, Tensor) else tokens!r}")
+        block = self.vit.blocks[int(layer)]
+        attn = block.attn
+        H, d = attn.num_heads, attn.head_dim
+        A = H * d
+        shared = tokens.dim() == 2
+        y = block.norm1(tokens.unsqueeze(0) if shared else tokens)              # (B, P, C)
+        w, b = attn.qkv.weight, attn.qkv.bias
+        kv = torch.nn.functional.linear(y, w[A:], None if b is None else b[A:])  # (B, P, 2A)
+        B, P = kv.shape[:2]
+        k, v = kv.reshape(B, P, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)      # (B, H, P, d) each
+        k = getattr(attn, "k_norm", torch.nn.Identity())(k)
+        return (k[0], v[0]) if shared else (k, v)
 
     def cls(self, tokens: Tensor) -> Tensor:
         """``(B, N', C)`` tokens → ``(B, C)`` class token (index 0)."""

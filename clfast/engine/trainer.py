@@ -493,6 +493,10 @@ class Trainer(Checkpointing):
         total = torch.zeros((), dtype=torch.float64)
         names = tuple(self.method.score_names)      # the same on every rank, also one with no batches
         extra = torch.zeros(len(names), dtype=torch.float64)
+        # the method's evaluation protocol: fair by default; the alternatives reproduce released code and
+        # the method flags them in record.json (Method.eval_protocol, EvalProtocol)
+        protocol = self.method.eval_protocol()
+        batch_acc = torch.zeros(2, dtype=torch.float64)   # (sum of per-batch accuracies, batches)
         limit = self.cfg.limit_eval_batches
         for i, batch in enumerate(progress(loader, total=min(len(loader), limit or len(loader)), enabled=not self.quiet,
                                            desc=f"eval task {evaluated + 1} after {after + 1}")):
@@ -501,7 +505,8 @@ class Trainer(Checkpointing):
             batch = _to_device(batch, self.device)
             with self._autocast():
                 logits = self.method.predict(batch, ctx).float()
-            logits = masked_logits(logits, (0, ctx.seen_classes))
+            if protocol.mask_unseen:
+                logits = masked_logits(logits, (0, ctx.seen_classes))
             if self.scenario.kind == "task-incremental":
                 logits = _mask_to_tasks(logits, batch["task"], ctx.task_ranges)
             scored = self.method.score(batch, logits, ctx)
@@ -518,9 +523,13 @@ class Trainer(Checkpointing):
             for j, k in enumerate(names):
                 extra[j] += float(parts[k].double().sum())
             total += logits.shape[0]
-        counts = self.procs.all_reduce(torch.cat([torch.stack([correct, total]), extra]))
+            if logits.shape[0]:
+                batch_acc += torch.tensor([float(parts["credit"].double().mean()), 1.0], dtype=torch.float64)
+        counts = self.procs.all_reduce(torch.cat([torch.stack([correct, total]), extra, batch_acc]))
         n = max(int(counts[1]), 1)
         self.last_score_extras = {k: float(counts[2 + j]) / n for j, k in enumerate(names)}
+        if protocol.mean_of_batches:   # as a count, so that the accuracy matrix holds the batch mean
+            return float(counts[-2]) / max(float(counts[-1]), 1.0) * int(counts[1]), int(counts[1])
         return float(counts[0]), int(counts[1])
 
     def _evaluate(self, after: int) -> None:

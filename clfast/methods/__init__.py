@@ -4,7 +4,7 @@
 them. Baselines: ``linear`` (frozen backbone + growing head), ``l2p``, ``dualprompt``, ``coda_prompt``.
 """
 
-from .base import (FrozenRows, Method, MethodConfig, OptimConfig, ScheduleConfig, Stage, StepOutput, TaskContext,
+from .base import (EvalProtocol, FrozenRows, Method, MethodConfig, OptimConfig, ScheduleConfig, Stage, StepOutput, TaskContext,
                    build_config, create_method, freeze_rows, list_methods, masked_logits, method_class,
                    register_method)
 from .common import FrozenQueryMethod, QueryCache
@@ -12,5 +12,5 @@ from .common import FrozenQueryMethod, QueryCache
 __all__ = [
     "Method", "MethodConfig", "OptimConfig", "ScheduleConfig", "Stage", "StepOutput", "TaskContext",
     "build_config", "create_method", "freeze_rows", "list_methods", "masked_logits", "method_class",
-    "register_method", "FrozenQueryMethod", "QueryCache", "FrozenRows",
+    "register_method", "FrozenQueryMethod", "QueryCache", "FrozenRows", "EvalProtocol",
 ]

@@ -18,7 +18,9 @@ processes, and calls the hooks in this order for every task ``t``::
 Around that loop a method may also override: ``build_backbone(run_cfg)`` (classmethod; default the timm
 ViT of the run), ``extra_weights()`` (more pretrained weights for the run record), ``transform_args()``
 (crop scale, flip of the train transform), ``lr_factor(stage, pos, total)`` (a schedule no config
-expresses), ``param_groups(stage)``, ``after_optimizer_step()`` (default: restore frozen rows). A
+expresses), ``param_groups(stage)``, ``after_optimizer_step()`` (default: restore frozen rows),
+``eval_protocol()`` (default: unseen classes masked, per-sample counts; the alternatives of
+:class:`EvalProtocol` only reproduce released code, and ``record()`` must then flag the run). A
 :class:`Stage` may set ``augment`` and, for generated data, ``steps_per_epoch``; ``ctx.generator()``
 gives generated batches a stream per task, stage, epoch and rank; ``ctx.task_loader(augment=True)``
 iterates the task's data with the train augmentation; ``ctx.class_names`` names the labels.
@@ -51,7 +53,7 @@ from ..utils.seeding import derive_seed
 __all__ = [
     "OptimConfig", "ScheduleConfig", "Stage", "TaskContext", "StepOutput", "Method", "MethodConfig",
     "register_method", "create_method", "list_methods", "method_class", "freeze_rows", "masked_logits",
-    "build_config", "check_fields", "scaled_param_groups", "FrozenRows",
+    "build_config", "check_fields", "scaled_param_groups", "FrozenRows", "EvalProtocol",
 ]
 
 
@@ -283,6 +285,31 @@ class TaskContext:
         return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How the engine turns a method's evaluation logits into accuracies (:meth:`Method.eval_protocol`).
+
+    The defaults are clfast's protocol, the fair one: classes not seen yet are masked out of the logits,
+    and a task's accuracy counts samples. The other settings exist only to reproduce released code whose
+    numbers were computed that way (GPLS/DAP); a method that uses them says so in :meth:`Method.record`,
+    so that ``record.json`` flags the run.
+
+    Attributes:
+        mask_unseen: set the logits of classes not seen yet to -inf before scoring (False: every
+            class's logit competes, untrained future classes included).
+        mean_of_batches: a task's accuracy is the mean of its evaluation batches' accuracies (each
+            batch's credit / its size) instead of the per-sample count; the last batch of a task weighs as
+            much as a full one. Under DDP the mean runs over every rank's batches.
+    """
+
+    mask_unseen: bool = True
+    mean_of_batches: bool = False
+
+    @property
+    def fair(self) -> bool:
+        return self.mask_unseen and not self.mean_of_batches
+
+
 @dataclass
 class StepOutput:
     """A training step's result: the loss to minimise and the named values to log (scalars)."""
@@ -363,8 +390,14 @@ class Method(nn.Module):
         sharded over ranks (all-reduce statistics with ``ctx.all_reduce``)."""
 
     def predict(self, batch: dict, ctx: TaskContext) -> Tensor:
-        """Logits ``(B, num_classes)`` for evaluation; the engine ignores unseen classes."""
+        """Logits ``(B, num_classes)`` for evaluation; the engine ignores unseen classes (unless
+        :meth:`eval_protocol` says otherwise)."""
         raise NotImplementedError
+
+    def eval_protocol(self) -> EvalProtocol:
+        """How the engine scores this method's predictions (default: the fair protocol, unseen classes
+        masked, per-sample counts). Override only to reproduce released code; see :class:`EvalProtocol`."""
+        return EvalProtocol()
 
     def stage_batches(self, stage: Stage, ctx: TaskContext) -> Iterable[dict]:
         """Batches of one epoch of a ``Stage(data="method")`` stage.
@@ -578,7 +611,7 @@ def register_method(name: str):
 
 # the methods that ship with clfast, imported (registered) on the first registry lookup, so that
 # importing the config or the method API does not load the ops and their kernels
-_BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt")
+_BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt", "gpls")
 
 
 def _load_builtin() -> None:

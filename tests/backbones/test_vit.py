@@ -207,6 +207,41 @@ def test_block_fn_prefixes_from_the_hidden_state_match_a_manual_block_loop(backb
         backbone(images, prefixes={1: block_fn(1, torch.zeros(2, 65, 192))}, block_fn=block_fn)
 
 
+def test_prompt_kv_equals_inserting_the_tokens_into_the_block(backbone, images):
+    """Tokens inserted after [CLS] and dropped after the block give the real rows exactly what the prefix
+    from prompt_kv gives them through prefix attention (forward and gradient w.r.t. the tokens), per sample
+    and shared; the helper does what the block's own LN1 + qkv do to those rows."""
+    vit = backbone.vit
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(backbone.normalize(images)))).detach()   # (2, 65, 192)
+    assert backbone.num_tokens == x.shape[1] == 65
+    g = torch.Generator().manual_seed(3)
+    for layer in (0, 5):
+        blk = vit.blocks[layer]
+        for shape in ((2, 4, 192), (4, 192)):
+            z = torch.randn(*shape, generator=g).requires_grad_(True)
+            zb = z if z.dim() == 3 else z.expand(2, -1, -1)
+            inserted = blk(torch.cat([x[:, :1], zb, x[:, 1:]], dim=1))
+            inserted = torch.cat([inserted[:, :1], inserted[:, 1 + z.shape[-2]:]], dim=1)
+            (dz_ins,) = torch.autograd.grad(inserted.square().sum(), z)
+            pk, pv = backbone.prompt_kv(layer, z)
+            assert pk.shape == pv.shape == (*shape[:-2], 3, 4, 64)
+            with backbone.context.prompts({layer: (pk, pv)}):
+                prefixed = blk(x)
+            (dz_pre,) = torch.autograd.grad(prefixed.square().sum(), z)
+            torch.testing.assert_close(prefixed, inserted, rtol=1e-5, atol=2e-5)
+            torch.testing.assert_close(dz_pre, dz_ins, rtol=1e-4, atol=1e-4)
+    # the helper is the block's own projection: k and v rows of timm's qkv on norm1(tokens)
+    z = torch.randn(2, 3, 192, generator=g)
+    qkv = vit.blocks[2].attn.qkv(vit.blocks[2].norm1(z)).reshape(2, 3, 3, 3, 64).permute(2, 0, 3, 1, 4)
+    pk, pv = backbone.prompt_kv(2, z)
+    torch.testing.assert_close(pk, qkv[1])
+    torch.testing.assert_close(pv, qkv[2])
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 6\)"):
+        backbone.prompt_kv(6, z)
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        backbone.prompt_kv(0, torch.zeros(2, 3, 191))
+
+
 def test_site_fns_wrap_the_attention_and_mlp_branches(backbone, images):
     seen = []
     ident = {"attn_out": lambda i, a: (seen.append(("attn", i)), a)[1],
