@@ -30,8 +30,9 @@ def cmd_bench(args) -> int:
     results = bench / "results"
     results.mkdir(exist_ok=True)
     tag = "quick" if args.quick else "full"
-    out_json = results / f"ops_{tag}.json"
-    cmd = [sys.executable, "-m", "pytest", *sorted(str(p) for p in bench.glob("bench_ops*.py")), "-q", "-p", "no:cacheprovider",
+    out_json = results / f"{args.suite}_{tag}.json"
+    files = sorted(str(p) for p in bench.glob("bench_ops*.py")) if args.suite == "ops" else [str(bench / "bench_train.py")]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
            "--benchmark-enable", "--benchmark-only", f"--benchmark-json={out_json}",
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
     if args.quick:
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, build flags, devices and the backends of every op")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("bench", help="run the pytest-benchmark suites and print the ratio table")
-    s.add_argument("suite", choices=["ops"], help="which suite")
+    s.add_argument("suite", choices=["ops", "train"],
+                   help="ops: every op against its peers; train: a training step of each method (bench_train.py)")
     s.add_argument("--quick", action="store_true", help="small shapes only (a minute on 2 cores)")
     s.add_argument("-k", default=None, help="pytest -k expression to select cases")
     s.add_argument("--write", action="store_true", help="also write the table into BENCHMARKS.md")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -116,12 +117,25 @@ class Trainer(Checkpointing):
         self.log = get_logger("clfast", quiet=self.quiet)
         name = cfg.name or f"{cfg.method}_{cfg.dataset}_{time.strftime('%Y%m%d-%H%M%S')}"
         self.run_dir = os.path.abspath(out or os.path.join("runs", name))
+        created = not os.path.exists(self.run_dir)
         if self.is_main:
-            os.makedirs(os.path.join(self.run_dir, "checkpoints"), exist_ok=True)
             if not _resume and os.path.exists(os.path.join(self.run_dir, "checkpoints", "latest.json")):
                 raise FileExistsError(f"{self.run_dir} already holds a run with checkpoints; continue it with "
                                       f"--resume {self.run_dir} or choose another --out")
-            rio.log_to_file(self.log, os.path.join(self.run_dir, "train.log"))
+            os.makedirs(os.path.join(self.run_dir, "checkpoints"), exist_ok=True)
+            self._log_file = rio.log_to_file(self.log, os.path.join(self.run_dir, "train.log"))
+        try:
+            self._build(cfg, method, scenario)
+        except BaseException:
+            # a run that could not even be set up (unknown dataset, bad setting) leaves no directory behind;
+            # one that existed before (a resume, a chosen --out) is left as it was found
+            if self.is_main and created:
+                self.log.removeHandler(self._log_file)
+                self._log_file.close()
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _build(self, cfg: RunConfig, method: Optional[Method], scenario) -> None:
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
         self.amp_dtype = self._amp_dtype()

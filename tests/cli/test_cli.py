@@ -52,7 +52,8 @@ def test_eval_reproduces_the_last_column(tmp_path, capsys):
     assert [t["accuracy"] for t in ev["tasks"]] == pytest.approx([m[0, 1], m[1, 1]])
 
 
-def test_bad_input_names_the_problem(tmp_path, capsys):
+def test_bad_input_names_the_problem(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # where a default run directory (runs/<name>) would be made
     cases = [
         (["train", "--method", "l2pp", "--dataset", "digits"], "did you mean 'l2p'"),
         (["train", "--method", "l2p", "--dataset", "digitz"], "digits"),
@@ -68,6 +69,8 @@ def test_bad_input_names_the_problem(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2, argv
         assert expect.lower() in err.lower(), (argv, err)
+    # a run that could not be set up leaves no directory behind
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_datasets_lists_layouts(tmp_path, capsys):
