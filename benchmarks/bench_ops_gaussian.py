@@ -8,6 +8,7 @@ memory O(B·K) (the peer's (B,K,D) tensor is recorded in extra_info for comparis
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.harness import DTYPES, available, device, implementation, step, time_case
@@ -87,3 +88,36 @@ def test_gaussian_kl(benchmark, kl_case):
     time_case(benchmark, step(lambda: run(mu, log_var, prior, L), mode, inputs, dout),
               group=f"gaussian_kl B{B} D{D} {dt} {mode}", **(PEER_ROUNDS if impl.startswith("peer") else ROUNDS),
               op="gaussian_kl", impl=impl, dtype=dt, mode=mode, shape=dict(B=B, D=D))
+
+
+def _kl_batched_over_layers(mu, log_var, prior, chols):
+    """The closed form for L layers, each with its own prior, as one batched torch composition: (L, D) -> (L,)."""
+    tril = chols.tril()                                                         # (L, D, D)
+    diag_p = tril.pow(2).sum(-1)                                                # P_dd = Σ_j L_dj²
+    quad = torch.bmm((prior - mu)[:, None, :], tril).squeeze(1).pow(2).sum(-1)  # ‖(m − μ)·L‖²
+    logdet = 2.0 * torch.diagonal(tril, dim1=1, dim2=2).log().sum(-1)
+    return 0.5 * ((diag_p * log_var.exp()).sum(-1) + quad - mu.shape[-1] - logdet - log_var.sum(-1))
+
+
+@pytest.mark.parametrize("impl", ["per-layer calls", "one batched call"])
+def test_gaussian_kl_over_layers(benchmark, quick, impl):
+    """GPLS's KL: one row per prompted layer, each layer against its own prior (its own Cholesky factor).
+    ``kl()`` calls gaussian_kl once per layer; is one batched call over layers worth it? Both in float32,
+    forward and backward, at ViT-B's 12 layers × 768 (``--quick``: 6 × 192, vit_tiny_synth)."""
+    L, D = (6, 192) if quick else (12, 768)
+    dev, g = device(), torch.Generator().manual_seed(0)
+    mu = torch.randn(L, D, generator=g).to(dev).requires_grad_()
+    log_var = (0.3 * torch.randn(L, D, generator=g)).to(dev).requires_grad_()
+    prior = torch.randn(L, D, generator=g).to(dev)
+    factors = [_chol(D, dev, torch.float32, g) for _ in range(L)]   # one buffer per layer, as GPLS holds them
+    chols = torch.stack(factors)
+    if impl == "per-layer calls":
+        run = lambda: torch.cat([gaussian_kl(mu[i:i + 1], log_var[i:i + 1], prior[i], factors[i])  # noqa: E731
+                                 for i in range(L)])
+    else:
+        run = lambda: _kl_batched_over_layers(mu, log_var, prior, chols)  # noqa: E731
+    torch.testing.assert_close(run(), torch.cat([gaussian_kl(mu[i:i + 1], log_var[i:i + 1], prior[i], factors[i])
+                                                 for i in range(L)]), rtol=1e-4, atol=1e-3)
+    time_case(benchmark, step(lambda: run(), "fwd+bwd", (mu, log_var), torch.ones(L, device=dev)),
+              group=f"gaussian_kl over layers L{L} D{D} fp32 fwd+bwd", **ROUNDS,
+              op="gaussian_kl", impl=impl, dtype="fp32", mode="fwd+bwd", shape=dict(L=L, D=D))
