@@ -427,7 +427,9 @@ def test_selection_is_per_sample_and_batch_invariant(tiny, inference):
         assert task.unique().numel() == 2, "the batch must mix tasks for this test to mean anything"
         logits = m.predict(batch, ctx)
         alone = torch.cat([m.predict({k: v[i: i + 1] for k, v in batch.items()}, ctx) for i in range(6)])
-    torch.testing.assert_close(alone, logits, rtol=1e-5, atol=1e-5)
+    # fp32 GEMMs block differently for 1 and 6 rows (~1e-5 apart here); a sample that read another's task or
+    # prompt would be O(1) away
+    torch.testing.assert_close(alone, logits, rtol=1e-4, atol=1e-4)
 
 
 def test_batchwise_vote_is_the_majority_task(tiny):

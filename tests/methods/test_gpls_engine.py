@@ -57,7 +57,9 @@ def full(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("stop_at", [2, 4, 6])   # task 1 mid-epoch, the task boundary, task 2 mid-epoch
+# task 1 mid-epoch, the task boundary, task 2 mid-epoch (the default suite keeps the last: priors, frozen rows and
+# the cache all cross a boundary before it)
+@pytest.mark.parametrize("stop_at", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow), 6])
 def test_resume_is_exact(full, tmp_path, stop_at):
     cut = tmp_path / "cut"
     with pytest.raises(Interrupted):
