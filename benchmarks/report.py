@@ -37,6 +37,19 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _isa_flags() -> str:
+    """The vector/matrix ISA extensions the CPU kernels can use, as /proc/cpuinfo names them."""
+    want = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in want if f in have) or "none of " + " ".join(want)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _git_commit() -> tuple[str, bool]:
     """(short sha, dirty) of the checkout report.py lives in; tracked files only."""
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -75,7 +88,7 @@ def header(data: dict) -> str:
         triton_v = "n/a"
     dev = extra.get("device", "cpu")
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if dev == "cuda" and torch.cuda.is_available() else ""
-    return (f"Machine: {_cpu_model()}, {os.cpu_count()} cores, torch threads "
+    return (f"Machine: {_cpu_model()} ({_isa_flags()}), {os.cpu_count()} cores, torch threads "
             f"{os.environ.get('CLFAST_BENCH_THREADS', '2')}{gpu}. "
             f"Versions: Python {platform.python_version()}, torch {torch.__version__}, triton {triton_v}. "
             f"Commit: {_commit_text(data)}. Date: {data.get('datetime', '')[:19]}.")
@@ -118,7 +131,7 @@ def _train_rows(rows: list[str], group: str, meds: dict[str, float], batch: int)
     for impl, med in sorted(meds.items(), key=lambda kv: kv[1], reverse=True):
         vs_ref = f"{meds['reference'] / med:.2f}×" if "reference" in meds else "–"
         vs_peer = f"{meds['peer'] / med:.2f}×" if "peer" in meds else "–"
-        rows.append(f"| {case} | {impl} | {med:.3f} | {batch / med:.1f} | {vs_ref} | {vs_peer} |")
+        rows.append(f"| {case} | {impl} | {med:.3f} | {batch / med:.3g} | {vs_ref} | {vs_peer} |")
 
 
 def write(path: Path, name: str, body: str) -> None:
