@@ -31,13 +31,20 @@ def _load(run: str) -> dict:
 
 
 def _matrix_md(acc) -> str:
-    n = len(acc)
-    lines = ["| task \\ after | " + " | ".join(str(j + 1) for j in range(n)) + " |",
-             "|---" * (n + 1) + "|"]
+    n, cols = len(acc), len(acc[0])
+    joint = cols == 1 and n > 1          # a joint run: one column, every task evaluated after it
+    lines = ["| task \\ after | " + ("all (joint)" if joint else " | ".join(str(j + 1) for j in range(n))) + " |",
+             "|---" * (cols + 1) + "|"]
     for i in range(n):
-        cells = [f"{acc[i][j]:.1f}" if j >= i else "" for j in range(n)]
+        cells = [f"{acc[i][j]:.1f}" if j >= i or joint else "" for j in range(cols)]
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _label(rec: dict) -> str:
+    """The method as the tables name it; a joint run names its base, e.g. ``joint[linear]``."""
+    base = (rec.get("method_record") or {}).get("joint_base")
+    return f"{rec['method']}[{base}]" if base else rec["method"]
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -59,7 +66,7 @@ def report(runs: list[dict], title: str, preamble: str = "") -> str:
         out += [preamble.strip(), ""]
     by_method: dict[str, list[dict]] = {}
     for r in runs:
-        by_method.setdefault(r["record"]["method"], []).append(r)
+        by_method.setdefault(_label(r["record"]), []).append(r)
     if any(len(rs) > 1 for rs in by_method.values()):
         out += ["| method | seeds | A_N (%) | F_N (%) | BWT |", "|---|---|---|---|---|"]
         for m, rs in by_method.items():
@@ -71,13 +78,13 @@ def report(runs: list[dict], title: str, preamble: str = "") -> str:
             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r["summary"]
-        out.append(f"| `{r['record']['method']}` | {r['record']['seed']} | {s['A_N']:.2f} | {s['F_N']:.2f} | "
+        out.append(f"| `{_label(r['record'])}` | {r['record']['seed']} | {s['A_N']:.2f} | {s['F_N']:.2f} | "
                    f"{s['BWT']:.2f} | {s['sample_weighted_accuracy']:.2f} | {s['wall_time_s']:.0f} | "
                    f"{s['images_per_s']:.0f} |")
     for rs in by_method.values():
         r = rs[0]
         rec = r["record"]
-        out += ["", f"## `{rec['method']}` on `{rec['dataset']}`", "",
+        out += ["", f"## `{_label(rec)}` on `{rec['dataset']}`", "",
                 f"Command: `{rec.get('command') or '(not recorded)'}`  ",
                 f"Backbone: `{rec['backbone'].get('name')}` ({rec['backbone'].get('source')}, sha256 "
                 f"`{(rec['backbone'].get('sha256') or '')[:16]}…`); class order seed "

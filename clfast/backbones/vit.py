@@ -348,6 +348,13 @@ class ViTBackbone(nn.Module):
             self.vit.eval()  # frozen: no dropout / drop path, whatever the parent's mode
         return self
 
+    def set_trainable(self, mode: bool = True) -> "ViTBackbone":
+        """Train the ViT's weights (``requires_grad`` on, following ``.train()``: dropout and drop path
+        when the model has them) or freeze them again; as ``train_backbone`` at construction."""
+        self.train_backbone = bool(mode)
+        self.vit.requires_grad_(self.train_backbone)
+        return self.train(self.training)
+
     def set_grad_checkpointing(self, enable: bool = True) -> "ViTBackbone":
         """Recompute each block in the backward instead of keeping its activations (while grad is on).
 

@@ -17,11 +17,11 @@ from .digits import Digits
 from .class_descriptors import load_descriptors, synth_shapes_descriptors
 from . import readers as readers  # noqa: F401  (registers the readers of data on disk)
 from .readers import describe_datasets, split_manifest
-from .scenario import Scenario, TaskDataset
+from .scenario import JointScenario, Scenario, TaskDataset
 from .transforms import build_transforms
 
 __all__ = [
     "DatasetInfo", "create_dataset", "dataset_info", "list_datasets", "register_dataset",
     "SynthClassification", "SynthVQA", "Digits", "load_descriptors", "synth_shapes_descriptors",
-    "describe_datasets", "split_manifest", "Scenario", "TaskDataset", "build_transforms",
+    "describe_datasets", "split_manifest", "Scenario", "JointScenario", "TaskDataset", "build_transforms",
 ]

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from .registry import create_dataset, dataset_info, list_datasets
 
-__all__ = ["Scenario", "TaskDataset", "SCENARIO_KINDS", "DEFAULT_CLASS_ORDER_SEED"]
+__all__ = ["Scenario", "JointScenario", "TaskDataset", "SCENARIO_KINDS", "DEFAULT_CLASS_ORDER_SEED"]
 
 SCENARIO_KINDS = ("class-incremental", "task-incremental", "domain-incremental", "vqa")
 DEFAULT_CLASS_ORDER_SEED = 1993
@@ -137,6 +137,8 @@ class Scenario:
     Raises:
         ValueError: naming the argument and the expected value (e.g. classes not divisible by tasks).
     """
+
+    joint = False   # see JointScenario
 
     def __init__(self, train, test, num_tasks: Optional[int], *, kind: Optional[str] = None,
                  class_order: Optional[Sequence[int]] = None,
@@ -414,6 +416,19 @@ class Scenario:
         """Test items of tasks ``0..t`` (each item keeps its own task id)."""
         return self._subset("test", list(range(self._check_task(t) + 1)))
 
+    # evaluation: what is evaluated after each training task (a JointScenario answers differently)
+    def eval_tasks(self, t: int) -> list[int]:
+        """The tasks whose test splits (:meth:`test_set`) are evaluated after training task ``t``: 0..t."""
+        return list(range(self._check_task(t) + 1))
+
+    def eval_class_range(self, i: int) -> tuple[int, int]:
+        """The classes of evaluated task ``i`` (a task-incremental evaluation masks to them)."""
+        return self.class_range(i)
+
+    def joint_view(self) -> "JointScenario":
+        """Every task as one training task, each task's test split evaluated after it (:class:`JointScenario`)."""
+        return JointScenario(self)
+
     def task_sizes(self, split: str) -> list[int]:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -475,3 +490,97 @@ class Scenario:
     def __repr__(self) -> str:
         return (f"Scenario({self.kind}, dataset={getattr(self.train_dataset, 'name', '?')!r}, "
                 f"tasks={self.num_tasks}, classes={self.num_classes})")
+
+
+class JointScenario:
+    """A scenario's tasks as one training task: joint training, the upper bound of continual learning.
+
+    Training task 0 holds every task's training items and every class (``class_range(0) = (0, C)``),
+    so a method built for it sees ``num_tasks = 1``. After it, each task of the underlying scenario is
+    evaluated on its own test split (:meth:`eval_tasks` gives them all; :meth:`test_set` ``(i)`` is task
+    ``i``'s), which fills one column of the accuracy matrix. Items carry ``task`` 0 in both splits: the
+    model knows a single task; the engine keeps track of which task a test split belongs to, and a
+    task-incremental evaluation masks to that task's classes (:meth:`eval_class_range`). The class
+    order, and so each task's classes, are the underlying scenario's.
+
+    Args:
+        scenario: the continual scenario (its class order and task split are kept for evaluation).
+    """
+
+    joint = True
+
+    def __init__(self, scenario: Scenario):
+        if not isinstance(scenario, Scenario):
+            raise ValueError(f"scenario must be a Scenario, got {type(scenario).__name__}")
+        self.scenario = scenario
+        self.kind = scenario.kind
+        self.num_classes = scenario.num_classes
+        self.class_order = scenario.class_order
+        self.class_names = scenario.class_names
+        self.num_tasks = 1
+        self.task_names = ["joint"]
+        self._range = (0, scenario.num_classes)
+
+    def _check_task(self, t) -> int:
+        if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t != 0:
+            raise ValueError(f"task must be 0 (a joint scenario has one training task), got {t!r}")
+        return 0
+
+    @property
+    def train_dataset(self):
+        return self.scenario.train_dataset
+
+    @property
+    def test_dataset(self):
+        return self.scenario.test_dataset
+
+    def class_range(self, t: int) -> tuple[int, int]:
+        self._check_task(t)
+        return self._range
+
+    def seen_classes(self, t: int) -> int:
+        return self.class_range(t)[1]
+
+    @property
+    def task_ranges(self) -> tuple[tuple[int, int], ...]:
+        return (self._range,)
+
+    def __len__(self) -> int:
+        return 1
+
+    def set_tokenizer(self, tokenizer: Optional[Callable]) -> None:
+        self.scenario.set_tokenizer(tokenizer)
+
+    def _as_task0(self, ds: TaskDataset) -> TaskDataset:
+        return TaskDataset(ds.dataset, ds.indices, np.asarray(ds.targets), np.zeros(len(ds), dtype=np.int64),
+                           ds.classes, vqa=ds.vqa, num_answers=ds.num_answers, tokens=ds.tokens)
+
+    def train_set(self, t: int) -> TaskDataset:
+        """Every task's training items, as task 0."""
+        self._check_task(t)
+        return self._as_task0(self.scenario._subset("train", list(range(self.scenario.num_tasks))))
+
+    def eval_tasks(self, t: int) -> list[int]:
+        """Every task of the underlying scenario: all were trained in the one training task."""
+        self._check_task(t)
+        return list(range(self.scenario.num_tasks))
+
+    def eval_class_range(self, i: int) -> tuple[int, int]:
+        return self.scenario.class_range(i)
+
+    def test_set(self, i: int) -> TaskDataset:
+        """Test items of the underlying scenario's task ``i`` (as task 0)."""
+        return self._as_task0(self.scenario.test_set(i))
+
+    def joint_view(self) -> "JointScenario":
+        return self
+
+    def task_sizes(self, split: str) -> list[int]:
+        return [sum(self.scenario.task_sizes(split))]
+
+    def record(self) -> dict:
+        """The underlying scenario's record (its tasks are the evaluated ones), marked ``joint``."""
+        return {**self.scenario.record(), "joint": True, "training_tasks": 1}
+
+    def __repr__(self) -> str:
+        return f"JointScenario({self.scenario!r})"

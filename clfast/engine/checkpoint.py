@@ -18,7 +18,6 @@ from typing import Any, Optional
 
 from . import io as rio
 from .config import RunConfig, config_from_dict
-from .metrics import AccuracyMatrix
 
 __all__ = ["Position", "Checkpointing", "CHECKPOINT_FORMAT", "READABLE_FORMATS", "RESUME_MAY_CHANGE",
            "hashable_config", "resume_config", "load_run_config", "latest_task_checkpoint", "init_from"]
@@ -247,13 +246,13 @@ class Checkpointing:
             raise ValueError(f"checkpoint format {state.get('format')} is not one of {READABLE_FORMATS}")
         self.pos = Position(*[int(x) for x in state["position"]])
         self.global_step = int(state["global_step"])
-        self.acc = AccuracyMatrix.from_state_dict(state["acc"])
+        self.acc.load_state_dict(state["acc"])   # into the run's own matrix (square, or a joint run's column)
         self.eval_extras = {k: float(v) for k, v in state.get("eval_extras", {}).items()}
         self._pending_best = state.get("stage_best")
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.acc_val is not None and state.get("acc_val") is not None:
-            self.acc_val = AccuracyMatrix.from_state_dict(state["acc_val"])
+            self.acc_val.load_state_dict(state["acc_val"])
         self._train_time = float(state["train_time"])
         self._train_images = int(state["train_images"])
         self._wall_before_resume = float(state["wall_time"])

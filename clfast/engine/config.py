@@ -119,7 +119,7 @@ class RunConfig:
 
     def method_config(self):
         """The method's own ``Config`` dataclass, validated (unknown keys raise with close matches)."""
-        cls = method_class(self.method)
+        cls = method_class(self.method).resolve(dict(self.method_args))
         return build_config(cls.Config, dict(self.method_args), f"method_args of {self.method!r}")
 
     def to_dict(self) -> dict:
@@ -237,13 +237,19 @@ def default_preset(method: str, dataset: str) -> str:
 
 def load_config(method: str, dataset: str, preset: Optional[str] = None,
                 overrides: Optional[list] = None, **fields) -> RunConfig:
-    """Preset (default: the dataset's, else ``fast``) → explicit ``fields`` → ``overrides``."""
+    """Preset (default: the dataset's, else ``fast``) → explicit ``fields`` → ``overrides``.
+
+    A method whose class answers ``presets_from`` (``joint``: its ``method_args.base``, which must then
+    come from ``fields`` or ``overrides``) starts from that method's presets.
+    """
     cls = method_class(method)  # unknown method: error with close matches, before any preset lookup
-    preset = preset or default_preset(method, dataset)
-    data = read_preset(method, preset)
+    parsed = [parse_override(o) if isinstance(o, str) else tuple(o) for o in (overrides or [])]
+    given = apply_overrides({"method_args": dict(fields.get("method_args") or {})}, parsed)["method_args"]
+    source = cls.resolve(given if isinstance(given, dict) else {}).presets_from or method
+    preset = preset or default_preset(source, dataset)
+    data = read_preset(source, preset)
     data.update({k: v for k, v in fields.items() if v is not None})
     data["method"], data["dataset"], data["preset"] = method, dataset, preset
-    parsed = [parse_override(o) if isinstance(o, str) else tuple(o) for o in (overrides or [])]
     data = apply_overrides(data, parsed)
     top = _field_names(RunConfig)
     for k in data:
@@ -253,7 +259,7 @@ def load_config(method: str, dataset: str, preset: Optional[str] = None,
         cfg = RunConfig(**data)
     except TypeError as e:
         raise ValueError(f"bad config value: {e}") from None
-    build_config(cls.Config, dict(cfg.method_args), f"method_args of {method!r}")  # now, not mid-run
+    cfg.method_config()  # now, not mid-run
     return cfg
 
 

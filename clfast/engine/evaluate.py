@@ -30,7 +30,7 @@ def evaluate_run(run_dir: str, quiet: bool = False) -> int:
     after = int(state["position"][0]) - 1
     t0 = time.time()
     rows = []
-    for i in range(after + 1):
+    for i in trainer.scenario.eval_tasks(after):
         c, n = trainer.evaluate_task(i, after)
         rows.append({"task": i + 1, "correct": c, "total": n, "accuracy": 100.0 * c / max(n, 1)})
     mean = sum(r["accuracy"] for r in rows) / len(rows)

@@ -14,6 +14,11 @@ NaN in every matrix this module produces. With ``N`` tasks and ``N - 1`` the las
 
 ``F_N`` and ``BWT`` average over no task when there is a single one; both are then defined as 0.0.
 
+A joint-training run (the upper bound: every task's data trained as one task, then each task's test
+split evaluated) has a single column, an ``(N, 1)`` matrix with every entry defined: its ``A_N`` and
+sample-weighted accuracy are those of that column, ``A_avg = A_N``, and ``F_N = BWT = 0`` (nothing was
+trained after anything else). Every function here takes both shapes.
+
 Accuracies are counted per sample (:class:`AccuracyMatrix` sums correct/total counts), never as an
 average of per-batch accuracies.
 """
@@ -41,22 +46,26 @@ __all__ = [
 
 
 def check_matrix(acc: Any, name: str = "acc") -> np.ndarray:
-    """Return ``acc`` as a float64 (N, N) array; every entry with ``i <= j`` must be a finite percent."""
+    """Return ``acc`` as a float64 array, square ``(N, N)`` or a joint run's single column ``(N, 1)``.
+
+    Every defined entry (``i <= j``; all of a single column) must be a finite percent; entries below the
+    diagonal of a square matrix are set to NaN.
+    """
     try:
         a = np.array(acc, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name} must be a square matrix of accuracies in percent; "
                          f"it could not be read as a float array ({e})") from None
-    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] not in (a.shape[0], 1):
         raise ValueError(f"{name} must be a non-empty square (N, N) matrix with acc[i][j] = accuracy on task i "
-                         f"after task j; got shape {a.shape}")
-    rows, cols = np.triu_indices(a.shape[0])
+                         f"after task j, or a joint run's single column (N, 1); got shape {a.shape}")
+    rows, cols = _defined(a.shape)
     vals = a[rows, cols]
     bad = ~np.isfinite(vals)
     if bad.any():
         k = int(np.argmax(bad))
         hint = ""
-        if a.shape[0] > 1 and np.isnan(a[0, 1]) and np.isfinite(a[1, 0]):
+        if a.shape[0] > 1 and a.shape[1] > 1 and np.isnan(a[0, 1]) and np.isfinite(a[1, 0]):
             hint = " (is it transposed? rows are the task evaluated, columns the task just trained)"
         raise ValueError(f"{name}[{rows[k]}][{cols[k]}] must be a finite accuracy (defined for i <= j), "
                          f"got {vals[k]}{hint}")
@@ -64,8 +73,22 @@ def check_matrix(acc: Any, name: str = "acc") -> np.ndarray:
     if out.any():
         k = int(np.argmax(out))
         raise ValueError(f"{name}[{rows[k]}][{cols[k]}] must be a percentage in [0, 100], got {vals[k]}")
-    a[np.tril_indices(a.shape[0], -1)] = np.nan
+    if a.shape[1] > 1:
+        a[np.tril_indices(a.shape[0], -1)] = np.nan
     return a
+
+
+def _defined(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the defined cells: on and above the diagonal, or every cell of a single column."""
+    n, m = shape
+    if m == 1:
+        return np.arange(n), np.zeros(n, dtype=np.int64)
+    return np.triu_indices(n)
+
+
+def _seen_rows(a: np.ndarray, j: int) -> np.ndarray:
+    """Column ``j``'s defined entries: tasks ``0..j``, or every task in a single column."""
+    return a[:, j] if a.shape[1] == 1 else a[: j + 1, j]
 
 
 def _check_counts(correct: Any, total: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +158,7 @@ def forgetting(acc: Any) -> float:
     """
     a = check_matrix(acc)
     n = a.shape[0]
-    if n == 1:
+    if a.shape[1] == 1:   # one task, or a joint run: nothing was trained after anything else
         return 0.0
     drops = [np.max(a[i, i:n - 1]) - a[i, n - 1] for i in range(n - 1)]
     return float(np.mean(drops))
@@ -154,7 +177,7 @@ def backward_transfer(acc: Any) -> float:
     """
     a = check_matrix(acc)
     n = a.shape[0]
-    if n == 1:
+    if a.shape[1] == 1:
         return 0.0
     return float(np.mean([a[i, n - 1] - a[i, i] for i in range(n - 1)]))
 
@@ -166,10 +189,11 @@ def accuracy_curve(acc: Any) -> np.ndarray:
         acc: (N, N) accuracy matrix in percent.
 
     Returns:
-        (N,) float array, ``A_j = mean_{i<=j} acc[i][j]``; its last entry is ``A_N``.
+        (N,) float array, ``A_j = mean_{i<=j} acc[i][j]``; its last entry is ``A_N``. A joint run's
+        single column gives one entry.
     """
     a = check_matrix(acc)
-    return np.array([a[:j + 1, j].mean() for j in range(a.shape[0])], dtype=np.float64)
+    return np.array([_seen_rows(a, j).mean() for j in range(a.shape[1])], dtype=np.float64)
 
 
 def average_incremental_accuracy(acc: Any) -> float:
@@ -251,12 +275,13 @@ def summarize(acc: Any, correct_last: Any, total_last: Any) -> dict[str, float]:
 
 
 def _csv_text(a: np.ndarray) -> str:
-    n = a.shape[0]
+    n, m = a.shape
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["task"] + [f"after_{j + 1}" for j in range(n)])
+    w.writerow(["task"] + [f"after_{j + 1}" for j in range(m)])
     for i in range(n):
-        w.writerow([i + 1] + ["" if j < i or math.isnan(a[i, j]) else repr(float(a[i, j])) for j in range(n)])
+        w.writerow([i + 1] + ["" if (m > 1 and j < i) or math.isnan(a[i, j]) else repr(float(a[i, j]))
+                              for j in range(m)])
     return buf.getvalue()
 
 
@@ -264,11 +289,12 @@ def write_acc_csv(acc: Any, path: str | os.PathLike) -> None:
     """Write an accuracy matrix as CSV, atomically.
 
     Rows are the task evaluated, columns the task just trained, both numbered from 1; the header is
-    ``task,after_1,...,after_N``; values are percentages written exactly (``repr`` of the float);
-    cells below the diagonal (task not yet trained) are empty.
+    ``task,after_1,...,after_N`` (``task,after_1`` for a joint run's single column); values are
+    percentages written exactly (``repr`` of the float); cells below the diagonal (task not yet trained)
+    are empty.
 
     Args:
-        acc: (N, N) accuracy matrix in percent.
+        acc: (N, N) accuracy matrix in percent, or a joint run's (N, 1).
         path: destination file.
     """
     from .io import atomic_write_text
@@ -283,21 +309,23 @@ def read_acc_csv(path: str | os.PathLike) -> np.ndarray:
         path: CSV file.
 
     Returns:
-        (N, N) float64 array in percent, NaN below the diagonal.
+        (N, N) float64 array in percent, NaN below the diagonal; (N, 1) for a joint run.
     """
     with open(path, newline="", encoding="utf-8") as f:
         rows = [r for r in csv.reader(f) if r]
     if not rows:
         raise ValueError(f"path {os.fspath(path)!r} is empty; expected an accuracy-matrix CSV")
     n = len(rows) - 1
-    header = ["task"] + [f"after_{j + 1}" for j in range(n)]
+    m = 1 if n > 1 and len(rows[0]) == 2 else n       # a joint run's single column, else square
+    header = ["task"] + [f"after_{j + 1}" for j in range(m)]
     if rows[0] != header:
-        raise ValueError(f"path {os.fspath(path)!r}: header must be {','.join(header)} for {n} task rows; "
-                         f"got {','.join(rows[0])}")
-    a = np.full((n, n), np.nan)
+        square = ",".join(["task"] + [f"after_{j + 1}" for j in range(n)])
+        raise ValueError(f"path {os.fspath(path)!r}: header must be {square} (or task,after_1 for a joint run) "
+                         f"for {n} task rows; got {','.join(rows[0])}")
+    a = np.full((n, m), np.nan)
     for i, row in enumerate(rows[1:]):
-        if len(row) != n + 1 or row[0].strip() != str(i + 1):
-            raise ValueError(f"path {os.fspath(path)!r}: row {i + 2} must be task {i + 1} followed by {n} cells; "
+        if len(row) != m + 1 or row[0].strip() != str(i + 1):
+            raise ValueError(f"path {os.fspath(path)!r}: row {i + 2} must be task {i + 1} followed by {m} cells; "
                              f"got {row}")
         for j, cell in enumerate(row[1:]):
             if cell.strip():
@@ -339,7 +367,10 @@ class AccuracyMatrix:
     """Accumulates per-sample correct/total counts into an accuracy matrix.
 
     Counts for the same cell add up, so a cell may be filled batch by batch or from several processes.
-    The matrix covers the tasks trained so far: ``N = 1 + largest after_task`` updated.
+    The matrix covers the tasks trained so far: ``N = 1 + largest after_task`` updated. With
+    ``joint=True`` it is a joint-training run's single column: ``after_task`` is always 0 (the one
+    training task, which held every task's data) and ``task_evaluated`` any task, so ``N`` is 1 + the
+    largest ``task_evaluated``.
 
     Example::
 
@@ -348,23 +379,25 @@ class AccuracyMatrix:
         m.matrix()          # array([[90.]])
     """
 
-    def __init__(self) -> None:
-        self._correct = np.zeros((0, 0), dtype=np.float64)  # summed credit: whole, or soft (VQA)
-        self._total = np.zeros((0, 0), dtype=np.int64)
+    def __init__(self, joint: bool = False) -> None:
+        self.joint = bool(joint)
+        self._correct = np.zeros((0, 0 if not joint else 1), dtype=np.float64)  # summed credit: whole, or soft
+        self._total = np.zeros(self._correct.shape, dtype=np.int64)
 
     @property
     def num_tasks(self) -> int:
-        """Number of columns so far (1 + the largest ``after_task`` updated)."""
+        """Number of tasks so far (rows; as many columns, or one in a joint run)."""
         return self._total.shape[0]
 
     def _grow(self, n: int) -> None:
         if n <= self.num_tasks:
             return
-        c = np.zeros((n, n), dtype=np.float64)
-        t = np.zeros((n, n), dtype=np.int64)
-        k = self.num_tasks
-        c[:k, :k] = self._correct
-        t[:k, :k] = self._total
+        shape = (n, 1) if self.joint else (n, n)
+        c = np.zeros(shape, dtype=np.float64)
+        t = np.zeros(shape, dtype=np.int64)
+        k, m = self._total.shape
+        c[:k, :m] = self._correct
+        t[:k, :m] = self._total
         self._correct, self._total = c, t
 
     def update(self, task_evaluated: int, after_task: int, correct: float, total: int) -> None:
@@ -372,7 +405,8 @@ class AccuracyMatrix:
 
         Args:
             task_evaluated: task ``i`` whose test samples were evaluated (from 0).
-            after_task: task ``j`` just trained (from 0); ``task_evaluated <= after_task``.
+            after_task: task ``j`` just trained (from 0); ``task_evaluated <= after_task`` (a joint run:
+                ``after_task == 0``, any ``task_evaluated``).
             correct: number of correct predictions (``0 <= correct <= total``), or their summed soft
                 scores (VQA accuracy).
             total: number of samples evaluated (0 adds nothing, e.g. an empty shard).
@@ -381,24 +415,28 @@ class AccuracyMatrix:
         j = _count(after_task, "after_task")
         c = _score(correct, "correct")
         t = _count(total, "total")
-        if i > j:
+        if self.joint and j != 0:
+            raise ValueError(f"after_task must be 0 in a joint run's matrix (one training task), got {j}")
+        if i > j and not self.joint:
             raise ValueError(f"task_evaluated must be <= after_task (only seen tasks are evaluated); "
                              f"got task_evaluated={i}, after_task={j}")
         if c > t:
             raise ValueError(f"correct must be <= total; got correct={c:g}, total={t}")
-        self._grow(j + 1)
+        self._grow(max(i, j) + 1)
         self._correct[i, j] += c
         self._total[i, j] += t
 
     def counts(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the (N, N) ``correct`` (float64) and ``total`` (int64) counts (zero where nothing was counted)."""
+        """Copies of the (N, N) (joint: (N, 1)) ``correct`` (float64) and ``total`` (int64) counts (zero where nothing was counted)."""
         return self._correct.copy(), self._total.copy()
 
     def matrix(self) -> np.ndarray:
-        """(N, N) float64 accuracies in percent; NaN below the diagonal and in cells with no samples."""
+        """(N, N) float64 accuracies in percent (joint: (N, 1)); NaN below the diagonal and in cells with
+        no samples."""
         with np.errstate(invalid="ignore", divide="ignore"):
             a = np.where(self._total > 0, 100.0 * self._correct / np.maximum(self._total, 1), np.nan)
-        a[np.tril_indices(self.num_tasks, -1)] = np.nan
+        if not self.joint:
+            a[np.tril_indices(self.num_tasks, -1)] = np.nan
         return a
 
     def summary(self) -> dict[str, float]:
@@ -417,7 +455,7 @@ class AccuracyMatrix:
     def from_csv(path: str | os.PathLike) -> np.ndarray:
         """Read a CSV written by :meth:`to_csv`.
 
-        The CSV holds percentages, not counts, so this returns the (N, N) float matrix
+        The CSV holds percentages, not counts, so this returns the (N, N) or (N, 1) float matrix
         (:func:`read_acc_csv`), not an ``AccuracyMatrix``; use :meth:`state_dict` to keep counts.
         """
         return read_acc_csv(path)
@@ -427,26 +465,29 @@ class AccuracyMatrix:
         return {"correct": self._correct.tolist(), "total": self._total.tolist()}
 
     def load_state_dict(self, state: dict[str, Sequence[Sequence[int]]]) -> None:
-        """Restore counts saved by :meth:`state_dict`."""
+        """Restore counts saved by :meth:`state_dict` (of a matrix of the same kind: joint or not)."""
         if not isinstance(state, dict) or set(state) != {"correct", "total"}:
             raise ValueError(f"state must be a dict with keys 'correct' and 'total'; got {state!r:.200}")
-        c = np.asarray(state["correct"], dtype=np.float64).reshape(-1)
-        t = np.asarray(state["total"], dtype=np.int64).reshape(-1)
-        n = math.isqrt(t.size)
-        if c.size != t.size or n * n != t.size:
-            raise ValueError(f"state['correct'] and state['total'] must be square matrices of the same size; "
-                             f"got {c.size} and {t.size} entries")
-        c, t = c.reshape(n, n), t.reshape(n, n)
-        if np.any(c < 0) or np.any(c > t) or np.any(np.tril(t, -1) != 0):
+        c = np.asarray(state["correct"], dtype=np.float64)
+        t = np.asarray(state["total"], dtype=np.int64)
+        if t.size == 0:
+            c, t = c.reshape(0, self._total.shape[1]), t.reshape(0, self._total.shape[1])
+        want = "an (N, 1) column (a joint run)" if self.joint else "square matrices"
+        if (c.shape != t.shape or t.ndim != 2
+                or (t.shape[1] != 1 if self.joint else t.shape[0] != t.shape[1])):
+            raise ValueError(f"state['correct'] and state['total'] must be {want} of the same size; "
+                             f"got shapes {c.shape} and {t.shape}")
+        if np.any(c < 0) or np.any(c > t) or (not self.joint and np.any(np.tril(t, -1) != 0)):
             raise ValueError("state holds invalid counts (negative, correct > total, or counts below the diagonal)")
         self._correct, self._total = c, t
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "AccuracyMatrix":
-        """A new matrix from :meth:`state_dict` output."""
-        m = cls()
+        """A new matrix from :meth:`state_dict` output (an (N, 1) state with N > 1 is a joint run's)."""
+        t = np.asarray(state.get("total", []) if isinstance(state, dict) else [])
+        m = cls(joint=t.ndim == 2 and t.shape[1] == 1 and t.shape[0] > 1)
         m.load_state_dict(state)
         return m
 
     def __repr__(self) -> str:
-        return f"AccuracyMatrix(num_tasks={self.num_tasks})"
+        return f"AccuracyMatrix(num_tasks={self.num_tasks}{', joint' if self.joint else ''})"

@@ -53,30 +53,31 @@ def plot_acc_matrix(acc: Any, path: str | os.PathLike, title: Optional[str] = No
     """Heatmap of an accuracy matrix with each value printed in its cell.
 
     Rows are the task evaluated, columns the task just trained (both numbered from 1); cells below the
-    diagonal are left blank. The colour scale is fixed to 0–100 %.
+    diagonal are left blank. A joint run's single column is one column of N cells. The colour scale is
+    fixed to 0–100 %.
 
     Args:
-        acc: (N, N) accuracy matrix in percent (see :mod:`clfast.engine.metrics`).
+        acc: (N, N) accuracy matrix in percent, or a joint run's (N, 1) (see :mod:`clfast.engine.metrics`).
         path: output file (``.png``, ``.pdf`` or ``.svg``).
         title: figure title; default ``"Accuracy matrix (%)"``.
     """
     a = check_matrix(acc)
-    n = a.shape[0]
+    n, m = a.shape
     side = min(max(3.0, 0.55 * n + 1.5), 16.0)
-    fig = _new_figure(side + 1.0, side)
+    fig = _new_figure((side if m > 1 else 2.5) + 1.0, side)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(np.ma.masked_invalid(a), cmap="viridis", vmin=0.0, vmax=100.0, aspect="equal")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
     if n <= 30:
         size = max(5.0, min(10.0, 90.0 / n))
         for i in range(n):
-            for j in range(i, n):
+            for j in range(i if m > 1 else 0, m):   # a joint run's single column: every cell
                 ax.text(j, i, f"{a[i, j]:.1f}", ha="center", va="center", fontsize=size,
                         color="black" if a[i, j] >= 60.0 else "white")
-    ticks = np.arange(n)
     step = max(1, n // 20)
-    ax.set_xticks(ticks[::step], [str(t + 1) for t in ticks[::step]])
-    ax.set_yticks(ticks[::step], [str(t + 1) for t in ticks[::step]])
+    cols, rows = np.arange(m)[::step], np.arange(n)[::step]
+    ax.set_xticks(cols, [str(t + 1) for t in cols] if m > 1 else ["all (joint)"])
+    ax.set_yticks(rows, [str(t + 1) for t in rows])
     ax.set_xlabel("after training task")
     ax.set_ylabel("task evaluated")
     ax.set_title(title if title is not None else "Accuracy matrix (%)")

@@ -51,11 +51,13 @@ def run_record(cfg, method, scenario, device: torch.device, world: int, *, comma
 
 def format_summary(m, summary: dict, run_dir: Optional[str] = None) -> str:
     """The accuracy matrix (rows: task evaluated, columns: after task) and the headline figures."""
-    n = len(m)
-    lines = ["accuracy matrix (%, row = task evaluated, column = after training task):",
-             "        " + " ".join(f"{j + 1:>6d}" for j in range(n))]
+    n, cols = len(m), len(m[0])
+    joint = cols == 1 and n > 1   # a joint run: every task trained at once, one column
+    lines = ["accuracy matrix (%, row = task evaluated, column = after training task"
+             + ("; joint training: one task holding every task's data):" if joint else "):"),
+             "        " + (f"{'all':>6}" if joint else " ".join(f"{j + 1:>6d}" for j in range(n)))]
     for i in range(n):
-        cells = " ".join(("{:6.1f}".format(m[i][j]) if j >= i else "     ·") for j in range(n))
+        cells = " ".join(("{:6.1f}".format(m[i][j]) if j >= i or joint else "     ·") for j in range(cols))
         lines.append(f"task {i + 1:>2d} {cells}")
     lines.append(f"A_N {summary['A_N']:.2f}   F_N {summary['F_N']:.2f}   BWT {summary['BWT']:.2f}   "
                  f"sample-weighted {summary['sample_weighted_accuracy']:.2f}   "

@@ -142,8 +142,11 @@ class Trainer(Checkpointing):
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
 
         seed_everything(cfg.seed)  # model construction and augmentation draw from the global generators
+        cls = type(method) if method is not None else method_class(cfg.method).resolve(dict(cfg.method_args))
         self.scenario = scenario if scenario is not None else self._build_scenario()
-        self.method = method if method is not None else self._build_method()
+        if cls.trains_jointly:  # every task's data as one task; each task's test split evaluated after it
+            self.scenario = self.scenario.joint_view()
+        self.method = method if method is not None else self._build_method(cls)
         self._init_info = (init_from(self.method, cfg.init_from, cfg.method, self.log) if cfg.init_from
                            else None)
         # digests of the model as built: checkpoints leave out what still matches (frozen weights)
@@ -166,7 +169,7 @@ class Trainer(Checkpointing):
             setter(True)
         if cfg.compile:
             self.method.compile_for_training(**cfg.compile_options)
-        self.acc = AccuracyMatrix()
+        self.acc = AccuracyMatrix(joint=self.scenario.joint)   # a joint run's matrix is one column
         self.acc_val = AccuracyMatrix() if cfg.val_fraction else None
         self.eval_extras: dict[str, float] = {}      # the method's extra scores after the last evaluation
         self._best: Optional[dict] = None            # best validation state of the running stage
@@ -214,8 +217,7 @@ class Trainer(Checkpointing):
     def test_data(self, task: int):
         return self.data.test_data(task)
 
-    def _build_method(self) -> Method:
-        cls = method_class(self.cfg.method)
+    def _build_method(self, cls: type[Method]) -> Method:
         return create_method(cls, cls.build_backbone(self.cfg), self.scenario.num_classes, self.scenario.num_tasks,
                              **self.cfg.method_args)
 
@@ -521,8 +523,9 @@ class Trainer(Checkpointing):
                 logits = self.method.predict(batch, ctx).float()
             if protocol.mask_unseen:
                 logits = masked_logits(logits, (0, ctx.seen_classes))
-            if self.scenario.kind == "task-incremental":
-                logits = _mask_to_tasks(logits, batch["task"], ctx.task_ranges)
+            if self.scenario.kind == "task-incremental":   # a split holds one task: its classes only
+                logits = masked_logits(logits, self.scenario.eval_class_range(evaluated) if split == "test"
+                                       else self.scenario.class_range(evaluated))
             scored = self.method.score(batch, logits, ctx)
             parts = scored if isinstance(scored, dict) else {"credit": scored}
             if set(parts) != {"credit", *names}:
@@ -551,7 +554,7 @@ class Trainer(Checkpointing):
         t0 = time.time()
         row = []
         extras: dict[str, list[float]] = {k: [] for k in self.method.score_names}
-        for i in range(after + 1):
+        for i in self.scenario.eval_tasks(after):   # tasks 0..after (every task after a joint one)
             c, n = self.evaluate_task(i, after)
             self.acc.update(i, after, c, n)
             row.append(100.0 * c / max(n, 1))
@@ -564,7 +567,7 @@ class Trainer(Checkpointing):
                          mean=round(seen_mean, 4), seconds=round(time.time() - t0, 3),
                          **({"extras": {k: [round(x, 6) for x in v] for k, v in extras.items()}} if extras else {}),
                          **{f"{k}_mean": round(v, 6) for k, v in self.eval_extras.items()})
-        self.log.info(f"after task {after + 1}: accuracy on tasks 1..{after + 1} = "
+        self.log.info(f"after task {after + 1}: accuracy on tasks 1..{len(row)} = "
                       + " ".join(f"{a:.1f}" for a in row) + f"  (mean {seen_mean:.2f})")
         if self.is_main:
             self.acc.to_csv(os.path.join(self.run_dir, "acc_matrix.csv"))
@@ -596,7 +599,8 @@ class Trainer(Checkpointing):
     def _banner(self) -> None:
         sc = self.scenario
         w = getattr(getattr(self.method, "backbone", None), "weights", None)
-        self.log.info(f"clfast: {self.cfg.method} on {self.cfg.dataset} ({sc.kind}, {sc.num_tasks} tasks, "
+        tasks = (f"joint training: {len(sc.eval_tasks(0))} tasks as one" if sc.joint else f"{sc.num_tasks} tasks")
+        self.log.info(f"clfast: {self.cfg.method} on {self.cfg.dataset} ({sc.kind}, {tasks}, "
                       f"{sc.num_classes} classes), backbone {self.cfg.backbone}"
                       + (f" [{w.source}]" if w is not None else "")
                       + f", device {self.device}{f' × {self.world}' if self.world > 1 else ''}, amp {self.cfg.amp}, "
@@ -606,7 +610,7 @@ class Trainer(Checkpointing):
         from .plots import plot_acc_matrix, plot_accuracy_curve
 
         m = self.acc.matrix()
-        n = self.scenario.num_tasks
+        n = len(self.scenario.eval_tasks(self.scenario.num_tasks - 1))   # tasks evaluated (rows)
         summary = {k: float(v) for k, v in self.acc.summary().items()}
         summary.update({f"eval_{k}": v for k, v in self.eval_extras.items()})
         if self.acc_val is not None:
@@ -615,6 +619,8 @@ class Trainer(Checkpointing):
         summary["train_time_s"] = round(self._train_time, 3)
         summary["images_per_s"] = round(self._train_images / max(self._train_time, 1e-9), 2)
         summary["num_tasks"] = n
+        if self.scenario.joint:
+            summary["joint"] = True   # one training task held every task's data (the matrix has one column)
         if self.is_main:
             rio.atomic_write_json(os.path.join(self.run_dir, "summary.json"), summary)
             plot_acc_matrix(m, os.path.join(self.run_dir, "acc_matrix.png"),
@@ -625,11 +631,3 @@ class Trainer(Checkpointing):
         self.procs.barrier()
         return summary
 
-
-def _mask_to_tasks(logits: torch.Tensor, task: torch.Tensor, ranges) -> torch.Tensor:
-    """Task-incremental evaluation: keep only each sample's own task's classes."""
-    starts = torch.tensor([r[0] for r in ranges], device=logits.device)[task]
-    stops = torch.tensor([r[1] for r in ranges], device=logits.device)[task]
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    keep = (cols[None] >= starts[:, None]) & (cols[None] < stops[:, None])
-    return logits.masked_fill(~keep, float("-inf"))

@@ -1,7 +1,9 @@
 """Continual-learning methods: the hook API (:mod:`clfast.methods.base`) and the registered methods.
 
 ``create_method(name, backbone, num_classes, num_tasks, **cfg)`` builds one; ``list_methods()`` names
-them. Baselines: ``linear`` (frozen backbone + growing head), ``l2p``, ``dualprompt``, ``coda_prompt``.
+them. Baselines: ``linear`` (frozen backbone + growing head), ``l2p``, ``dualprompt``, ``coda_prompt``;
+the bounds of every table: ``finetune`` (the backbone trained too, nothing against forgetting) and
+``joint`` (any method, ``base=``, trained on every task's data as one task).
 """
 
 from .base import (EvalProtocol, FrozenRows, Method, MethodConfig, OptimConfig, ScheduleConfig, Stage, StepOutput, TaskContext,

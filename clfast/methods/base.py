@@ -25,6 +25,12 @@ expresses), ``param_groups(stage)``, ``after_optimizer_step()`` (default: restor
 gives generated batches a stream per task, stage, epoch and rank; ``ctx.task_loader(augment=True)``
 iterates the task's data with the train augmentation; ``ctx.class_names`` names the labels.
 
+Two class-level answers change what the engine runs: ``trains_jointly`` (the engine trains the method on
+the scenario's joint view, every task's data as one task, and evaluates each task's test split after it:
+the ``joint`` upper bound) and ``resolve(settings)`` (classmethod; the class that runs with the run's
+``method_args``, default the class itself; ``joint`` answers with its base method in joint mode, and
+``presets_from`` names the method whose presets it starts from).
+
 Batches are dicts of tensors: ``image`` (B, 3, H, W) float in [0, 1] (the backbone normalises),
 ``label`` (B,) int64 in the scenario's remapped label space, ``task`` (B,) int64 and ``index`` (B,)
 int64 (position in the split, for per-image caches); VQA batches add ``question`` and
@@ -357,6 +363,17 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig
     name: ClassVar[str] = "method"
     supports: ClassVar[tuple[str, ...]] = ("class-incremental", "task-incremental", "domain-incremental")
+    #: train on the scenario's joint view (:class:`clfast.data.JointScenario`): one task holding every task's
+    #: training data and classes, then each task's test split evaluated (one column of the accuracy matrix)
+    trains_jointly: ClassVar[bool] = False
+    #: the method whose presets (``clfast/configs/<name>/``) a run of this one starts from (None: its own)
+    presets_from: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def resolve(cls, settings: dict) -> type["Method"]:
+        """The class that runs with ``settings`` (a run's ``method_args``): ``cls`` itself, unless the
+        registered name stands for a family (``joint`` answers with its ``base`` method's joint class)."""
+        return cls
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_tasks: int, cfg: MethodConfig):
         super().__init__()
@@ -611,7 +628,7 @@ def register_method(name: str):
 
 # the methods that ship with clfast, imported (registered) on the first registry lookup, so that
 # importing the config or the method API does not load the ops and their kernels
-_BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt", "gpls")
+_BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt", "gpls", "finetune", "joint")
 
 
 def _load_builtin() -> None:
@@ -651,6 +668,6 @@ def build_config(cls: type, values: dict, where: str):
 def create_method(name: "str | type[Method]", backbone: nn.Module, num_classes: int, num_tasks: int,
                   **cfg) -> Method:
     """Build registered method ``name`` (or a :class:`Method` class already looked up); ``cfg`` are its
-    ``Config`` fields (unknown keys raise)."""
-    cls = method_class(name) if isinstance(name, str) else name
+    ``Config`` fields (unknown keys raise); the class is :meth:`Method.resolve` d with them."""
+    cls = (method_class(name) if isinstance(name, str) else name).resolve(cfg)
     return cls(backbone, num_classes, num_tasks, build_config(cls.Config, cfg, f"method {cls.name!r}"))

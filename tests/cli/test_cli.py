@@ -147,3 +147,22 @@ def test_ddp_a_signal_on_one_rank_stops_every_rank_with_one_checkpoint(tmp_path)
         assert (tmp_path / "run" / f"interrupted_rank{rank}").read_text() == "2", run.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "checkpoints" / "interrupt.pt", weights_only=True)
     assert state["global_step"] == 2 and state["position"] == [0, 0, 0, 2] and len(state["rng"]) == 2
+
+
+@pytest.mark.parametrize("method, extra", [("joint", ["method_args.base=linear"]), ("finetune", [])])
+def test_the_bounds_through_the_cli(tmp_path, method, extra, capsys):
+    """`joint` (one column) and `finetune` (the trained backbone checked back in by `clfast eval`)."""
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--dataset", "digits", "--out", str(out), "--quiet", *TINY,
+                 *extra]) == 0
+    m = read_acc_csv(out / "acc_matrix.csv")
+    assert m.shape == ((2, 1) if method == "joint" else (2, 2))
+    for f in RUN_FILES[:-1 if method == "joint" else None]:
+        assert (out / f).is_file(), f
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--quiet"]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert [t["accuracy"] for t in ev["tasks"]] == pytest.approx(list(m[:, -1]))
+    rc = main(["train", "--method", "joint", "--dataset", "digits", "--out", str(tmp_path / "bad"),
+               "method_args.base=linearr"])
+    assert rc == 2 and "method_args.base: unknown method 'linearr'" in capsys.readouterr().err

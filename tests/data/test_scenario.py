@@ -307,3 +307,26 @@ def test_dataset_sequence_keeps_parts_apart():
         dataset_info("digits+synth-shapez")
     with pytest.raises(ValueError, match="cannot repeat"):
         DatasetSequence([digits, digits], ["digits", "digits"])
+
+
+def test_joint_view_is_one_task_evaluated_per_task(shapes):
+    from clfast.data import JointScenario
+
+    sc = Scenario(*shapes, num_tasks=5)
+    j = sc.joint_view()
+    assert isinstance(j, JointScenario) and j.joint and not sc.joint and j.joint_view() is j
+    assert j.num_tasks == 1 and j.class_range(0) == (0, 100) and j.task_ranges == ((0, 100),)
+    train = j.train_set(0)
+    assert len(train) == len(shapes[0]) and set(train.targets) == set(range(100)) and set(train.task_ids) == {0}
+    assert j.eval_tasks(0) == [0, 1, 2, 3, 4] and sc.eval_tasks(2) == [0, 1, 2]
+    for i in j.eval_tasks(0):   # each task's own test split, as task 0, its classes for a task-IL mask
+        test = j.test_set(i)
+        assert test.targets == sc.test_set(i).targets and set(test.task_ids) == {0}
+        assert j.eval_class_range(i) == sc.class_range(i) == sc.eval_class_range(i)
+    assert j.task_sizes("train") == [len(shapes[0])]
+    rec = j.record()
+    assert rec["joint"] and rec["num_tasks"] == 5 and rec["class_order"] == sc.record()["class_order"]
+    with pytest.raises(ValueError, match="task must be 0"):
+        j.train_set(1)
+    with pytest.raises(ValueError, match="scenario must be a Scenario"):
+        JointScenario(j)

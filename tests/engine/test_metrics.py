@@ -167,3 +167,37 @@ def test_accuracy_matrix_validation(tmp_path):
     bad.write_text("task,after_1,after_3\n1,90,80\n2,,85\n")
     with pytest.raises(ValueError, match="header"):
         read_acc_csv(bad)
+
+
+def test_a_joint_runs_single_column(tmp_path):
+    """Joint training (every task's data as one task): an (N, 1) matrix, every cell defined."""
+    m = AccuracyMatrix(joint=True)
+    m.update(0, 0, 9, 10)
+    m.update(2, 0, 6, 10)
+    m.update(1, 0, 35, 50)
+    a = m.matrix()
+    assert a.shape == (3, 1) and a[:, 0].tolist() == [90.0, 70.0, 60.0]
+    s = m.summary()
+    assert s["A_N"] == pytest.approx(220 / 3) and s["A_avg"] == pytest.approx(s["A_N"])
+    assert s["F_N"] == 0.0 and s["BWT"] == 0.0
+    assert s["sample_weighted_accuracy"] == pytest.approx(100 * 50 / 70)   # not the mean of the column
+    np.testing.assert_allclose(accuracy_curve(a), [220 / 3])
+    with pytest.raises(ValueError, match="after_task must be 0"):
+        m.update(0, 1, 1, 1)
+    m.to_csv(tmp_path / "j.csv")
+    assert (tmp_path / "j.csv").read_text().splitlines()[:2] == ["task,after_1", "1,90.0"]
+    np.testing.assert_array_equal(read_acc_csv(tmp_path / "j.csv"), a)
+    back = AccuracyMatrix.from_state_dict(m.state_dict())
+    assert back.joint and back.summary() == s
+    with pytest.raises(ValueError, match="square"):
+        AccuracyMatrix().load_state_dict(m.state_dict())
+    with pytest.raises(ValueError, match="joint"):
+        AccuracyMatrix(joint=True).load_state_dict(AccuracyMatrix.from_state_dict(
+            {"correct": [[1, 1], [0, 1]], "total": [[2, 2], [0, 2]]}).state_dict())
+    empty = AccuracyMatrix(joint=True)
+    empty.load_state_dict(AccuracyMatrix(joint=True).state_dict())   # a checkpoint before any evaluation
+    assert empty.num_tasks == 0
+    with pytest.raises(ValueError, match=r"acc\[1\]\[0\] must be a finite"):
+        final_accuracy([[90.0], [nan]])                              # a column has no undefined cell
+    with pytest.raises(ValueError, match="square"):
+        final_accuracy([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])       # (3, 2): neither square nor a column

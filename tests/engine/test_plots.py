@@ -37,3 +37,14 @@ def test_plot_errors(tmp_path):
     with pytest.raises(ValueError, match="label must be None"):
         plot_accuracy_curve({"a": A}, tmp_path / "x.png", label="z")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_joint_runs_column_plots(tmp_path):
+    from clfast.engine.record import format_summary
+
+    column = [[90.0], [70.0], [60.0]]
+    plot_acc_matrix(column, tmp_path / "acc_matrix.png")
+    plot_accuracy_curve(column, tmp_path / "accuracy_curve.png", label="joint")
+    assert all((tmp_path / n).read_bytes()[:8] == PNG for n in ("acc_matrix.png", "accuracy_curve.png"))
+    text = format_summary(column, {"A_N": 73.3, "F_N": 0.0, "BWT": 0.0, "sample_weighted_accuracy": 71.4})
+    assert "joint" in text and "task  3   60.0" in text and "·" not in text

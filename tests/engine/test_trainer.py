@@ -231,7 +231,7 @@ def test_rank_batches_union_is_the_single_process_batch(n, world, batch):
 
 
 def test_every_method_has_fast_and_paper_presets():
-    for m in ("linear", "l2p", "dualprompt", "coda_prompt"):
+    for m in ("linear", "l2p", "dualprompt", "coda_prompt", "finetune"):
         assert m in list_methods()
         assert {"fast", "cifar100", "imagenet_r"} <= set(list_presets(m)), m
         for preset in list_presets(m):
