@@ -193,3 +193,8 @@ class Transformed(torch.utils.data.Dataset):
         if not self.keep_index:
             item.pop("index", None)
         return item
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on ``device`` (non-blocking); other values as they are."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}

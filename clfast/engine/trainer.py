@@ -30,12 +30,13 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from ..methods.base import Method, Stage, TaskContext, create_method, masked_logits, method_class
+from ..methods.base import Method, Stage, TaskContext, create_method, method_class
 from ..utils.seeding import derive_seed, seed_everything
 from . import io as rio
 from .checkpoint import Checkpointing, Position, init_from
+from .evaluation import Evaluating
 from .config import RunConfig
-from .data_views import RunData
+from .data_views import RunData, to_device
 from .distributed import Processes
 from .loggers import RunLogger
 from .metrics import AccuracyMatrix
@@ -83,17 +84,13 @@ class _StageRun:
     n_epochs: int
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 def _scalar(v) -> Any:
     if torch.is_tensor(v):
         return float(v.detach().float().mean())
     return v
 
 
-class Trainer(Checkpointing):
+class Trainer(Checkpointing, Evaluating):
     """Runs one continual-learning experiment described by a :class:`RunConfig`.
 
     Args:
@@ -473,7 +470,7 @@ class Trainer(Checkpointing):
                               enabled=self.amp_dtype is not None)
 
     def _step(self, module: nn.Module, opt, batch: dict, ctx: TaskContext, clip: Optional[float]) -> dict:
-        batch = _to_device(batch, self.device)
+        batch = to_device(batch, self.device)
         opt.zero_grad(set_to_none=True)
         with self._autocast():
             loss, logs = module(batch, ctx)
@@ -497,91 +494,6 @@ class Trainer(Checkpointing):
         out = {"loss": float(loss.detach())}
         out.update({k: _scalar(v) for k, v in logs.items()})
         return out
-
-    # evaluation -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate_task(self, evaluated: int, after: int, split: str = "test") -> tuple[int, int]:
-        """(correct, total) on task ``evaluated``'s test (or ``"val"``) split with the model after task ``after``."""
-        ds = self.test_data(evaluated) if split == "test" else self.val_data(evaluated)
-        loader = self.data.sharded_loader(ds)
-        ctx = self.context(after, split=split, cacheable=True)
-        correct = torch.zeros((), dtype=torch.float64)
-        total = torch.zeros((), dtype=torch.float64)
-        names = tuple(self.method.score_names)      # the same on every rank, also one with no batches
-        extra = torch.zeros(len(names), dtype=torch.float64)
-        # the method's evaluation protocol: fair by default; the alternatives reproduce released code and
-        # the method flags them in record.json (Method.eval_protocol, EvalProtocol)
-        protocol = self.method.eval_protocol()
-        batch_acc = torch.zeros(2, dtype=torch.float64)   # (sum of per-batch accuracies, batches)
-        limit = self.cfg.limit_eval_batches
-        for i, batch in enumerate(progress(loader, total=min(len(loader), limit or len(loader)), enabled=not self.quiet,
-                                           desc=f"eval task {evaluated + 1} after {after + 1}")):
-            if limit and i >= limit:
-                break
-            batch = _to_device(batch, self.device)
-            with self._autocast():
-                logits = self.method.predict(batch, ctx).float()
-            if protocol.mask_unseen:
-                logits = masked_logits(logits, (0, ctx.seen_classes))
-            if self.scenario.kind == "task-incremental":   # a split holds one task: its classes only
-                logits = masked_logits(logits, self.scenario.eval_class_range(evaluated) if split == "test"
-                                       else self.scenario.class_range(evaluated))
-            scored = self.method.score(batch, logits, ctx)
-            parts = scored if isinstance(scored, dict) else {"credit": scored}
-            if set(parts) != {"credit", *names}:
-                raise ValueError(f"{type(self.method).__name__}.score() must return "
-                                 f"{'a dict with credit and ' + ', '.join(names) if names else 'a tensor'}, "
-                                 f"got {sorted(parts) if isinstance(scored, dict) else type(scored).__name__}")
-            for k, v in parts.items():
-                if v.shape != (logits.shape[0],):
-                    raise ValueError(f"{type(self.method).__name__}.score()[{k!r}] must be ({logits.shape[0]},) "
-                                     f"per-sample values, got shape {tuple(v.shape)}")
-            correct += float(parts["credit"].double().sum())
-            for j, k in enumerate(names):
-                extra[j] += float(parts[k].double().sum())
-            total += logits.shape[0]
-            if logits.shape[0]:
-                batch_acc += torch.tensor([float(parts["credit"].double().mean()), 1.0], dtype=torch.float64)
-        counts = self.procs.all_reduce(torch.cat([torch.stack([correct, total]), extra, batch_acc]))
-        n = max(int(counts[1]), 1)
-        self.last_score_extras = {k: float(counts[2 + j]) / n for j, k in enumerate(names)}
-        if protocol.mean_of_batches:   # as a count, so that the accuracy matrix holds the batch mean
-            return float(counts[-2]) / max(float(counts[-1]), 1.0) * int(counts[1]), int(counts[1])
-        return float(counts[0]), int(counts[1])
-
-    def _evaluate(self, after: int) -> None:
-        self.method.eval()
-        t0 = time.time()
-        row = []
-        extras: dict[str, list[float]] = {k: [] for k in self.method.score_names}
-        for i in self.scenario.eval_tasks(after):   # tasks 0..after (every task after a joint one)
-            c, n = self.evaluate_task(i, after)
-            self.acc.update(i, after, c, n)
-            row.append(100.0 * c / max(n, 1))
-            for k, v in self.last_score_extras.items():
-                extras[k].append(v)
-        m = self.acc.matrix()
-        seen_mean = float(sum(row) / len(row))
-        self.eval_extras = {k: float(sum(v) / len(v)) for k, v in extras.items()}   # mean over the seen tasks
-        self.metrics.log(event="eval", after_task=after, step=self.global_step, acc=[round(a, 4) for a in row],
-                         mean=round(seen_mean, 4), seconds=round(time.time() - t0, 3),
-                         **({"extras": {k: [round(x, 6) for x in v] for k, v in extras.items()}} if extras else {}),
-                         **{f"{k}_mean": round(v, 6) for k, v in self.eval_extras.items()})
-        self.log.info(f"after task {after + 1}: accuracy on tasks 1..{len(row)} = "
-                      + " ".join(f"{a:.1f}" for a in row) + f"  (mean {seen_mean:.2f})")
-        if self.is_main:
-            self.acc.to_csv(os.path.join(self.run_dir, "acc_matrix.csv"))
-        del m
-        if self.acc_val is not None:  # the held-out split, for choosing settings without the test set
-            vrow = []
-            for i in range(after + 1):
-                c, n = self.evaluate_task(i, after, split="val")
-                self.acc_val.update(i, after, c, n)
-                vrow.append(100.0 * c / max(n, 1))
-            self.metrics.log(event="eval_val", after_task=after, step=self.global_step,
-                             acc=[round(a, 4) for a in vrow], mean=round(float(sum(vrow) / len(vrow)), 4))
-            if self.is_main:
-                self.acc_val.to_csv(os.path.join(self.run_dir, "acc_matrix_val.csv"))
 
     # files ----------------------------------------------------------------------------------------
     def record(self) -> dict:
