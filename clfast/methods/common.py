@@ -13,22 +13,26 @@ from .base import Method, MethodConfig, TaskContext, masked_logits
 __all__ = ["QueryCache", "FrozenQueryMethod", "orthogonal_rows", "ParameterSnapshot"]
 
 
-def orthogonal_rows(x: Tensor, start: int, stop: int, gen: torch.Generator) -> Tensor:
-    """Rows ``start:stop`` of ``x`` (M, D) replaced by random rows orthonormal to all rows before ``stop``.
+def orthogonal_rows(x: Tensor, start: int, stop: int, gen: torch.Generator, exact: bool = False) -> Tensor:
+    """Rows ``start:stop`` of ``x`` (M, D) replaced by random unit rows orthogonal to all rows before ``stop``.
 
-    Gram–Schmidt in float64 against rows ``0:start`` (kept) and each other; needs ``stop <= D``. Returns the
-    whole (M, D) float64 matrix (CODA-Prompt's components, ConvPrompt's keys).
+    Gram–Schmidt in float64 (twice, for working precision) against rows ``0:start`` (kept) and each other;
+    needs ``stop <= D``. Returns the whole (M, D) float64 matrix. Plain projection onto the kept rows is exact only
+    while they are orthonormal (CODA-Prompt's components, projected as its released code does); ``exact=True``
+    projects onto an orthonormal basis of them (float64 QR), so the new rows are orthogonal to trained rows too
+    (ConvPrompt's keys).
     """
     if not 0 <= start <= stop <= x.shape[0]:
         raise ValueError(f"orthogonal_rows: need 0 <= start <= stop <= {x.shape[0]} rows, got {start}, {stop}")
     if stop > x.shape[1]:
         raise ValueError(f"orthogonal_rows: {stop} rows cannot be orthonormal in {x.shape[1]} dimensions")
     x = x.detach().double().clone()
+    kept = torch.linalg.qr(x[:start].T).Q.T if exact and start else x[:start]
     for i in range(start, stop):
         v = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
+        basis = torch.cat([kept, x[start:i]])
         for _ in range(2):  # twice is enough for orthogonality to working precision
-            if i:
-                basis = x[:i]
+            if len(basis):
                 v = v - basis.T @ (basis @ v)
         x[i] = v / v.norm()
     return x

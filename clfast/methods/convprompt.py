@@ -208,7 +208,7 @@ class ConvPrompt(Method):
         if f > s:   # new keys, orthonormal to the old ones (random unit rows once there are more keys than dims)
             gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
             if f <= self.keys.shape[1]:
-                new = orthogonal_rows(self.keys, s, f, gen)[s:f]
+                new = orthogonal_rows(self.keys, s, f, gen, exact=True)[s:f]
             else:
                 new = F.normalize(torch.randn(f - s, self.keys.shape[1], generator=gen, dtype=torch.float64), dim=1)
             self.keys[s:f] = new.to(self.keys)
