@@ -135,9 +135,10 @@ class ConvPrompt(Method):
         self.heads = TaskHeads(D, num_classes, num_tasks, norm=cfg.head_norm, bias=cfg.head_bias)
         self.snapshot = ParameterSnapshot({"embeddings": self.embeddings,
                                            **{f"query.{k_}": p for k_, p in self.query.named_parameters()}})
-        # the decisions, saved with the model: new prompts per task (-1: not decided yet) and s_t
+        # the decisions, saved with the model: new prompts per task (-1: not decided yet) and s_t (-inf: none, as
+        # for task 0 or without language guidance; not NaN, so that equal states compare equal)
         self.register_buffer("prompt_counts", torch.full((num_tasks,), -1, dtype=torch.long))
-        self.register_buffer("similarity", torch.full((num_tasks,), float("nan"), dtype=torch.float64))
+        self.register_buffer("similarity", torch.full((num_tasks,), -math.inf, dtype=torch.float64))
         self.norm_names = [f"backbone.vit.{name}" for name, m in backbone.vit.named_modules()
                            if isinstance(m, nn.LayerNorm) and (name == "norm" or name.endswith((".norm1", ".norm2")))]
         if cfg.train_norms:
@@ -202,7 +203,7 @@ class ConvPrompt(Method):
                             f"give {k_tau} (another encoder or descriptor file?): keeping {decided[tau]}")
                 continue
             self.prompt_counts[tau] = k_tau
-            self.similarity[tau] = float("nan") if s_tau is None else s_tau
+            self.similarity[tau] = -math.inf if s_tau is None else s_tau
         s, f = self.prompt_range(t)
         self.current_task, self.first_class, self.prompts_before = t, int(ctx.class_range[0]), s
         if f > s:   # new keys, orthonormal to the old ones (random unit rows once there are more keys than dims)
@@ -338,7 +339,7 @@ class ConvPrompt(Method):
 
     def record(self) -> dict:
         counts = [int(c) for c in self.prompt_counts.tolist() if c >= 0]
-        sims = [None if math.isnan(x) else round(x, 6) for x in self.similarity.tolist()[: len(counts)]]
+        sims = [None if x == -math.inf else round(x, 6) for x in self.similarity.tolist()[: len(counts)]]
         return {"prompts_per_task": self.cfg.prompts_per_task, "max_prompts": self.max_prompts,
                 "language_guidance": self.cfg.language_guidance, "phrases": self.phrase_source,
                 "descriptors": self.cfg.descriptors, "phrase_encoder": self.cfg.phrase_encoder,
