@@ -224,3 +224,28 @@ def test_imagenet_r_manifest_hashes_match_and_the_dataset_directory_is_only_read
         rel, _, _, sha = row.split(",")
         assert hashlib.sha256((data / rel).read_bytes()).hexdigest() == sha
     assert tr.manifest_info()["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+
+def test_the_released_codes_random_split_as_a_manifest(tmp_path):
+    """The released code's ImageNet-R split (``random_split`` over an ImageFolder, then files moved) as a manifest
+    that the reader takes as ``manifest_path``: same train/test membership as torch's random_split, files untouched."""
+    from PIL import Image
+
+    from clfast.data import create_dataset
+    from clfast.data.readers import generate_random_split_manifest
+
+    data = tmp_path / "imagenet-r"
+    files = []
+    for c, wnid in enumerate(("n01443537", "n01484850")):
+        for i in range(7):
+            (data / wnid).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((4, 4, 3), 10 * c + i, dtype=np.uint8)).save(data / wnid / f"x{i}.jpg")
+            files.append(f"{wnid}/x{i}.jpg")
+    manifest = tmp_path / "official_split.csv"
+    generate_random_split_manifest(str(data), str(manifest), seed=1993)
+    train_idx = torch.utils.data.random_split(range(14), [11, 3], generator=torch.Generator().manual_seed(1993))[0]
+    want = sorted(str(data / files[i]) for i in train_idx.indices)
+    tr = create_dataset("imagenet_r", "train", root=str(tmp_path), manifest_path=str(manifest), verify=True)
+    assert sorted(tr.files) == want and tr.manifest_info()["seed"] == 1993
+    assert len(create_dataset("imagenet_r", "test", root=str(tmp_path), manifest_path=str(manifest))) == 3
+    assert "scheme=random_split" in manifest.read_text().splitlines()[0]
