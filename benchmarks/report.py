@@ -83,13 +83,12 @@ def header(data: dict) -> str:
 
 def _train_step_rows(case: str, meds: dict[str, float], images: int) -> list[str]:
     """Training steps: seconds per step, images/s, the multiple of the backbone's own step (``floor``) and the
-    speed-up over the reference backends and over the released code's way (``peer``)."""
+    speed-up over the reference backends."""
     rows = []
     for impl, med in sorted(meds.items(), key=lambda kv: kv[1], reverse=True):
         floor = f"{med / meds['floor']:.2f}×" if "floor" in meds else "–"
         vs_ref = f"{meds['reference'] / med:.2f}×" if "reference" in meds else "–"
-        vs_peer = f"{meds['peer'] / med:.2f}×" if "peer" in meds else "–"
-        rows.append(f"| {case} | {impl} | {med:.2f} | {images / med:.2f} | {floor} | {vs_ref} | {vs_peer} |")
+        rows.append(f"| {case} | {impl} | {med:.2f} | {images / med:.2f} | {floor} | {vs_ref} |")
     return rows
 
 
@@ -109,8 +108,8 @@ def tables(data: dict) -> dict[str, str]:
         op = op_of[group]
         if group in images:
             if not out[op]:
-                out[op] += ["| case | impl | median s/step | images/s | × backbone floor | speed-up vs reference "
-                            "| speed-up vs peer |", "|---|---|---:|---:|---:|---:|---:|"]
+                out[op] += ["| case | impl | median s/step | images/s | × backbone floor | speed-up vs reference |",
+                            "|---|---|---:|---:|---:|---:|"]
             out[op] += _train_step_rows(group[len(op):].strip(), groups[group], images[group])
             continue
         if not out[op]:
