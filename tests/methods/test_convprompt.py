@@ -24,7 +24,6 @@ from clfast.backbones.vit import ViTBackbone, create_vit
 from clfast.engine.optim import build_optimizer
 from clfast.methods import OptimConfig, Stage, TaskContext, build_config, create_method, method_class
 from clfast.methods.convprompt import ConvPrompt
-from clfast.methods.heads import TaskHeads
 from clfast.methods.task_similarity import (PhraseEmbedder, new_prompt_count, phrase_union, plan_prompt_counts,
                                             task_similarity)
 from clfast.ops import prefix_attention
@@ -580,31 +579,7 @@ def test_sample_weighted_accuracy_and_a_n_with_unequal_task_sizes():
     assert s["F_N"] == pytest.approx(90 - 75)
 
 
-# --- the per-task head, the config, the PromptConv module ------------------------------------------------------
-
-
-def test_task_heads_read_their_own_norm_and_rows():
-    torch.manual_seed(0)
-    h = TaskHeads(6, 5, 3)
-    with torch.no_grad():
-        h.norm_weight.normal_()
-        h.norm_bias.normal_()
-    x = torch.randn(4, 6)
-    out = h(x, ((0, 2), (2, 5)))
-    assert out.shape == (4, 5)
-    want = F.linear(F.layer_norm(x, (6,), h.norm_weight[1], h.norm_bias[1], 1e-5), h.weight[2:5], h.bias[2:5])
-    torch.testing.assert_close(out[:, 2:5], want)
-    plain = TaskHeads(6, 5, 3, norm=False)
-    torch.testing.assert_close(plain(x, ((0, 5),)), F.linear(x, plain.weight, plain.bias))
-    mlp = TaskHeads(6, 5, 3, hidden=8)        # ATLAS's Linear → LN → GELU → Linear
-    y = F.gelu(F.layer_norm(F.linear(x, mlp.hidden_weight[0], mlp.hidden_bias[0]), (8,), mlp.norm_weight[0],
-                            mlp.norm_bias[0], 1e-5))
-    torch.testing.assert_close(mlp(x, ((0, 5),)), F.linear(y, mlp.weight, mlp.bias))
-    assert sum(p.numel() for p in TaskHeads(768, 200, 10).parameters()) == 169_160
-    with pytest.raises(ValueError, match="task_ranges"):
-        h(x, ((1, 2),))
-    with pytest.raises(ValueError, match=r"x must have shape \(B,6\)"):
-        h(torch.zeros(4, 7), ((0, 5),))
+# --- the config --------------------------------------------------------------------------------------------------
 
 
 def test_config_errors_name_the_setting(tiny):
