@@ -69,7 +69,7 @@ def test_train_step(benchmark, setups, quick, tmp_path_factory, method, config):
             t._step(module, opt, batch, ctx, None)
 
     B = batch["image"].shape[0]
-    benchmark.group = f"train step {method} {cfg.backbone} B{B}"
-    benchmark.extra_info.update(op="train_step", impl=config, method=method, backbone=cfg.backbone, batch=B,
+    benchmark.group = f"train_step {method} {cfg.backbone} B{B}"
+    benchmark.extra_info.update(op="train_step", impl=config, method=method, backbone=cfg.backbone, images=B,
                                 amp=str(t.amp_dtype), threads=torch.get_num_threads(), device=str(t.device))
     benchmark.pedantic(step, iterations=1, **ROUNDS[quick])

@@ -94,21 +94,36 @@ def header(data: dict) -> str:
             f"Commit: {_commit_text(data)}. Date: {data.get('datetime', '')[:19]}.")
 
 
+def _train_step_rows(case: str, meds: dict[str, float], images: int) -> list[str]:
+    """Training steps: seconds per step, images/s, the multiple of the backbone's own step (``floor``) and the
+    speed-up over the reference backends."""
+    rows = []
+    for impl, med in sorted(meds.items(), key=lambda kv: kv[1], reverse=True):
+        floor = f"{med / meds['floor']:.2f}×" if "floor" in meds else "–"
+        vs_ref = f"{meds['reference'] / med:.2f}×" if "reference" in meds else "–"
+        rows.append(f"| {case} | {impl} | {med:.2f} | {images / med:.2f} | {floor} | {vs_ref} |")
+    return rows
+
+
 def tables(data: dict) -> dict[str, str]:
     """op name -> markdown table."""
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     op_of: dict[str, str] = {}
-    batch_of: dict[str, int] = {}
+    images: dict[str, int] = {}
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
         groups[b["group"]][info["impl"]] = b["stats"]["median"]
         op_of[b["group"]] = info["op"]
-        batch_of[b["group"]] = info.get("batch", 0)
+        if "images" in info:
+            images[b["group"]] = int(info["images"])
     out: dict[str, list[str]] = defaultdict(list)
     for group in groups:
         op = op_of[group]
-        if op == "train_step":
-            _train_rows(out[op], group, groups[group], batch_of[group])
+        if group in images:
+            if not out[op]:
+                out[op] += ["| case | impl | median s/step | images/s | × backbone floor | speed-up vs reference |",
+                            "|---|---|---:|---:|---:|---:|"]
+            out[op] += _train_step_rows(group[len(op):].strip(), groups[group], images[group])
             continue
         if not out[op]:
             out[op] += ["| case | impl | median ms | speed-up vs peer | speed-up vs torch |",
@@ -120,18 +135,6 @@ def tables(data: dict) -> dict[str, str]:
             vs_torch = f"{meds['torch'] / med:.2f}×" if "torch" in meds else "–"
             out[op].append(f"| {case} | {impl} | {med * 1e3:.2f} | {vs_peer} | {vs_torch} |")
     return {op: "\n".join(rows) for op, rows in out.items()}
-
-
-def _train_rows(rows: list[str], group: str, meds: dict[str, float], batch: int) -> None:
-    """Train steps: seconds per step, images/s and the speed-up over ``reference`` (and ``peer`` when timed)."""
-    if not rows:
-        rows += ["| case | config | median s/step | images/s | speed-up vs reference | speed-up vs peer |",
-                 "|---|---|---:|---:|---:|---:|"]
-    case = group[len("train step"):].strip()
-    for impl, med in sorted(meds.items(), key=lambda kv: kv[1], reverse=True):
-        vs_ref = f"{meds['reference'] / med:.2f}×" if "reference" in meds else "–"
-        vs_peer = f"{meds['peer'] / med:.2f}×" if "peer" in meds else "–"
-        rows.append(f"| {case} | {impl} | {med:.3f} | {batch / med:.3g} | {vs_ref} | {vs_peer} |")
 
 
 def write(path: Path, name: str, body: str) -> None:

@@ -41,7 +41,7 @@ from .registry import dataset_info, list_datasets, register_dataset
 
 __all__ = [
     "ImageFiles", "Cifar100", "DomainNet", "SplitManifest", "load_image", "split_manifest",
-    "generate_split_manifest", "read_split_manifest", "describe_datasets", "DOMAINNET_DOMAINS",
+    "generate_split_manifest", "generate_random_split_manifest", "read_split_manifest", "describe_datasets", "DOMAINNET_DOMAINS",
     "DEFAULT_SPLIT_SEED",
 ]
 
@@ -200,6 +200,31 @@ def generate_split_manifest(data_dir: str, path: str, seed: int = DEFAULT_SPLIT_
         for f, tr in zip(files, is_train):
             writer.writerow((f"{cls}/{f}", label, "train" if tr else "test",
                              sha256_file(os.path.join(data_dir, cls, f))))
+    atomic_write_text(path, buf.getvalue())
+
+
+def generate_random_split_manifest(data_dir: str, path: str, seed: int = DEFAULT_SPLIT_SEED,
+                                   train_fraction: float = 0.8) -> None:
+    """Write the split that ``torch.utils.data.random_split`` gives over an ``ImageFolder`` of ``data_dir`` as a
+    manifest (the released ConvPrompt/DualPrompt-PyTorch ImageNet-R split, which those codes make by moving
+    files): images listed as ``ImageFolder`` lists them (sorted class folders, sorted files), the first
+    ``int(train_fraction · n)`` of ``torch.randperm(n)`` from a generator seeded ``seed`` are train, the rest test.
+    That the released code's global generator has drawn nothing else after ``torch.manual_seed(seed)`` when it
+    splits is inferred, not checked. Read it with ``manifest_path=`` (e.g. ``dataset_args.manifest_path``).
+    """
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
+    items = [(f"{cls}/{f}", label) for label, cls in enumerate(_list_class_folders(data_dir))
+             for f in _list_images(os.path.join(data_dir, cls))]
+    n_train = int(train_fraction * len(items))
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(int(seed))).tolist()
+    train = set(order[:n_train])
+    buf = io.StringIO()
+    buf.write(f"{_MANIFEST_TAG} seed={int(seed)} train_fraction={train_fraction!r} scheme=random_split\n")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    for i, (rel, label) in enumerate(items):
+        writer.writerow((rel, label, "train" if i in train else "test", sha256_file(os.path.join(data_dir, rel))))
     atomic_write_text(path, buf.getvalue())
 
 

@@ -24,7 +24,7 @@ from .sampling import ShardSampler
 
 __all__ = ["RunData", "Transformed", "ProgressLoader"]
 
-TRANSFORM_ARGS = ("scale", "hflip", "extra")
+TRANSFORM_ARGS = ("scale", "hflip", "extra", "crop_pct")
 
 
 class RunData:
@@ -35,7 +35,8 @@ class RunData:
             ``num_workers``, ``eval_batch_size``).
         scenario: the :class:`clfast.data.Scenario`.
         data_config: the backbone's timm ``data_config`` (input size, interpolation, crop_pct).
-        transform_args: the method's ``transform_args()`` (crop scale, flip, extra random ops).
+        transform_args: the method's ``transform_args()`` (crop scale, flip, extra random ops, and
+            ``crop_pct``, the eval resize ratio, instead of the backbone's).
         owner: a name for errors about ``transform_args`` (the method's class).
         rank, world: this process and the number of processes.
         pin_memory: pin batches (CUDA runs).
@@ -57,6 +58,9 @@ class RunData:
         if unknown:
             raise ValueError(f"{owner}.transform_args(): unknown keys {sorted(unknown)} "
                              f"(expected {', '.join(TRANSFORM_ARGS)})")
+        if extra.get("crop_pct") is not None:   # e.g. ConvPrompt's resize 256 / centre crop 224
+            crop = extra["crop_pct"]
+        extra.pop("crop_pct", None)
         # the train transform with and without augmentation (a Stage may override the run's `augment`)
         self.train_tfs = {flag: build_transforms(size, train=True, augment=flag, crop_pct=crop,
                                                  interpolation=interp, **extra) for flag in (True, False)}
@@ -67,6 +71,26 @@ class RunData:
     def train_transform(self, augment: Optional[bool] = None):
         """The run's train transform, or the one with/without augmentation."""
         return self.train_tf if augment is None else self.train_tfs[bool(augment)]
+
+    def class_descriptors(self, source: Optional[str], owner: str = "the method") -> tuple[tuple[str, ...], ...]:
+        """The attribute phrases of every label (remapped order) from a descriptor file (the method's
+        ``descriptor_source()``): its keys are checked against the dataset's class names in class-index order.
+        () for ``source`` None, or ``"auto"`` when no file ships for the run's dataset."""
+        if source is None:
+            return ()
+        from ..data.class_descriptors import SHIPPED, load_descriptors
+
+        if source == "auto":
+            if self.cfg.dataset not in SHIPPED:
+                return ()
+            source = self.cfg.dataset
+        classes = getattr(self.scenario.train_dataset, "classes", None)
+        if self.scenario.kind == "vqa" or classes is None:
+            raise ValueError(f"{owner}: class descriptors need a classification dataset; {self.cfg.dataset!r} "
+                             f"has no class names")
+        names = [str(c) for c in classes]
+        found = load_descriptors(source, classes=names)
+        return tuple(tuple(found[names[c]]) for c in self.scenario.class_order)
 
     # datasets ---------------------------------------------------------------------------------------
     def val_positions(self, task: int) -> tuple[list[int], list[int]]:

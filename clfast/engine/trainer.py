@@ -158,6 +158,7 @@ class Trainer(Checkpointing, Evaluating):
         self.data = RunData(cfg, self.scenario, self.method.backbone.data_config, self.method.transform_args(),
                             type(self.method).__name__, rank=self.rank, world=self.world,
                             pin_memory=self.device.type == "cuda", quiet=self.quiet)
+        self.class_descriptors = self.data.class_descriptors(self.method.descriptor_source(), cfg.method)
         if cfg.grad_checkpointing:
             setter = getattr(self.method.backbone, "set_grad_checkpointing", None)
             if setter is None:
@@ -227,6 +228,7 @@ class Trainer(Checkpointing, Evaluating):
                            device=self.device, amp_dtype=self.amp_dtype, scenario=sc.kind, rank=self.rank,
                            world_size=self.world, augment=not self.data.train_tf.deterministic,
                            class_names=tuple(getattr(sc, "class_names", ()) or ()), seed=int(self.cfg.seed),
+                           class_descriptors=self.class_descriptors,
                            task_loader=lambda augment=False, t=task: self.data.stats_loader(t, augment),
                            val_loader=(lambda t=task: self.data.val_loader(t)) if self.cfg.val_fraction else None, **kw)
 
@@ -250,6 +252,7 @@ class Trainer(Checkpointing, Evaluating):
                         self.pos = Position(task + 1)
                         self._evaluate(task)
                         self._save_checkpoint(tag=f"task{task + 1:03d}")
+                        self._update_method_record()
             finally:
                 for s, h in old.items():
                     signal.signal(s, h)
@@ -507,6 +510,22 @@ class Trainer(Checkpointing, Evaluating):
         rio.atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         rio.atomic_write_json(os.path.join(self.run_dir, "record.json"), self.record())
+
+    def _update_method_record(self) -> None:
+        """Refresh ``method_record`` in ``record.json`` after a task: what a method decides while it trains
+        (e.g. ConvPrompt's prompt counts) joins the record; the rest of the file stays as the run began."""
+        if not self.is_main:
+            return
+        import json
+
+        path = os.path.join(self.run_dir, "record.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            rec = self.record()
+        rec["method_record"] = dict(self.method.record())
+        rio.atomic_write_json(path, rec)
 
     def _banner(self) -> None:
         sc = self.scenario

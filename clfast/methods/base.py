@@ -17,8 +17,9 @@ processes, and calls the hooks in this order for every task ``t``::
 
 Around that loop a method may also override: ``build_backbone(run_cfg)`` (classmethod; default the timm
 ViT of the run), ``extra_weights()`` (more pretrained weights for the run record), ``transform_args()``
-(crop scale, flip of the train transform), ``lr_factor(stage, pos, total)`` (a schedule no config
+(crop scale, flip, eval crop ratio), ``lr_factor(stage, pos, total)`` (a schedule no config
 expresses), ``param_groups(stage)``, ``after_optimizer_step()`` (default: restore frozen rows),
+``descriptor_source()`` (class descriptors in ``ctx.class_descriptors``),
 ``eval_protocol()`` (default: unseen classes masked, per-sample counts; the alternatives of
 :class:`EvalProtocol` only reproduce released code, and ``record()`` must then flag the run). A
 :class:`Stage` may set ``augment`` and, for generated data, ``steps_per_epoch``; ``ctx.generator()``
@@ -237,6 +238,8 @@ class TaskContext:
     split: str = "train"            # which data the current batch comes from: "train" or "test"
     cacheable: bool = False         # the current split's transform is deterministic (per-image caches ok)
     class_names: tuple[str, ...] = ()   # names of the labels 0..num_classes-1 (remapped order), if known
+    # attribute phrases of each label (remapped order) when the method asks for descriptors (descriptor_source)
+    class_descriptors: tuple[tuple[str, ...], ...] = ()
     seed: int = 0                   # the run's seed (see generator())
     batch_size: Optional[int] = None    # this rank's batch size in the current stage
     task_loader: Optional[Callable[..., Any]] = field(default=None, compare=False, repr=False)
@@ -457,10 +460,19 @@ class Method(nn.Module):
         return {}
 
     def transform_args(self) -> dict:
-        """Changes to the augmenting train transform: ``scale`` (area range of the RandomResizedCrop,
-        default (0.08, 1.0)), ``hflip`` (probability, default 0.5) and ``extra`` (more random ops after
-        the flip, e.g. ``[torchvision.transforms.v2.RandAugment()]``)."""
+        """Changes to the image transforms: ``scale`` (area range of the train RandomResizedCrop, default
+        (0.08, 1.0)), ``hflip`` (probability, default 0.5), ``extra`` (more random ops after the flip, e.g.
+        ``[torchvision.transforms.v2.RandAugment()]``) and ``crop_pct`` (the deterministic transform resizes
+        to ``int(size / crop_pct)`` and centre-crops ``size``; default the backbone's, e.g. 0.875 for
+        resize 256 / crop 224)."""
         return {}
+
+    def descriptor_source(self) -> Optional[str]:
+        """Class descriptors (class name → attribute phrases) this method reads from
+        ``ctx.class_descriptors``: None (default) for none; ``"auto"`` for the file that ships for the run's
+        dataset, if one does (else none); or the path of a JSON file whose keys are the dataset's class names
+        in class-index order (checked by the engine)."""
+        return None
 
     def lr_factor(self, stage: Stage, pos: float, total: float) -> Optional[float]:
         """The lr multiplier at ``pos`` of ``total`` (epochs or steps, as the stage's schedule moves);
@@ -526,7 +538,7 @@ def register_method(name: str):
 
 # the methods that ship with clfast, imported (registered) on the first registry lookup, so that
 # importing the config or the method API does not load the ops and their kernels
-_BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt", "gpls", "finetune", "joint")
+_BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt", "gpls", "convprompt", "finetune", "joint")
 
 
 def _load_builtin() -> None:

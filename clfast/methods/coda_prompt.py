@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MethodConfig, StepOutput, TaskContext, register_method
-from .common import FrozenQueryMethod
+from .common import FrozenQueryMethod, orthogonal_rows
 
 
 @dataclass
@@ -43,22 +43,6 @@ class CodaPromptConfig(MethodConfig):
             raise ValueError(f"coda_prompt: length must be even and >= 2 (split into K and V halves), got {self.length}")
         if self.pool_size < 1:
             raise ValueError(f"coda_prompt: pool_size must be >= 1, got {self.pool_size}")
-
-
-def _orthogonal_rows(x: Tensor, start: int, stop: int, gen: torch.Generator) -> Tensor:
-    """Rows ``start:stop`` of ``x`` (M, D) replaced by random rows orthonormal to all rows before ``stop``.
-
-    Gram–Schmidt against rows ``0:start`` (kept) and each other; needs ``stop <= D``.
-    """
-    x = x.detach().double().clone()
-    for i in range(start, stop):
-        v = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
-        for _ in range(2):  # twice is enough for orthogonality to working precision
-            if i:
-                basis = x[:i]
-                v = v - basis.T @ (basis @ v)
-        x[i] = v / v.norm()
-    return x
 
 
 @register_method("coda_prompt")
@@ -89,7 +73,7 @@ class CodaPrompt(FrozenQueryMethod):
                 for layer in range(p.shape[0]):
                     flat = p[layer].reshape(self.cfg.pool_size, -1)
                     if self.cfg.ortho_init and stop <= flat.shape[1]:
-                        new = _orthogonal_rows(flat, start, stop, gen)[start:stop]
+                        new = orthogonal_rows(flat, start, stop, gen)[start:stop]
                     else:  # more components than dimensions: plain random init
                         new = torch.randn(stop - start, flat.shape[1], generator=gen, dtype=torch.float64)
                         new = F.normalize(new, dim=1)

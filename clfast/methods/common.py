@@ -1,4 +1,5 @@
-"""Pieces shared by the methods on a frozen ViT: the cached frozen query and a classifier head."""
+"""Pieces shared by the methods on a frozen ViT: the cached frozen query, a classifier head, Gram–Schmidt
+initialisation of new rows, and a snapshot of parameters taken at the start of a task."""
 
 from __future__ import annotations
 
@@ -9,7 +10,65 @@ from torch import Tensor, nn
 
 from .base import Method, MethodConfig, TaskContext, masked_logits
 
-__all__ = ["QueryCache", "FrozenQueryMethod"]
+__all__ = ["QueryCache", "FrozenQueryMethod", "orthogonal_rows", "ParameterSnapshot"]
+
+
+def orthogonal_rows(x: Tensor, start: int, stop: int, gen: torch.Generator, exact: bool = False) -> Tensor:
+    """Rows ``start:stop`` of ``x`` (M, D) replaced by random unit rows orthogonal to all rows before ``stop``.
+
+    Gram–Schmidt in float64 (twice, for working precision) against rows ``0:start`` (kept) and each other;
+    needs ``stop <= D``. Returns the whole (M, D) float64 matrix. Plain projection onto the kept rows is exact only
+    while they are orthonormal (CODA-Prompt's components, projected as its released code does); ``exact=True``
+    projects onto an orthonormal basis of them (float64 QR), so the new rows are orthogonal to trained rows too
+    (ConvPrompt's keys).
+    """
+    if not 0 <= start <= stop <= x.shape[0]:
+        raise ValueError(f"orthogonal_rows: need 0 <= start <= stop <= {x.shape[0]} rows, got {start}, {stop}")
+    if stop > x.shape[1]:
+        raise ValueError(f"orthogonal_rows: {stop} rows cannot be orthonormal in {x.shape[1]} dimensions")
+    x = x.detach().double().clone()
+    kept = torch.linalg.qr(x[:start].T).Q.T if exact and start else x[:start]
+    for i in range(start, stop):
+        v = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
+        basis = torch.cat([kept, x[start:i]])
+        for _ in range(2):  # twice is enough for orthogonality to working precision
+            if len(basis):
+                v = v - basis.T @ (basis @ v)
+        x[i] = v / v.norm()
+    return x
+
+
+class ParameterSnapshot(nn.Module):
+    """Copies of some parameters taken at the start of a task, for drift penalties (ConvPrompt's L1 terms).
+
+    The copies are persistent buffers in the parameters' dtype, so checkpoints carry them and a run resumed in
+    the middle of a task penalises drift from the same values as the uninterrupted run.
+
+    Args:
+        params: ``{name: parameter}``; names may contain dots (stored with ``__`` instead).
+    """
+
+    def __init__(self, params: dict[str, Tensor]):
+        super().__init__()
+        self._params = dict(params)   # plain references: the parameters stay owned by their modules
+        for name, p in self._params.items():
+            self.register_buffer(self._key(name), p.detach().clone())
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")
+
+    @torch.no_grad()
+    def take(self) -> None:
+        """Copy the current values."""
+        for name, p in self._params.items():
+            getattr(self, self._key(name)).copy_(p.detach())
+
+    def l1(self, names: Optional[list[str]] = None) -> Tensor:
+        """``Σ ‖θ − θ_snapshot‖₁`` over ``names`` (default all), float32, differentiable w.r.t. the parameters."""
+        names = list(self._params) if names is None else names
+        terms = [(self._params[n].float() - getattr(self, self._key(n)).float()).abs().sum() for n in names]
+        return torch.stack(terms).sum()
 
 
 class QueryCache:

@@ -328,7 +328,11 @@ class PromptConv(torch.nn.Module):
 
     Args:
         heads: H, the number of (stream, head) groups convolved (ConvPrompt: 2 streams × 12 heads = 24).
-        prompts: F, the number of prompt kernels per head (grows per task in ConvPrompt; see :meth:`extend`).
+        prompts: F, the number of prompt kernels per head, allocated at once: a method whose prompts arrive
+            over time (ConvPrompt adds ⌈(1−s_t)·K⌉ per task) allocates the most it can use and passes weights
+            for the first ``f`` only; freezing the finished ones is the method's business (``freeze_rows`` on
+            dim 1 of ``weight`` and ``bias``). Parameters never change shape, so resume, DDP and optimizer
+            state keep working.
         in_len, in_dim: the embedding size (ConvPrompt: 36 × 80 = (20 + 16) × (64 + 16)).
         kernel_size: ``k`` or ``(kh, kw)`` (ConvPrompt: 17).
 
@@ -358,21 +362,13 @@ class PromptConv(torch.nn.Module):
     def prompts(self) -> int:
         return self.weight.shape[1]
 
-    @torch.no_grad()
-    def extend(self, new_prompts: int) -> None:
-        """Appends ``new_prompts`` freshly initialised kernels (ConvPrompt allocates ⌈(1−s_t)·K⌉ per task)."""
-        if new_prompts <= 0:
-            return
-        H, _, kh, kw = self.weight.shape
-        bound = 1.0 / math.sqrt(kh * kw)
-        w = torch.empty(H, new_prompts, kh, kw, device=self.weight.device, dtype=self.weight.dtype).uniform_(-bound, bound)
-        b = torch.empty(H, new_prompts, device=self.bias.device, dtype=self.bias.dtype).uniform_(-bound, bound)
-        self.weight = torch.nn.Parameter(torch.cat([self.weight, w], dim=1))
-        self.bias = torch.nn.Parameter(torch.cat([self.bias, b], dim=1))
-
     def forward(self, prompt_weights: Tensor) -> Tensor:
-        """``(B, F)`` weights → ``(B, H, Lout, Dout)`` prompts."""
-        return prompt_conv(self.embeddings, self.weight, self.bias, prompt_weights)
+        """``(B, f)`` weights of the first ``f <= prompts`` kernels → ``(B, H, Lout, Dout)`` prompts."""
+        if prompt_weights.dim() != 2 or not 1 <= prompt_weights.shape[1] <= self.prompts:
+            raise ValueError(f"PromptConv: prompt_weights must have shape (B,f) with 1 <= f <= {self.prompts}, got "
+                             f"{shape_str(prompt_weights)}")
+        f = prompt_weights.shape[1]
+        return prompt_conv(self.embeddings, self.weight[:, :f], self.bias[:, :f], prompt_weights)
 
     def extra_repr(self) -> str:
         H, Lin, Din = self.embeddings.shape

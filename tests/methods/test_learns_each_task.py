@@ -38,7 +38,7 @@ def test_a_prompt_method_learns_each_digits_task(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["l2p", "dualprompt", "coda_prompt"])
+@pytest.mark.parametrize("method", ["l2p", "dualprompt", "coda_prompt", "convprompt"])
 def test_every_prompt_method_learns_each_digits_task(tmp_path, method):
     diag = diagonal(tmp_path, method)
     assert (diag >= LEARNED).all(), diag

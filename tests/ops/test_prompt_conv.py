@@ -273,10 +273,14 @@ def test_prompt_conv_module():
     out = layer(pw)
     assert out.shape == (3, 4, 20, 64)
     assert max_err(out, pc_mod.reference(layer.embeddings, layer.weight, layer.bias, pw)) < 1e-4
-    old = layer.weight.detach().clone()
-    layer.extend(2)
-    assert layer.prompts == 7 and torch.equal(layer.weight[:, :5], old) and layer.bias.shape == (4, 7)
-    assert "heads=4, prompts=7" in repr(layer)
+    # the first f kernels only: what a method that adds prompts over time passes (parameters never grow)
+    few = layer(pw[:, :2])
+    assert max_err(few, pc_mod.reference(layer.embeddings, layer.weight[:, :2], layer.bias[:, :2], pw[:, :2])) < 1e-4
+    few.sum().backward()
+    assert layer.weight.grad[:, 2:].abs().sum() == 0 and layer.weight.grad[:, :2].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"prompt_weights must have shape \(B,f\) with 1 <= f <= 5"):
+        layer(torch.zeros(3, 6))
+    assert not hasattr(layer, "extend") and "heads=4, prompts=5" in repr(layer)
 
 
 # --------------------------------------------------------------------------------------------------
