@@ -12,7 +12,7 @@ One group per case (method, prompts in use F, batch, dtype); a step is the engin
 - ``reference``: every op forced to its plain-PyTorch reference, as ``CLFAST_BACKEND=reference`` does. For
   ConvPrompt that is the released code's computation: ``prompt_conv``'s reference is its loop (one single-channel
   convolution per (layer, K/V, head, prompt) on B copies of the embedding) and the attention runs on the
-  concatenated prefix. Its backward takes about 20 s per layer at F=5, B=16 on 2 CPU threads, so it runs one round
+  concatenated prefix. A step takes about 23 s at F=5 and 67 s at F=18 (B=16, 2 CPU threads), so it runs one round
   without warm-up (and not at all with ``--quick``);
 - ``floor``: the bare timm ViT-B/16, frozen, forward and backward through every block to the input, with a linear
   head (nothing of the method): ConvPrompt's prompts enter at block 0, so no step of it can cost less.
