@@ -130,7 +130,8 @@ def plan_prompt_counts(class_phrases: Sequence[Sequence[str]], task_ranges: Sequ
         phrases = task_phrases(class_phrases, task_ranges[t])
         if not phrases:
             raise ValueError(f"task {t} has no phrases (classes {tuple(task_ranges[t])})")
-        if t == 0:
+        if t == 0:   # embedded now (needed by task 1 anyway), so that an encoder that cannot load fails first
+            embed(phrases)
             out.append((None, max_prompts))
         else:
             s = task_similarity(embed(phrases), embed(earlier))
