@@ -106,7 +106,11 @@ class PhraseEmbedder:
         phrases = list(phrases)
         missing = phrase_union([[p for p in phrases if p not in self._cache]])
         if missing:
-            emb = torch.nn.functional.normalize(self._encode(missing).detach().double().cpu(), dim=1)
+            # loading a model initialises its layers from the global generator: keep the run's random stream as
+            # it is, or a run resumed after the load (which loads again) would draw other numbers than the original
+            with torch.random.fork_rng(devices=[]):
+                emb = self._encode(missing)
+            emb = torch.nn.functional.normalize(emb.detach().double().cpu(), dim=1)
             self._cache.update(zip(missing, emb))
         if not phrases:
             raise ValueError("PhraseEmbedder: no phrases to embed")

@@ -401,6 +401,18 @@ def test_task_similarity_on_a_hand_made_descriptor_file(tmp_path):
     assert task_similarity(fixed_encoder(["red"]), fixed_encoder(["crimson", "blue"])) == pytest.approx(0.8)
 
 
+def test_embedding_phrases_leaves_the_global_random_stream_alone():
+    """Loading an encoder draws from the global generator (its layers are initialised before the weights load): a
+    resumed run loads it again where the original did not, so the draw must not reach the run's stream."""
+    def drawing_encoder(phrases):
+        torch.rand(1000)
+        return fixed_encoder(phrases)
+
+    before = torch.get_rng_state()
+    PhraseEmbedder(drawing_encoder)(["red", "blue"])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("s,k", [(1.0, 0), (1.0 - 1e-8, 0), (0.0, 5), (0.8, 1), (0.7999, 2), (-0.3, 5),
                                  (0.8795, 1)])
 def test_new_prompt_count(s, k):
