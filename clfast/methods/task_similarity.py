@@ -106,7 +106,11 @@ class PhraseEmbedder:
         phrases = list(phrases)
         missing = phrase_union([[p for p in phrases if p not in self._cache]])
         if missing:
-            emb = torch.nn.functional.normalize(self._encode(missing).detach().double().cpu(), dim=1)
+            # loading a model initialises its layers from the global generator: keep the run's random stream as
+            # it is, or a run resumed after the load (which loads again) would draw other numbers than the original
+            with torch.random.fork_rng(devices=[]):
+                emb = self._encode(missing)
+            emb = torch.nn.functional.normalize(emb.detach().double().cpu(), dim=1)
             self._cache.update(zip(missing, emb))
         if not phrases:
             raise ValueError("PhraseEmbedder: no phrases to embed")
@@ -130,7 +134,8 @@ def plan_prompt_counts(class_phrases: Sequence[Sequence[str]], task_ranges: Sequ
         phrases = task_phrases(class_phrases, task_ranges[t])
         if not phrases:
             raise ValueError(f"task {t} has no phrases (classes {tuple(task_ranges[t])})")
-        if t == 0:
+        if t == 0:   # embedded now (needed by task 1 anyway), so that an encoder that cannot load fails first
+            embed(phrases)
             out.append((None, max_prompts))
         else:
             s = task_similarity(embed(phrases), embed(earlier))
