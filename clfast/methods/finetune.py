@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import StepOutput, TaskContext, register_method
+from .base import TaskContext, register_method
 from .linear import Linear, LinearConfig
 
 
@@ -52,11 +51,3 @@ class Finetune(Linear):
         if self.cfg.freeze_backbone:
             return self.query(batch, ctx)
         return self.backbone.features(batch["image"]).float()
-
-    def training_step(self, batch: dict, ctx: TaskContext) -> StepOutput:
-        logits = self.train_logits(self.classify(self.features(batch, ctx)), ctx)
-        loss = F.cross_entropy(logits.float(), batch["label"])
-        return StepOutput(loss, {"ce": loss.detach()})
-
-    def predict(self, batch: dict, ctx: TaskContext) -> Tensor:
-        return self.predict_logits(self.classify(self.features(batch, ctx)), ctx)

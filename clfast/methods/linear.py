@@ -26,10 +26,14 @@ class LinearConfig(MethodConfig):
 class Linear(FrozenQueryMethod):
     Config = LinearConfig
 
+    def features(self, batch: dict, ctx: TaskContext) -> Tensor:
+        """(B, C) what the head reads: the frozen (cached) query feature."""
+        return self.query(batch, ctx)
+
     def training_step(self, batch: dict, ctx: TaskContext) -> StepOutput:
-        logits = self.train_logits(self.classify(self.query(batch, ctx)), ctx)
+        logits = self.train_logits(self.classify(self.features(batch, ctx)), ctx)
         loss = F.cross_entropy(logits.float(), batch["label"])
         return StepOutput(loss, {"ce": loss.detach()})
 
     def predict(self, batch: dict, ctx: TaskContext) -> Tensor:
-        return self.predict_logits(self.classify(self.query(batch, ctx)), ctx)
+        return self.predict_logits(self.classify(self.features(batch, ctx)), ctx)
