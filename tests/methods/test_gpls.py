@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 
 import pytest
 import torch
@@ -432,19 +431,27 @@ def test_selection_is_per_sample_and_batch_invariant(tiny, inference):
     torch.testing.assert_close(alone, logits, rtol=1e-4, atol=1e-4)
 
 
+def two_tasks_keyed_on_the_batch(tiny, n: int, **cfg):
+    """A model after the statistics of tasks 0 and 1 whose keys are the queries of the batch's first two
+    images (so the batch's images pick different tasks); returns (model, batch, queries)."""
+    m = build(tiny, **cfg).eval()
+    m.begin_task(ctx_for(0, task_data(0)))
+    m.begin_task(ctx_for(1, task_data(1)))
+    batch = make_batch(n, seed=4)
+    q = tiny.query(batch["image"])
+    with torch.no_grad():
+        m.keys[0], m.keys[1] = q[0], q[1]
+    return m, batch, q
+
+
 def test_batchwise_vote_is_the_majority_task(tiny):
     for t in ([0, 1, 1, 0, 2], [2, 1, 1], [3], [0, 2, 2, 1, 1]):
         t = torch.tensor(t)
         values, counts = torch.unique(t, return_counts=True)       # the released code's way
         want = values[counts.argmax()]
         assert torch.equal(majority_task(t, 5), want.expand_as(t))
-    m = build(tiny, batchwise_vote=True).eval()
-    m.begin_task(ctx_for(0, task_data(0)))
-    m.begin_task(ctx_for(1, task_data(1)))
-    batch = make_batch(5, seed=4)
-    q = tiny.query(batch["image"])
+    m, batch, q = two_tasks_keyed_on_the_batch(tiny, 5, batchwise_vote=True)
     with torch.no_grad():
-        m.keys[0], m.keys[1] = q[0], q[1]
         own = F.normalize(q, dim=1) @ F.normalize(m.keys, dim=1).T
         ids = own.argmax(1)
         task, by_keys = m.infer_task(batch, ctx_for(1, split="test"))
@@ -454,13 +461,8 @@ def test_batchwise_vote_is_the_majority_task(tiny):
 
 
 def test_mask_to_predicted_task_keeps_each_samples_inferred_task(tiny):
-    m = build(tiny, mask_to_predicted_task=True).eval()
-    m.begin_task(ctx_for(0, task_data(0)))
-    m.begin_task(ctx_for(1, task_data(1)))
-    batch = make_batch(6, seed=4)
-    q = tiny.query(batch["image"])
+    m, batch, _ = two_tasks_keyed_on_the_batch(tiny, 6, mask_to_predicted_task=True)
     with torch.no_grad():
-        m.keys[0], m.keys[1] = q[0], q[1]
         ctx = ctx_for(1, split="test")
         task, _ = m.infer_task(batch, ctx)
         logits = m.predict(batch, ctx)
