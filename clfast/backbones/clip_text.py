@@ -1,26 +1,25 @@
 """Class keys from a frozen CLIP text encoder with one learnable context token per class (CoOp-style).
 
-For class c the text ``template.format(name_c)`` (default ``"X {name}."``) is tokenised once. In
-:meth:`ClassTextEncoder.forward` the token embedding at the placeholder position (the ``"X"`` right
-after ``<sot>``: position 1) is replaced by a context vector v_c, and the sequence runs through the
-model's own ``encode_text`` (positional embedding, causal transformer, ``ln_final``, EOT pooling, text
-projection); the key is ``k_c = normalize(encode_text(...))``. The swap is a forward hook on the
-token-embedding module that lives only for the duration of one call and rewrites only the call made
-with that call's token tensor, so other ``encode_text`` calls (nested, or on other tokens) are untouched.
+For class c the text ``template.format(name_c)`` (default ``"X {}."``) is tokenised once. In
+:meth:`ClassTextEncoder.forward` the token embedding of the placeholder ``"X"`` (position 1, after
+``<sot>``) is replaced by a context vector v_c, and the model's own ``encode_text`` runs the rest
+(positional embedding, causal transformer, ``ln_final``, EOT pooling, projection); the key is
+``k_c = normalize(encode_text(...))``. The swap is a forward hook on the token-embedding module that
+exists only during one call and rewrites only the lookup of that call's token tensor, so any other
+``encode_text`` on the model (nested, other tokens) is untouched.
 
-    enc = ClassTextEncoder(clip_model, tokenizer, ["red circle", "blue star"])
-    ctx = nn.Parameter(0.02 * torch.randn(2, 1, enc.width))       # (C, 1, D_w)
-    keys = enc(ctx)                                                # (C, D_c), unit rows
-    keys_new = enc(ctx[5:10], slice(5, 10))                        # only these 5 rows run the encoder
-    logits = enc.logit_scale * image_features_normalized @ keys.T
+    enc = ClassTextEncoder(clip_model, tokenizer, class_names)      # C classes
+    ctx = nn.Parameter(0.02 * torch.randn(enc.num_classes, 1, enc.width))   # (C, 1, D_w)
+    keys = enc(ctx)                                                  # (C, D_c), unit rows
+    new = enc(ctx[5:10], slice(5, 10))                               # only these 5 texts are encoded
+    logits = enc.logit_scale * F.normalize(image_features, dim=-1) @ keys.T
 
-Changes to the caller's model: all its parameters get ``requires_grad=False`` and it is kept in eval
-mode (``.train()`` on a parent does not reach it); nothing else. The model is a submodule (``.to()`` moves
-it, ``state_dict`` holds it under ``clip.``): use ``enc.clip`` for the image tower rather than
-registering the model a second time. Precision: CLIP's weights stay as given (fp32 from open_clip) unless
-the caller casts them; under ``torch.autocast`` the keys come out in the autocast dtype. Supports open_clip
-``CLIP`` (``model.token_embedding``) and ``CustomTextCLIP`` with a ``TextTransformer`` (``model.text``);
-Hugging Face text towers are refused. Keys are not cached here (a method caches what it has frozen).
+The caller's model is changed in two ways only: ``requires_grad=False`` on all its parameters, and eval
+mode kept (a parent's ``.train()`` does not reach it). It is a submodule (``.to()`` moves it; the state
+dict holds it under ``clip.``): use ``enc.clip`` for the image tower rather than registering it twice.
+Precision: the weights stay as given (fp32 from open_clip) unless the caller casts them; under
+``torch.autocast`` the keys come out in the autocast dtype. Supports open_clip ``CLIP`` and
+``CustomTextCLIP`` with a ``TextTransformer``; Hugging Face text towers are refused. No key cache here.
 """
 
 from __future__ import annotations
@@ -61,15 +60,13 @@ class ClassTextEncoder(nn.Module):
         name_map: {class name: text to use instead}, for names the tokenizer does not know.
 
     Attributes:
-        tokens: buffer (C, L) int64, the tokenised texts; ``placeholder_position``: int, the context
-        token's position (1 for ``"X {}."``); ``class_names``, ``texts``: the names and the texts
-        tokenised; ``num_classes`` (C), ``width`` (D_w), ``embed_dim`` (D_c), ``context_length`` (L).
+        tokens: buffer (C, L) int64; placeholder_position: int (1 for ``"X {}."``); class_names; texts (the
+        tokenised texts); num_classes (C); width (D_w); embed_dim (D_c); context_length (L).
 
     Raises:
-        TypeError: unsupported model or argument types. ValueError: a template without a placeholder
-        before ``{}``, a placeholder of more than one token, a text longer than L tokens, a word that
-        becomes ``<unk>`` (tokenizers with an ``unk_id``, e.g. clip_tiny_synth's closed vocabulary),
-        ``name_map`` keys that are not class names. Each message names the classes and words at fault.
+        TypeError: unsupported model or argument types. ValueError, naming the classes and words at fault:
+        no placeholder before ``{}``, a placeholder of several tokens, a text over L tokens, a word that
+        becomes ``<unk>`` (tokenizers with ``unk_id``: clip_tiny_synth's), ``name_map`` keys not class names.
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer, class_names: Sequence[str], *, template: str = "X {}.",
@@ -86,9 +83,8 @@ class ClassTextEncoder(nn.Module):
             raise ValueError(f"ClassTextEncoder: placeholder {placeholder!r} must occur in template {template!r} "
                              f"before '{{}}' (so its position is the same for every class)")
         name_map = dict(name_map or {})
-        unknown = sorted(set(name_map) - set(class_names))
-        if unknown:
-            raise ValueError(f"ClassTextEncoder: name_map keys {unknown} are not class names")
+        if extra := sorted(set(name_map) - set(class_names)):
+            raise ValueError(f"ClassTextEncoder: name_map keys {extra} are not class names")
         self.class_names = list(class_names)
         self.texts = [template.format(name_map.get(n, n)) for n in self.class_names]
 
@@ -101,9 +97,8 @@ class ClassTextEncoder(nn.Module):
                              + "; ".join(f"class {self.class_names[i]!r}: {self.texts[i]!r}" for i in too_long)
                              + ". Shorten them with name_map={class name: shorter text}.")
         ph = tok([placeholder])[0]
-        if int((ph != _PAD).sum()) != 3:
-            raise ValueError(f"ClassTextEncoder: placeholder {placeholder!r} must be one token, got "
-                             f"{int((ph != _PAD).sum()) - 2}")
+        if (n_ph := int((ph != _PAD).sum()) - 2) != 1:   # minus <sot> and <eot>
+            raise ValueError(f"ClassTextEncoder: placeholder {placeholder!r} must be one token, got {n_ph}")
         prefix = head[: head.index(placeholder) + len(placeholder)]
         pos = int((tok([prefix])[0] != _PAD).sum()) - 2
         tokens = tok(self.texts)
@@ -115,8 +110,7 @@ class ClassTextEncoder(nn.Module):
         self.placeholder_position = pos
         self.clip = clip_model.requires_grad_(False).eval()
         self.num_classes, self.context_length = len(self.class_names), L
-        self.width = tower.token_embedding.embedding_dim
-        proj = tower.text_projection
+        proj, self.width = tower.text_projection, tower.token_embedding.embedding_dim
         self.embed_dim = (self.width if proj is None else proj.out_features if isinstance(proj, nn.Linear)
                           else proj.shape[-1])
 
@@ -127,10 +121,8 @@ class ClassTextEncoder(nn.Module):
 
     def _check_unknown(self, tokenizer, tokens: Tensor, pos: int, placeholder: str, tok) -> None:
         unk = getattr(tokenizer, "unk_id", None)
-        if unk is None:   # byte-level BPE has no unknown words
-            return
         rest = torch.cat([tokens[:, :pos], tokens[:, pos + 1:]], 1)
-        bad = (rest == unk).any(1).nonzero().flatten().tolist()
+        bad = [] if unk is None else (rest == unk).any(1).nonzero().flatten().tolist()   # BPE: no unk
         if not bad:
             return
         lines = []
@@ -165,21 +157,19 @@ class ClassTextEncoder(nn.Module):
             context: (n, D_w) or (n, 1, D_w) float, row i the context token of class ``classes[i]``;
                 gradients flow into it (cast to the embedding's dtype, so fp32 parameters work with
                 a cast model).
-            classes: which classes, as a slice or a 1-D int64 tensor of n indices; None for all C.
+            classes: which classes, as a slice or a 1-D integer tensor of n indices; None for all C.
                 Only these n texts run through the encoder.
             normalize: L2-normalise the keys (the class keys k_c); False gives the raw projections.
 
         Returns:
             (n, D_c) keys, in the model's (or autocast's) dtype.
         """
-        if classes is None:
-            classes = slice(None)
-        if isinstance(classes, Tensor) and (classes.dim() != 1 or classes.dtype not in (torch.int64, torch.int32)):
-            raise TypeError(f"ClassTextEncoder: classes must be a 1-D integer tensor, a slice or None, got "
-                            f"{classes.dtype} tensor of shape {tuple(classes.shape)}")
-        if not isinstance(classes, (Tensor, slice)):
-            raise TypeError(f"ClassTextEncoder: classes must be a 1-D integer tensor, a slice or None, got "
-                            f"{type(classes).__name__}")
+        classes = slice(None) if classes is None else classes
+        if not (isinstance(classes, slice) or isinstance(classes, Tensor) and classes.dim() == 1
+                and classes.dtype in (torch.int64, torch.int32)):
+            got = f"{classes.dtype} tensor of shape {tuple(classes.shape)}" if isinstance(classes, Tensor) else \
+                type(classes).__name__
+            raise TypeError(f"ClassTextEncoder: classes must be a 1-D integer tensor, a slice or None, got {got}")
         tokens = self.tokens[classes]
         n = tokens.shape[0]
         if not isinstance(context, Tensor) or not context.is_floating_point():
