@@ -197,10 +197,12 @@ def test_synth_shapes_class_names_are_in_the_vocabulary(synth):
 
 def test_bpe_text_longer_than_the_context():
     model, tok = small_open_clip()
-    long = "very " * 80 + "long name"
-    ClassTextEncoder(model, tok, ["cat", "word " * 72])   # sot + X + 72 + "." + eot = 76 tokens: fits
-    with pytest.raises(ValueError, match=r"longer than the context length 77: class 'very very.*name'"):
-        ClassTextEncoder(model, tok, ["cat", long])
+    enc = ClassTextEncoder(model, tok, ["cat", "word " * 73])   # <sot> X 73 words . <eot>: exactly 77 tokens
+    assert (enc.tokens[1] != 0).all()
+    with pytest.raises(ValueError, match=r"longer than the context length 77: class 'word word.*word '"):
+        ClassTextEncoder(model, tok, ["cat", "word " * 74])
+    with pytest.raises(ValueError, match=r"length 77: class 'very very.*long name': 'X very"):
+        ClassTextEncoder(model, tok, ["cat", "very " * 80 + "long name"])
 
 
 def test_bad_arguments(synth):
