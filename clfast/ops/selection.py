@@ -229,7 +229,9 @@ def _backward(ctx, d_prompts, _d_idx, d_scores, _d_sq):
                 dk = (dm * a).sum(0).to(keys.dtype)
             if need_a:
                 da = dm * k + 2.0 * a * (v2.T @ (q * q)).view(L, C, Dc)
-                da_out = (a * (da - (da * a).sum(-1, keepdim=True))).to(modulators.dtype)  # softmax backward
+                # softmax backward. s does not change when a is scaled, so Σ_d ∂a·a = 0 wherever the norm clamp is
+                # inactive; the term is kept for the clamped case (|q ⊙ a| < eps), where s is linear in a.
+                da_out = (a * (da - (da * a).sum(-1, keepdim=True))).to(modulators.dtype)
     return dq, da_out, dk, dp, None, None, None
 
 
