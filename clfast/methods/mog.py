@@ -394,7 +394,8 @@ class ClassMixtures(nn.Module):
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         seed = (self.seed + c + refit * self.num_classes) % (2 ** 31 - 1)
         with _torch_threads(1):   # a few hundred points: FAISS's OpenMP start-up costs more than it saves
-            centres, assign = kmeans(((x - lo) / span).float(), K, self.kmeans_iter, seed, n_redo=self.n_init_redo)
+            centres, assign = kmeans(((x - lo) / span).float(), K, self.kmeans_iter, seed, n_redo=self.n_init_redo,
+                                    min_points_per_centroid=1)
         means = centres.double() * span + lo
         n_k = torch.bincount(assign, minlength=K).to(torch.float64)
         sq = torch.zeros_like(means).index_add_(0, assign, (x - means[assign]) ** 2)

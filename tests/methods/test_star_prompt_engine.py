@@ -49,7 +49,7 @@ def test_cli_runs_every_stage_and_reports_its_scores(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["num_tasks"] == 2 and 0 <= s["A_N"] <= 100
     for key in ("eval_select_acc", "eval_stage1_acc"):
-        assert 0 <= s[key] <= 100, key
+        assert 0 <= s[key] <= 1, key
     stages = [(e["task"], e["stage"]) for e in events(out, "epoch")]
     assert stages == [(0, "stage1"), (0, "align1"), (0, "stage2"),
                       (1, "stage1"), (1, "align1"), (1, "stage2"), (1, "align2")]
@@ -67,7 +67,7 @@ def test_stage1_alone(tmp_path):
     assert main(["train", "--method", "star_prompt_stage1", "--dataset", "synth-shapes", "--out", str(out),
                  "--quiet", *TINY]) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["eval_stage1_acc"] == pytest.approx(s["sample_weighted_accuracy"], abs=1e-6)
+    assert 100 * s["eval_stage1_acc"] == pytest.approx(s["sample_weighted_accuracy"], abs=1e-6)
     assert [e["stage"] for e in events(out, "epoch")] == ["stage1", "align1"] * 2
 
 
