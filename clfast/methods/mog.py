@@ -181,38 +181,45 @@ def batched_em(x: Tensor, valid: Tensor, means: Tensor, variances: Tensor, log_w
     converged = torch.zeros(G, dtype=torch.bool, device=dev)
     finite = torch.ones(G, dtype=torch.bool, device=dev)
 
-    rows = torch.arange(G, device=dev)        # the mixtures in the working batch, as indices into G
+    # The working batch: rows (indices into G) and their state; finished mixtures stay in it, frozen, until
+    # they are half of it. Per-row flags live in the batch and are written out with the parameters, so an
+    # iteration synchronises with the device once (the count of mixtures still running).
+    out = dict(means=means, variances=variances, log_weights=log_weights, iterations=iterations,
+               converged=converged, finite=finite)
+    w = dict(out)
+    rows = torch.arange(G, device=dev)
     alive = torch.ones(G, dtype=torch.bool, device=dev)
     w_xx, w_valid, w_counts = xx, valid, counts
-    w_means, w_vars, w_logw = means, variances, log_weights
     prev = torch.full((G,), -math.inf, dtype=f64, device=dev)
     for it in range(1, max_iter + 1):
-        lse, log_resp = _e_step(w_xx, w_means, w_vars, w_logw, gmm_torch_density)
+        lse, log_resp = _e_step(w_xx, w["means"], w["variances"], w["log_weights"], gmm_torch_density)
         ll = torch.where(w_valid, lse, 0.0).sum(1) / w_counts
         history[rows, it - 1] = torch.where(alive, ll, history[rows, it - 1])
         bad = alive & ~ll.isfinite()
-        finite[rows[bad]] = False
+        w["finite"] = w["finite"] & ~bad
         alive = alive & ~bad
         m, v, lw = _m_step(w_xx, w_valid, log_resp, reg_covar)
-        upd = alive[:, None, None]
-        w_means, w_vars = torch.where(upd, m, w_means), torch.where(upd, v, w_vars)
-        w_logw = torch.where(alive[:, None], lw, w_logw)
-        iterations[rows[alive]] = it
+        w["means"] = torch.where(alive[:, None, None], m, w["means"])
+        w["variances"] = torch.where(alive[:, None, None], v, w["variances"])
+        w["log_weights"] = torch.where(alive[:, None], lw, w["log_weights"])
+        w["iterations"] = torch.where(alive, it, w["iterations"])
         stop = alive & (ll - prev < tol)
-        converged[rows[stop]] = True
+        w["converged"] = w["converged"] | stop
         alive = alive & ~stop
         prev = ll
         n_alive = int(alive.sum())
         if n_alive == 0 or it == max_iter:
             break
-        if 2 * n_alive <= len(rows):          # drop finished mixtures from the batch
-            means[rows], variances[rows], log_weights[rows] = w_means, w_vars, w_logw
+        if 2 * n_alive <= len(rows):
             keep = alive.nonzero().squeeze(1)
+            for name in out:
+                out[name][rows] = w[name]
+                w[name] = w[name][keep]
             rows, alive, prev = rows[keep], alive[keep], prev[keep]
             w_xx, w_valid, w_counts = w_xx[keep], w_valid[keep], w_counts[keep]
-            w_means, w_vars, w_logw = w_means[keep], w_vars[keep], w_logw[keep]
-    if w_means is not means:
-        means[rows], variances[rows], log_weights[rows] = w_means, w_vars, w_logw
+    if max_iter > 0:   # (with none, w holds the result tensors themselves)
+        for name in out:
+            out[name][rows] = w[name]
 
     lse, _ = _e_step(xx, means, variances, log_weights, gmm_torch_density)
     log_likelihood = torch.where(valid, lse, 0.0).sum(1) / counts
