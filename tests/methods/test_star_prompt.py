@@ -322,3 +322,77 @@ def test_final_accuracy_is_mammoths_mean_over_tasks():
     acc = np.array([[90.0, 80.0, 70.0], [np.nan, 85.0, 60.0], [np.nan, np.nan, 95.0]])
     mammoth = float(np.mean([acc[i, -1] for i in range(3)]))    # mammoth: mean of the per-task accuracies at the end
     assert final_accuracy(acc) == pytest.approx(mammoth)
+
+
+# options and guards ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_selection_gradient_mode_reaches_the_modulators(strict):
+    """Official: every current class's modulator gets a gradient (straight-through); strict: only the chosen
+    classes'. Past classes' modulators and values get none in both."""
+    torch.manual_seed(12)
+    m = create_method("star_prompt", small_vit(depth=1), NUM_CLASSES, NUM_TASKS, strict_selection_grad=strict,
+                      lambda_ortho2=0.0)        # (the orthogonality term would reach every current value row)
+    c1 = ctx_for(1)
+    m.begin_task(c1)
+    m.write_keys(ctx_for(0))
+    s2 = c1.replace(stage="stage2")
+    m.begin_stage(Stage(name="stage2"), s2)
+    b = batch(2, task=1)
+    m.training_step(b, s2).loss.backward()
+    g = m.modulators.grad.abs().sum(-1)[0]                  # (C,) per class, block 0
+    _, idx = m.select(m.clip_query(b, s2), 6)
+    chosen = set(idx[0].tolist())
+    assert g[:3].sum() == 0 and m.values.grad[:, :3].abs().sum() == 0
+    for c in range(3, 6):
+        assert (g[c] > 0) == ((not strict) or c in chosen), (c, chosen)
+    vg = m.values.grad.abs().sum(-1)[0]
+    assert all((vg[c] > 0) == (c in chosen) for c in range(3, 6))
+
+
+def test_options_reach_their_parts():
+    m = create_method("star_prompt", small_vit(depth=1), NUM_CLASSES, NUM_TASKS, gmm_torch_density=True,
+                      mog_components=3, align1_em_iters=7, align2_em_iters=9)
+    assert m.mog_clip.gmm_torch_density and m.mog_vit.gmm_torch_density
+    assert m.mog_clip.n_components == 3 and (m.mog_clip.max_iter, m.mog_vit.max_iter) == (7, 9)
+
+
+def test_clip_fp16_casts_the_clip_only():
+    m = create_method("star_prompt", small_vit(depth=1), NUM_CLASSES, NUM_TASKS, clip_fp16=True)
+    assert next(m.clip.parameters()).dtype == torch.float16 and m.context.dtype == torch.float32
+    ctx = ctx_for(0)
+    m.begin_task(ctx)
+    q = m.clip_query(batch(2), ctx)
+    assert q.dtype == torch.float32 and torch.isfinite(q).all()
+    keys = m.class_keys(0, 3)
+    assert keys.shape == (3, m.clip_dim) and torch.isfinite(keys).all()
+
+
+def test_class_names_outside_the_tiny_clips_vocabulary_are_named():
+    m = create_method("star_prompt", small_vit(depth=1), 10, 2)
+    digits = tuple(str(i) for i in range(10))
+    ctx = TaskContext(task=0, num_tasks=2, class_range=(0, 5), seen_classes=5, num_classes=10,
+                      task_ranges=((0, 5), (5, 10)), class_names=digits)
+    with pytest.raises(ValueError, match=r"'0'.*name_map"):
+        m.begin_task(ctx)
+    mapped = create_method("star_prompt", small_vit(depth=1), 10, 2,
+                           class_name_map={d: w for d, w in zip(digits, ["no shape", "one", "two", "three", "four",
+                                                                          "five", "six", "seven", "eight", "nine"])})
+    with pytest.raises(ValueError, match="five"):      # the map's words must be in the vocabulary too
+        mapped.begin_task(ctx)
+
+
+def test_features_are_gathered_over_ranks_before_a_fit(method, monkeypatch):
+    """Under DDP every rank fits the same mixtures on every rank's features (ctx.all_gather)."""
+    gathered = []
+
+    def all_gather(self, t):
+        gathered.append(t.shape[0])
+        return torch.cat([t, t])              # a second rank holding the same rows
+
+    monkeypatch.setattr(TaskContext, "all_gather", all_gather)
+    ctx = ctx_for(0, world_size=2)
+    feats = [torch.randn(12, method.clip_dim, dtype=torch.float64)]
+    labels = [torch.arange(3).repeat(4)]
+    x, y = method._gather(ctx, feats, labels)
+    assert gathered == [12, 12] and x.shape[0] == 24 and y.shape[0] == 24
