@@ -53,6 +53,7 @@ def test_cli_runs_every_stage_and_reports_its_scores(tmp_path):
     stages = [(e["task"], e["stage"]) for e in events(out, "epoch")]
     assert stages == [(0, "stage1"), (0, "align1"), (0, "stage2"),
                       (1, "stage1"), (1, "align1"), (1, "stage2"), (1, "align2")]
+    assert "after task 2" in (out / "train.log").read_text()      # --quiet quiets the terminal, not the log
     rec = json.loads((out / "record.json").read_text())
     assert rec["extra_weights"][0]["name"] == "clip_tiny_synth" and rec["method_record"]["keys_written"] == 100
     t1, t2 = state(out, "task001"), state(out, "task002")
