@@ -195,6 +195,24 @@ def test_log_likelihood_never_decreases(n):
     assert (h.diff(dim=1) >= -1e-12 * h[:, 1:].abs()).all(), h.diff(dim=1).min(1).values
 
 
+def test_mixtures_in_a_batch_are_independent():
+    """Each mixture of a batch ends exactly as when fitted alone, though they stop at different iterations
+    (5, 19, 21 and 31 here: the first is frozen for 14 iterations while the rest run, then the batch shrinks
+    twice)."""
+    feats, labels = _classes([15, 40, 90, 33], 6, seed=0, spread=0.8)
+    x, valid = _padded(feats, labels)
+    init = _random_init(x, valid, 3, seed=0)
+    res = batched_em(x, valid, *init, max_iter=300, tol=1e-4)
+    assert res.iterations.tolist() == [5, 19, 31, 21] and res.converged.all()
+    for c in range(4):
+        n = int(valid[c].sum())
+        solo = batched_em(x[c:c + 1, :n], valid[c:c + 1, :n], *(t[c:c + 1] for t in init), max_iter=300, tol=1e-4)
+        assert solo.iterations[0] == res.iterations[c]
+        for name in ("means", "variances", "log_weights", "log_likelihood"):
+            torch.testing.assert_close(getattr(res, name)[c], getattr(solo, name)[0], rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(res.history[c], solo.history[0], rtol=1e-11, atol=1e-12, equal_nan=True)
+
+
 def test_mixture_log_prob_equals_torch_distributions():
     g = torch.Generator().manual_seed(0)
     C, K, D, B = 3, 4, 19, 10
