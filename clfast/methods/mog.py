@@ -20,7 +20,9 @@ batch, are dropped from it. :func:`batched_em` is that loop from given initial p
 
 ``gmm_torch_density=True`` reproduces the density of the official code (a port of gmm-torch): the E-step
 evaluates each component as if its variance were √var (the quadratic term divided by σ, the
-log-determinant halved). The M-step, sampling and the stored variances use the true variance.
+log-determinant halved). The M-step, sampling and the stored variances use the true variance. Two other
+habits of that loop are not reproduced: its start (unit variances, uniform weights; here they come from the
+K-means clusters) and its reverting of μ and σ² (not the weights) when an iteration gains less than ``tol``.
 """
 
 from __future__ import annotations
@@ -238,7 +240,10 @@ class ClassMixtures(nn.Module):
     Buffers (in ``state_dict``, so checkpoints and resumed runs keep the fits): ``means (C, K, D)``,
     ``variances (C, K, D)``, ``log_weights (C, K)`` (float64) and ``fitted (C,)`` bool. Fitting and sampling run
     on the buffers' device. Under DDP, gather the features of all ranks before :meth:`fit` (the fit is
-    deterministic, so every rank then holds the same mixtures).
+    deterministic, so every rank then holds the same mixtures). The fit is computed in float64 whatever the
+    buffers' dtype, and stored in it: keep the module out of ``.to(dtype)`` / ``.half()`` casts. Results do not
+    depend on which classes are fitted together, up to float64 round-off (the batch's padding changes the GEMM
+    shapes); the same call on the same device and thread count is bitwise repeatable.
 
     Initialisation of class c (``n_c`` samples): K-means (:func:`clfast.ops.kmeans`, FAISS, ``n_init_redo``
     restarts of ``kmeans_iter`` Lloyd iterations, seed ``seed + c``) on min–max-normalised features; the
@@ -274,7 +279,8 @@ class ClassMixtures(nn.Module):
         super().__init__()
         for name, v, lo in (("num_classes", num_classes, 1), ("dim", dim, 1), ("n_components", n_components, 1),
                             ("max_iter", max_iter, 0), ("n_init_redo", n_init_redo, 1),
-                            ("kmeans_iter", kmeans_iter, 1), ("seed", seed, 0), ("max_batch_bytes", max_batch_bytes, 1)):
+                            ("kmeans_iter", kmeans_iter, 1), ("seed", seed, 0),
+                            ("max_batch_bytes", max_batch_bytes, 1)):
             _check_int("ClassMixtures", name, v, lo)
         if not (isinstance(reg_covar, (int, float)) and reg_covar >= 0):
             raise ValueError(f"ClassMixtures: reg_covar must be a float >= 0, got {reg_covar!r}")

@@ -25,7 +25,8 @@ def _classes(counts, D, seed=0, spread=1.0):
     for c, n in enumerate(counts):
         centres = spread * torch.randn(3, D, generator=g, dtype=F64) + c
         pick = torch.randint(0, 3, (n,), generator=g)
-        xs.append(centres[pick] + (0.3 + torch.rand(D, generator=g, dtype=F64)) * torch.randn(n, D, generator=g, dtype=F64))
+        scale = 0.3 + torch.rand(D, generator=g, dtype=F64)
+        xs.append(centres[pick] + scale * torch.randn(n, D, generator=g, dtype=F64))
         ys.append(torch.full((n,), c))
     return torch.cat(xs), torch.cat(ys)
 
@@ -195,6 +196,24 @@ def test_log_likelihood_never_decreases(n):
     assert (h.diff(dim=1) >= -1e-12 * h[:, 1:].abs()).all(), h.diff(dim=1).min(1).values
 
 
+def test_mixtures_in_a_batch_are_independent():
+    """Each mixture of a batch ends exactly as when fitted alone, though they stop at different iterations
+    (5, 19, 21 and 31 here: the first is frozen for 14 iterations while the rest run, then the batch shrinks
+    twice)."""
+    feats, labels = _classes([15, 40, 90, 33], 6, seed=0, spread=0.8)
+    x, valid = _padded(feats, labels)
+    init = _random_init(x, valid, 3, seed=0)
+    res = batched_em(x, valid, *init, max_iter=300, tol=1e-4)
+    assert res.iterations.tolist() == [5, 19, 31, 21] and res.converged.all()
+    for c in range(4):
+        n = int(valid[c].sum())
+        solo = batched_em(x[c:c + 1, :n], valid[c:c + 1, :n], *(t[c:c + 1] for t in init), max_iter=300, tol=1e-4)
+        assert solo.iterations[0] == res.iterations[c]
+        for name in ("means", "variances", "log_weights", "log_likelihood"):
+            torch.testing.assert_close(getattr(res, name)[c], getattr(solo, name)[0], rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(res.history[c], solo.history[0], rtol=1e-11, atol=1e-12, equal_nan=True)
+
+
 def test_mixture_log_prob_equals_torch_distributions():
     g = torch.Generator().manual_seed(0)
     C, K, D, B = 3, 4, 19, 10
@@ -232,7 +251,8 @@ def test_gmm_torch_density_is_the_sqrt_var_formula():
     torch.testing.assert_close(mixture_log_prob(q, means, variances, log_w, gmm_torch_density=True), want,
                                rtol=1e-12, atol=1e-10)
     mog = ClassMixtures(2, D, K, gmm_torch_density=True)
-    mog.load_state_dict(dict(means=means, variances=variances, log_weights=log_w, fitted=torch.ones(2, dtype=torch.bool)))
+    mog.load_state_dict(dict(means=means, variances=variances, log_weights=log_w,
+                             fitted=torch.ones(2, dtype=torch.bool)))
     torch.testing.assert_close(mog.log_prob(q, [0, 1]), want, rtol=1e-12, atol=1e-10)
 
     # one EM iteration: responsibilities from it, the M-step with the true variance
@@ -262,7 +282,8 @@ def _loaded(C, K, D, seed=0, **kw):
     variances = 0.3 + 2 * torch.rand(C, K, D, generator=g, dtype=F64)
     log_w = (torch.rand(C, K, generator=g, dtype=F64) + 0.3).log().log_softmax(-1)
     mog = ClassMixtures(C, D, K, **kw)
-    mog.load_state_dict(dict(means=means, variances=variances, log_weights=log_w, fitted=torch.ones(C, dtype=torch.bool)))
+    mog.load_state_dict(dict(means=means, variances=variances, log_weights=log_w,
+                             fitted=torch.ones(C, dtype=torch.bool)))
     return mog
 
 
@@ -380,7 +401,8 @@ def _bad_calls():
         (lambda: m.fit(f, y[:5]), ValueError, r"labels must have shape \(N,\) = \(12,\)"),
         (lambda: m.fit(f, y + 2), ValueError, r"labels must lie in \[0, num_classes\) = \[0, 3\)"),
         (lambda: m.fit(f, y - 1), ValueError, "labels must lie in"),
-        (lambda: m.fit(f, torch.tensor([0] * 11 + [1])), ValueError, "class 1 has 1 samples in labels, fewer than n_components = 2"),
+        (lambda: m.fit(f, torch.tensor([0] * 11 + [1])), ValueError,
+         "class 1 has 1 samples in labels, fewer than n_components = 2"),
         (lambda: m.fit(f, y, classes=[2]), ValueError, "class 2 has 0 samples"),
         (lambda: m.fit(f, y, classes=[0, 0]), ValueError, "classes must not repeat"),
         (lambda: m.fit(f, y, classes=[0.5]), TypeError, "classes must be a sequence of ints"),
@@ -397,7 +419,8 @@ def _bad_calls():
         (lambda: batched_em(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), None, None, None),
          ValueError, r"x must have shape \(G,N,D\)"),
         (lambda: batched_em(torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 2, 4),
-                            torch.ones(2, 2, 5), torch.zeros(2, 2)), ValueError, r"variances must have shape \(2, 2, 4\)"),
+                            torch.ones(2, 2, 5), torch.zeros(2, 2)),
+         ValueError, r"variances must have shape \(2, 2, 4\)"),
         (lambda: batched_em(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 2, 4),
                             torch.ones(2, 2, 4), torch.zeros(2, 2)), ValueError, "at least one sample per mixture"),
     ]
