@@ -34,7 +34,7 @@ def folders(tmp_path):
     return tmp_path, str(bad)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not an image", "unreadable"])
+@pytest.mark.parametrize("damage", ["truncated", "not an image", "a folder", "missing", "unreadable"])
 def test_an_image_that_cannot_be_read_is_named(tmp_path, damage):
     path = str(tmp_path / "a.jpg")
     write_image(path, 0, size=(32, 32))
@@ -42,6 +42,10 @@ def test_an_image_that_cannot_be_read_is_named(tmp_path, damage):
         truncate(path)
     elif damage == "not an image":
         open(path, "wb").write(b"plain text, not a JPEG")
+    elif damage in ("a folder", "missing"):
+        os.remove(path)
+        if damage == "a folder":
+            os.mkdir(path)
     else:
         if os.geteuid() == 0:
             pytest.skip("root reads files whatever their mode")
