@@ -65,8 +65,7 @@ def _run_trainer(trainer) -> int:
         print(f"clfast: {e}", file=sys.stderr)
         return 130 if trainer.interrupted else 0
     except ImageReadError as e:
-        # re-raised from a DataLoader worker, the message ends with the worker's traceback: keep its last line
-        return _fail(str(e).rsplit("ImageReadError: ", 1)[-1].strip())
+        return _fail(_image_error(e))
     except RuntimeError as e:
         if trainer.world == 1 or not lost_contact(e):
             raise
@@ -106,6 +105,12 @@ def cmd_train(args) -> int:
     return _run_trainer(trainer)
 
 
+def _image_error(e: Exception) -> str:
+    """An ImageReadError's message; re-raised from a DataLoader worker it ends with the worker's traceback,
+    whose last line is the original message."""
+    return str(e).rsplit("ImageReadError: ", 1)[-1].strip()
+
+
 def _command_line(args) -> str:
     """The command as typed, for the run record (``python -m clfast`` and torchrun launches included)."""
     import shlex
@@ -120,10 +125,13 @@ def _parse(text: str):
 
 
 def cmd_eval(args) -> int:
+    from clfast.data.readers import ImageReadError
     from clfast.engine.evaluate import evaluate_run
 
     try:
         return evaluate_run(args.run, quiet=args.quiet)
+    except ImageReadError as e:
+        return _fail(_image_error(e))
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
 

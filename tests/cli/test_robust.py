@@ -160,3 +160,19 @@ def test_changed_and_missing_data_are_refused_naming_the_files(tmp_path, capsys)
     _refused(argv, f"missing under {root / 'imagenet-r'}: {rel(files[2])}", tmp_path, capsys)
     _refused([*argv[:-3], "--data-root", str(tmp_path / "nowhere"), "num_tasks=2"],
              "dataset 'imagenet_r': not found under root=", tmp_path, capsys)
+
+
+def test_eval_names_an_image_damaged_after_the_run(tmp_path, capsys):
+    """Same size, broken header: the manifest's cheap check passes, decoding fails, and `clfast eval` names it."""
+    from clfast.data import create_dataset
+
+    root, out = tmp_path / "data", tmp_path / "run"
+    make_class_folders(str(root / "imagenet-r"), IMAGENET_R_WNIDS, per_class=6)
+    assert _train_on(root, out) == 0, capsys.readouterr().err
+    victim = create_dataset("imagenet_r", "test", root=str(root)).files[0]
+    data = bytearray(open(victim, "rb").read())
+    data[:4] = b"XXXX"
+    open(victim, "wb").write(bytes(data))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"clfast: error: cannot read image {victim}:")

@@ -85,6 +85,28 @@ def test_lost_contact_tells_a_peer_failure_from_other_errors():
     assert not lost_contact(ValueError(gloo))
 
 
+def test_the_command_line_says_what_happened_and_how_to_continue(capsys):
+    """`clfast train` turns a lost peer into one message and exit status 1 (other errors propagate)."""
+    from types import SimpleNamespace
+
+    from clfast.cli import _run_trainer
+
+    def trainer(exc, world=2):
+        def fit():
+            raise exc
+        return SimpleNamespace(fit=fit, world=world, rank=1, run_dir="/runs/x", procs=SimpleNamespace(timeout_s=600.0))
+
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1\nmore")
+    assert _run_trainer(trainer(gloo)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("clfast: error: rank 1 of 2 lost contact with another process (it died, or did not answer "
+                          "within dist_timeout_s=600 s): [gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+    assert "--resume /runs/x" in err and "more" not in err
+    for exc, world in ((gloo, 1), (RuntimeError("shapes cannot be multiplied"), 2)):
+        with pytest.raises(RuntimeError):
+            _run_trainer(trainer(exc, world))
+
+
 # --- through torchrun: SIGKILL a rank after a step checkpoint, then --resume -------------------------------
 
 ARGS = ["--method", "dualprompt", "--dataset", "digits", "--quiet", "num_tasks=2", "epochs=1", "batch_size=16",
