@@ -69,7 +69,10 @@ class ImageReadError(OSError):
 
     Takes one message argument, so that a ``DataLoader`` worker can re-raise it in the main process
     with the same type (the worker's traceback, and so the path, is appended to the message).
+    ``reason`` (set where it is raised, not after a worker's re-raise) is the message without the advice.
     """
+
+    reason: str = ""
 
 
 def load_image(path: str) -> torch.Tensor:
@@ -89,9 +92,11 @@ def load_image(path: str) -> torch.Tensor:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # PIL raises OSError (truncated, unidentified), ValueError and SyntaxError (broken headers)
-        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace or remove the file "
-                             f"(a run with skip_bad_samples=true leaves unreadable images out, and counts "
-                             f"them)") from e
+        reason = f"cannot read image {path}: {type(e).__name__}: {e}"
+        err = ImageReadError(f"{reason}. Replace or remove the file (a run with skip_bad_samples=true leaves "
+                             f"unreadable images out, and counts them)")
+        err.reason = reason
+        raise err from e
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255.0)
 
 
@@ -107,7 +112,7 @@ def find_unreadable(dataset, workers: int = 4) -> list[tuple[int, str]]:
         try:
             dataset[i]
         except ImageReadError as e:
-            return i, str(e).split(". Replace or remove")[0]
+            return i, e.reason or str(e)
         return None
 
     n = len(dataset)

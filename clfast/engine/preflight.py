@@ -23,17 +23,17 @@ __all__ = ["check_run"]
 _SPLIT_KINDS = ("class-incremental", "task-incremental")
 
 
-def check_run(cfg: RunConfig, world: int, *, data: bool = True, method: bool = True) -> None:
+def check_run(cfg: RunConfig, world: int, *, scenario=None, method: bool = True) -> None:
     """Raise ValueError if the settings of ``cfg`` do not fit together or with ``world`` processes.
 
     Args:
         cfg: the resolved run configuration.
         world: the number of processes (torchrun's ``WORLD_SIZE``).
-        data: check the number of tasks against the dataset's classes (False when a scenario is given).
+        scenario: a scenario given to the trainer instead of the one ``cfg`` names (its tasks count).
         method: check the method's settings (False when a built method is given).
     """
     _check_batch(cfg, world)
-    num_tasks = _scenario_tasks(cfg, check=data)
+    num_tasks = _scenario_tasks(cfg) if scenario is None else scenario.num_tasks
     if method:
         cls = method_class(cfg.method).resolve(dict(cfg.method_args))
         mcfg = cfg.method_config()
@@ -51,15 +51,15 @@ def _check_batch(cfg: RunConfig, world: int) -> None:
                          f"{b - b % world + world}")
 
 
-def _scenario_tasks(cfg: RunConfig, check: bool) -> Optional[int]:
-    """The number of tasks the scenario will have, where the settings alone say (None otherwise); with
-    ``check``, ValueError when it exceeds the classes of a dataset whose classes are known before reading it."""
+def _scenario_tasks(cfg: RunConfig) -> Optional[int]:
+    """The number of tasks the scenario will have, where the settings alone say (None otherwise);
+    ValueError when it exceeds the classes of a dataset whose classes are known before reading it."""
     info = dataset_info(cfg.dataset)
     if info.kind == "vqa" or cfg.scenario not in _SPLIT_KINDS:
         return cfg.num_tasks   # None: one task per domain / question family, known from the data
     tasks = cfg.num_tasks if cfg.num_tasks is not None else info.default_tasks
     # shipped datasets always have the registry's classes; a folder on disk may hold fewer or more
-    if check and not info.needs_root and tasks > info.num_classes:
+    if not info.needs_root and tasks > info.num_classes:
         raise ValueError(f"num_tasks={tasks} is more than the {info.num_classes} classes of dataset {cfg.dataset!r}: "
                          f"a {cfg.scenario} task needs at least one class of its own (num_tasks must be at most "
                          f"{info.num_classes})")

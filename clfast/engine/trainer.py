@@ -108,7 +108,7 @@ class Trainer(Checkpointing, Evaluating):
         self.procs = Processes(cfg.device, timeout_s=cfg.dist_timeout_s)
         self.rank, self.world = self.procs.rank, self.procs.world
         self.device = self.procs.device(cfg.device)
-        check_run(cfg, self.world, data=scenario is None, method=method is None)   # before anything is written
+        check_run(cfg, self.world, scenario=scenario, method=method is None)   # before anything is written
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         self.is_main = self.rank == 0

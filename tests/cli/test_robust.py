@@ -83,6 +83,17 @@ def test_batch_against_the_number_of_processes():
     check_run(cfg, 1)
 
 
+def test_the_method_is_checked_against_the_tasks_the_run_will_have():
+    """digits defaults to 5 tasks; a scenario given to the trainer, or a joint run (one task), counts instead."""
+    from types import SimpleNamespace
+
+    cfg = load_config("dualprompt", "digits", "fast", ["method_args.pool_size=2"])
+    with pytest.raises(ValueError, match="pool_size=2 is smaller than num_tasks=5"):
+        check_run(cfg, 1)
+    check_run(cfg, 1, scenario=SimpleNamespace(num_tasks=2))
+    check_run(load_config("joint", "digits", "fast", ["method_args.base=dualprompt", "method_args.pool_size=2"]), 1)
+
+
 def test_more_tasks_than_the_classes_of_a_folder_dataset(tmp_path, capsys, monkeypatch):
     """The classes of a dataset on disk are known once its folders are listed: still before the backbone."""
     make_class_folders(str(tmp_path / "data" / "imagenet-r"), IMAGENET_R_WNIDS, per_class=3)
