@@ -81,7 +81,9 @@ def same_run(a_run, b_run):
 
 
 # steps: task 1 = stage1 1-2, align1 3-4, stage2 5-6; task 2 = stage1 7-8, align1 9-10, stage2 11-12, align2 13-14
-@pytest.mark.parametrize("stop_at", [3, 6, 13])   # inside align1, the task boundary, inside align2
+@pytest.mark.parametrize("stop_at", [pytest.param(3, marks=pytest.mark.slow),    # inside align1
+                                     pytest.param(6, marks=pytest.mark.slow),    # the task boundary
+                                     13])                                        # inside align2
 def test_resume_is_exact(full, tmp_path, stop_at):
     cut = tmp_path / "cut"
     with pytest.raises(Interrupted):
