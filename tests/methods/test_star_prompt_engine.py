@@ -90,3 +90,19 @@ def test_resume_is_exact(full, tmp_path, stop_at):
         Trainer(cfg([f"stop_after_steps={stop_at}"]), out=str(cut)).fit()
     Trainer.resume(str(cut)).fit()
     same_run(cut, full)
+
+
+def test_the_engine_steps_the_stage2_cosine_per_epoch(tmp_path):
+    """The lr the engine sets at each stage-2 epoch is lr·cos(99π·e / (200(K−1))); ``constant`` keeps lr."""
+    import math
+
+    from clfast.methods.star_prompt import stage2_lr_factor
+
+    for schedule, want in (("cosine", lambda e, K: stage2_lr_factor(e, K)), ("constant", lambda e, K: 1.0)):
+        t = Trainer(cfg(["epochs=20", f"method_args.stage2_schedule={schedule}"]), out=str(tmp_path / schedule))
+        stage2 = next(s for s in t.method.stages(t.context(1)) if s.name == "stage2")
+        settings = t._stage_settings(stage2)
+        assert settings["epochs"] == 20 and settings["persistent"] is False       # re-created every task
+        got = [t._lr_factor(stage2, settings, e, 20) for e in range(20)]
+        assert got == [pytest.approx(want(e, 20)) for e in range(20)]
+    assert got[-1] == 1.0 and math.isclose(stage2_lr_factor(19, 20), math.cos(99 * math.pi / 200))
