@@ -36,6 +36,7 @@ QUICK = (10, 64, (50, 80))
 K = 5
 SLOW = dict(rounds=3, warmup=1)
 FAST = dict(rounds=5, warmup=1)
+PEER = dict(rounds=1, warmup=0)   # minutes per round on a 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,8 @@ def test_em_fixed_iterations(benchmark, problem, impl):
         fn = lambda: _sklearn(p, it, 0.0)  # noqa: E731
     else:
         fn = lambda: _peer(p, it)  # noqa: E731
-    time_case(benchmark, fn, group=f"mog_fit C{p['C']} D{p['D']} K{K} EM×{it}", **(FAST if impl == "clfast" else SLOW),
+    rounds = dict(clfast=FAST, sklearn=SLOW, peer=PEER)[impl]
+    time_case(benchmark, fn, group=f"mog_fit C{p['C']} D{p['D']} K{K} EM×{it}", **rounds,
               op="mog_fit", impl=impl, dtype="fp64", mode="fit", iterations=it, threads=torch.get_num_threads(),
               shape=dict(C=p["C"], D=p["D"], K=K, n_min=int(p["counts"].min()), n_max=int(p["counts"].max())))
 
