@@ -177,8 +177,10 @@ def batched_em(x: Tensor, valid: Tensor, means: Tensor, variances: Tensor, log_w
         raise ValueError("batched_em: valid must mark at least one sample per mixture")
 
     dev, f64 = x.device, torch.float64
-    x = torch.where(valid[..., None], x.to(f64), 0.0)
-    xx = torch.cat([x * x, x], dim=-1)                     # read once per E-step and once per M-step
+    xx = torch.empty(G, N, 2 * D, dtype=f64, device=dev)   # [x², x]: read once per E-step, once per M-step
+    xx[..., D:] = x
+    torch.mul(xx[..., D:], xx[..., D:], out=xx[..., :D])
+    xx.masked_fill_(~valid[..., None], 0.0)                  # padding: any value, NaN included
     counts = counts.to(f64)
     means, variances, log_weights = (t.to(dev, f64).clone() for t in (means, variances, log_weights))
     history = torch.full((G, max_iter + 1), math.nan, dtype=f64, device=dev)
