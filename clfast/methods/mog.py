@@ -89,20 +89,23 @@ def mixture_log_prob(x: Tensor, means: Tensor, variances: Tensor, log_weights: T
 
 
 def _e_step(xx: Tensor, means: Tensor, variances: Tensor, log_weights: Tensor, quirk: bool) -> tuple[Tensor, Tensor]:
-    """``xx (G, N, 2D) = [x², x]`` → ``(log p(x_n) (G, N), log responsibilities (G, N, K))``."""
+    """``xx (G, N, 2D) = [x², x]`` → ``(log p(x_n) (G, N), log responsibilities (G, K, N))``.
+
+    Components-major ``(G, K, N)``: both GEMMs of an iteration then read contiguous operands (on the CPU, a
+    transposed responsibility matrix in the M-step's GEMM costs 1.5×)."""
     w, c = _gemm_terms(means, variances, quirk)
-    lp = -0.5 * (torch.bmm(xx, w.transpose(1, 2)) + c[:, None, :]) + log_weights[:, None, :]
-    lse = lp.logsumexp(-1)
-    return lse, lp - lse[..., None]
+    lp = torch.baddbmm((log_weights - 0.5 * c)[..., None], w, xx.transpose(1, 2), alpha=-0.5)    # (G, K, N)
+    lse = lp.logsumexp(1)
+    return lse, lp - lse[:, None, :]
 
 
 def _m_step(xx: Tensor, valid: Tensor, log_resp: Tensor, reg_covar: float) -> tuple[Tensor, Tensor, Tensor]:
     """Weights = mean responsibility, means = weighted mean, variances = weighted E[x²] − μ² + reg_covar
-    (clamped at reg_covar against round-off). Padded rows (``valid`` False) carry no responsibility."""
+    (clamped at reg_covar against round-off). Padded samples (``valid`` False) carry no responsibility."""
     D = xx.shape[-1] // 2
-    resp = log_resp.exp() * valid[..., None]                                       # (G, N, K)
-    nk = resp.sum(1) + _EPS                                                        # (G, K)
-    s = torch.bmm(resp.transpose(1, 2), xx) / nk[..., None]                       # (G, K, 2D): [E x², E x]
+    resp = log_resp.exp() * valid[:, None, :]                                      # (G, K, N)
+    nk = resp.sum(2) + _EPS                                                        # (G, K)
+    s = torch.bmm(resp, xx) / nk[..., None]                                        # (G, K, 2D): [E x², E x]
     means = s[..., D:]
     variances = (s[..., :D] - means * means + reg_covar).clamp_min(reg_covar)
     log_weights = nk.log() - nk.sum(-1, keepdim=True).log()
@@ -174,8 +177,10 @@ def batched_em(x: Tensor, valid: Tensor, means: Tensor, variances: Tensor, log_w
         raise ValueError("batched_em: valid must mark at least one sample per mixture")
 
     dev, f64 = x.device, torch.float64
-    x = torch.where(valid[..., None], x.to(f64), 0.0)
-    xx = torch.cat([x * x, x], dim=-1)                     # read once per E-step and once per M-step
+    xx = torch.empty(G, N, 2 * D, dtype=f64, device=dev)   # [x², x]: read once per E-step, once per M-step
+    xx[..., D:] = x
+    torch.mul(xx[..., D:], xx[..., D:], out=xx[..., :D])
+    xx.masked_fill_(~valid[..., None], 0.0)                  # padding: any value, NaN included
     counts = counts.to(f64)
     means, variances, log_weights = (t.to(dev, f64).clone() for t in (means, variances, log_weights))
     history = torch.full((G, max_iter + 1), math.nan, dtype=f64, device=dev)
