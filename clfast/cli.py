@@ -55,6 +55,7 @@ def _fail(msg: str) -> int:
 
 
 def _run_trainer(trainer) -> int:
+    from clfast.engine.io import CheckpointWriteError
     from clfast.engine.trainer import Interrupted
 
     try:
@@ -62,11 +63,15 @@ def _run_trainer(trainer) -> int:
     except Interrupted as e:
         print(f"clfast: {e}", file=sys.stderr)
         return 130 if trainer.interrupted else 0
+    except CheckpointWriteError as e:   # a full disk: the message names the file, the errno and what to do
+        print(f"clfast: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_train(args) -> int:
     from clfast.engine.config import load_config
+    from clfast.engine.io import RunDirectoryError
     from clfast.engine.trainer import Trainer
 
     command = _command_line(args)
@@ -88,7 +93,7 @@ def cmd_train(args) -> int:
             cfg = load_config(args.method, args.dataset, args.preset, args.overrides,
                               data_root=args.data_root, quiet=True if args.quiet else None)
             trainer = Trainer(cfg, out=args.out, command=command)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RunDirectoryError) as e:
         return _fail(str(e))
     return _run_trainer(trainer)
 
@@ -119,6 +124,7 @@ def cmd_demo(args) -> int:
     import time
 
     from clfast.engine.config import load_config
+    from clfast.engine.io import RunDirectoryError
     from clfast.engine.trainer import Trainer
 
     args.method = args.method or _default_method()
@@ -126,7 +132,7 @@ def cmd_demo(args) -> int:
     try:
         cfg = load_config(args.method, "synth-shapes", "fast", args.overrides, quiet=True if args.quiet else None)
         trainer = Trainer(cfg, out=out, command=_command_line(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RunDirectoryError) as e:
         return _fail(str(e))
     print(f"clfast demo: {args.method} on synth-shapes (10 tasks x 10 classes, shipped with clfast) with the "
           f"shipped vit_tiny_synth backbone, on {trainer.device}; results in {trainer.run_dir}", flush=True)

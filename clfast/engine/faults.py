@@ -1,0 +1,76 @@
+"""Crash points: the places where a fault-injection test kills the engine on purpose.
+
+The engine calls :func:`crash_point` at the moments a crash does the most damage:
+
+- ``step``: inside a training step, after the backward and before the optimizer step (``backward``), and
+  after the optimizer step before the step is counted (``update``);
+- ``eval``: inside evaluation, after each batch's prediction (``batch``);
+- ``checkpoint``: inside a checkpoint write, with the payload written (not flushed, not renamed) to its
+  temporary file (``payload``), with the previous file kept as ``<tag>.prev.pt`` but the new one not yet
+  in place (``rotated``), and with the new file in place but ``latest.json`` not yet updated (``pointer``).
+
+Unarmed (the normal case) a crash point is one test of a module flag. A crash is armed by the
+environment, read once at import, or by :func:`arm` (in a forked child, where the import has happened):
+
+- ``CLFAST_CRASH_AT=<phase>:<n>``: the ``n``-th crash point of ``phase`` that this process reaches
+  sends SIGKILL to the process itself: no handler, no ``finally``, no flush runs, as when the OOM
+  killer or a scheduler's hard kill strikes;
+- ``CLFAST_CRASH_LOG=<file>``: append ``<phase> <count> <where>`` for every crash point reached, and
+  ``KILL <phase> <count> <where>`` before the kill (so a test sees which phases a run went through, and
+  where a timed kill from outside landed).
+
+Never set these outside tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+__all__ = ["PHASES", "crash_point", "arm", "parse_crash_at"]
+
+PHASES = ("step", "eval", "checkpoint")
+
+_target: Optional[tuple[str, int]] = None
+_log: Optional[str] = None
+_counts: dict[str, int] = {}
+
+
+def parse_crash_at(text: str) -> tuple[str, int]:
+    """``"<phase>:<n>"`` → ``(phase, n)``; ValueError naming ``CLFAST_CRASH_AT`` and the expected form."""
+    phase, _, n = text.partition(":")
+    if phase not in PHASES or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"CLFAST_CRASH_AT must be '<phase>:<n>' with phase one of {PHASES} and n >= 1, "
+                         f"got {text!r}")
+    return phase, int(n)
+
+
+def arm(crash_at: Optional[str], log: Optional[str] = None) -> None:
+    """Arm (or, with ``None``, disarm) a crash as ``CLFAST_CRASH_AT`` would; counts start again at 0."""
+    global _target, _log
+    _target = parse_crash_at(crash_at) if crash_at else None
+    _log = log
+    _counts.clear()
+
+
+def _write_log(line: str) -> None:
+    with open(_log, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def crash_point(phase: str, where: str) -> None:
+    """Count a crash point of ``phase`` (one of :data:`PHASES`; ``where`` says which one) and, if this
+    is the armed one, SIGKILL this process."""
+    if _target is None and _log is None:
+        return
+    n = _counts[phase] = _counts.get(phase, 0) + 1
+    if _log is not None:
+        _write_log(f"{phase} {n} {where}")
+    if _target == (phase, n):
+        if _log is not None:
+            _write_log(f"KILL {phase} {n} {where}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+arm(os.environ.get("CLFAST_CRASH_AT") or None, os.environ.get("CLFAST_CRASH_LOG") or None)
