@@ -14,7 +14,8 @@ environment, read once at import, or by :func:`arm` (in a forked child, where th
 
 - ``CLFAST_CRASH_AT=<phase>:<n>``: the ``n``-th crash point of ``phase`` that this process reaches
   sends SIGKILL to the process itself: no handler, no ``finally``, no flush runs, as when the OOM
-  killer or a scheduler's hard kill strikes;
+  killer or a scheduler's hard kill strikes; ``<phase>/<where>:<n>`` counts only that one point
+  (``checkpoint/payload:2``: inside the second checkpoint's payload write);
 - ``CLFAST_CRASH_LOG=<file>``: append ``<phase> <count> <where>`` for every crash point reached, and
   ``KILL <phase> <count> <where>`` before the kill (so a test sees which phases a run went through, and
   where a timed kill from outside landed).
@@ -32,18 +33,19 @@ __all__ = ["PHASES", "crash_point", "arm", "parse_crash_at"]
 
 PHASES = ("step", "eval", "checkpoint")
 
-_target: Optional[tuple[str, int]] = None
+_target: Optional[tuple[str, int]] = None     # (phase or "phase/where", n)
 _log: Optional[str] = None
 _counts: dict[str, int] = {}
 
 
 def parse_crash_at(text: str) -> tuple[str, int]:
-    """``"<phase>:<n>"`` → ``(phase, n)``; ValueError naming ``CLFAST_CRASH_AT`` and the expected form."""
-    phase, _, n = text.partition(":")
-    if phase not in PHASES or not n.isdigit() or int(n) < 1:
-        raise ValueError(f"CLFAST_CRASH_AT must be '<phase>:<n>' with phase one of {PHASES} and n >= 1, "
-                         f"got {text!r}")
-    return phase, int(n)
+    """``"<phase>[/<where>]:<n>"`` → ``("<phase>[/<where>]", n)``; ValueError naming ``CLFAST_CRASH_AT`` and
+    the expected form."""
+    key, _, n = text.partition(":")
+    if key.split("/", 1)[0] not in PHASES or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"CLFAST_CRASH_AT must be '<phase>[/<where>]:<n>' with phase one of {PHASES} and "
+                         f"n >= 1, got {text!r}")
+    return key, int(n)
 
 
 def arm(crash_at: Optional[str], log: Optional[str] = None) -> None:
@@ -65,9 +67,11 @@ def crash_point(phase: str, where: str) -> None:
     if _target is None and _log is None:
         return
     n = _counts[phase] = _counts.get(phase, 0) + 1
+    point = f"{phase}/{where}"
+    _counts[point] = _counts.get(point, 0) + 1
     if _log is not None:
         _write_log(f"{phase} {n} {where}")
-    if _target == (phase, n):
+    if _target is not None and _counts.get(_target[0]) == _target[1] and _target[0] in (phase, point):
         if _log is not None:
             _write_log(f"KILL {phase} {n} {where}")
         os.kill(os.getpid(), signal.SIGKILL)

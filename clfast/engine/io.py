@@ -408,6 +408,15 @@ def remove_partial_files(directory: str | os.PathLike) -> list[str]:
     return removed
 
 
+def _has_zip_end(path: str) -> bool:
+    """Whether ``path`` ends in a zip end-of-central-directory record (``torch.save`` files are zip archives;
+    the record is in the last 22 bytes plus at most a 64 KiB comment)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (1 << 16) - 22))
+        return b"PK\x05\x06" in f.read()
+
+
 def _read_checkpoint(path: str, map_location: Any) -> dict:
     """``torch.load`` ``path`` and check its content hash; DamagedCheckpointError says what is wrong."""
     size = os.path.getsize(path)
@@ -417,8 +426,9 @@ def _read_checkpoint(path: str, map_location: Any) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated or corrupt zip, a damaged pickle, disallowed globals, ...
+        cut = "" if _has_zip_end(path) else "; it is truncated: the end of its zip archive is missing"
         raise DamagedCheckpointError(f"checkpoint {path!r} is damaged or not a checkpoint: it could not be loaded "
-                                     f"with torch.load(weights_only=True) ({size} bytes): "
+                                     f"with torch.load(weights_only=True) ({size} bytes{cut}): "
                                      f"{type(e).__name__}: {str(e).strip()[:500]}") from e
     if not isinstance(state, dict):
         raise DamagedCheckpointError(f"checkpoint {path!r} must hold a dict, got {type(state).__name__}")
