@@ -245,9 +245,9 @@ class Checkpointing:
         return path
 
     def _checkpoint_bytes_estimate(self) -> int:
-        """About how large one checkpoint of this run will be: the tensors always saved (those below the
-        size that is left out when unchanged), the trainable parameters, and two optimizer slots per
-        trainable parameter (Adam's moments; an upper bound for SGD)."""
+        """An upper bound on the size of one checkpoint of this run: the tensors always saved (those below
+        the size that is left out when unchanged), the trainable parameters, and two optimizer slots per
+        trainable parameter (Adam's moments, saved in checkpoints taken mid-task)."""
         params = {k for k, p in self.method.named_parameters() if p.requires_grad}
         total = 0
         for k, v in self.method.state_dict().items():
@@ -268,7 +268,7 @@ class Checkpointing:
         count = self.scenario.num_tasks + (2 if self.cfg.checkpoint_every_steps else 0)
         if each * count > free:
             mib = 1 << 20
-            self.log.warning(f"{ckpt_dir} has {free / mib:.1f} MiB free, but this run's checkpoints need about "
+            self.log.warning(f"{ckpt_dir} has {free / mib:.1f} MiB free, but this run's checkpoints may need up to "
                              f"{each * count / mib:.1f} MiB ({count} files of about {each / mib:.1f} MiB): a "
                              f"checkpoint write will fail with ENOSPC (no space left on device) unless space is freed")
 
@@ -292,7 +292,7 @@ class Checkpointing:
             for d in (trainer.run_dir, os.path.join(trainer.run_dir, "checkpoints")):
                 removed = rio.remove_partial_files(d)
                 if removed:
-                    trainer.log.info(f"--resume: removed {len(removed)} partial file(s) a killed run left in {d}: "
+                    trainer.log.warning(f"--resume: removed {len(removed)} partial file(s) a killed run left in {d}: "
                                      + ", ".join(removed))
         expected = {"method": cfg.method, "config_hash": rio.config_hash(hashable_config(cfg))}
         with warnings.catch_warnings(record=True) as notes:

@@ -5,9 +5,10 @@ The engine calls :func:`crash_point` at the moments a crash does the most damage
 - ``step``: inside a training step, after the backward and before the optimizer step (``backward``), and
   after the optimizer step before the step is counted (``update``);
 - ``eval``: inside evaluation, after each batch's prediction (``batch``);
-- ``checkpoint``: inside a checkpoint write, with the payload written (not flushed, not renamed) to its
-  temporary file (``payload``), with the previous file kept as ``<tag>.prev.pt`` but the new one not yet
-  in place (``rotated``), and with the new file in place but ``latest.json`` not yet updated (``pointer``).
+- ``checkpoint``: inside a checkpoint write: with the previous file kept as ``<tag>.prev.pt`` and the new
+  one not yet written (``rotated``); half-way through writing the payload to its temporary file, once
+  64 KiB of it reached the file (``payload``; at its end for a smaller payload); and with the new file in
+  place but ``latest.json`` not yet updated (``pointer``).
 
 Unarmed (the normal case) a crash point is one test of a module flag. A crash is armed by the
 environment, read once at import, or by :func:`arm` (in a forked child, where the import has happened):
@@ -25,11 +26,12 @@ Never set these outside tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from typing import Optional
+from typing import IO, Iterator, Optional
 
-__all__ = ["PHASES", "crash_point", "arm", "parse_crash_at"]
+__all__ = ["PHASES", "crash_point", "crash_point_in_writes", "arm", "parse_crash_at"]
 
 PHASES = ("step", "eval", "checkpoint")
 
@@ -75,6 +77,40 @@ def crash_point(phase: str, where: str) -> None:
         if _log is not None:
             _write_log(f"KILL {phase} {n} {where}")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _WatchedWriter:
+    """A binary file that passes a crash point once the bytes written through it first reach ``after``."""
+
+    def __init__(self, f: IO[bytes], phase: str, where: str, after: int) -> None:
+        self.f, self.phase, self.where, self.after = f, phase, where, after
+        self.written, self.passed = 0, False
+
+    def write(self, data) -> int:
+        n = self.f.write(data)
+        self.written += len(data)
+        if not self.passed and self.written >= self.after:
+            self.passed = True
+            self.f.flush()   # what was written so far is in the file, the rest is not: a half-written file
+            crash_point(self.phase, self.where)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@contextlib.contextmanager
+def crash_point_in_writes(f: IO[bytes], phase: str, where: str, after: int = 1 << 16) -> Iterator[IO[bytes]]:
+    """``f`` itself when no crash is armed or logged; otherwise ``f`` wrapped so that a crash point of ``phase``
+    is passed once ``after`` bytes were written through it (or when the block ends, if fewer were)."""
+    if _target is None and _log is None:
+        yield f
+        return
+    w = _WatchedWriter(f, phase, where, after)
+    yield w
+    if not w.passed:
+        w.passed = True
+        crash_point(phase, where)
 
 
 arm(os.environ.get("CLFAST_CRASH_AT") or None, os.environ.get("CLFAST_CRASH_LOG") or None)

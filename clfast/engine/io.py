@@ -31,7 +31,7 @@ import torch
 
 from ..utils.files import (atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text,  # noqa: F401
                            to_jsonable)
-from .faults import crash_point
+from .faults import crash_point, crash_point_in_writes
 from .progress import log_to_file  # noqa: F401  (re-exported: the trainer calls io.log_to_file)
 
 __all__ = [
@@ -322,9 +322,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict, *, update_latest: bool
         if keep_previous and os.path.isfile(path) and checkpoint_problem(path) is None:
             _keep_as_previous(path)
             crash_point("checkpoint", "rotated")
-        with atomic_open(path, "wb") as f:
-            torch.save(payload, f)
-            crash_point("checkpoint", "payload")
+        with atomic_open(path, "wb") as f, crash_point_in_writes(f, "checkpoint", "payload") as out:
+            torch.save(payload, out)
     except OSError as e:
         raise _os_error(CheckpointWriteError, e, f"writing checkpoint {path} failed: {_errno_text(e)}; nothing "
                         f"was replaced ({_pointer_note(directory)})") from e

@@ -4,11 +4,13 @@ global random generator, the uninterrupted reference of it, and ways to damage a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from clfast.engine import RunConfig
+from clfast.engine import RunConfig, Trainer
 from clfast.methods import register_method
 from clfast.methods.linear import Linear
 
@@ -23,14 +25,27 @@ class DropoutLinear(Linear):
 
 
 def toy_cfg(extra=()) -> RunConfig:
-    """2 tasks of digits, 4 steps of 16 augmented images each, adam: about a second of training."""
+    """2 tasks of digits, 4 steps of 16 images each (frozen features cached), adam: a second of training."""
     kw = dict(method="_test_dropout_linear", dataset="digits", num_tasks=2, epochs=1, batch_size=16,
-              eval_batch_size=128, limit_train_batches=4, limit_eval_batches=1, quiet=True, threads=1,
-              amp="none", augment=True, optimizer={"name": "adam", "lr": 0.01})
+              eval_batch_size=64, limit_train_batches=4, limit_eval_batches=1, quiet=True, threads=1,
+              amp="none", augment=False, optimizer={"name": "adam", "lr": 0.01})
     for e in extra:
         k, v = e.split("=")
         kw[k] = int(v)
     return RunConfig(**kw)
+
+
+_REFERENCE: dict[str, str] = {}   # one uninterrupted run per test session, shared by the modules
+
+
+@pytest.fixture(scope="module")
+def toy_full(tmp_path_factory):
+    """The uninterrupted run of :func:`toy_cfg` (import this fixture into a test module to use it)."""
+    if "toy" not in _REFERENCE:
+        run = tmp_path_factory.mktemp("toy") / "full"
+        Trainer(toy_cfg(), out=str(run)).fit()
+        _REFERENCE["toy"] = str(run)
+    return Path(_REFERENCE["toy"])
 
 
 def flip_tensor_bit(path, key: str | None = None) -> None:

@@ -19,7 +19,7 @@ from clfast.engine import Interrupted, Trainer
 from clfast.engine import io as rio
 from clfast.engine.io import (CheckpointError, CheckpointWarning, DamagedCheckpointError, content_digest,
                               load_checkpoint, load_latest_checkpoint, rng_state, save_checkpoint)
-from tests.engine.crashkit import flip_tensor_bit, toy_cfg, truncate
+from tests.engine.crashkit import flip_tensor_bit, toy_cfg, toy_full, truncate  # noqa: F401 (a fixture)
 from tests.engine.test_resume import differing, final_state, matrix
 
 
@@ -174,13 +174,6 @@ def test_keep_previous_keeps_the_intact_file_it_replaces(tmp_path):
 
 
 # --- through the trainer and the command line --------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def toy_full(tmp_path_factory):
-    run = tmp_path_factory.mktemp("toy") / "full"
-    Trainer(toy_cfg(), out=str(run)).fit()
-    return run
-
 
 def test_resume_falls_back_past_damaged_checkpoints_and_says_so(toy_full, tmp_path):
     """Interrupted at step 6 with step checkpoints: interrupt.pt (step 6) and step.pt (step 5) damaged, the
