@@ -117,8 +117,8 @@ def kill_and_resume(launch: Callable, reference: Path, root: Path, plan: list[tu
     that finishes is compared with ``reference`` and the next cycle starts a new one; after the plan, the last
     run is resumed to its end and compared too. Returns the record of what happened."""
     log = root / "crash.log"
-    record = {"cycles": 0, "kills": Counter(), "not_reached": 0, "damaged_then_skipped": 0, "runs_compared": 0,
-              "identical": True}
+    record = {"cycles": 0, "kills": Counter(), "timed_kills": [], "not_reached": 0, "damaged_then_skipped": 0,
+              "runs_compared": 0}
     jobs = 0
     run = root / f"run{jobs}"
     pending_damage = None
@@ -150,7 +150,10 @@ def kill_and_resume(launch: Callable, reference: Path, root: Path, plan: list[tu
             finished_and_compared()
             continue
         assert rc == -signal.SIGKILL, rc
-        record["kills"][_last_point(log, start)] += 1
+        point = _last_point(log, start)
+        record["kills"][point] += 1
+        if crash_at is None:
+            record["timed_kills"].append({"after_s": kill_after, "last_point_passed": point})
         if damage:
             pending_damage = _damage_newest(run)
     if rio.checkpoint_candidates(run) or pending_damage:
@@ -159,6 +162,8 @@ def kill_and_resume(launch: Callable, reference: Path, root: Path, plan: list[tu
             check_skipped(pending_damage)
         finished_and_compared()
     record["kills"] = dict(sorted(record["kills"].items()))
+    record["outcome"] = (f"all {record['runs_compared']} finished runs bitwise equal to the uninterrupted run "
+                         f"(accuracy matrix and every trained tensor), no partial file left")
     return record
 
 
@@ -216,12 +221,12 @@ def random_plan(rnd: random.Random, cycles: int, timed: int = 0) -> list[tuple]:
     for i in range(cycles):
         point, most = rnd.choice(POINTS)
         plan.append((f"{point}:{rnd.randint(1, most)}", None, i % 4 == 3))
-    plan += [(None, round(rnd.uniform(0.0, 2.5), 2), False) for _ in range(timed)]
+    plan += [(None, round(rnd.uniform(0.0, 2.5), 2), False) for _ in range(timed)]   # after the first point
     return plan
 
 
 @pytest.mark.slow
-def test_thirty_random_kills_in_forked_runs_resume_bitwise(toy_full, tmp_path):
+def test_random_kills_in_forked_runs_resume_bitwise(toy_full, tmp_path):
     seed = int(os.environ.get("CLFAST_KILL_SEED", "0"))
     cycles = int(os.environ.get("CLFAST_KILL_CYCLES", "30"))
     t0 = time.time()
@@ -238,11 +243,11 @@ def dual_full(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_twenty_random_kills_of_the_command_line_resume_bitwise(dual_full, tmp_path):
-    """``python -m clfast train`` (dualprompt with augmentation, as test_resume), 20 kills at random crash
+def test_random_kills_of_the_command_line_resume_bitwise(dual_full, tmp_path):
+    """``python -m clfast train`` (dualprompt with augmentation, as test_resume), 24 kills at random crash
     points and 4 from outside at random times, each followed by ``--resume`` with the original command line."""
     seed = int(os.environ.get("CLFAST_KILL_SEED", "0"))
-    cycles = int(os.environ.get("CLFAST_KILL_CYCLES", "20"))
+    cycles = int(os.environ.get("CLFAST_KILL_CYCLES", "24"))
     t0 = time.time()
     rec = kill_and_resume(launch_cli, dual_full, tmp_path, random_plan(random.Random(seed), cycles, timed=4))
     _report("cli", rec, seed, round(time.time() - t0, 1))
