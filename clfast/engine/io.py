@@ -318,6 +318,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict, *, update_latest: bool
     payload = dict(state)
     payload[HASH_KEY] = content_digest(state)
     directory = os.path.dirname(path)
+    existed = os.path.exists(path)
     try:
         if keep_previous and os.path.isfile(path) and checkpoint_problem(path) is None:
             _keep_as_previous(path)
@@ -325,8 +326,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict, *, update_latest: bool
         with atomic_open(path, "wb") as f, crash_point_in_writes(f, "checkpoint", "payload") as out:
             torch.save(payload, out)
     except OSError as e:
-        raise _os_error(CheckpointWriteError, e, f"writing checkpoint {path} failed: {_errno_text(e)}; nothing "
-                        f"was replaced ({_pointer_note(directory)})") from e
+        left = (f"the previous {os.path.basename(path)} is unchanged" if existed
+                else f"no {os.path.basename(path)} was created")
+        raise _os_error(CheckpointWriteError, e, f"writing checkpoint {path} failed: {_errno_text(e)}; {left} "
+                        f"({_pointer_note(directory)})") from e
     if update_latest:
         crash_point("checkpoint", "pointer")
         pointer = os.path.join(directory, LATEST_POINTER)

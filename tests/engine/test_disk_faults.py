@@ -141,6 +141,8 @@ def test_enospc_at_a_checkpoint_is_reported_there_and_the_last_good_one_resumes(
     assert e.value.errno == errno.ENOSPC
     assert msg.startswith(f"writing {failing.format(ck=ck)} failed: No space left on device (ENOSPC, errno 28);"), msg
     assert "latest.json still names step.pt" in msg and msg.endswith(f"continue with --resume {run}")
+    assert {"payload": "the previous step.pt is unchanged", "fsync": "no task001.pt was created",
+            "pointer": "the checkpoint {ck}/task001.pt is complete".format(ck=ck)}[fault] in msg
     assert msg in (run / "train.log").read_text()                 # logged where the run's log is kept
     assert partial_files(run) == []
     assert json.loads((ck / "latest.json").read_text()) == {"checkpoint": "step.pt"}
@@ -165,7 +167,7 @@ def test_the_command_line_reports_enospc_at_the_failing_write(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert rc == 1
     assert (f"clfast: error: writing checkpoint {run / 'checkpoints' / 'task001.pt'} failed: No space left on device "
-            f"(ENOSPC, errno 28); nothing was replaced (there is no latest.json)") in err
+            f"(ENOSPC, errno 28); no task001.pt was created (there is no latest.json)") in err
     assert os.listdir(run / "checkpoints") == []
 
 
