@@ -113,10 +113,11 @@ def _parse(text: str):
 
 def cmd_eval(args) -> int:
     from clfast.engine.evaluate import evaluate_run
+    from clfast.engine.io import RunDirectoryError
 
     try:
         return evaluate_run(args.run, quiet=args.quiet)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunDirectoryError) as e:   # a damaged checkpoint is a ValueError
         return _fail(str(e))
 
 
