@@ -5,10 +5,11 @@ The engine calls :func:`crash_point` at the moments a crash does the most damage
 - ``step``: inside a training step, after the backward and before the optimizer step (``backward``), and
   after the optimizer step before the step is counted (``update``);
 - ``eval``: inside evaluation, after each batch's prediction (``batch``);
-- ``checkpoint``: inside a checkpoint write: with the previous file kept as ``<tag>.prev.pt`` and the new
-  one not yet written (``rotated``); half-way through writing the payload to its temporary file, once
-  64 KiB of it reached the file (``payload``; at its end for a smaller payload); and with the new file in
-  place but ``latest.json`` not yet updated (``pointer``).
+- ``checkpoint``: inside a checkpoint write: half-way through writing the payload to its temporary file,
+  once 64 KiB of it reached the file (``payload``; at its end for a smaller payload); with the new file
+  complete and the previous one renamed to ``<tag>.prev.pt``, but the new one not yet under its name
+  (``rotated``: there is no ``<tag>.pt`` at that moment); and with the new file in place but
+  ``latest.json`` not yet updated (``pointer``).
 
 Unarmed (the normal case) a crash point is one test of a module flag. A crash is armed by the
 environment, read once at import, or by :func:`arm` (in a forked child, where the import has happened):

@@ -153,7 +153,7 @@ HASHED_SINCE_FORMAT = 3
 Older checkpoints (no hash) still load, with a :class:`CheckpointWarning`."""
 
 PREVIOUS = ".prev.pt"
-"""``<tag>.pt`` kept by ``save_checkpoint(..., keep_previous=True)`` when it is overwritten: ``<tag>.prev.pt``."""
+"""``<tag>.pt`` kept by ``save_checkpoint(..., keep_previous=True)`` when it is replaced: ``<tag>.prev.pt``."""
 
 
 class CheckpointError(ValueError):
@@ -259,29 +259,6 @@ def _previous_path(path: str) -> str:
     return (path[:-3] if path.endswith(".pt") else path) + PREVIOUS
 
 
-def _keep_as_previous(path: str) -> None:
-    """Make ``<tag>.prev.pt`` a copy of ``path`` (a hard link where the file system has them), atomically."""
-    prev = _previous_path(path)
-    directory = os.path.dirname(path)
-    link = os.path.join(directory, f".{os.path.basename(prev)}.{os.getpid()}.link.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(link)
-    try:
-        os.link(path, link)
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
-            raise
-        with open(path, "rb") as src, atomic_open(prev, "wb") as dst:   # no hard links here: copy
-            shutil.copyfileobj(src, dst, 1 << 20)
-        return
-    try:
-        os.replace(link, prev)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(link)
-        raise
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict, *, update_latest: bool = True,
                     keep_previous: bool = False) -> None:
     """``torch.save`` ``state`` to ``path`` atomically with its content hash, then point ``latest.json`` at it.
@@ -298,9 +275,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict, *, update_latest: bool
         state: the dict to save.
         update_latest: write the pointer file (set False for side checkpoints).
         keep_previous: when ``path`` already holds an intact checkpoint, keep it as ``<tag>.prev.pt``
-            (replacing the one there) before ``path`` is replaced, so that a newest file damaged later still
-            leaves an older one to resume from. A damaged file at ``path`` is not kept (``<tag>.prev.pt``
-            stays as it was).
+            (replacing the one there), so that a newest file damaged later still leaves an older one to
+            resume from. It is renamed there once the new file is complete and on disk, just before the new
+            file takes its name (two renames; a file of its own, never a link to the new one). A damaged file
+            at ``path`` is not kept (``<tag>.prev.pt`` stays as it was).
 
     Raises:
         CheckpointWriteError: (an ``OSError`` with the cause's ``errno``) the disk is full, the directory
@@ -318,16 +296,21 @@ def save_checkpoint(path: str | os.PathLike, state: dict, *, update_latest: bool
     payload = dict(state)
     payload[HASH_KEY] = content_digest(state)
     directory = os.path.dirname(path)
-    existed = os.path.exists(path)
+    name, prev = os.path.basename(path), _previous_path(path)
+    keep = keep_previous and os.path.isfile(path) and checkpoint_problem(path) is None
+    existed, kept = os.path.exists(path), False
     try:
-        if keep_previous and os.path.isfile(path) and checkpoint_problem(path) is None:
-            _keep_as_previous(path)
-            crash_point("checkpoint", "rotated")
         with atomic_open(path, "wb") as f, crash_point_in_writes(f, "checkpoint", "payload") as out:
             torch.save(payload, out)
+            if keep:   # only once the new file is complete and on disk: the old one moves aside, then the new
+                f.flush()   # one takes its name (between the two renames a reader finds <tag>.prev.pt)
+                os.fsync(f.fileno())
+                os.replace(path, prev)
+                kept = True
+                crash_point("checkpoint", "rotated")
     except OSError as e:
-        left = (f"the previous {os.path.basename(path)} is unchanged" if existed
-                else f"no {os.path.basename(path)} was created")
+        left = (f"the previous {name} was kept as {os.path.basename(prev)}" if kept
+                else f"the previous {name} is unchanged" if existed else f"no {name} was created")
         raise _os_error(CheckpointWriteError, e, f"writing checkpoint {path} failed: {_errno_text(e)}; {left} "
                         f"({_pointer_note(directory)})") from e
     if update_latest:
@@ -517,7 +500,7 @@ def load_latest_checkpoint(run_dir: str | os.PathLike, *, expected: Optional[dic
 
     Returns:
         ``(path, state, skipped)``: the file used, its content, and ``(file, what is wrong)`` for each newer
-        damaged one.
+        damaged one (and for the file ``latest.json`` names if it does not exist).
 
     Raises:
         FileNotFoundError: there is no checkpoint.
@@ -529,13 +512,18 @@ def load_latest_checkpoint(run_dir: str | os.PathLike, *, expected: Optional[dic
         raise FileNotFoundError(f"no checkpoint (*.pt or {LATEST_POINTER}) in {os.fspath(run_dir)!r} or its "
                                 f"checkpoints/ folder")
     skipped: list[tuple[str, str]] = []
+    directory = os.path.dirname(candidates[0])
+    named = _pointer_target(directory)
+    if named and not os.path.isfile(os.path.join(directory, named)):   # e.g. killed between two renames
+        skipped.append((os.path.join(directory, named), f"{LATEST_POINTER} names it but it does not exist"))
     for path in candidates:
         try:
             return path, load_checkpoint(path, expected=expected, map_location=map_location), skipped
         except DamagedCheckpointError as e:
             skipped.append((path, str(e)))
     raise DamagedCheckpointError(f"every checkpoint of {os.fspath(run_dir)!r} is damaged: "
-                                 + "; ".join(why for _, why in skipped))
+                                 + "; ".join(why if why.startswith("checkpoint") else f"{p}: {why}"
+                                             for p, why in skipped))
 
 
 def ensure_writable_dir(directory: str | os.PathLike, what: str = "run directory") -> None:

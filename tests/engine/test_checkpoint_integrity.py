@@ -145,10 +145,13 @@ def test_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     assert "does not match the sha256" in skipped[0][1] and "it is truncated" in skipped[1][1]
     with pytest.warns(CheckpointWarning, match=r"skipped .*task003\.pt.*loaded .*task001\.pt"):
         load_checkpoint(tmp_path)
+    os.remove(t3)   # latest.json names a file that is gone: said, and the next one is used
+    path, state, skipped = load_latest_checkpoint(tmp_path)
+    assert path == str(t1) and skipped[0] == (str(t3), "latest.json names it but it does not exist")
     truncate(t1, 0.0)
     with pytest.raises(DamagedCheckpointError, match=r"every checkpoint .* is damaged") as e:
         load_latest_checkpoint(tmp_path)
-    assert all(str(p) in str(e.value) for p in (t1, t2, t3))
+    assert all(str(p) in str(e.value) for p in (t1, t2)) and f"{t3}: latest.json names it but" in str(e.value)
 
 
 def test_another_runs_checkpoint_is_refused_not_skipped(tmp_path):
@@ -164,6 +167,7 @@ def test_keep_previous_keeps_the_intact_file_it_replaces(tmp_path):
         save_checkpoint(step, _state(i), keep_previous=True)
     assert content_digest(load_checkpoint(step)) == content_digest(_state(3))
     assert content_digest(load_checkpoint(prev)) == content_digest(_state(2))
+    assert os.stat(step).st_ino != os.stat(prev).st_ino   # a file of its own: damage to one is not to both
     # a damaged step.pt is not kept: step.prev.pt stays the intact one before it
     flip_tensor_bit(step)
     save_checkpoint(step, _state(4), keep_previous=True)

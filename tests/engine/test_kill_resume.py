@@ -193,19 +193,28 @@ def test_killed_in_a_step_in_evaluation_and_in_a_checkpoint_write_resumes_bitwis
     assert rec["damaged_then_skipped"] == 1 and rec["runs_compared"] == 1 and rec["not_reached"] == 0
 
 
-def test_a_kill_mid_checkpoint_leaves_a_partial_file_that_resume_removes(toy_full, tmp_path):
-    """The kill inside the payload write does leave a half-written temporary file (so the crash point is
-    where it claims to be), never under a checkpoint's name; the resume removes it."""
-    run, log = tmp_path / "run", tmp_path / "crash.log"
+def test_kills_inside_a_checkpoint_write_leave_no_damage_that_resume_does_not_handle(toy_full, tmp_path):
+    """A kill half-way through the payload leaves a half-written temporary file (so the crash point is where
+    it claims to be), never a file under a checkpoint's name; a kill between the two renames that keep the
+    previous step checkpoint leaves no step.pt at all (latest.json names a missing file) and step.prev.pt.
+    Each resume removes the partial files, says so, and the run still ends bitwise equal."""
+    run, log, ck = tmp_path / "run", tmp_path / "crash.log", tmp_path / "run" / "checkpoints"
     assert launch_fork(run, "checkpoint/payload:2", log, False) == -signal.SIGKILL
     left = partial_files(run)
     assert len(left) == 1 and left[0].startswith(".step.pt.")
-    assert 0 < os.path.getsize(run / "checkpoints" / left[0]) < os.path.getsize(run / "checkpoints" / "step.pt")
-    assert rio.load_checkpoint(run / "checkpoints" / "step.pt")["global_step"] == 1
-    assert launch_fork(run, "step:1", log, True) == -signal.SIGKILL
+    assert 0 < os.path.getsize(ck / left[0]) < os.path.getsize(ck / "step.pt")
+    assert rio.load_checkpoint(ck / "step.pt")["global_step"] == 1
+    assert launch_fork(run, "checkpoint/rotated:1", log, True) == -signal.SIGKILL
+    assert f"removed 1 partial file(s) a killed run left in {ck}: {left[0]}" in (run / "train.log").read_text()
+    assert not (ck / "step.pt").exists() and json.loads((ck / "latest.json").read_text()) == {"checkpoint": "step.pt"}
+    assert rio.load_checkpoint(ck / "step.prev.pt")["global_step"] == 1 and len(partial_files(run)) == 1
+    assert launch_fork(run, None, log, True) == 0
+    text = (run / "train.log").read_text()
+    assert f"--resume: skipping {ck / 'step.pt'}: latest.json names it but it does not exist" in text
+    assert f"--resume: resuming from {ck / 'step.prev.pt'} instead" in text
     assert partial_files(run) == []
-    assert f"removed 1 partial file(s) a killed run left in {run / 'checkpoints'}: {left[0]}" in (
-        run / "train.log").read_text()
+    assert differing(final_state(run), final_state(toy_full)) == []
+    torch.testing.assert_close(matrix(run), matrix(toy_full), rtol=0, atol=0, equal_nan=True)
 
 
 # --- the slow versions (make test-kill) ------------------------------------------------------------------------
