@@ -416,7 +416,8 @@ def _read_checkpoint(path: str, map_location: Any) -> dict:
                                      f"with torch.load(weights_only=True) ({size} bytes{cut}): "
                                      f"{type(e).__name__}: {str(e).strip()[:500]}") from e
     if not isinstance(state, dict):
-        raise DamagedCheckpointError(f"checkpoint {path!r} must hold a dict, got {type(state).__name__}")
+        raise DamagedCheckpointError(f"checkpoint {path!r} is damaged or not a checkpoint: it holds a "
+                                     f"{type(state).__name__}, not a dict")
     saved = state.pop(HASH_KEY, None)
     if saved is None:
         fmt = state.get("format")

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,10 @@ from tests.engine.test_resume import differing, final_state, matrix
 
 
 def _state(seed=0):
+    """A checkpoint-like dict, the same in every process (the RNG states included)."""
     g = torch.Generator().manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
     return {"format": 3, "method": "l2p", "config_hash": "abc", "position": [1, 0, 0, 0],
             "method_state": {"prompt": torch.randn(4, 8, generator=g), "keys": torch.randn(6, 8, generator=g),
                              "mask": torch.rand(5, generator=g) > 0.5, "half": torch.randn(3, 3, generator=g).bfloat16(),
