@@ -49,12 +49,14 @@ def cmd_bench(args) -> int:
     return subprocess.call(report, cwd=bench.parent)
 
 
-def _fail(msg: str) -> int:
+def _fail(msg: str, rc: int = 2) -> int:
     print(f"clfast: error: {msg}", file=sys.stderr)
-    return 2
+    return rc
 
 
 def _run_trainer(trainer) -> int:
+    from clfast.data.readers import ImageReadError
+    from clfast.engine.distributed import lost_contact
     from clfast.engine.io import CheckpointWriteError
     from clfast.engine.trainer import Interrupted
 
@@ -64,8 +66,17 @@ def _run_trainer(trainer) -> int:
         print(f"clfast: {e}", file=sys.stderr)
         return 130 if trainer.interrupted else 0
     except CheckpointWriteError as e:   # a full disk: the message names the file, the errno and what to do
-        print(f"clfast: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e), rc=1)
+    except ImageReadError as e:
+        return _fail(_image_error(e))
+    except RuntimeError as e:
+        if trainer.world == 1 or not lost_contact(e):
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        return _fail(f"rank {trainer.rank} of {trainer.world} lost contact with another process (it died, or did not "
+                     f"answer within dist_timeout_s={trainer.procs.timeout_s:g} s): {first}\nThe checkpoints "
+                     f"already written are intact; continue the run with the same launcher and --resume "
+                     f"{trainer.run_dir}", rc=1)
     return 0
 
 
@@ -98,6 +109,12 @@ def cmd_train(args) -> int:
     return _run_trainer(trainer)
 
 
+def _image_error(e: Exception) -> str:
+    """An ImageReadError's message; re-raised from a DataLoader worker it ends with the worker's traceback,
+    whose last line is the original message."""
+    return str(e).rsplit("ImageReadError: ", 1)[-1].strip()
+
+
 def _command_line(args) -> str:
     """The command as typed, for the run record (``python -m clfast`` and torchrun launches included)."""
     import shlex
@@ -112,11 +129,14 @@ def _parse(text: str):
 
 
 def cmd_eval(args) -> int:
+    from clfast.data.readers import ImageReadError
     from clfast.engine.evaluate import evaluate_run
     from clfast.engine.io import RunDirectoryError
 
     try:
         return evaluate_run(args.run, quiet=args.quiet)
+    except ImageReadError as e:
+        return _fail(_image_error(e))
     except (ValueError, FileNotFoundError, RunDirectoryError) as e:   # a damaged checkpoint is a ValueError
         return _fail(str(e))
 

@@ -11,6 +11,10 @@ Promptable frozen ViTs and CLIPs with recorded weight provenance (:mod:`clfast.b
 
     backbone = clfast.backbones.create_vit("vit_base_patch16_224.augreg_in21k", checkpoint_path=None)
     model, preprocess, tokenizer, weights = clfast.backbones.create_clip("clip_tiny_synth")
+
+Class keys from CLIP's text encoder with a learnable context token per class (:mod:`clfast.backbones.clip_text`):
+
+    keys = clfast.backbones.ClassTextEncoder(model, tokenizer, class_names)(context)   # (C, D_c)
 """
 
 from .tokenizer import WordTokenizer
@@ -20,6 +24,7 @@ from .zoo import (ASSET_DIR, CLIP_TINY_SYNTH_CONFIG, CLIP_TINY_SYNTH_FILE, CLIP_
                   vit_tiny_synth)
 from .sentence import DEFAULT_SENTENCE_ENCODER, embed_phrases, load_sentence_encoder
 from .clip import create_clip
+from .clip_text import ClassTextEncoder
 from .vit import ViTBackbone, create_vit
 from .weights import WeightsInfo, hub_offline
 
@@ -33,5 +38,6 @@ __all__ = [
     "register_open_clip_configs", "clip_normalize", "vit_normalize", "verify_assets", "sha256_file",
     "list_pretrained", "load_sentence_encoder", "embed_phrases", "DEFAULT_SENTENCE_ENCODER",
     "ASSET_DIR", "VIT_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_CONFIG",
-    "CLIP_TINY_SYNTH_VOCAB", "create_vit", "create_clip", "ViTBackbone", "WeightsInfo", "hub_offline",
+    "CLIP_TINY_SYNTH_VOCAB", "create_vit", "create_clip", "ClassTextEncoder", "ViTBackbone", "WeightsInfo",
+    "hub_offline",
 ]

@@ -235,6 +235,13 @@ def create_vit(name: str, *, pretrained: Union[bool, str] = True, checkpoint_pat
     return ViTBackbone(model, weights=weights, prompt_layers=prompt_layers, train_backbone=train_backbone)
 
 
+def vit_depth(name: str) -> int:
+    """The number of blocks of the timm ViT ``name``, from a build on the meta device (no weights, no
+    memory); ValueError for an unknown name or a model that is not a class-token ViT."""
+    _resolve_vit_name(name)
+    return len(_meta_vit(name, dict(num_classes=0)).blocks)
+
+
 def _meta_vit(name: str, kwargs: dict) -> VisionTransformer:
     """The model built on the meta device (no memory, no init), checked to be a class-token ViT before
     anything is downloaded."""

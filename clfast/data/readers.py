@@ -8,15 +8,20 @@ exposes ``targets``, ``classes``, ``name`` and ``split``. When files are missing
 
 - ``cifar100``: torchvision's python pickles, read directly.
 - ``imagenet_r``, ``eurosat``: one folder per class; the 80/20 train/test split comes from a
-  *split manifest* (CSV: path, label, split, sha256) generated once from a seed and then only read,
-  so every run of every method uses the same split and the run record can hash it. Files are never
-  moved or copied.
+  *split manifest* (CSV: path, label, split, sha256, size) generated once from a seed and then only
+  read, so every run of every method uses the same split and the run record can hash it. Every read
+  checks that each listed file exists with its recorded size (``verify=True`` re-hashes them too).
+  Files are never moved or copied.
 - ``cub200``: the official ``train_test_split.txt``.
 - ``domainnet``: the official ``<domain>_{train,test}.txt`` lists; per-item ``domains`` for
   domain-incremental scenarios.
 
 :func:`describe_datasets` lists every registered dataset, its expected layout and whether it is
 found under a root (the ``clfast datasets`` command).
+
+A file that cannot be decoded raises :class:`ImageReadError` naming it (also from a ``DataLoader``
+worker, where the message carries the path into the main process); :func:`find_unreadable` lists the
+items of a dataset that cannot be read, for runs that leave them out (``skip_bad_samples``).
 """
 
 from __future__ import annotations
@@ -40,33 +45,83 @@ from .base import InMemoryImages
 from .registry import dataset_info, list_datasets, register_dataset
 
 __all__ = [
-    "ImageFiles", "Cifar100", "DomainNet", "SplitManifest", "load_image", "split_manifest",
+    "ImageFiles", "Cifar100", "DomainNet", "SplitManifest", "ImageReadError", "load_image", "find_unreadable",
+    "split_manifest",
     "generate_split_manifest", "generate_random_split_manifest", "read_split_manifest", "describe_datasets", "DOMAINNET_DOMAINS",
     "DEFAULT_SPLIT_SEED",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_SPLIT_SEED = 1993
-MANIFEST_COLUMNS = ("path", "label", "split", "sha256")
-_MANIFEST_TAG = "# clfast split manifest v1:"
+MANIFEST_COLUMNS = ("path", "label", "split", "sha256", "size")
+# manifests written before the size column (v1) are read as they are, without the size check
+MANIFEST_COLUMNS_V1 = MANIFEST_COLUMNS[:4]
+_MANIFEST_TAG = "# clfast split manifest v2:"
+_MANIFEST_TAG_PREFIX = re.compile(r"# clfast split manifest v[12]:")
 
 
 # --------------------------------------------------------------------------------------------------
 # Shared helpers
 
 
+class ImageReadError(OSError):
+    """An image file that is missing, unreadable or does not decode; the message names the file.
+
+    Takes one message argument, so that a ``DataLoader`` worker can re-raise it in the main process
+    with the same type (the worker's traceback, and so the path, is appended to the message).
+    ``reason`` (set where it is raised, not after a worker's re-raise) is the message without the advice.
+    """
+
+    reason: str = ""
+
+
 def load_image(path: str) -> torch.Tensor:
     """Decode an image file to a float tensor ``(3, H, W)`` in [0, 1] (grey and RGBA become RGB).
 
     Uses Pillow (installed with torchvision); torchvision's own decoders are deprecated since 0.29.
+
+    Raises:
+        ImageReadError: the file is missing, unreadable, not an image, or truncated.
     """
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("reading image files needs Pillow: pip install pillow") from e
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # PIL raises OSError (truncated, unidentified), ValueError and SyntaxError (broken headers)
+        reason = f"cannot read image {path}: {type(e).__name__}: {e}"
+        err = ImageReadError(f"{reason}. Replace or remove the file (a run with skip_bad_samples=true leaves "
+                             f"unreadable images out, and counts them)")
+        err.reason = reason
+        raise err from e
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def find_unreadable(dataset, workers: int = 4) -> list[tuple[int, str]]:
+    """The items of ``dataset`` that raise :class:`ImageReadError`: ``[(index, message), ...]`` by index.
+
+    Reads every item once (decoding every image: the cost of one pass over the data, spread over
+    ``workers`` threads, as Pillow decodes without holding the GIL). Any other exception propagates.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(i: int):
+        try:
+            dataset[i]
+        except ImageReadError as e:
+            return i, e.reason or str(e)
+        return None
+
+    n = len(dataset)
+    if workers <= 1 or n < 64:
+        found = [check(i) for i in range(n)]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = list(pool.map(check, range(n), chunksize=64))
+    return [f for f in found if f is not None]
 
 
 def _check_split(split: str) -> str:
@@ -121,6 +176,15 @@ class ImageFiles(Dataset):
         self.targets = [int(t) for t in targets]
         self.classes = list(classes)
         self.transform = transform
+        bad = [(f, t) for f, t in zip(self.files, self.targets) if not 0 <= t < len(self.classes)]
+        if bad:
+            raise ValueError(f"dataset {name!r} ({split}): {len(bad)} image(s) have a label outside the "
+                             f"{len(self.classes)} classes [0, {len(self.classes)}): "
+                             + ", ".join(f"{f} (label {t})" for f, t in bad[:5]))
+        missing = [f for f in self.files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"dataset {name!r} ({split}): {len(missing)} listed image file(s) are missing: "
+                                    f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -161,16 +225,17 @@ class SplitManifest:
     splits: tuple
     hashes: tuple
     sha256: str
+    verified: bool = False   # every file was re-hashed against the manifest when it was read
 
     def indices(self, split: str) -> list[int]:
         return [i for i, s in enumerate(self.splits) if s == split]
 
     def info(self) -> dict:
-        """``{path, sha256, seed, train_fraction, n_train, n_test}`` for the run record."""
+        """``{path, sha256, seed, train_fraction, n_train, n_test, verified}`` for the run record."""
         n_train = sum(s == "train" for s in self.splits)
         return {"path": os.path.abspath(self.path), "sha256": self.sha256, "seed": self.seed,
                 "train_fraction": self.train_fraction, "n_train": n_train,
-                "n_test": len(self.splits) - n_train}
+                "n_test": len(self.splits) - n_train, "verified": self.verified}
 
 
 def generate_split_manifest(data_dir: str, path: str, seed: int = DEFAULT_SPLIT_SEED,
@@ -180,7 +245,7 @@ def generate_split_manifest(data_dir: str, path: str, seed: int = DEFAULT_SPLIT_
     Classes are the sorted sub-folders (label = position); within each class, the sorted files are
     permuted by ``np.random.default_rng([seed, label])`` and the first ``round(train_fraction · n)``
     are train (at least one train and one test image when a class has two or more). Every file is
-    hashed (sha256). The output depends only on the files and the arguments.
+    hashed (sha256) and its size in bytes recorded. The output depends only on the files and the arguments.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
@@ -198,8 +263,9 @@ def generate_split_manifest(data_dir: str, path: str, seed: int = DEFAULT_SPLIT_
         is_train = np.zeros(n, dtype=bool)
         is_train[np.random.default_rng([int(seed), label]).permutation(n)[:n_train]] = True
         for f, tr in zip(files, is_train):
-            writer.writerow((f"{cls}/{f}", label, "train" if tr else "test",
-                             sha256_file(os.path.join(data_dir, cls, f))))
+            full = os.path.join(data_dir, cls, f)
+            writer.writerow((f"{cls}/{f}", label, "train" if tr else "test", sha256_file(full),
+                             os.path.getsize(full)))
     atomic_write_text(path, buf.getvalue())
 
 
@@ -224,7 +290,8 @@ def generate_random_split_manifest(data_dir: str, path: str, seed: int = DEFAULT
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(MANIFEST_COLUMNS)
     for i, (rel, label) in enumerate(items):
-        writer.writerow((rel, label, "train" if i in train else "test", sha256_file(os.path.join(data_dir, rel))))
+        full = os.path.join(data_dir, rel)
+        writer.writerow((rel, label, "train" if i in train else "test", sha256_file(full), os.path.getsize(full)))
     atomic_write_text(path, buf.getvalue())
 
 
@@ -232,15 +299,20 @@ def read_split_manifest(path: str, data_dir: str, *, seed: Optional[int] = None,
                         verify: bool = False) -> SplitManifest:
     """Read and validate a split manifest.
 
+    Every listed file must exist under ``data_dir`` with its recorded size (one ``stat`` per file; a
+    manifest written before sizes were recorded, with the header ``path,label,split,sha256``, is only
+    checked for existence). ``verify`` re-hashes every file, which also catches a change that kept the size.
+
     Args:
-        path: the CSV (optional first line ``# clfast split manifest v1: seed=… train_fraction=…``,
-            then the header ``path,label,split,sha256``).
+        path: the CSV (optional first line ``# clfast split manifest v2: seed=… train_fraction=…``,
+            then the header ``path,label,split,sha256,size``).
         data_dir: folder the manifest's paths are relative to.
         seed: when given, the seed the manifest must have been generated with.
         verify: re-hash every file and compare with the manifest.
 
     Raises:
-        ValueError: malformed manifest, seed mismatch, or (``verify``) changed files.
+        ValueError: malformed manifest, seed mismatch, files whose size changed, or (``verify``) files
+            whose sha256 changed; each names the manifest and the files.
         FileNotFoundError: a listed file is missing under ``data_dir``.
     """
     with open(path, "rb") as f:
@@ -248,8 +320,9 @@ def read_split_manifest(path: str, data_dir: str, *, seed: Optional[int] = None,
     text = raw.decode("utf-8")
     lines = text.splitlines()
     file_seed, file_fraction = None, None
-    if lines and lines[0].startswith(_MANIFEST_TAG):
-        fields = dict(kv.split("=", 1) for kv in lines[0][len(_MANIFEST_TAG):].split())
+    tag = _MANIFEST_TAG_PREFIX.match(lines[0]) if lines else None
+    if tag:
+        fields = dict(kv.split("=", 1) for kv in lines[0][tag.end():].split())
         file_seed = int(fields["seed"]) if "seed" in fields else None
         file_fraction = float(fields["train_fraction"]) if "train_fraction" in fields else None
         lines = lines[1:]
@@ -257,32 +330,50 @@ def read_split_manifest(path: str, data_dir: str, *, seed: Optional[int] = None,
         raise ValueError(f"split manifest {path} was generated with seed={file_seed}, but seed={seed} "
                          f"was requested; pass seed={file_seed}, or another manifest_path for a new split")
     rows = list(csv.reader(lines))
-    if not rows or tuple(rows[0]) != MANIFEST_COLUMNS:
-        raise ValueError(f"split manifest {path}: header must be {','.join(MANIFEST_COLUMNS)}, "
+    if not rows or tuple(rows[0]) not in (MANIFEST_COLUMNS, MANIFEST_COLUMNS_V1):
+        raise ValueError(f"split manifest {path}: header must be {','.join(MANIFEST_COLUMNS)} (or, written "
+                         f"before sizes were recorded, {','.join(MANIFEST_COLUMNS_V1)}), "
                          f"got {','.join(rows[0]) if rows else '(empty file)'}")
-    paths, labels, splits, hashes = [], [], [], []
+    ncol = len(rows[0])
+    paths, labels, splits, hashes, sizes = [], [], [], [], []
     for n, row in enumerate(rows[1:], start=2):
-        if len(row) != 4 or row[2] not in ("train", "test") or not row[1].isdigit() or \
-                not re.fullmatch(r"[0-9a-f]{64}", row[3]):
-            raise ValueError(f"split manifest {path}, row {n}: expected 'path,label,split,sha256' with "
-                             f"an int label, split train|test and a sha256 hex digest, got {row}")
+        if len(row) != ncol or row[2] not in ("train", "test") or not row[1].isdigit() or \
+                not re.fullmatch(r"[0-9a-f]{64}", row[3]) or (ncol == 5 and not row[4].isdigit()):
+            raise ValueError(f"split manifest {path}, row {n}: expected '{','.join(rows[0])}' with "
+                             f"an int label, split train|test, a sha256 hex digest"
+                             f"{' and a size in bytes' if ncol == 5 else ''}, got {row}")
         paths.append(row[0])
         labels.append(int(row[1]))
         splits.append(row[2])
         hashes.append(row[3])
-    missing = [p for p in paths if not os.path.isfile(os.path.join(data_dir, p))]
+        sizes.append(int(row[4]) if ncol == 5 else None)
+    missing, resized = [], []
+    for p, size in zip(paths, sizes):
+        try:
+            st = os.stat(os.path.join(data_dir, p))
+        except OSError:
+            missing.append(p)
+            continue
+        if size is not None and st.st_size != size:
+            resized.append(f"{p} ({size} -> {st.st_size} bytes)")
     if missing:
         raise FileNotFoundError(
             f"split manifest {path} lists {len(missing)} file(s) missing under {data_dir}: "
             f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}. Restore the files; the "
             f"manifest is never regenerated over a changed dataset (delete it to make a new split)")
+    if resized:
+        raise ValueError(
+            f"split manifest {path}: {len(resized)} file(s) under {data_dir} changed size since the manifest "
+            f"was written: {', '.join(resized[:5])}{' …' if len(resized) > 5 else ''}. Restore the original "
+            f"files, or delete the manifest to make a new split over the data as it is now")
     if verify:
         changed = [p for p, h in zip(paths, hashes) if sha256_file(os.path.join(data_dir, p)) != h]
         if changed:
-            raise ValueError(f"split manifest {path}: {len(changed)} file(s) differ from their "
-                             f"recorded sha256: {', '.join(changed[:5])}")
+            raise ValueError(f"split manifest {path}: {len(changed)} file(s) under {data_dir} differ from their "
+                             f"recorded sha256: {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''}. "
+                             f"Restore the original files, or delete the manifest to make a new split")
     return SplitManifest(path, data_dir, file_seed, file_fraction, tuple(paths), tuple(labels),
-                         tuple(splits), tuple(hashes), hashlib.sha256(raw).hexdigest())
+                         tuple(splits), tuple(hashes), hashlib.sha256(raw).hexdigest(), verified=bool(verify))
 
 
 def split_manifest(data_dir: str, path: Optional[str] = None, *, seed: Optional[int] = None,
@@ -409,6 +500,11 @@ class Cifar100(InMemoryImages):
         if len(self.targets) != len(data):
             raise ValueError(f"{os.path.join(folder, split)}: {len(data)} images but "
                              f"{len(self.targets)} fine_labels")
+        bad = [(i, t) for i, t in enumerate(self.targets) if not 0 <= t < len(self.classes)]
+        if bad:
+            raise ValueError(f"{os.path.join(folder, split)}: {len(bad)} fine_labels outside the "
+                             f"{len(self.classes)} classes of meta [0, {len(self.classes)}): "
+                             + ", ".join(f"item {i} has label {t}" for i, t in bad[:5]))
         self._images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
         self.data = self._images.permute(0, 2, 3, 1).numpy()
 
@@ -488,7 +584,7 @@ def _manifest_dataset(name: str, folder: str, layout: str, source: str, split: s
 
 @register_dataset("imagenet_r", kind="classification", num_classes=200, default_tasks=10,
                   description="ImageNet-R, 200 classes, 80/20 split from a seeded manifest, 10 tasks",
-                  needs_root=True, layout=IMAGENET_R_LAYOUT,
+                  needs_root=True, layout=IMAGENET_R_LAYOUT, verifiable=True,
                   probe=lambda root: _class_folder_missing(root, "imagenet-r"))
 def imagenet_r(split: str = "train", root=None, transform=None, *, seed: Optional[int] = None,
                manifest_path: Optional[str] = None, verify: bool = False,
@@ -508,7 +604,7 @@ def imagenet_r(split: str = "train", root=None, transform=None, *, seed: Optiona
 
 @register_dataset("eurosat", kind="classification", num_classes=10, default_tasks=5,
                   description="EuroSAT-RGB, 10 land-cover classes, 80/20 split from a seeded manifest",
-                  needs_root=True, layout=EUROSAT_LAYOUT,
+                  needs_root=True, layout=EUROSAT_LAYOUT, verifiable=True,
                   probe=lambda root: _class_folder_missing(root, "EuroSAT_RGB"))
 def eurosat(split: str = "train", root=None, transform=None, *, seed: Optional[int] = None,
             manifest_path: Optional[str] = None, verify: bool = False,

@@ -38,6 +38,7 @@ class DatasetInfo:
     needs_root: bool        # True for readers of data on local disk
     layout: str = ""        # expected files under root (readers of data on disk)
     probe: Optional[Callable[[str], list]] = None   # probe(root) -> missing paths, [] when all found
+    verifiable: bool = False  # the builder takes verify=True: re-hash every file against recorded sha256s
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
@@ -45,13 +46,15 @@ _DATASETS: dict[str, DatasetInfo] = {}
 
 def register_dataset(name: str, *, kind: str, num_classes: int, default_tasks: int,
                      description: str = "", needs_root: bool = False, layout: str = "",
-                     probe: Optional[Callable[[str], list]] = None):
+                     probe: Optional[Callable[[str], list]] = None, verifiable: bool = False):
     """Decorator registering ``builder(split, root, transform, **kwargs) -> Dataset`` as ``name``.
 
     Args:
         layout: for readers of data on disk, the expected files under ``root`` (a few lines).
         probe: for readers of data on disk, ``probe(root) -> list[str]``: the expected paths that
             are missing under ``root`` (empty when the data is there); must not decode the data.
+        verifiable: the builder takes ``verify: bool`` and then re-hashes every file against the
+            sha256s it recorded (``create_dataset(..., verify=True)``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -63,7 +66,7 @@ def register_dataset(name: str, *, kind: str, num_classes: int, default_tasks: i
             raise ValueError(f"dataset {name!r} is already registered by "
                              f"{_DATASETS[name].builder.__module__}.{_DATASETS[name].builder.__name__}")
         _DATASETS[name] = DatasetInfo(name, builder, kind, int(num_classes), int(default_tasks),
-                                      description, needs_root, layout, probe)
+                                      description, needs_root, layout, probe, bool(verifiable))
         return builder
 
     return deco
@@ -96,7 +99,8 @@ def dataset_info(name: str) -> DatasetInfo:
             raise ValueError(f"dataset {name!r}: a sequence joins classification datasets only, not {vqa}")
         return DatasetInfo(name=name, builder=_sequence_builder(parts), kind="classification",
                            num_classes=sum(i.num_classes for i in infos), default_tasks=len(parts),
-                           description="the sequence " + " → ".join(parts), needs_root=any(i.needs_root for i in infos))
+                           description="the sequence " + " → ".join(parts), needs_root=any(i.needs_root for i in infos),
+                           verifiable=any(i.verifiable for i in infos))
     if name not in _DATASETS:
         raise _unknown(name)
     return _DATASETS[name]
@@ -109,13 +113,15 @@ def _sequence_builder(parts: list[str]) -> Callable:
         # {part name: {...}} goes to that part only; other keys to every part
         shared = {k: v for k, v in kwargs.items() if k not in parts}
         own = {p: dict(kwargs.get(p) or {}) for p in parts}
-        return DatasetSequence([create_dataset(p, split, root, transform, **shared, **own[p]) for p in parts], parts)
+        verify = bool(shared.pop("verify", False))
+        return DatasetSequence([create_dataset(p, split, root, transform, verify=verify, **shared, **own[p])
+                                for p in parts], parts)
 
     return build
 
 
 def create_dataset(name: str, split: str = "train", root: Optional[str] = None,
-                   transform: Optional[Callable] = None, **kwargs):
+                   transform: Optional[Callable] = None, *, verify: bool = False, **kwargs):
     """Build a registered dataset.
 
     Args:
@@ -124,6 +130,9 @@ def create_dataset(name: str, split: str = "train", root: Optional[str] = None,
         root: folder holding the data, for readers of data on disk; generated and packaged
             datasets ignore it.
         transform: callable applied to each image tensor ``(3, H, W)`` float in [0, 1].
+        verify: re-hash every file against the sha256s the dataset recorded (its split manifest), for
+            datasets registered ``verifiable``; others have no recorded hashes and ignore it (the
+            cheap checks, every file present and of its recorded size, run on every build).
         **kwargs: dataset-specific options (e.g. ``seed``, ``n_per_class`` for the synth data).
 
     Raises:
@@ -139,4 +148,6 @@ def create_dataset(name: str, split: str = "train", root: Optional[str] = None,
         raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
     if info.needs_root and root is None:
         raise ValueError(f"dataset {name!r} reads data from disk: pass root=<folder>")
+    if verify and info.verifiable:
+        kwargs["verify"] = True
     return info.builder(split, root, transform, **kwargs)

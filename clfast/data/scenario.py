@@ -63,6 +63,13 @@ def _check_dataset(arg: str, ds) -> None:
     if len(ds.targets) != len(ds):
         raise ValueError(f"{arg}.targets must have one label per item: {len(ds.targets)} labels for "
                          f"{len(ds)} items")
+    labels = np.asarray(ds.targets, dtype=np.int64)
+    bad = np.nonzero((labels < 0) | (labels >= len(ds.classes)))[0]
+    if len(bad):
+        files = getattr(ds, "files", None)
+        where = [f"item {i}{f' ({files[i]})' if files is not None else ''} has label {labels[i]}" for i in bad[:5]]
+        raise ValueError(f"{arg} dataset {getattr(ds, 'name', type(ds).__name__)!r}: {len(bad)} label(s) outside "
+                         f"its {len(ds.classes)} classes [0, {len(ds.classes)}): {', '.join(where)}")
 
 
 class TaskDataset(Dataset):
@@ -171,6 +178,7 @@ class Scenario:
         self.shuffle_classes = bool(shuffle_classes)
         self.first_task_classes = first_task_classes
         self.domains: Optional[list[str]] = None
+        self.skipped: Optional[dict[str, list[tuple[int, str]]]] = None   # see skip_unreadable()
 
         if kind in ("class-incremental", "task-incremental"):
             self._setup_class_split(num_tasks, class_order, class_order_seed, first_task_classes)
@@ -201,6 +209,10 @@ class Scenario:
     def _setup_class_split(self, num_tasks, class_order, seed, first_task_classes) -> None:
         C = self.num_classes
         T = _positive_int("num_tasks", num_tasks)
+        if T > C:
+            raise ValueError(f"num_tasks={T} is more than the {C} classes of dataset "
+                             f"{getattr(self.train_dataset, 'name', '?')!r}: a class-incremental task needs at "
+                             f"least one class of its own (num_tasks must be at most {C})")
         blocks = getattr(self.train_dataset, "class_blocks", None)   # a dataset sequence: parts stay apart
         if blocks is not None and class_order is None:
             self._setup_blocks([int(b) for b in blocks], T, seed, first_task_classes)
@@ -367,6 +379,38 @@ class Scenario:
     def __len__(self) -> int:
         return self.num_tasks
 
+    def skip_unreadable(self, workers: int = 4) -> dict[str, list[tuple[int, str]]]:
+        """Leave out of every task the items whose image cannot be read (a file that does not decode).
+
+        Reads every item of both splits once (:func:`clfast.data.readers.find_unreadable`); the items
+        that raise :class:`~clfast.data.readers.ImageReadError` belong to no task from then on. Which
+        items those are depends only on the files, so every rank and every resume of a run agree.
+
+        Returns:
+            ``{"train": [(index, message), ...], "test": [...]}`` (also kept as :attr:`skipped`, and in
+            :meth:`record`), index = position in the split's dataset.
+
+        Raises:
+            ValueError: a task would be left with no training or no test items.
+        """
+        from .readers import find_unreadable
+
+        found = {}
+        for split, ds in (("train", self.train_dataset), ("test", self.test_dataset)):
+            found[split] = find_unreadable(ds, workers)
+            if found[split]:
+                tasks = np.array(self._item_tasks[split], dtype=np.int64, copy=True)
+                tasks[np.asarray([i for i, _ in found[split]], dtype=np.int64)] = -1
+                before = self.task_sizes(split)
+                self._item_tasks[split] = tasks
+                emptied = [t for t, (a, b) in enumerate(zip(before, self.task_sizes(split))) if a and not b]
+                if emptied:
+                    raise ValueError(f"skip_bad_samples: every {split} image of task(s) {emptied} is unreadable "
+                                     f"(e.g. {found[split][0][1]}); nothing would be left to "
+                                     f"{'train' if split == 'train' else 'test'} on")
+        self.skipped = found
+        return found
+
     # ---------------------------------------------------------------------------------------------
     # Subsets
 
@@ -441,7 +485,8 @@ class Scenario:
     @classmethod
     def from_name(cls, dataset_name: str, root: Optional[str] = None, num_tasks: Optional[int] = None,
                   transform_train: Optional[Callable] = None, transform_test: Optional[Callable] = None,
-                  dataset_kwargs: Optional[dict] = None, **kw) -> "Scenario":
+                  dataset_kwargs: Optional[dict] = None, *, verify_data: bool = False,
+                  skip_bad_samples: bool = False, workers: int = 4, **kw) -> "Scenario":
         """Build both splits with :func:`create_dataset` and cut them into tasks.
 
         Args:
@@ -451,16 +496,25 @@ class Scenario:
                 number of domains (domain-incremental) or of task groups (VQA).
             transform_train, transform_test: per-split image transforms.
             dataset_kwargs: passed to both splits' builder (e.g. ``{"n_per_class": 10}``).
+            verify_data: re-hash every file against the sha256s the dataset recorded (its split
+                manifest; ``create_dataset(verify=True)``).
+            skip_bad_samples: leave out the items whose image does not decode (:meth:`skip_unreadable`,
+                with ``workers`` threads) instead of failing when one is read.
             **kw: the keyword arguments of :class:`Scenario`.
         """
         info = dataset_info(dataset_name)
         dkw = dict(dataset_kwargs or {})
+        if verify_data:
+            dkw["verify"] = True
         train = create_dataset(dataset_name, "train", root, transform_train, **dkw)
         test = create_dataset(dataset_name, "test", root, transform_test, **dkw)
         kind = kw.get("kind") or ("vqa" if info.kind == "vqa" else "class-incremental")
         if num_tasks is None and kind in ("class-incremental", "task-incremental"):
             num_tasks = info.default_tasks
-        return cls(train, test, num_tasks, **kw)
+        scenario = cls(train, test, num_tasks, **kw)
+        if skip_bad_samples:
+            scenario.skip_unreadable(workers)
+        return scenario
 
     def record(self) -> dict:
         """What a run must log to be reproduced: JSON-serialisable."""
@@ -485,6 +539,10 @@ class Scenario:
                      if callable(getattr(ds, "manifest_info", None))}
         if manifests:
             rec["manifests"] = manifests
+        if self.skipped is not None:   # the run left unreadable images out (skip_bad_samples)
+            rec["skipped_samples"] = {s: {"count": len(found), "items": [{"index": int(i), "error": msg}
+                                                                          for i, msg in found[:100]]}
+                                      for s, found in self.skipped.items()}
         return rec
 
     def __repr__(self) -> str:

@@ -80,7 +80,7 @@ def _plain(v):
 
 # what `--resume` may change: settings that do not change the numbers
 RESUME_MAY_CHANGE = frozenset({"quiet", "num_workers", "threads", "stop_after_steps", "checkpoint_every_steps",
-                               "log_every", "log_to", "wandb_project"})
+                               "log_every", "log_to", "wandb_project", "verify_data", "dist_timeout_s"})
 
 
 def _get_setting(data: dict, key: str):

@@ -72,6 +72,9 @@ class RunConfig:
     device: str = "auto"
     num_workers: int = 0
     threads: Optional[int] = None
+    verify_data: bool = False       # re-hash every image against its split manifest's sha256 (sizes: always)
+    skip_bad_samples: bool = False  # leave out images that do not decode (counted in the log and record.json)
+    dist_timeout_s: float = 600.0   # multi-process: a collective that waits longer for another rank fails
     limit_train_batches: Optional[int] = None
     limit_eval_batches: Optional[int] = None
     stop_after_steps: Optional[int] = None   # act as if interrupted (Ctrl-C) after this many steps
@@ -110,6 +113,9 @@ class RunConfig:
             raise ValueError(f"validate_every must be > 0 (epochs) or null, got {self.validate_every!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if isinstance(self.dist_timeout_s, bool) or not isinstance(self.dist_timeout_s, (int, float)) \
+                or not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s must be a number of seconds > 0, got {self.dist_timeout_s!r}")
         for key in ("method_args", "dataset_args", "compile_options"):
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"{key} must be a mapping, got {getattr(self, key)!r}")

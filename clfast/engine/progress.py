@@ -125,28 +125,32 @@ def get_logger(name: str = "clfast", quiet: Optional[bool] = None) -> logging.Lo
     """The ``clfast`` logger (or a child such as ``clfast.engine``), configured on first use.
 
     The first call adds a stderr handler to the top logger of ``name``'s hierarchy (``"clfast"`` for
-    ``"clfast.engine"``) and stops propagation to the root logger, so lines are not printed twice.
-    Later calls add nothing.
+    ``"clfast.engine"``), sets that logger to INFO and stops propagation to the root logger, so lines are
+    not printed twice. Later calls add nothing.
 
     Args:
         name: logger name.
-        quiet: True sets the top logger to WARNING, False to INFO; None leaves the level as it is
-            (INFO after the first configuration).
+        quiet: True sets the stderr handler to WARNING, False to INFO; None leaves it as it is (INFO
+            after the first configuration). Only the terminal goes quiet: files added with
+            :func:`log_to_file` (a run's ``train.log``) still get every INFO line.
 
     Returns:
         ``logging.getLogger(name)``.
     """
     top = logging.getLogger(name.split(".", 1)[0])
-    if not any(getattr(h, _HANDLER_FLAG, False) for h in top.handlers):
+    ours = [h for h in top.handlers if getattr(h, _HANDLER_FLAG, False)]
+    if not ours:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_formatter())
+        handler.setLevel(logging.INFO)
         setattr(handler, _HANDLER_FLAG, True)
         top.addHandler(handler)
         top.propagate = False
-        if quiet is None:
-            top.setLevel(logging.INFO)
+        top.setLevel(logging.INFO)
+        ours = [handler]
     if quiet is not None:
-        top.setLevel(logging.WARNING if quiet else logging.INFO)
+        for handler in ours:
+            handler.setLevel(logging.WARNING if quiet else logging.INFO)
     return logging.getLogger(name)
 
 

@@ -39,6 +39,7 @@ from .config import RunConfig
 from .data_views import RunData, to_device
 from .distributed import Processes
 from .faults import crash_point
+from .preflight import check_run
 from .loggers import RunLogger
 from .metrics import AccuracyMatrix
 from .optim import build_optimizer, lr_factor, set_lr
@@ -105,9 +106,10 @@ class Trainer(Checkpointing, Evaluating):
                  scenario=None, command: Optional[str] = None, _resume: bool = False):
         self.cfg = cfg
         self.command = command
-        self.procs = Processes(cfg.device)
+        self.procs = Processes(cfg.device, timeout_s=cfg.dist_timeout_s)
         self.rank, self.world = self.procs.rank, self.procs.world
         self.device = self.procs.device(cfg.device)
+        check_run(cfg, self.world, scenario=scenario, method=method is None)   # before anything is written
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         self.is_main = self.rank == 0
@@ -142,8 +144,6 @@ class Trainer(Checkpointing, Evaluating):
             raise
 
     def _build(self, cfg: RunConfig, method: Optional[Method], scenario) -> None:
-        if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
 
@@ -211,8 +211,15 @@ class Trainer(Checkpointing, Evaluating):
             class_order_seed=self.cfg.class_order_seed, shuffle_classes=self.cfg.shuffle_classes,
             first_task_classes=self.cfg.first_task_classes)
         # Images come untransformed; the engine applies the train or eval transform per use.
-        return Scenario.from_name(self.cfg.dataset, root=self.cfg.data_root, num_tasks=self.cfg.num_tasks,
-                                  dataset_kwargs=dict(self.cfg.dataset_args), kind=kind, **extra)
+        scenario = Scenario.from_name(self.cfg.dataset, root=self.cfg.data_root, num_tasks=self.cfg.num_tasks,
+                                      dataset_kwargs=dict(self.cfg.dataset_args), kind=kind,
+                                      verify_data=self.cfg.verify_data, skip_bad_samples=self.cfg.skip_bad_samples,
+                                      workers=torch.get_num_threads(), **extra)
+        for split, found in (scenario.skipped or {}).items():   # skip_bad_samples: also in record.json
+            if found:
+                self.log.warning(f"skip_bad_samples: left out {len(found)} unreadable {split} image(s), e.g. "
+                                 + "; ".join(msg for _, msg in found[:3]))
+        return scenario
 
     def train_data(self, task: int, augment: Optional[bool] = None, seed: int = 0):
         """Task ``task``'s training data (see :meth:`RunData.train_data`)."""

@@ -334,7 +334,14 @@ class StepOutput:
 
 @dataclass
 class MethodConfig:
-    """Settings shared by every method; each method subclasses this with its own fields."""
+    """Settings shared by every method; each method subclasses this with its own fields.
+
+    ``__post_init__`` checks each setting on its own; :meth:`check_against` checks them against the run
+    (its number of tasks, the backbone's depth), which the engine calls before it builds anything.
+    """
+
+    #: fields holding block indices of the backbone (checked against its depth by check_against)
+    layer_fields: ClassVar[tuple[str, ...]] = ()
 
     train_mask: bool = True          # train on the current task's logits only (class-incremental)
     head_bias: bool = True
@@ -353,6 +360,19 @@ class MethodConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"lr_scales[{key!r}] must be a number >= 0, got {value!r}")
         self.lr_scales = {k: float(v) for k, v in self.lr_scales.items()}
+
+    def check_against(self, *, num_tasks: Optional[int] = None, num_layers: Optional[int] = None) -> None:
+        """ValueError naming the setting if it does not fit a run of ``num_tasks`` tasks on a backbone of
+        ``num_layers`` blocks (either None: not checked). Default: every index in ``layer_fields`` lies
+        in ``[0, num_layers)``; methods add their own (a pool smaller than the number of tasks, ...)."""
+        if num_layers is None:
+            return
+        for key in self.layer_fields:
+            layers = tuple(getattr(self, key))
+            bad = [i for i in layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"method_args.{key}={list(layers)}: block(s) {bad} beyond the backbone's "
+                                 f"{num_layers} blocks (indices 0..{num_layers - 1})")
 
 
 class Method(nn.Module):
@@ -438,6 +458,18 @@ class Method(nn.Module):
         from :func:`scaled_param_groups` of a sub-module, so that ``lr_scales`` keeps working.
         """
         return scaled_param_groups(self, self.cfg.lr_scales)
+
+    @classmethod
+    def backbone_depth(cls, run_cfg: Any) -> Optional[int]:
+        """The number of blocks of the backbone :meth:`build_backbone` would return, found without building
+        it or loading weights (None: not known before it is built). Default: the timm ViT named by
+        ``run_cfg.backbone``, built on the meta device; None for a class that overrides ``build_backbone``
+        without overriding this too."""
+        if cls.build_backbone.__func__ is not Method.build_backbone.__func__:
+            return None
+        from ..backbones.vit import vit_depth
+
+        return vit_depth(run_cfg.backbone)
 
     @classmethod
     def build_backbone(cls, run_cfg: Any) -> nn.Module:
@@ -538,7 +570,7 @@ def register_method(name: str):
 
 # the methods that ship with clfast, imported (registered) on the first registry lookup, so that
 # importing the config or the method API does not load the ops and their kernels
-_BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt", "gpls", "convprompt", "finetune", "joint")
+_BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt", "gpls", "convprompt", "finetune", "joint", "star_prompt")
 
 
 def _load_builtin() -> None:

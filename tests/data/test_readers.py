@@ -169,9 +169,10 @@ def test_imagenet_r_split_from_manifest(imagenet_r_root):
     assert (info["n_train"], info["n_test"]) == (16, 4)
     with open(manifest) as f:
         lines = f.read().splitlines()
-    assert lines[1] == "path,label,split,sha256" and len(lines) == 22
-    rel, label, split, sha = lines[2].split(",")
+    assert lines[1] == "path,label,split,sha256,size" and len(lines) == 22
+    rel, label, split, sha, size = lines[2].split(",")
     assert sha == _sha(os.path.join(imagenet_r_root, "imagenet-r", rel))
+    assert int(size) == os.path.getsize(os.path.join(imagenet_r_root, "imagenet-r", rel))
 
 
 def test_manifest_generated_once_then_reused(imagenet_r_root):

@@ -32,14 +32,19 @@ def test_logger_configured_once_and_file_handler(tmp_path):
     assert get_logger("clfast") is log and len(log.handlers) == n
     child = get_logger("clfast.engine")
     assert child.parent is log and not child.handlers
+    terminal = [h for h in log.handlers if not isinstance(h, logging.FileHandler)]
     try:
         get_logger(quiet=True)
-        assert log.level == logging.WARNING
+        assert [h.level for h in terminal] == [logging.WARNING]
         get_logger()  # None leaves the level alone
-        assert log.level == logging.WARNING
-        get_logger(quiet=False)
+        assert [h.level for h in terminal] == [logging.WARNING]
         h = log_to_file(log, tmp_path / "logs" / "train.log")
         assert log_to_file(log, tmp_path / "logs" / "train.log") is h
+        child.info("quiet %d", 1)          # a quiet terminal, but the file gets the line
+        h.flush()
+        assert "clfast.engine: quiet 1" in (tmp_path / "logs" / "train.log").read_text()
+        get_logger(quiet=False)
+        assert [h.level for h in terminal] == [logging.INFO]
         child.info("hello %d", 3)
         h.flush()
         assert "clfast.engine: hello 3" in (tmp_path / "logs" / "train.log").read_text()

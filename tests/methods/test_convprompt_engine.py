@@ -221,8 +221,8 @@ def test_imagenet_r_manifest_hashes_match_and_the_dataset_directory_is_only_read
     rows = manifest.read_text().splitlines()[2:]
     assert len(rows) == 15
     for row in rows:
-        rel, _, _, sha = row.split(",")
-        assert hashlib.sha256((data / rel).read_bytes()).hexdigest() == sha
+        rel, _, _, sha, size = row.split(",")
+        assert hashlib.sha256((data / rel).read_bytes()).hexdigest() == sha and int(size) == (data / rel).stat().st_size
     assert tr.manifest_info()["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
 
 

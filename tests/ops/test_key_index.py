@@ -239,3 +239,12 @@ def test_sharded_index_over_two_gloo_processes(tmp_path):
         assert torch.equal(res["l2_reloaded"], res["l2"][1])
         _, ri = retrieve(q.detach(), keys, 5, metric="cosine")
         assert _recall(res["hnsw"], ri) >= 0.9
+
+
+def test_kmeans_min_points_per_centroid_silences_faiss_small_set_warning(capfd):
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    kmeans(x, 5, n_iter=2, seed=1)
+    assert "WARNING clustering 6 points to 5 centroids" in "".join(capfd.readouterr())
+    centres, assign = kmeans(x, 5, n_iter=2, seed=1, min_points_per_centroid=1)
+    assert "WARNING" not in "".join(capfd.readouterr())
+    assert centres.shape == (5, 4) and assign.shape == (6,)
