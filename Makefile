@@ -42,6 +42,13 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# SIGKILL at random points of runs (in a step, in evaluation, in a checkpoint write), resumed until they finish:
+# the numbers must be bitwise the uninterrupted run's (docs/reliability.md). CLFAST_KILL_SEED, CLFAST_KILL_CYCLES
+# change the draw; each test prints its record (cycles, where the kills landed, outcome).
+.PHONY: test-kill
+test-kill: setup
+	$(PY) -m pytest -q -s -m slow tests/engine/test_kill_resume.py
+
 bench: setup
 	$(VENV)/bin/clfast bench ops --write
 

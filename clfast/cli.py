@@ -57,6 +57,7 @@ def _fail(msg: str, rc: int = 2) -> int:
 def _run_trainer(trainer) -> int:
     from clfast.data.readers import ImageReadError
     from clfast.engine.distributed import lost_contact
+    from clfast.engine.io import CheckpointWriteError
     from clfast.engine.trainer import Interrupted
 
     try:
@@ -64,6 +65,8 @@ def _run_trainer(trainer) -> int:
     except Interrupted as e:
         print(f"clfast: {e}", file=sys.stderr)
         return 130 if trainer.interrupted else 0
+    except CheckpointWriteError as e:   # a full disk: the message names the file, the errno and what to do
+        return _fail(str(e), rc=1)
     except ImageReadError as e:
         return _fail(_image_error(e))
     except RuntimeError as e:
@@ -79,6 +82,7 @@ def _run_trainer(trainer) -> int:
 
 def cmd_train(args) -> int:
     from clfast.engine.config import load_config
+    from clfast.engine.io import RunDirectoryError
     from clfast.engine.trainer import Trainer
 
     command = _command_line(args)
@@ -100,7 +104,7 @@ def cmd_train(args) -> int:
             cfg = load_config(args.method, args.dataset, args.preset, args.overrides,
                               data_root=args.data_root, quiet=True if args.quiet else None)
             trainer = Trainer(cfg, out=args.out, command=command)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RunDirectoryError) as e:
         return _fail(str(e))
     return _run_trainer(trainer)
 
@@ -127,12 +131,13 @@ def _parse(text: str):
 def cmd_eval(args) -> int:
     from clfast.data.readers import ImageReadError
     from clfast.engine.evaluate import evaluate_run
+    from clfast.engine.io import RunDirectoryError
 
     try:
         return evaluate_run(args.run, quiet=args.quiet)
     except ImageReadError as e:
         return _fail(_image_error(e))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunDirectoryError) as e:   # a damaged checkpoint is a ValueError
         return _fail(str(e))
 
 
@@ -140,6 +145,7 @@ def cmd_demo(args) -> int:
     import time
 
     from clfast.engine.config import load_config
+    from clfast.engine.io import RunDirectoryError
     from clfast.engine.trainer import Trainer
 
     args.method = args.method or _default_method()
@@ -147,7 +153,7 @@ def cmd_demo(args) -> int:
     try:
         cfg = load_config(args.method, "synth-shapes", "fast", args.overrides, quiet=True if args.quiet else None)
         trainer = Trainer(cfg, out=out, command=_command_line(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RunDirectoryError) as e:
         return _fail(str(e))
     print(f"clfast demo: {args.method} on synth-shapes (10 tasks x 10 classes, shipped with clfast) with the "
           f"shipped vit_tiny_synth backbone, on {trainer.device}; results in {trainer.run_dir}", flush=True)

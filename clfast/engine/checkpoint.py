@@ -5,6 +5,12 @@ holds the position (task, stage, epoch, batch), the method's state (tensors stil
 built are left out and recorded by digest), the optimizers, every rank's RNG states, the accuracy
 matrices, the AMP scaler and the timers, plus the method name and a hash of the settings that change the
 numbers (:func:`hashable_config`); loading refuses another method or other settings.
+
+Every checkpoint carries the sha256 of its content (checked on load: a damaged file is refused by name).
+``task<NNN>.pt`` are written once per task; ``step.pt`` and ``interrupt.pt`` are overwritten, and the
+intact file they replace is kept as ``step.prev.pt`` / ``interrupt.prev.pt``; nothing else is deleted.
+So ``--resume`` always has an older intact checkpoint to fall back to when the newest one is damaged,
+and says which it skipped and which it used.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -22,8 +30,9 @@ from .config import RunConfig, config_from_dict
 __all__ = ["Position", "Checkpointing", "CHECKPOINT_FORMAT", "READABLE_FORMATS", "RESUME_MAY_CHANGE",
            "hashable_config", "resume_config", "load_run_config", "latest_task_checkpoint", "init_from"]
 
-CHECKPOINT_FORMAT = 2      # 2: tensors unchanged since the model was built are left out (by digest)
-READABLE_FORMATS = (1, 2)
+CHECKPOINT_FORMAT = 3      # 2: tensors unchanged since the model was built are left out (by digest)
+READABLE_FORMATS = (1, 2, 3)   # 3: a content hash (io.HASH_KEY), required from io.HASHED_SINCE_FORMAT on
+ROTATED_TAGS = ("step", "interrupt")   # overwritten tags: the intact file replaced is kept as <tag>.prev.pt
 
 
 @dataclass
@@ -144,8 +153,9 @@ def resume_config(run_dir: str, overrides: dict[str, Any]) -> tuple[RunConfig, s
 
 
 def latest_task_checkpoint(run_dir: str) -> str:
-    """The newest ``checkpoints/task*.pt`` of ``run_dir`` (end-of-task checkpoints, not interrupts)."""
-    paths = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "task*.pt")))
+    """The newest ``checkpoints/task<NNN>.pt`` of ``run_dir`` (end-of-task checkpoints, not interrupts)."""
+    paths = sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoints", "task*.pt"))
+                   if re.fullmatch(r"task\d+\.pt", os.path.basename(p)))
     if not paths:
         raise FileNotFoundError(f"{run_dir}: no end-of-task checkpoint in {os.path.join(run_dir, 'checkpoints')} "
                                 "(the run has not finished its first task)")
@@ -213,14 +223,54 @@ class Checkpointing:
         }
 
     def _save_checkpoint(self, tag: str, pos: Optional[Position] = None) -> str:
-        """Write ``checkpoints/<tag>.pt`` (resuming at ``pos``, default the current position)."""
+        """Write ``checkpoints/<tag>.pt`` (resuming at ``pos``, default the current position).
+
+        Raises:
+            CheckpointWriteError: the write failed (e.g. ENOSPC); the message names the file, the errno and
+                the checkpoint ``latest.json`` still names, which is intact.
+        """
         path = os.path.join(self.run_dir, "checkpoints", f"{tag}.pt")
         # every rank's random streams (a list indexed by rank under DDP), so a resumed run continues each
         rng = self.procs.gather(rio.rng_state())
         if self.is_main:
-            rio.save_checkpoint(path, self._checkpoint_state(pos, rng if self.world > 1 else rng[0]))
+            try:
+                rio.save_checkpoint(path, self._checkpoint_state(pos, rng if self.world > 1 else rng[0]),
+                                    keep_previous=tag in ROTATED_TAGS)
+            except rio.CheckpointWriteError as e:
+                msg = f"{e.strerror or e}; fix the cause (free space) and continue with --resume {self.run_dir}"
+                self.log.error(msg)
+                raise (rio.CheckpointWriteError(e.errno, msg) if e.errno is not None
+                       else rio.CheckpointWriteError(msg)) from e
         self.procs.barrier()
         return path
+
+    def _checkpoint_bytes_estimate(self) -> int:
+        """An upper bound on the size of one checkpoint of this run: the tensors always saved (those below
+        the size that is left out when unchanged), the trainable parameters, and two optimizer slots per
+        trainable parameter (Adam's moments, saved in checkpoints taken mid-task)."""
+        params = {k for k, p in self.method.named_parameters() if p.requires_grad}
+        total = 0
+        for k, v in self.method.state_dict().items():
+            n = v.numel() * v.element_size()
+            if k in params:
+                total += 3 * n
+            elif k not in self._built_digests:
+                total += n
+        return total + (1 << 16)   # RNG states, positions, the pickle
+
+    def _check_free_space(self) -> None:
+        """Warn (before training) when this run's checkpoints look larger than the space left for them."""
+        ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        free = rio.free_bytes(ckpt_dir)
+        if free is None:
+            return
+        each = self._checkpoint_bytes_estimate()
+        count = self.scenario.num_tasks + (2 if self.cfg.checkpoint_every_steps else 0)
+        if each * count > free:
+            mib = 1 << 20
+            self.log.warning(f"{ckpt_dir} has {free / mib:.1f} MiB free, but this run's checkpoints may need up to "
+                             f"{each * count / mib:.1f} MiB ({count} files of about {each / mib:.1f} MiB): a "
+                             f"checkpoint write will fail with ENOSPC (no space left on device) unless space is freed")
 
     @classmethod
     def resume(cls, run_dir: str, *, command: Optional[str] = None, **overrides) -> "Checkpointing":
@@ -231,11 +281,33 @@ class Checkpointing:
         given the value the run already has (so the original command line with ``--resume`` added is
         accepted). ``stop_after_steps`` applies to the process it is given to: the resumed run does not
         inherit it.
+
+        The newest checkpoint is checked against its content hash; if it is damaged, the newest intact one
+        is used instead and the log says which file was skipped (and why) and which was used. Temporary
+        files a killed writer left are removed first.
         """
-        cfg, ckpt_path = resume_config(run_dir, overrides)
+        cfg, _ = resume_config(run_dir, overrides)
         trainer = cls(cfg, out=run_dir, command=command, _resume=True)
-        state = rio.load_checkpoint(ckpt_path, expected={
-            "method": cfg.method, "config_hash": rio.config_hash(hashable_config(cfg))})
+        if trainer.is_main:   # what writers killed mid-write left (no other process writes this run now)
+            for d in (trainer.run_dir, os.path.join(trainer.run_dir, "checkpoints")):
+                removed = rio.remove_partial_files(d)
+                if removed:
+                    trainer.log.warning(f"--resume: removed {len(removed)} partial file(s) a killed run left in {d}: "
+                                     + ", ".join(removed))
+        expected = {"method": cfg.method, "config_hash": rio.config_hash(hashable_config(cfg))}
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", rio.CheckpointWarning)
+            ckpt_path, state, skipped = rio.load_latest_checkpoint(run_dir, expected=expected)
+        for w in notes:
+            if issubclass(w.category, rio.CheckpointWarning):
+                trainer.log.warning(f"--resume: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for bad, why in skipped:
+            trainer.log.warning(f"--resume: skipping {bad}: {why}")
+        if skipped:
+            trainer.log.warning(f"--resume: resuming from {ckpt_path} instead, the newest intact checkpoint (the "
+                                f"steps after it are trained again)")
         trainer._load_state(state)
         trainer.log.info(f"resuming {run_dir} from {os.path.basename(ckpt_path)} at task {trainer.pos.task + 1}, "
                          f"stage {trainer.pos.stage + 1}, epoch {trainer.pos.epoch + 1}, batch {trainer.pos.batch}")

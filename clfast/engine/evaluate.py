@@ -16,7 +16,8 @@ __all__ = ["evaluate_run"]
 def evaluate_run(run_dir: str, quiet: bool = False) -> int:
     """Load the run's newest end-of-task checkpoint, evaluate tasks 1..t, print and save ``eval.json``.
 
-    Returns 0; raises FileNotFoundError / ValueError for a missing or mismatched run.
+    Returns 0; raises FileNotFoundError / ValueError for a missing or mismatched run, or a damaged checkpoint
+    (:class:`clfast.engine.io.DamagedCheckpointError`, naming the file and what is wrong).
     """
     run_dir = os.path.abspath(run_dir)
     cfg = config_from_dict(load_run_config(run_dir, what="--run"))

@@ -11,6 +11,7 @@ import torch
 
 from ..methods.base import masked_logits
 from .data_views import to_device
+from .faults import crash_point
 from .progress import progress
 
 
@@ -55,6 +56,7 @@ class Evaluating:
                 if v.shape != (logits.shape[0],):
                     raise ValueError(f"{type(self.method).__name__}.score()[{k!r}] must be ({logits.shape[0]},) "
                                      f"per-sample values, got shape {tuple(v.shape)}")
+            crash_point("eval", "batch")
             correct += float(parts["credit"].double().sum())
             for j, k in enumerate(names):
                 extra[j] += float(parts[k].double().sum())

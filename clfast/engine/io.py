@@ -5,18 +5,25 @@ atomic writers): a reader sees either the old file or the complete new one.
 
 Checkpoints hold only tensors and plain Python values so that :func:`load_checkpoint` can use
 ``torch.load(weights_only=True)``; :func:`rng_state` converts the Python, NumPy, torch and CUDA
-generator states to that form.
+generator states to that form. Each carries the sha256 of its content (:func:`content_digest`), checked
+on load, so a damaged file is refused by name; :func:`load_latest_checkpoint` then falls back to the
+newest intact one. Writes that fail (a full disk) raise :class:`CheckpointWriteError` naming the file and
+the errno, and leave the files that were there as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import random
+import shutil
+import tempfile
 import warnings
+from collections.abc import Mapping
 from typing import IO, Any, Optional
 
 import numpy as np
@@ -24,11 +31,15 @@ import torch
 
 from ..utils.files import (atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text,  # noqa: F401
                            to_jsonable)
+from .faults import crash_point, crash_point_in_writes
 from .progress import log_to_file  # noqa: F401  (re-exported: the trainer calls io.log_to_file)
 
 __all__ = [
     "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "JsonlLogger", "read_jsonl",
-    "CheckpointError", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint", "LATEST_POINTER",
+    "CheckpointError", "DamagedCheckpointError", "CheckpointWarning", "CheckpointWriteError", "RunDirectoryError",
+    "save_checkpoint", "load_checkpoint", "load_latest_checkpoint", "find_latest_checkpoint",
+    "checkpoint_candidates", "checkpoint_problem", "content_digest", "remove_partial_files", "ensure_writable_dir",
+    "free_bytes", "LATEST_POINTER", "HASH_KEY", "HASHED_SINCE_FORMAT", "PREVIOUS",
     "rng_state", "set_rng_state", "check_unchanged", "config_hash", "to_jsonable", "log_to_file",
 ]
 
@@ -134,47 +145,223 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 # checkpoints
 
 
+HASH_KEY = "content_sha256"
+"""The entry :func:`save_checkpoint` adds: the :func:`content_digest` of everything else in the checkpoint."""
+
+HASHED_SINCE_FORMAT = 3
+"""Checkpoints whose ``format`` entry is at least this carry :data:`HASH_KEY`; one without it is damaged.
+Older checkpoints (no hash) still load, with a :class:`CheckpointWarning`."""
+
+PREVIOUS = ".prev.pt"
+"""``<tag>.pt`` kept by ``save_checkpoint(..., keep_previous=True)`` when it is replaced: ``<tag>.prev.pt``."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded, or that belongs to another method or configuration."""
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict, *, update_latest: bool = True) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically, then point ``latest.json`` at it.
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file that is empty, truncated, altered or otherwise unreadable (as opposed to an intact
+    one of another run, a plain :class:`CheckpointError`)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loaded without an integrity check (written before checkpoints carried a content hash),
+    or a damaged newest checkpoint skipped in favour of an older intact one."""
+
+
+class _ExplainedOSError(OSError):
+    """An OSError whose message already says everything (file, cause, errno): printed without ``[Errno N]``."""
+
+    def __str__(self) -> str:
+        return self.strerror if self.strerror is not None else super().__str__()
+
+
+class CheckpointWriteError(_ExplainedOSError):
+    """Writing a checkpoint or its pointer failed (disk full, permissions, an I/O error); ``errno`` is the
+    cause's. No partial file is left, and the files that were there (the previous checkpoint under the
+    same name, ``latest.json``) are as they were."""
+
+
+class RunDirectoryError(_ExplainedOSError):
+    """A run directory that cannot be created or written to."""
+
+
+def _errno_text(e: OSError) -> str:
+    """``"No space left on device (ENOSPC, errno 28)"`` for an OSError."""
+    if e.errno is None:
+        return str(e)
+    return f"{e.strerror or os.strerror(e.errno)} ({errno.errorcode.get(e.errno, '?')}, errno {e.errno})"
+
+
+def _os_error(cls: type, err: OSError, message: str) -> OSError:
+    return cls(err.errno, message) if err.errno is not None else cls(message)
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 of a checkpoint's content: its structure and every value, tensors by dtype, shape and bytes.
+
+    Defined on what ``torch.load(weights_only=True)`` reads back (dicts, lists, tuples, str, bytes, int,
+    float, bool, None, tensors, torch dtypes and devices), so a loaded checkpoint has the digest of the dict
+    that was saved exactly when its content is bitwise the same. Dict entries count in order (pickle keeps
+    it), floats by their exact bits, tensors by value (not by stride or device).
+
+    Raises:
+        TypeError: an entry of another type, named by its path (``state['opt']['x']``).
+    """
+    h = hashlib.sha256()
+    _feed(h, obj, "state")
+    return h.hexdigest()
+
+
+def _feed(h: "hashlib._Hash", obj: Any, where: str) -> None:
+    def tagged(tag: bytes, data: bytes) -> None:
+        h.update(tag + str(len(data)).encode() + b":")
+        h.update(data)
+
+    if obj is None:
+        h.update(b"N")
+    elif isinstance(obj, bool):
+        h.update(b"T" if obj else b"F")
+    elif isinstance(obj, int):
+        tagged(b"i", str(obj).encode())
+    elif isinstance(obj, float):
+        tagged(b"f", obj.hex().encode())
+    elif isinstance(obj, str):
+        tagged(b"s", obj.encode("utf-8", "surrogatepass"))
+    elif isinstance(obj, (bytes, bytearray)):
+        tagged(b"b", bytes(obj))
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided or t.is_quantized:
+            raise TypeError(f"{where}: a checkpoint's tensors must be dense (strided, not quantized), got "
+                            f"layout {t.layout}")
+        tagged(b"t", f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, Mapping):
+        tagged(b"d", str(len(obj)).encode())
+        for k, v in obj.items():
+            _feed(h, k, f"{where} key")
+            _feed(h, v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        tagged(b"l" if isinstance(obj, list) else b"u", str(len(obj)).encode())
+        for i, v in enumerate(obj):
+            _feed(h, v, f"{where}[{i}]")
+    elif isinstance(obj, (torch.dtype, torch.device)):
+        tagged(b"D" if isinstance(obj, torch.dtype) else b"V", str(obj).encode())
+    else:
+        raise TypeError(f"{where}: a checkpoint may hold tensors, dicts, lists, tuples, str, bytes, int, float, "
+                        f"bool and None (what torch.load(weights_only=True) reads back), got {type(obj).__name__}")
+
+
+def _previous_path(path: str) -> str:
+    return (path[:-3] if path.endswith(".pt") else path) + PREVIOUS
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict, *, update_latest: bool = True,
+                    keep_previous: bool = False) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically with its content hash, then point ``latest.json`` at it.
 
     ``state`` should hold only tensors and plain values (dict, list, tuple, int, float, str, bool, None)
     so that :func:`load_checkpoint` can read it with ``weights_only=True``; use :func:`rng_state` for RNG
-    states. The pointer file ``latest.json`` in the same directory (``{"checkpoint": "<file name>"}``)
-    is written atomically after the checkpoint, so it always names a complete file.
+    states. The file holds ``state`` plus :data:`HASH_KEY`, the :func:`content_digest` of ``state``, which
+    :func:`load_checkpoint` checks: a truncated, bit-flipped or half-written file is refused. The pointer
+    file ``latest.json`` in the same directory (``{"checkpoint": "<file name>"}``) is written atomically
+    after the checkpoint, so it always names a complete file.
 
     Args:
         path: checkpoint file, e.g. ``runs/x/checkpoints/task_3.pt``.
         state: the dict to save.
         update_latest: write the pointer file (set False for side checkpoints).
+        keep_previous: when ``path`` already holds an intact checkpoint, keep it as ``<tag>.prev.pt``
+            (replacing the one there), so that a newest file damaged later still leaves an older one to
+            resume from. It is renamed there once the new file is complete and on disk, just before the new
+            file takes its name (two renames; a file of its own, never a link to the new one). A damaged file
+            at ``path`` is not kept (``<tag>.prev.pt`` stays as it was).
+
+    Raises:
+        CheckpointWriteError: (an ``OSError`` with the cause's ``errno``) the disk is full, the directory
+            not writable, ...: the message names the file and the errno. No temporary file is left; the
+            previous file at ``path`` and ``latest.json`` are untouched (a failure writing the pointer
+            leaves the new checkpoint complete and the pointer naming the one before).
     """
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     path = os.path.abspath(os.fspath(path))
     if os.path.basename(path) == LATEST_POINTER:
         raise ValueError(f"path must not be named {LATEST_POINTER!r}; that name is the pointer file")
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    if HASH_KEY in state:
+        raise ValueError(f"state must not hold {HASH_KEY!r}: save_checkpoint adds that entry")
+    payload = dict(state)
+    payload[HASH_KEY] = content_digest(state)
+    directory = os.path.dirname(path)
+    name, prev = os.path.basename(path), _previous_path(path)
+    keep = keep_previous and os.path.isfile(path) and checkpoint_problem(path) is None
+    existed, kept = os.path.exists(path), False
+    try:
+        with atomic_open(path, "wb") as f, crash_point_in_writes(f, "checkpoint", "payload") as out:
+            torch.save(payload, out)
+            if keep:   # only once the new file is complete and on disk: the old one moves aside, then the new
+                f.flush()   # one takes its name (between the two renames a reader finds <tag>.prev.pt)
+                os.fsync(f.fileno())
+                os.replace(path, prev)
+                kept = True
+                crash_point("checkpoint", "rotated")
+    except OSError as e:
+        left = (f"the previous {name} was kept as {os.path.basename(prev)}" if kept
+                else f"the previous {name} is unchanged" if existed else f"no {name} was created")
+        raise _os_error(CheckpointWriteError, e, f"writing checkpoint {path} failed: {_errno_text(e)}; {left} "
+                        f"({_pointer_note(directory)})") from e
     if update_latest:
-        atomic_write_json(os.path.join(os.path.dirname(path), LATEST_POINTER),
-                          {"checkpoint": os.path.basename(path)})
+        crash_point("checkpoint", "pointer")
+        pointer = os.path.join(directory, LATEST_POINTER)
+        try:
+            atomic_write_json(pointer, {"checkpoint": os.path.basename(path)})
+        except OSError as e:
+            raise _os_error(CheckpointWriteError, e, f"writing {pointer} failed: {_errno_text(e)}; the checkpoint "
+                            f"{path} is complete ({_pointer_note(directory)})") from e
 
 
-def _latest_in(directory: str) -> Optional[str]:
+def _pointer_note(directory: str) -> str:
+    name = _pointer_target(directory)
+    return f"{LATEST_POINTER} still names {name}" if name else f"there is no {LATEST_POINTER}"
+
+
+def _pointer_target(directory: str) -> Optional[str]:
+    """The file name ``latest.json`` in ``directory`` names, if it is readable and names a plain file name."""
     with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
         with open(os.path.join(directory, LATEST_POINTER), encoding="utf-8") as f:
             name = json.load(f).get("checkpoint")
-        if isinstance(name, str) and name == os.path.basename(name):
-            candidate = os.path.join(directory, name)
-            if os.path.isfile(candidate):
-                return candidate
-    files = [os.path.join(directory, n) for n in os.listdir(directory)
-             if n.endswith(".pt") and not n.startswith(".")]
-    files = [p for p in files if os.path.isfile(p)]
-    return max(files, key=os.path.getmtime) if files else None
+        if isinstance(name, str) and name and name == os.path.basename(name):
+            return name
+    return None
+
+
+def _candidates_in(directory: str) -> list[str]:
+    name = _pointer_target(directory)
+    first = [os.path.join(directory, name)] if name and os.path.isfile(os.path.join(directory, name)) else []
+    others = []
+    for n in os.listdir(directory):
+        p = os.path.join(directory, n)
+        if n.endswith(".pt") and not n.startswith(".") and p not in first:
+            with contextlib.suppress(OSError):   # gone since listdir: not a candidate
+                if os.path.isfile(p):
+                    others.append((os.path.getmtime(p), n, p))
+    return first + [p for _, _, p in sorted(others, reverse=True)]
+
+
+def checkpoint_candidates(run_dir: str | os.PathLike) -> list[str]:
+    """Every checkpoint of ``run_dir`` (or of ``run_dir/checkpoints`` if ``run_dir`` itself has none), newest
+    first: the file ``latest.json`` names, then the other ``*.pt`` files by modification time, newest first
+    (temporary files are ignored). Opens none of them; empty if there are none or ``run_dir`` does not exist."""
+    run_dir = os.fspath(run_dir)
+    for directory in (run_dir, os.path.join(run_dir, "checkpoints")):
+        if os.path.isdir(directory):
+            found = _candidates_in(directory)
+            if found:
+                return found
+    return []
 
 
 def find_latest_checkpoint(run_dir: str | os.PathLike) -> Optional[str]:
@@ -182,52 +369,119 @@ def find_latest_checkpoint(run_dir: str | os.PathLike) -> Optional[str]:
 
     Uses the ``latest.json`` pointer that :func:`save_checkpoint` writes; if it is missing, unreadable or
     names a missing file, falls back to the most recently modified ``*.pt`` file (temporary files are
-    ignored).
+    ignored). The file is not opened: :func:`load_latest_checkpoint` gives the newest *intact* one.
 
     Returns:
         Its path, or None if there is none (including when ``run_dir`` does not exist).
     """
-    run_dir = os.fspath(run_dir)
-    for directory in (run_dir, os.path.join(run_dir, "checkpoints")):
-        if os.path.isdir(directory):
-            found = _latest_in(directory)
-            if found is not None:
-                return found
+    found = checkpoint_candidates(run_dir)
+    return found[0] if found else None
+
+
+def remove_partial_files(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary files a killed writer left in ``directory`` (``.<name>.*.tmp``, the names
+    :func:`atomic_open` and :func:`save_checkpoint` use) and return their names. Call it only where no other
+    process is writing (e.g. when a run is resumed)."""
+    directory = os.fspath(directory)
+    removed = []
+    if os.path.isdir(directory):
+        for n in sorted(os.listdir(directory)):
+            if n.startswith(".") and n.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, n))
+                    removed.append(n)
+    return removed
+
+
+def _has_zip_end(path: str) -> bool:
+    """Whether ``path`` ends in a zip end-of-central-directory record (``torch.save`` files are zip archives;
+    the record is in the last 22 bytes plus at most a 64 KiB comment)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (1 << 16) - 22))
+        return b"PK\x05\x06" in f.read()
+
+
+def _read_checkpoint(path: str, map_location: Any) -> dict:
+    """``torch.load`` ``path`` and check its content hash; DamagedCheckpointError says what is wrong."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DamagedCheckpointError(f"checkpoint {path!r} is damaged: the file is empty (0 bytes; a write that "
+                                     f"never completed)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated or corrupt zip, a damaged pickle, disallowed globals, ...
+        cut = "" if _has_zip_end(path) else "; it is truncated: the end of its zip archive is missing"
+        raise DamagedCheckpointError(f"checkpoint {path!r} is damaged or not a checkpoint: it could not be loaded "
+                                     f"with torch.load(weights_only=True) ({size} bytes{cut}): "
+                                     f"{type(e).__name__}: {str(e).strip()[:500]}") from e
+    if not isinstance(state, dict):
+        raise DamagedCheckpointError(f"checkpoint {path!r} is damaged or not a checkpoint: it holds a "
+                                     f"{type(state).__name__}, not a dict")
+    saved = state.pop(HASH_KEY, None)
+    if saved is None:
+        fmt = state.get("format")
+        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt >= HASHED_SINCE_FORMAT:
+            raise DamagedCheckpointError(f"checkpoint {path!r} is damaged: format {fmt} checkpoints carry a content "
+                                         f"hash ({HASH_KEY!r}) and this one has none")
+        warnings.warn(f"checkpoint {path} was written before checkpoints carried a content hash: loaded without "
+                      f"an integrity check", CheckpointWarning, stacklevel=3)
+        return state
+    try:
+        now = content_digest(state)
+    except TypeError as e:
+        raise DamagedCheckpointError(f"checkpoint {path!r} is damaged: {e}") from e
+    if saved != now:
+        raise DamagedCheckpointError(f"checkpoint {path!r} is damaged: its content does not match the sha256 it was "
+                                     f"saved with (saved {str(saved)[:16]}…, content now {now[:16]}…): the file was "
+                                     f"changed after it was written (a disk or copy error, or an edit)")
+    return state
+
+
+def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
+    """None if ``path`` is an intact checkpoint (it loads and matches its content hash; an old one without a
+    hash counts as intact), else what is wrong with it. Reads the whole file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)
+            _read_checkpoint(os.fspath(path), "cpu")
+    except DamagedCheckpointError as e:
+        return str(e)
+    except OSError as e:
+        return f"checkpoint {os.fspath(path)!r} could not be read: {_errno_text(e)}"
     return None
 
 
 def load_checkpoint(path: str | os.PathLike, *, expected: Optional[dict] = None,
                     map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``torch.load(weights_only=True)`` and check it belongs to this run.
+    """Load a checkpoint with ``torch.load(weights_only=True)``, check its content hash and that it belongs to
+    this run.
 
     Args:
-        path: a checkpoint file, or a directory (its :func:`find_latest_checkpoint` is loaded).
+        path: a checkpoint file, or a directory (its newest intact checkpoint is loaded, see
+            :func:`load_latest_checkpoint`; damaged newer ones are skipped with a :class:`CheckpointWarning`).
         expected: values the checkpoint must hold, e.g. ``{"method": "l2p", "config_hash": h}``.
         map_location: passed to ``torch.load`` (default: CPU).
 
     Returns:
-        The saved dict.
+        The saved dict (without :data:`HASH_KEY`). A checkpoint from before content hashes loads with a
+        :class:`CheckpointWarning`.
 
     Raises:
         FileNotFoundError: no such file, or a directory without checkpoints.
-        CheckpointError: (a ``ValueError``) the file is corrupt, holds objects ``weights_only`` refuses,
-            is not a dict, or an ``expected`` key is missing or differs.
+        DamagedCheckpointError: (a ``CheckpointError``) the file is empty, truncated or corrupt, does not match
+            its content hash, holds objects ``weights_only`` refuses, or is not a dict.
+        CheckpointError: (a ``ValueError``) an ``expected`` key is missing or differs.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        found = find_latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint (*.pt or {LATEST_POINTER}) in directory {path!r}")
-        path = found
+        found, state, skipped = load_latest_checkpoint(path, expected=expected, map_location=map_location)
+        for bad, why in skipped:
+            warnings.warn(f"skipped {bad}: {why}; loaded {found} instead", CheckpointWarning, stacklevel=2)
+        return state
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt zip, truncated file, disallowed globals, ...
-        raise CheckpointError(f"checkpoint {path!r} could not be loaded with torch.load(weights_only=True): "
-                              f"{type(e).__name__}: {str(e).strip()[:500]}") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path!r} must hold a dict, got {type(state).__name__}")
+    state = _read_checkpoint(path, map_location)
     for key, want in (expected or {}).items():
         if key not in state:
             raise CheckpointError(f"checkpoint {path!r} has no {key!r} entry; this run expects {key}={want!r}")
@@ -235,6 +489,68 @@ def load_checkpoint(path: str | os.PathLike, *, expected: Optional[dict] = None,
             raise CheckpointError(f"checkpoint {path!r} was written with {key}={state[key]!r}, but this run has "
                                   f"{key}={want!r}; refusing to resume from another run's checkpoint")
     return state
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike, *, expected: Optional[dict] = None,
+                           map_location: Any = "cpu") -> tuple[str, dict, list[tuple[str, str]]]:
+    """The newest intact checkpoint of ``run_dir`` (see :func:`checkpoint_candidates`), loaded.
+
+    Damaged checkpoints (:class:`DamagedCheckpointError`) are skipped, newest first, until one loads; the
+    caller should say which were skipped. A checkpoint of another run (``expected`` differs) is not
+    skipped: that raises at once.
+
+    Returns:
+        ``(path, state, skipped)``: the file used, its content, and ``(file, what is wrong)`` for each newer
+        damaged one (and for the file ``latest.json`` names if it does not exist).
+
+    Raises:
+        FileNotFoundError: there is no checkpoint.
+        DamagedCheckpointError: every checkpoint is damaged (the message lists each and what is wrong).
+        CheckpointError: the newest intact checkpoint belongs to another run.
+    """
+    candidates = checkpoint_candidates(run_dir)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint (*.pt or {LATEST_POINTER}) in {os.fspath(run_dir)!r} or its "
+                                f"checkpoints/ folder")
+    skipped: list[tuple[str, str]] = []
+    directory = os.path.dirname(candidates[0])
+    named = _pointer_target(directory)
+    if named and not os.path.isfile(os.path.join(directory, named)):   # e.g. killed between two renames
+        skipped.append((os.path.join(directory, named), f"{LATEST_POINTER} names it but it does not exist"))
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, expected=expected, map_location=map_location), skipped
+        except DamagedCheckpointError as e:
+            skipped.append((path, str(e)))
+    raise DamagedCheckpointError(f"every checkpoint of {os.fspath(run_dir)!r} is damaged: "
+                                 + "; ".join(why if why.startswith("checkpoint") else f"{p}: {why}"
+                                             for p, why in skipped))
+
+
+def ensure_writable_dir(directory: str | os.PathLike, what: str = "run directory") -> None:
+    """Create ``directory`` if it is missing and check that a file can be created in it (then removed).
+
+    Raises:
+        RunDirectoryError: (an ``OSError`` with the cause's ``errno``) naming ``directory`` and the cause.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".clfast-write-test.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        at = f" at {e.filename}" if e.filename and os.path.abspath(os.fspath(e.filename)) != directory else ""
+        raise _os_error(RunDirectoryError, e, f"{what} {directory} cannot be created or written to: "
+                        f"{_errno_text(e)}{at}") from e
+
+
+def free_bytes(directory: str | os.PathLike) -> Optional[int]:
+    """Bytes free to this user on the file system holding ``directory`` (None if that cannot be asked)."""
+    try:
+        return int(shutil.disk_usage(os.fspath(directory)).free)
+    except OSError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------

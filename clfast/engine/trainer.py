@@ -38,6 +38,7 @@ from .evaluation import Evaluating
 from .config import RunConfig
 from .data_views import RunData, to_device
 from .distributed import Processes
+from .faults import crash_point
 from .preflight import check_run
 from .loggers import RunLogger
 from .metrics import AccuracyMatrix
@@ -121,10 +122,18 @@ class Trainer(Checkpointing, Evaluating):
             if not _resume and os.path.exists(os.path.join(self.run_dir, "checkpoints", "latest.json")):
                 raise FileExistsError(f"{self.run_dir} already holds a run with checkpoints; continue it with "
                                       f"--resume {self.run_dir} or choose another --out")
-            os.makedirs(os.path.join(self.run_dir, "checkpoints"), exist_ok=True)
+            try:   # before anything is built: an unwritable --out is reported now, not at the first checkpoint
+                rio.ensure_writable_dir(self.run_dir)
+                rio.ensure_writable_dir(os.path.join(self.run_dir, "checkpoints"), "checkpoint directory")
+            except rio.RunDirectoryError:
+                if created:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
+                raise
             self._log_file = rio.log_to_file(self.log, os.path.join(self.run_dir, "train.log"))
         try:
             self._build(cfg, method, scenario)
+            if self.is_main:
+                self._check_free_space()
         except BaseException:
             # a run that could not even be set up (unknown dataset, bad setting) leaves no directory behind;
             # one that existed before (a resume, a chosen --out) is left as it was found
@@ -492,6 +501,7 @@ class Trainer(Checkpointing, Evaluating):
             self.scaler.unscale_(opt)
         else:
             loss.backward()
+        crash_point("step", "backward")
         if clip:
             params = [p for g in opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, clip)
@@ -501,6 +511,7 @@ class Trainer(Checkpointing, Evaluating):
         else:
             opt.step()
         self.method.after_optimizer_step()
+        crash_point("step", "update")
         out = {"loss": float(loss.detach())}
         out.update({k: _scalar(v) for k, v in logs.items()})
         return out
