@@ -269,6 +269,8 @@ def _validate(q, k, v, prefix_k, prefix_v, kv_mask, scale) -> Inputs:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor("prefix_attention", name, t, shape="(B,H,N,d)", dim=4)
     B, H, Nq, d = q.shape
+    if d < 1:
+        raise ValueError(f"prefix_attention: q must have shape (B,H,N,d) with d >= 1, got {shape_str(q)}")
     if k.shape[:2] != (B, H) or k.shape[3] != d:
         raise ValueError(f"prefix_attention: k must have shape (B,H,Nk,d) = ({B},{H},Nk,{d}) to match q, got {shape_str(k)}")
     if v.shape != k.shape:

@@ -91,21 +91,29 @@ def layouts(draw, ndim: int):
     return kind, None
 
 
-def make_tensor(shape, dtype, layout, seed: int, *, scale: float = 1.0, low: float | None = None,
-                high: float | None = None) -> torch.Tensor:
-    """A tensor of ``shape`` in ``dtype`` laid out as ``layout`` (from :func:`layouts`): normal values times
-    ``scale``, or uniform in [low, high). Values are rounded to ``dtype`` before they are placed."""
+def normal(scale: float = 1.0):
+    return lambda shape, g: torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+
+def uniform(low: float, high: float):
+    return lambda shape, g: torch.rand(shape, generator=g, dtype=torch.float64) * (high - low) + low
+
+
+def small_integers(shape, g):
+    """Integers in [-2, 2]: exact in every dtype, and sums of their products are exact in float32 (exact ties)."""
+    return torch.randint(-2, 3, shape, generator=g).double()
+
+
+def make_tensor(shape, dtype, layout, seed: int, fill=normal()) -> torch.Tensor:
+    """A tensor of ``shape`` in ``dtype`` laid out as ``layout`` (from :func:`layouts`), holding
+    ``fill(shape, generator)`` (float64; for an expanded layout, of the shape before the broadcast) rounded to
+    ``dtype``."""
     kind, arg = layout
     shape = tuple(shape)
     base_shape = list(shape)
     if kind == "expanded" and shape:
         base_shape[arg] = min(1, shape[arg])
-    g = torch.Generator().manual_seed(seed)
-    if low is None:
-        vals = torch.randn(base_shape, generator=g, dtype=torch.float64) * scale
-    else:
-        vals = torch.rand(base_shape, generator=g, dtype=torch.float64) * (high - low) + low
-    vals = vals.to(dtype)
+    vals = fill(tuple(base_shape), torch.Generator().manual_seed(seed)).to(dtype)
     if kind == "expanded":
         return vals.expand(shape)
     if kind == "strided":

@@ -190,7 +190,8 @@ def test_invalid_input_raises_naming_the_argument(case, data):
     spec = dict(SPEC)
     if args["prefix_k"] is not None:
         spec["prefix_k"] = spec["prefix_v"] = "B H P d" if args["prefix_k"].dim() == 4 else "H P d"
-    kind = data.draw(st.sampled_from(["shape", "dtype", "int", "not_tensor", "mask", "scale", "lone_prefix"]))
+    kind = data.draw(st.sampled_from(["shape", "no_head_dim", "dtype", "int", "not_tensor", "mask", "scale",
+                                      "lone_prefix"]))
     exc, names = TypeError, set()
     if kind == "shape":
         name, shape, names = data.draw(shape_mutations(spec, args))
@@ -200,6 +201,11 @@ def test_invalid_input_raises_naming_the_argument(case, data):
         if valid_shapes(shapes):
             return run_and_check_valid(args)
         exc = ValueError
+    elif kind == "no_head_dim":  # d = 0 in every tensor: consistent shapes, but no head to attend with
+        for n in NAMES:
+            if args[n] is not None:
+                args[n] = args[n][..., :0]
+        exc, names = ValueError, {"q"}
     elif kind in ("dtype", "int", "not_tensor"):
         name = data.draw(st.sampled_from([n for n in NAMES if args[n] is not None]))
         if kind == "dtype":

@@ -1,0 +1,204 @@
+"""Property-based tests of clfast.ops.prompt_conv and PromptConv (hypothesis; profiles in tests/conftest.py).
+
+Properties: every backend that claims an input (dtype, shapes from 1x1 kernels to kernels the size of the
+embeddings, F = 1, B = 0 or 1, layouts), and both plans of the C++ backend, give the float64 reference's output
+and the gradients of all four inputs within their tolerances and write nothing into their inputs; a NaN or Inf
+entry comes out where the reference puts it; invalid input raises ValueError/TypeError naming the argument and
+the C++ kernel called directly with it raises; PromptConv with the first f of its prompts equals the op on the
+sliced (non-contiguous) kernels, and rejects f = 0 or f > prompts."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clfast.ops import PromptConv, _dispatch, prompt_conv, use_backend
+from clfast.ops import conv as pc_mod
+from tests.ops._fuzz import (FLOATS, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
+                             assert_unchanged, budget, claiming, counted, dtypes, grads_of, is_tiny, layouts, leaves,
+                             make_tensor, seeds, shape_mutations, snapshot, uniform)
+from tests.ops._util import runnable_backends
+
+OP = "prompt_conv"
+NAMES = ("embeddings", "weight", "bias", "prompt_weights")
+HAS_KERNEL = "cpu" in runnable_backends(OP)
+# crossing the C++ kernel's 8-wide register blocks
+extents = st.one_of(st.integers(1, 10), st.sampled_from([15, 16, 17, 24, 25, 36]))
+
+
+@st.composite
+def cases(draw, small=False, dtype=None):
+    dtype = dtype or draw(dtypes())
+    H = draw(st.integers(1, 3))
+    Lin, Din = draw(st.integers(1, 6) if small else extents), draw(st.integers(1, 6) if small else extents)
+    kh, kw = draw(st.integers(1, Lin)), draw(st.integers(1, Din))
+    Fn = draw(st.integers(1, 4) if small else st.one_of(st.integers(1, 5), st.just(18)))
+    B = draw(st.integers(0, 3) if small else st.one_of(st.integers(0, 5), st.just(9)))
+    seed = draw(seeds)
+    bound = (kh * kw) ** -0.5
+    E = make_tensor((H, Lin, Din), dtype, draw(layouts(3)), seed, uniform(-1, 1))
+    W = make_tensor((H, Fn, kh, kw), dtype, draw(layouts(4)), seed + 1, uniform(-bound, bound))
+    b = make_tensor((H, Fn), dtype, draw(layouts(2)), seed + 2, uniform(-bound, bound))
+    pw = make_tensor((B, Fn), dtype, draw(layouts(2)), seed + 3, uniform(-1, 1))
+    return [E, W, b, pw], dtype
+
+
+def runners(name, inputs):
+    """(label, function) pairs running backend ``name``: the public op, and for the C++ backend each plan."""
+    out = [(name, lambda *t: _forced(name, *t))]
+    if name == "cpu":
+        op = _dispatch.backends(OP)["cpu"].registered
+        out += [(f"cpu mix_first={m}", (lambda m: lambda *t: op(*t, m)[0])(m)) for m in (False, True)]
+    return out
+
+
+def _forced(name, *tensors):
+    with use_backend(name, op=OP):
+        return prompt_conv(*tensors)
+
+
+def out_shape(tensors):
+    E, W, _, pw = tensors
+    return (pw.shape[0], E.shape[0], E.shape[1] - W.shape[2] + 1, E.shape[2] - W.shape[3] + 1)
+
+
+@budget(1.0)
+@given(case=cases())
+@counted
+def test_every_backend_and_plan_matches_the_float64_reference(case):
+    tensors, dtype = case
+    inputs = pc_mod._validate(*tensors)
+    shape = out_shape(tensors)
+    g = torch.Generator().manual_seed(5)
+    dout = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    x64 = as_float64(tensors)
+    ref = pc_mod.reference(*x64)
+    ref_grads = grads_of(ref, x64, dout.double())
+    names = claiming(OP, inputs, tiny=is_tiny(*tensors[0].shape, inputs.prompts, inputs.batch))
+    assert "reference" in names
+    for name in names:
+        cls = _dispatch.backends(OP)[name]
+        for label, fn in runners(name, inputs):
+            x = leaves(tensors)
+            snap = snapshot(x)
+            out = fn(*x)
+            assert out.dtype == dtype and out.shape == shape, label
+            assert_close(out, ref, cls.ATOL[dtype], f"{label} out")
+            for n, gr, r in zip(NAMES, grads_of(out, x, dout), ref_grads):
+                assert gr.dtype == dtype, (label, n)
+                assert_close(gr, r, cls.GRAD_ATOL[dtype], f"{label} d{n}")
+            assert_unchanged(snap)
+
+
+@st.composite
+def poisoned_cases(draw):
+    tensors, dtype = draw(cases(small=True, dtype=draw(dtypes((torch.float32, torch.float64)))))
+    tensors = [t.detach().clone() for t in tensors]
+    present = [i for i, t in enumerate(tensors) if t.numel()]
+    i = draw(st.sampled_from(present))
+    pos = tuple(draw(st.integers(0, s - 1)) for s in tensors[i].shape)
+    tensors[i][pos] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+    if draw(st.booleans()) and tensors[3].numel():  # a zero prompt weight: 0 · NaN is NaN in the reference too
+        tensors[3][0, 0] = 0.0
+    return tensors, dtype
+
+
+@budget(1.0)
+@given(case=poisoned_cases())
+@counted
+def test_nan_and_inf_propagate_as_the_reference(case):
+    tensors, dtype = case
+    inputs = pc_mod._validate(*tensors)
+    ref = pc_mod.reference(*as_float64(tensors)).detach()
+    for name in claiming(OP, inputs, tiny=True):
+        cls = _dispatch.backends(OP)[name]
+        for label, fn in runners(name, inputs):
+            with torch.no_grad():
+                out = fn(*tensors)
+            assert_close(out, ref, cls.ATOL[dtype], f"{label} with a non-finite input")
+
+
+def valid_shapes(s):
+    E, W, b, pw = (s[n] for n in NAMES)
+    return (len(E) == 3 and E[0] >= 1 and len(W) == 4 and W[0] == E[0] and min(W[1:]) >= 1 and W[2] <= E[1]
+            and W[3] <= E[2] and b == W[:2] and len(pw) == 2 and pw[1] == W[1])
+
+
+SPEC = {"embeddings": "H Lin Din", "weight": "H F kh kw", "bias": "H F", "prompt_weights": "B F"}
+
+
+@budget(3.0)
+@given(case=cases(small=True), data=st.data())
+@counted
+def test_invalid_input_raises_naming_the_argument(case, data):
+    tensors, dtype = case
+    args = dict(zip(NAMES, tensors))
+    kind = data.draw(st.sampled_from(["shape", "kernel_too_big", "no_heads", "dtype", "int", "not_tensor"]))
+    exc, names = TypeError, set()
+    if kind in ("shape", "kernel_too_big", "no_heads"):
+        if kind == "shape":
+            name, shape, names = data.draw(shape_mutations(SPEC, args))
+            args[name] = torch.randn(shape).to(dtype)
+        elif kind == "kernel_too_big":
+            E, W = args["embeddings"], args["weight"]
+            which = data.draw(st.sampled_from([2, 3]))
+            shape = list(W.shape)
+            shape[which] = E.shape[which - 1] + data.draw(st.integers(1, 2))
+            args["weight"] = torch.randn(shape).to(dtype)
+            names = {"weight", "embeddings"}
+        else:
+            H = data.draw(st.sampled_from(["embeddings", "all"]))
+            args["embeddings"] = args["embeddings"][:0]
+            if H == "all":
+                args["weight"], args["bias"] = args["weight"][:0], args["bias"][:0]
+            names = {"embeddings"} if H == "all" else {"embeddings", "weight"}
+        if valid_shapes({n: tuple(t.shape) for n, t in args.items()}):
+            assert prompt_conv(*(args[n] for n in NAMES)).shape == out_shape([args[n] for n in NAMES])
+            return
+        exc = ValueError
+    elif kind == "dtype":
+        name = data.draw(st.sampled_from(NAMES))
+        args[name] = args[name].to(data.draw(st.sampled_from([d for d in FLOATS if d != dtype])))
+        names = {name, "embeddings"}
+    elif kind == "int":
+        name = data.draw(st.sampled_from(NAMES))
+        args[name] = args[name].to(torch.int64)
+        names = {name, "embeddings"}
+    else:
+        name = data.draw(st.sampled_from(NAMES))
+        args[name] = args[name].tolist()
+        names = {name}
+    assert_rejected(lambda: prompt_conv(*(args[n] for n in NAMES)), exc, names, "prompt_conv:")
+    if HAS_KERNEL:
+        assert_kernel_rejects(torch.ops._clfast_C.prompt_conv_fwd, *(args[n] for n in NAMES),
+                              data.draw(st.booleans()))
+
+
+@st.composite
+def module_cases(draw):
+    H, prompts = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    Lin, Din = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    kernel = (draw(st.integers(1, Lin)), draw(st.integers(1, Din)))
+    f, B = draw(st.integers(0, prompts + 1)), draw(st.integers(0, 3))
+    return H, prompts, Lin, Din, kernel, f, B, draw(seeds)
+
+
+@budget(1.0)
+@given(case=module_cases())
+@counted
+def test_prompt_conv_module_uses_its_first_f_prompts(case):
+    H, prompts, Lin, Din, kernel, f, B, seed = case
+    torch.manual_seed(seed)
+    layer = PromptConv(H, prompts, Lin, Din, kernel)
+    pw = torch.rand(B, f) * 2 - 1
+    if not 1 <= f <= prompts:
+        assert_rejected(lambda: layer(pw), ValueError, {"prompt_weights"}, "PromptConv:")
+        return
+    out = layer(pw)
+    E, W, b = (p.detach().double() for p in (layer.embeddings, layer.weight, layer.bias))
+    ref = pc_mod.reference(E, W[:, :f], b[:, :f], pw.double())
+    assert_close(out, ref, 2e-5, "PromptConv")
+    out.sum().backward()
+    assert bool((layer.weight.grad[:, f:] == 0).all()) and bool((layer.bias.grad[:, f:] == 0).all()), \
+        "prompts beyond the first f got gradients"
