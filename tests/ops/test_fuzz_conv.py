@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from clfast.ops import PromptConv, _dispatch, prompt_conv, use_backend
 from clfast.ops import conv as pc_mod
-from tests.ops._fuzz import (FLOATS, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
+from tests.ops._fuzz import (FLOATS, LOWP, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
                              assert_unchanged, budget, claiming, counted, dtypes, grads_of, is_tiny, layouts, leaves,
                              make_tensor, seeds, shape_mutations, snapshot, uniform)
 from tests.ops._util import runnable_backends
@@ -77,6 +77,7 @@ def test_every_backend_and_plan_matches_the_float64_reference(case):
     ref_grads = grads_of(ref, x64, dout.double())
     names = claiming(OP, inputs, tiny=is_tiny(*tensors[0].shape, inputs.prompts, inputs.batch))
     assert "reference" in names
+    peer = [None] * 5  # at 16 bits: the reference backend's results, stock PyTorch's own error
     for name in names:
         cls = _dispatch.backends(OP)[name]
         for label, fn in runners(name, inputs):
@@ -84,11 +85,14 @@ def test_every_backend_and_plan_matches_the_float64_reference(case):
             snap = snapshot(x)
             out = fn(*x)
             assert out.dtype == dtype and out.shape == shape, label
-            assert_close(out, ref, cls.ATOL[dtype], f"{label} out")
-            for n, gr, r in zip(NAMES, grads_of(out, x, dout), ref_grads):
+            assert_close(out, ref, cls.ATOL[dtype], f"{label} out", peer=peer[0])
+            got = grads_of(out, x, dout)
+            for n, gr, r, p in zip(NAMES, got, ref_grads, peer[1:]):
                 assert gr.dtype == dtype, (label, n)
-                assert_close(gr, r, cls.GRAD_ATOL[dtype], f"{label} d{n}")
+                assert_close(gr, r, cls.GRAD_ATOL[dtype], f"{label} d{n}", peer=p)
             assert_unchanged(snap)
+            if name == "reference" and dtype in LOWP:
+                peer = [out, *got]
 
 
 @st.composite
@@ -116,7 +120,11 @@ def test_nan_and_inf_propagate_as_the_reference(case):
         for label, fn in runners(name, inputs):
             with torch.no_grad():
                 out = fn(*tensors)
-            assert_close(out, ref, cls.ATOL[dtype], f"{label} with a non-finite input")
+            # non-finite exactly where the reference is; which kind may differ on the C++ backend, whose mix-first
+            # plan (the public op's choice when B is small) mixes kernels and biases before convolving: Inf - Inf
+            # (NaN) in the reference's order can be Inf in its own, and the other way round
+            assert_close(out, ref, cls.ATOL[dtype], f"{label} with a non-finite input",
+                         same_nan=not (name == "cpu" and label != "cpu mix_first=False"))
 
 
 def valid_shapes(s):
@@ -170,7 +178,7 @@ def test_invalid_input_raises_naming_the_argument(case, data):
         args[name] = args[name].tolist()
         names = {name}
     assert_rejected(lambda: prompt_conv(*(args[n] for n in NAMES)), exc, names, "prompt_conv:")
-    if HAS_KERNEL:
+    if HAS_KERNEL and kind != "no_heads":  # the kernel computes H = 0 (an empty result); the op rejects it
         assert_kernel_rejects(torch.ops._clfast_C.prompt_conv_fwd, *(args[n] for n in NAMES),
                               data.draw(st.booleans()))
 
