@@ -86,7 +86,8 @@ def check_backends(op, fn, reference, tensors, dtype, out_shape, inputs):
     tiny = is_tiny(*(s for t in tensors for s in t.shape))
     names = claiming(op, inputs, tiny=tiny)
     assert "reference" in names
-    peer = [None] * (1 + len(tensors))  # at 16 bits: the reference backend's results, stock PyTorch's error
+    # At 16 bits the reference backend is stock PyTorch at that dtype: its errors are the peer's (STYLE.md §8).
+    peer = [None] * (1 + len(tensors))
     for name in names:
         cls = _dispatch.backends(op)[name]
         x = leaves(tensors)
@@ -94,16 +95,16 @@ def check_backends(op, fn, reference, tensors, dtype, out_shape, inputs):
         with use_backend(name, op=op):
             out = fn(*x)
         assert out.dtype == dtype and out.shape == out_shape, name
-        assert_close(out, ref, cls.ATOL[dtype], f"{name} out", peer=peer[0])
         got = grads_of(out, x, dout)
+        if name == "reference" and dtype in LOWP:
+            peer = [out, *got]
+        assert_close(out, ref, cls.ATOL[dtype], f"{name} out", peer=peer[0])
         for i, (gr, r, p) in enumerate(zip(got, ref_grads, peer[1:])):
             assert gr.dtype == dtype, (name, i)
             assert_close(gr, r, cls.GRAD_ATOL[dtype], f"{name} gradient {i}", peer=p)
         if tensors[-1].dim() == 2:
             assert bool((got[-1].triu(1) == 0).all()), f"{name}: the factor's gradient is not lower-triangular"
         assert_unchanged(snap)
-        if name == "reference" and dtype in LOWP:
-            peer = [out, *got]
 
 
 @budget(1.0)
