@@ -10,13 +10,14 @@ PromptedAttention equals the explicit math for every prefix form."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from clfast.ops import PromptContext, PromptedAttention, _dispatch, prefix_attention, use_backend
 from clfast.ops import attention as pa_mod
-from tests.ops._fuzz import (LOWP, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
+from tests.ops._fuzz import (FLOATS, LOWP, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
                              assert_unchanged, budget, claiming, counted, dtypes, grads_of, is_tiny, layouts, leaves,
                              make_tensor, seeds, shape_mutations, snapshot)
 from tests.ops._util import runnable_backends
@@ -123,6 +124,7 @@ def poisoned_cases(draw):
     return tensors, kv_mask, scale, dtype, NAMES[i], padding
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on NaN/Inf
 @budget(1.0)
 @given(case=poisoned_cases())
 @counted
@@ -186,65 +188,71 @@ def valid_shapes(shapes: dict) -> bool:
 SPEC = {"q": "B H Nq d", "k": "B H Nk d", "v": "B H Nk d", "kv_mask": "B Nk"}
 
 
-@budget(3.0)
+INVALID = ["shape", "no_head_dim", "dtype", "int", "not_tensor", "mask", "scale", "lone_prefix"]
+
+
+def invalid_calls(kind, args, dtype, data):
+    """Changed copies of the valid ``args`` that the op must reject: (args, exception, names it may quote)."""
+    out = []
+    if kind == "shape":
+        spec = dict(SPEC)
+        if args["prefix_k"] is not None:
+            spec["prefix_k"] = spec["prefix_v"] = "B H P d" if args["prefix_k"].dim() == 4 else "H P d"
+        name, shape, names = data.draw(shape_mutations(spec, args))
+        bad = dict(args)
+        bad[name] = (torch.rand(shape) > 0.5) if name == "kv_mask" else torch.randn(shape).to(args[name].dtype)
+        out.append((bad, ValueError, names))
+    elif kind == "no_head_dim":  # d = 0 in every tensor: consistent shapes, but no head to attend with
+        out.append(({n: (t[..., :0] if n in NAMES and t is not None else t) for n, t in args.items()}, ValueError,
+                    {"q"}))
+    elif kind in ("dtype", "int", "not_tensor"):
+        for name in (n for n in NAMES if args[n] is not None):
+            bad = dict(args)
+            if kind == "dtype":
+                bad[name] = args[name].to(data.draw(st.sampled_from([d for d in FLOATS if d != dtype])))
+                names = {name, "q"} if name != "q" else set(NAMES)
+            elif kind == "int":
+                bad[name] = args[name].to(data.draw(st.sampled_from([torch.int64, torch.int32, torch.bool])))
+                names = {name} if name in ("q", "k", "v") else {name, "q"}
+            else:
+                bad[name], names = args[name].tolist(), {name}
+            out.append((bad, TypeError, names))
+    elif kind == "mask":
+        B, Nk = args["q"].shape[0], args["k"].shape[2]
+        for m in (torch.ones(B, Nk), torch.ones(B, Nk, dtype=torch.int64), [[True] * Nk] * B):
+            out.append(({**args, "kv_mask": m}, TypeError, {"kv_mask"}))
+    elif kind == "scale":
+        for sc in (float("nan"), float("inf"), -float("inf"), "0.5", True, torch.tensor(0.5), [0.5]):
+            out.append(({**args, "scale": sc}, TypeError, {"scale"}))
+    else:
+        q = args["q"]
+        for name, other in (("prefix_k", "prefix_v"), ("prefix_v", "prefix_k")):
+            lone = torch.randn(q.shape[1], 2, q.shape[3]).to(dtype)
+            out.append(({**args, name: lone, other: None}, ValueError, {"prefix_k", "prefix_v"}))
+    return out
+
+
+@pytest.mark.parametrize("kind", INVALID)
+@budget(1.0)
 @given(case=cases(small=True), data=st.data())
 @counted
-def test_invalid_input_raises_naming_the_argument(case, data):
+def test_invalid_input_raises_naming_the_argument(kind, case, data):
+    """Each kind of invalid input (all its values, for the scalar and mask kinds) raises ValueError/TypeError
+    naming the argument; a changed shape that is still valid (by the spec written here) runs. The C++ kernel
+    called directly with the same input raises."""
     tensors, kv_mask, scale, dtype = case
     args = dict(zip(NAMES, tensors), kv_mask=kv_mask, scale=scale)
-    spec = dict(SPEC)
-    if args["prefix_k"] is not None:
-        spec["prefix_k"] = spec["prefix_v"] = "B H P d" if args["prefix_k"].dim() == 4 else "H P d"
-    kind = data.draw(st.sampled_from(["shape", "no_head_dim", "dtype", "int", "not_tensor", "mask", "scale",
-                                      "lone_prefix"]))
-    exc, names = TypeError, set()
-    if kind == "shape":
-        name, shape, names = data.draw(shape_mutations(spec, args))
-        like = args[name]
-        args[name] = (torch.rand(shape) > 0.5) if name == "kv_mask" else torch.randn(shape).to(like.dtype)
-        shapes = {n: tuple(t.shape) for n, t in args.items() if isinstance(t, torch.Tensor)}
-        if valid_shapes(shapes):
-            return run_and_check_valid(args)
-        exc = ValueError
-    elif kind == "no_head_dim":  # d = 0 in every tensor: consistent shapes, but no head to attend with
-        for n in NAMES:
-            if args[n] is not None:
-                args[n] = args[n][..., :0]
-        exc, names = ValueError, {"q"}
-    elif kind in ("dtype", "int", "not_tensor"):
-        name = data.draw(st.sampled_from([n for n in NAMES if args[n] is not None]))
-        if kind == "dtype":
-            other = data.draw(st.sampled_from([d for d in (torch.float32, torch.float64, torch.bfloat16,
-                                                           torch.float16) if d != dtype]))
-            args[name] = args[name].to(other)
-            names = {name, "q"} if name != "q" else set(NAMES)
-        elif kind == "int":
-            args[name] = args[name].to(data.draw(st.sampled_from([torch.int64, torch.int32, torch.bool])))
-            names = {name} if name in ("q", "k", "v") else {name, "q"}
-        else:
-            args[name] = args[name].tolist()
-            names = {name}
-    elif kind == "mask":
-        B, Nk = tensors[0].shape[0], tensors[1].shape[2]
-        args["kv_mask"] = data.draw(st.sampled_from([torch.ones(B, Nk), torch.ones(B, Nk, dtype=torch.int64),
-                                                     [[True] * Nk] * B]))
-        names = {"kv_mask"}
-    elif kind == "scale":
-        args["scale"] = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), "0.5", True,
-                                                   torch.tensor(0.5), [0.5]]))
-        names = {"scale"}
-    else:
-        name = data.draw(st.sampled_from(["prefix_k", "prefix_v"]))
-        base = tensors[0]
-        args[name] = torch.randn(base.shape[1], 2, base.shape[3]).to(dtype)
-        args["prefix_v" if name == "prefix_k" else "prefix_k"] = None
-        exc, names = ValueError, {"prefix_k", "prefix_v"}
-    assert_rejected(lambda: prefix_attention(*(args[n] for n in NAMES), kv_mask=args["kv_mask"],
-                                             scale=args["scale"]), exc, names, "prefix_attention:")
-    if HAS_KERNEL and (kind != "scale" or isinstance(args["scale"], float)):
-        scale = 1.0 if args["scale"] is None else args["scale"]
-        assert_kernel_rejects(torch.ops._clfast_C.prefix_attention_fwd, *(args[n] for n in NAMES), args["kv_mask"],
-                              scale)
+    for bad, exc, names in invalid_calls(kind, args, dtype, data):
+        call = [bad[n] for n in NAMES]
+        if kind == "shape" and valid_shapes({n: tuple(t.shape) for n, t in bad.items()
+                                             if isinstance(t, torch.Tensor)}):
+            run_and_check_valid(bad)
+            continue
+        assert_rejected(lambda: prefix_attention(*call, kv_mask=bad["kv_mask"], scale=bad["scale"]), exc, names,
+                        "prefix_attention:")
+        if HAS_KERNEL and (kind != "scale" or isinstance(bad["scale"], float)):
+            sc = 1.0 if bad["scale"] is None else bad["scale"]
+            assert_kernel_rejects(torch.ops._clfast_C.prefix_attention_fwd, *call, bad["kv_mask"], sc)
 
 
 def run_and_check_valid(args):

@@ -9,6 +9,7 @@ sliced (non-contiguous) kernels, and rejects f = 0 or f > prompts."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -109,6 +110,7 @@ def poisoned_cases(draw):
     return tensors, dtype
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on NaN/Inf
 @budget(1.0)
 @given(case=poisoned_cases())
 @counted
@@ -137,51 +139,50 @@ def valid_shapes(s):
 SPEC = {"embeddings": "H Lin Din", "weight": "H F kh kw", "bias": "H F", "prompt_weights": "B F"}
 
 
-@budget(3.0)
+INVALID = ["shape", "kernel_too_big", "no_heads", "dtype", "int", "not_tensor"]
+
+
+def invalid_calls(kind, args, dtype, data):
+    """Changed copies of the valid ``args`` that the op must reject: (args, exception, names it may quote)."""
+    if kind == "shape":
+        name, shape, names = data.draw(shape_mutations(SPEC, args))
+        return [({**args, name: torch.randn(shape).to(dtype)}, ValueError, names)]
+    if kind == "kernel_too_big":  # kh > Lin or kw > Din, by one or two
+        E, W = args["embeddings"], args["weight"]
+        out = []
+        for dim in (2, 3):
+            shape = list(W.shape)
+            shape[dim] = E.shape[dim - 1] + data.draw(st.integers(1, 2))
+            out.append(({**args, "weight": torch.randn(shape).to(dtype)}, ValueError, {"weight", "embeddings"}))
+        return out
+    if kind == "no_heads":
+        return [({**args, "embeddings": args["embeddings"][:0]}, ValueError, {"embeddings", "weight"}),
+                ({**args, **{n: args[n][:0] for n in ("embeddings", "weight", "bias")}}, ValueError, {"embeddings"})]
+    if kind == "dtype":
+        other = data.draw(st.sampled_from([d for d in FLOATS if d != dtype]))
+        return [({**args, n: args[n].to(other)}, TypeError, {n, "embeddings"}) for n in NAMES]
+    return [({**args, n: args[n].to(torch.int64) if kind == "int" else args[n].tolist()}, TypeError,
+             {n, "embeddings"} if kind == "int" else {n}) for n in NAMES]
+
+
+@pytest.mark.parametrize("kind", INVALID)
+@budget(1.0)
 @given(case=cases(small=True), data=st.data())
 @counted
-def test_invalid_input_raises_naming_the_argument(case, data):
+def test_invalid_input_raises_naming_the_argument(kind, case, data):
+    """Each kind of invalid input (for every argument) raises ValueError/TypeError naming the argument; a changed
+    shape that is still valid runs. The C++ kernel called directly with the same input raises (except for H = 0,
+    which it computes: an empty result)."""
     tensors, dtype = case
     args = dict(zip(NAMES, tensors))
-    kind = data.draw(st.sampled_from(["shape", "kernel_too_big", "no_heads", "dtype", "int", "not_tensor"]))
-    exc, names = TypeError, set()
-    if kind in ("shape", "kernel_too_big", "no_heads"):
-        if kind == "shape":
-            name, shape, names = data.draw(shape_mutations(SPEC, args))
-            args[name] = torch.randn(shape).to(dtype)
-        elif kind == "kernel_too_big":
-            E, W = args["embeddings"], args["weight"]
-            which = data.draw(st.sampled_from([2, 3]))
-            shape = list(W.shape)
-            shape[which] = E.shape[which - 1] + data.draw(st.integers(1, 2))
-            args["weight"] = torch.randn(shape).to(dtype)
-            names = {"weight", "embeddings"}
-        else:
-            H = data.draw(st.sampled_from(["embeddings", "all"]))
-            args["embeddings"] = args["embeddings"][:0]
-            if H == "all":
-                args["weight"], args["bias"] = args["weight"][:0], args["bias"][:0]
-            names = {"embeddings"} if H == "all" else {"embeddings", "weight"}
-        if valid_shapes({n: tuple(t.shape) for n, t in args.items()}):
-            assert prompt_conv(*(args[n] for n in NAMES)).shape == out_shape([args[n] for n in NAMES])
-            return
-        exc = ValueError
-    elif kind == "dtype":
-        name = data.draw(st.sampled_from(NAMES))
-        args[name] = args[name].to(data.draw(st.sampled_from([d for d in FLOATS if d != dtype])))
-        names = {name, "embeddings"}
-    elif kind == "int":
-        name = data.draw(st.sampled_from(NAMES))
-        args[name] = args[name].to(torch.int64)
-        names = {name, "embeddings"}
-    else:
-        name = data.draw(st.sampled_from(NAMES))
-        args[name] = args[name].tolist()
-        names = {name}
-    assert_rejected(lambda: prompt_conv(*(args[n] for n in NAMES)), exc, names, "prompt_conv:")
-    if HAS_KERNEL and kind != "no_heads":  # the kernel computes H = 0 (an empty result); the op rejects it
-        assert_kernel_rejects(torch.ops._clfast_C.prompt_conv_fwd, *(args[n] for n in NAMES),
-                              data.draw(st.booleans()))
+    for bad, exc, names in invalid_calls(kind, args, dtype, data):
+        call = [bad[n] for n in NAMES]
+        if kind == "shape" and valid_shapes({n: tuple(t.shape) for n, t in bad.items()}):
+            assert prompt_conv(*call).shape == out_shape(call)
+            continue
+        assert_rejected(lambda: prompt_conv(*call), exc, names, "prompt_conv:")
+        if HAS_KERNEL and kind != "no_heads":
+            assert_kernel_rejects(torch.ops._clfast_C.prompt_conv_fwd, *call, data.draw(st.booleans()))
 
 
 @st.composite

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -158,6 +159,7 @@ def poisoned_cases(draw):
     return q, keys, k, metric
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on NaN/Inf
 @budget(1.0)
 @given(case=poisoned_cases())
 @counted
@@ -180,53 +182,60 @@ def test_nan_and_inf_rank_and_score_as_the_reference(case):
 SPEC = {"query": "B D", "keys": "M D"}
 
 
-@budget(3.0)
-@given(case=cases(small=True), data=st.data())
-@counted
-def test_invalid_input_raises_naming_the_argument(case, data):
-    q, keys, k, metric, _ = case
-    args = dict(query=q, keys=keys, k=k, metric=metric, exact=True)
-    kind = data.draw(st.sampled_from(["shape", "dtype", "int", "not_tensor", "k", "metric", "exact"]))
-    exc, names, kernel = TypeError, set(), True
+INVALID = ["shape", "dtype", "int", "not_tensor", "k", "metric", "exact"]
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def invalid_calls(kind, args, data):
+    """Changed copies of the valid ``args`` that retrieve must reject: (args, exception, names it may quote, whether
+    the C++ kernel takes that argument too)."""
+    q, keys, M = args["query"], args["keys"], args["keys"].shape[0]
     if kind == "shape":
         name, shape, names = data.draw(shape_mutations(SPEC, args))
-        args[name] = torch.randn(shape).to(args[name].dtype)
-        qs, kshape = args["query"].shape, args["keys"].shape
-        if len(qs) == 2 == len(kshape) and qs[1] == kshape[1] >= 1 and k <= kshape[0]:
-            s, i = retrieve(args["query"], args["keys"], k, metric=metric)  # still valid (e.g. another B)
-            assert i.shape == (qs[0], k)
-            return
-        exc = ValueError
-        names |= {"k"} if len(kshape) == 2 and k > kshape[0] else set()
-    elif kind == "dtype":
-        pair = data.draw(st.sampled_from([(a, b) for a in (torch.float32, torch.float64, torch.bfloat16,
-                                                           torch.float16)
-                                          for b in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-                                          if (a, b) not in DTYPE_PAIRS]))
-        args["query"], args["keys"] = q.to(pair[0]), keys.to(pair[1])
-        names = {"keys"}
-    elif kind in ("int", "not_tensor"):
-        name = data.draw(st.sampled_from(["query", "keys"]))
-        args[name] = args[name].to(torch.int64) if kind == "int" else args[name].tolist()
-        names = {name}
-    elif kind == "k":
-        M = keys.shape[0]
-        args["k"] = data.draw(st.sampled_from([0, -1, M + 1, 2 ** 31, True, 1.0, "1", None, torch.tensor(1)]))
-        exc = ValueError if type(args["k"]) is int else TypeError
-        names = {"k"}
-        kernel = type(args["k"]) is int
-    elif kind == "metric":
-        args["metric"] = data.draw(st.sampled_from(["cos", "L2", "", None, 1]))
-        exc, names = ValueError, {"metric"}
-        kernel = isinstance(args["metric"], str)
-    else:
-        args["exact"] = data.draw(st.sampled_from([1, "yes", None]))
-        names, kernel = {"exact"}, False
-    assert_rejected(lambda: retrieve(args["query"], args["keys"], args["k"], metric=args["metric"],
-                                     exact=args["exact"]), exc, names, "retrieve:")
-    if HAS_KERNEL and kernel:
-        assert_kernel_rejects(torch.ops._clfast_C.retrieve_topk, args["query"], args["keys"], args["k"],
-                              args["metric"])
+        bad = {**args, name: torch.randn(shape).to(args[name].dtype)}
+        if bad["keys"].dim() == 2 and args["k"] > bad["keys"].shape[0]:
+            names = names | {"k"}
+        return [(bad, ValueError, names, True)]
+    if kind == "dtype":
+        return [({**args, "query": q.to(a), "keys": keys.to(b)}, TypeError, {"keys"}, True)
+                for a in FLOAT_DTYPES for b in FLOAT_DTYPES if (a, b) not in DTYPE_PAIRS]
+    if kind in ("int", "not_tensor"):
+        return [({**args, n: args[n].to(torch.int64) if kind == "int" else args[n].tolist()}, TypeError, {n}, True)
+                for n in ("query", "keys")]
+    if kind == "k":
+        return [({**args, "k": k}, ValueError if type(k) is int else TypeError, {"k"}, type(k) is int)
+                for k in (0, -1, M + 1, 2 ** 31, True, 1.0, "1", None, torch.tensor(1))]
+    if kind == "metric":
+        return [({**args, "metric": m}, ValueError, {"metric"}, isinstance(m, str)) for m in ("cos", "L2", "", None, 1)]
+    return [({**args, "exact": e}, TypeError, {"exact"}, False) for e in (1, "yes", None)]
+
+
+def valid(args) -> bool:
+    """The spec of retrieve's shapes, written here independently of the op's checks."""
+    qs, ks_ = args["query"].shape, args["keys"].shape
+    return len(qs) == 2 == len(ks_) and qs[1] == ks_[1] >= 1 and 1 <= args["k"] <= ks_[0]
+
+
+@pytest.mark.parametrize("kind", INVALID)
+@budget(1.0)
+@given(case=cases(small=True), data=st.data())
+@counted
+def test_invalid_input_raises_naming_the_argument(kind, case, data):
+    """Each kind of invalid input (every value, for the dtype pairs and the scalar arguments) raises
+    ValueError/TypeError naming the argument; a changed shape that is still valid runs. The C++ kernel called
+    directly with the same input raises."""
+    q, keys, k, metric, _ = case
+    args = dict(query=q, keys=keys, k=k, metric=metric, exact=True)
+    for bad, exc, names, kernel in invalid_calls(kind, args, data):
+        if kind == "shape" and valid(bad):
+            s, i = retrieve(bad["query"], bad["keys"], k, metric=metric)
+            assert i.shape == (bad["query"].shape[0], k)
+            continue
+        assert_rejected(lambda: retrieve(bad["query"], bad["keys"], bad["k"], metric=bad["metric"],
+                                         exact=bad["exact"]), exc, names, "retrieve:")
+        if HAS_KERNEL and kernel:
+            assert_kernel_rejects(torch.ops._clfast_C.retrieve_topk, bad["query"], bad["keys"], bad["k"],
+                                  bad["metric"])
 
 
 @st.composite
