@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from clfast.ops import PromptContext, PromptedAttention, _dispatch, prefix_attention, use_backend
 from clfast.ops import attention as pa_mod
 from tests.ops._fuzz import (FLOATS, LOWP, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
-                             assert_unchanged, budget, claiming, counted, dtypes, grads_of, is_tiny, layouts, leaves,
+                             assert_unchanged, budget, claiming, counted, dtypes, emptied, grads_of, is_tiny, layouts, leaves,
                              make_tensor, seeds, shape_mutations, snapshot)
 from tests.ops._util import runnable_backends
 
@@ -26,7 +26,7 @@ OP = "prefix_attention"
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 HAS_KERNEL = "cpu" in runnable_backends(OP)
 # crossing the C++ kernel's tiles (up to 256 keys / queries) and SIMD widths of the head dim
-lengths = st.one_of(st.integers(0, 12), st.sampled_from([15, 16, 17, 63, 64, 65, 255, 256, 257]))
+lengths = st.one_of(st.integers(1, 12), st.sampled_from([15, 16, 17, 63, 64, 65, 255, 256, 257]))
 head_dims = st.one_of(st.integers(1, 20), st.sampled_from([31, 32, 33, 59, 64, 65, 128, 129]))
 
 
@@ -34,9 +34,10 @@ head_dims = st.one_of(st.integers(1, 20), st.sampled_from([31, 32, 33, 59, 64, 6
 def cases(draw, dtype=None, small=False):
     """A valid call: (tensors q, k, v, prefix_k, prefix_v as laid out, kv_mask, scale, dtype)."""
     dtype = dtype or draw(dtypes())
-    B, H = draw(st.integers(0, 3)), draw(st.integers(0, 3))
-    Nq = draw(st.integers(0, 6) if small else lengths)
-    Nk = draw(st.integers(0, 6) if small else lengths)
+    B, H = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    Nq = draw(st.integers(1, 6) if small else lengths)
+    Nk = draw(st.integers(1, 6) if small else lengths)
+    B, H, Nq, Nk = draw(emptied(B=B, H=H, Nq=Nq, Nk=Nk)).values()
     d = draw(st.integers(1, 8) if small else head_dims)
     # large d and long sequences: one of them at a time (the float64 reference stays cheap)
     if Nq * Nk * d > 40_000:
@@ -77,7 +78,7 @@ def reference64(tensors, kv_mask, scale, dout):
 
 
 @budget(1.0)
-@given(case=cases())
+@given(case=cases(small=True) | cases())  # small half the time: the Triton interpreter joins those
 @counted
 def test_every_backend_matches_the_float64_reference(case):
     tensors, kv_mask, scale, dtype = case

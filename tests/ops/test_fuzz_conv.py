@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from clfast.ops import PromptConv, _dispatch, prompt_conv, use_backend
 from clfast.ops import conv as pc_mod
 from tests.ops._fuzz import (FLOATS, LOWP, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
-                             assert_unchanged, budget, claiming, counted, dtypes, grads_of, is_tiny, layouts, leaves,
+                             assert_unchanged, budget, claiming, counted, dtypes, emptied, grads_of, is_tiny, layouts, leaves,
                              make_tensor, seeds, shape_mutations, snapshot, uniform)
 from tests.ops._util import runnable_backends
 
@@ -35,7 +35,7 @@ def cases(draw, small=False, dtype=None):
     Lin, Din = draw(st.integers(1, 6) if small else extents), draw(st.integers(1, 6) if small else extents)
     kh, kw = draw(st.integers(1, Lin)), draw(st.integers(1, Din))
     Fn = draw(st.integers(1, 4) if small else st.one_of(st.integers(1, 5), st.just(18)))
-    B = draw(st.integers(0, 3) if small else st.one_of(st.integers(0, 5), st.just(9)))
+    B = draw(emptied(B=draw(st.integers(1, 3) if small else st.one_of(st.integers(1, 5), st.just(9)))))["B"]
     seed = draw(seeds)
     bound = (kh * kw) ** -0.5
     E = make_tensor((H, Lin, Din), dtype, draw(layouts(3)), seed, uniform(-1, 1))
@@ -65,7 +65,7 @@ def out_shape(tensors):
 
 
 @budget(1.0)
-@given(case=cases())
+@given(case=cases(small=True) | cases())  # small half the time: the Triton interpreter joins those
 @counted
 def test_every_backend_and_plan_matches_the_float64_reference(case):
     tensors, dtype = case

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from clfast.ops import KeyIndex, _dispatch, kmeans, retrieve, use_backend
 from clfast.ops import retrieval as rt
 from tests.ops._fuzz import (assert_close, assert_kernel_rejects, assert_rejected, assert_unchanged, budget,
-                             claiming, counted, is_tiny, layouts, leaves, make_tensor, normal, seeds,
+                             claiming, counted, emptied, is_tiny, layouts, leaves, make_tensor, normal, seeds,
                              shape_mutations, small_integers, snapshot)
 from tests.ops._util import magnitude, runnable_backends
 
@@ -31,7 +31,7 @@ HAS_KERNEL = "cpu" in runnable_backends(OP)
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
                (torch.float16, torch.float16), (torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
 # crossing the C++ kernel's few-query path (B <= 8), SIMD widths (16), tiles, the backends' MAX_K (64, 1024)
-batches = st.one_of(st.integers(0, 10), st.sampled_from([16, 17, 33]))
+batches = st.one_of(st.integers(1, 10), st.sampled_from([16, 17, 33]))
 pools = st.one_of(st.integers(1, 40), st.sampled_from([63, 64, 65, 73, 257, 1030]))
 dims = st.one_of(st.integers(1, 20), st.sampled_from([31, 32, 33, 64, 65, 129]))
 
@@ -60,7 +60,7 @@ def fill(kind):
 @st.composite
 def cases(draw, small=False):
     qd, kd = draw(st.sampled_from(DTYPE_PAIRS))
-    B = draw(st.integers(0, 4) if small else batches)
+    B = draw(emptied(B=draw(st.integers(1, 4) if small else batches)))["B"]
     M = draw(st.integers(1, 12) if small else pools)
     D = draw(st.integers(1, 8) if small else dims)
     if M * D > 30_000:
@@ -94,7 +94,7 @@ def tie_limited(name, all_sorted, k):
 
 
 @budget(1.0)
-@given(case=cases())
+@given(case=cases(small=True) | cases())  # small half the time: the Triton interpreter joins those
 @counted
 def test_every_backend_returns_the_best_k(case):
     q, keys, k, metric, kind = case
