@@ -61,7 +61,8 @@ fuzz: setup
 # clfast/_C*.so is left alone; CLFAST_EXTENSION points clfast at the sanitized build), then the C++ backend's op
 # tests and the fuzz tests (fast profile) run on it. Leaks are not reported: Python never frees some memory.
 # libstdc++ is preloaded after libasan: python is not linked to it, and ASan's __cxa_throw interceptor must find
-# it at start-up (the first C++ exception, thrown by triton's import, fails a CHECK otherwise).
+# it at start-up (the first C++ exception, thrown by triton's import, fails a CHECK otherwise). --capture=sys: a
+# sanitizer report goes to file descriptor 2 as the process aborts, which pytest's default capture would swallow.
 SAN_DIR   := build/sanitize
 SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -g
 sanitize: setup
@@ -70,7 +71,7 @@ sanitize: setup
 	CLFAST_EXTENSION="$$(ls $(SAN_DIR)/lib/clfast/_C*.so)" \
 	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(PY) -m pytest -q -m "not slow" tests/ops -k "cpu or c_kernel or fuzz"
+	  $(PY) -m pytest -q --capture=sys -m "not slow" tests/ops -k "cpu or c_kernel or fuzz"
 
 clean:
 	rm -rf build clfast/_C*.so $(EXT_STAMP)
