@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from clfast.ops import GaussianStats, _dispatch, gaussian_kl, mahalanobis, use_backend
@@ -111,6 +111,8 @@ def check_backends(op, fn, reference, tensors, dtype, out_shape, inputs):
 
 @budget(1.0)
 @given(case=maha_cases(small=True) | maha_cases())  # small: the Triton interpreter joins
+# found by this property: with no means (K = 0) the torch backend centred on their NaN mean: NaN gradients of x
+@example(case=([torch.randn(3, 4), torch.randn(0, 4), torch.eye(4)], torch.float32))
 @counted
 def test_mahalanobis_every_backend_matches_the_float64_reference(case):
     (x, means, L), dtype = case
@@ -146,6 +148,12 @@ def poisoned(draw, op):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on NaN/Inf
 @budget(1.0)
 @given(maha=poisoned(MAHA), kl=poisoned(KL))
+# found by this property: the C++ and Triton epilogues clamped a NaN distance to 0; a NaN mean reached every distance
+# through the centring (torch backend) or became 0 (C++, Triton)
+@example(maha=[torch.tensor([[1.0, 2.0], [float("nan"), 0.0]]), torch.randn(2, 2), torch.eye(2)],
+         kl=[torch.randn(1, 2), torch.randn(1, 2), torch.randn(2), torch.eye(2)])
+@example(maha=[torch.randn(2, 2) + 30, torch.tensor([[float("nan"), 30.0], [31.0, 29.0]]), torch.eye(2)],
+         kl=[torch.randn(1, 2), torch.randn(1, 2), torch.randn(2), torch.eye(2)])
 @counted
 def test_nan_and_inf_reach_exactly_the_reference_outputs(maha, kl):
     """Where the reference's result is non-finite the backend's is too, and finite where it is finite. (The kind of
