@@ -30,7 +30,7 @@ else:
     _COMMON = dict(deadline=None, print_blob=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.register_profile("fast", max_examples=12, derandomize=True, database=None, **_COMMON)
-    settings.register_profile("fuzz", max_examples=600, **_COMMON,
+    settings.register_profile("fuzz", max_examples=400, **_COMMON,
                               database=DirectoryBasedExampleDatabase(".pytest_cache/hypothesis"))
     settings.load_profile(os.environ.get("CLFAST_FUZZ_PROFILE", "fast"))
     if os.environ.get("CLFAST_FUZZ_EXAMPLES"):  # e.g. CLFAST_FUZZ_EXAMPLES=100: the profile with another count
