@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from clfast.ops import PromptContext, PromptedAttention, _dispatch, prefix_attention, use_backend
 from clfast.ops import attention as pa_mod
 from tests.ops._fuzz import (FLOATS, LOWP, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
-                             assert_unchanged, budget, claiming, counted, dtypes, emptied, grads_of, is_tiny, layouts, leaves,
-                             make_tensor, seeds, shape_mutations, snapshot)
+                             assert_unchanged, budget, claiming, counted, dtypes, emptied, grads_of, is_tiny, layouts,
+                             leaves, make_tensor, seeds, shape_mutations, snapshot)
 from tests.ops._util import runnable_backends
 
 OP = "prefix_attention"
@@ -155,7 +155,7 @@ def test_masked_keys_never_matter_and_nan_inf_propagate_as_the_reference(case):
     inputs = pa_mod._validate(*tensors, kv_mask, scale)
     names = claiming(OP, inputs, tiny=True)
     dout = torch.ones(tensors[0].shape, dtype=dtype)
-    ref, ref_grads = reference64(tensors, kv_mask, scale, dout)
+    ref, _ = reference64(tensors, kv_mask, scale, dout)
     if padding:
         clean = [t.nan_to_num(0.0, 0.0, 0.0) if n == poisoned else t for n, t in zip(NAMES, tensors)]
         ref_clean, ref_clean_grads = reference64(clean, kv_mask, scale, dout)
@@ -178,8 +178,8 @@ def test_masked_keys_never_matter_and_nan_inf_propagate_as_the_reference(case):
 
 def all_scores_minus_inf(tensors, kv_mask, scale):
     """(B,H,Nq) bool: the rows that attend some key and score every key they attend -inf (float64)."""
-    q, k, v, pk, pv = (None if t is None else t.detach().double() for t in tensors)
-    B, H, Nq, d = q.shape
+    q, k, _, pk, _ = (None if t is None else t.detach().double() for t in tensors)
+    B, H, _, d = q.shape
     keys = k if pk is None else torch.cat([pk.expand(B, H, *pk.shape[-2:]), k], 2)
     s = q @ keys.transpose(-2, -1) * pa_mod.softmax_scale(d, scale)
     P = keys.shape[2] - k.shape[2]

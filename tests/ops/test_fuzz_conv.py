@@ -9,6 +9,8 @@ sliced (non-contiguous) kernels, and rejects f = 0 or f > prompts."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given
@@ -17,8 +19,8 @@ from hypothesis import strategies as st
 from clfast.ops import PromptConv, _dispatch, prompt_conv, use_backend
 from clfast.ops import conv as pc_mod
 from tests.ops._fuzz import (FLOATS, LOWP, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
-                             assert_unchanged, budget, claiming, counted, dtypes, emptied, grads_of, is_tiny, layouts, leaves,
-                             make_tensor, seeds, shape_mutations, snapshot, uniform)
+                             assert_unchanged, budget, claiming, counted, dtypes, emptied, grads_of, is_tiny, layouts,
+                             leaves, make_tensor, seeds, shape_mutations, snapshot, uniform)
 from tests.ops._util import runnable_backends
 
 OP = "prompt_conv"
@@ -45,13 +47,16 @@ def cases(draw, small=False, dtype=None):
     return [E, W, b, pw], dtype
 
 
-def runners(name, inputs):
+def runners(name):
     """(label, function) pairs running backend ``name``: the public op, and for the C++ backend each plan."""
-    out = [(name, lambda *t: _forced(name, *t))]
+    out = [(name, functools.partial(_forced, name))]
     if name == "cpu":
-        op = _dispatch.backends(OP)["cpu"].registered
-        out += [(f"cpu mix_first={m}", (lambda m: lambda *t: op(*t, m)[0])(m)) for m in (False, True)]
+        out += [(f"cpu mix_first={m}", functools.partial(_plan, m)) for m in (False, True)]
     return out
+
+
+def _plan(mix_first, *tensors):
+    return _dispatch.backends(OP)["cpu"].registered(*tensors, mix_first)[0]
 
 
 def _forced(name, *tensors):
@@ -82,7 +87,7 @@ def test_every_backend_and_plan_matches_the_float64_reference(case):
     peer = [None] * 5
     for name in names:
         cls = _dispatch.backends(OP)[name]
-        for label, fn in runners(name, inputs):
+        for label, fn in runners(name):
             x = leaves(tensors)
             snap = snapshot(x)
             out = fn(*x)
@@ -120,7 +125,7 @@ def test_nan_and_inf_propagate_as_the_reference(case):
     ref = pc_mod.reference(*as_float64(tensors)).detach()
     for name in claiming(OP, inputs, tiny=True):
         cls = _dispatch.backends(OP)[name]
-        for label, fn in runners(name, inputs):
+        for label, fn in runners(name):
             with torch.no_grad():
                 out = fn(*tensors)
             # non-finite exactly where the reference is; which kind may differ on the C++ backend, whose mix-first

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from clfast.ops import GaussianStats, _dispatch, gaussian_kl, mahalanobis, use_backend
 from clfast.ops import gaussian as g_mod
 from tests.ops._fuzz import (FLOATS, LOWP, as_float64, assert_close, assert_kernel_rejects, assert_rejected,
-                             assert_unchanged, budget, claiming, counted, dtypes, emptied, grads_of, is_tiny, layouts, leaves,
-                             make_tensor, normal, seeds, shape_mutations, snapshot, uniform)
+                             assert_unchanged, budget, claiming, counted, dtypes, emptied, grads_of, is_tiny, layouts,
+                             leaves, make_tensor, normal, seeds, shape_mutations, snapshot, uniform)
 from tests.ops._util import runnable_backends
 
 MAHA, KL = "mahalanobis", "gaussian_kl"

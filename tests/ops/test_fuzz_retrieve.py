@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from clfast.ops import KeyIndex, _dispatch, kmeans, retrieve, use_backend
 from clfast.ops import retrieval as rt
-from tests.ops._fuzz import (assert_close, assert_kernel_rejects, assert_rejected, assert_unchanged, budget,
-                             claiming, counted, emptied, is_tiny, layouts, leaves, make_tensor, normal, seeds,
-                             shape_mutations, small_integers, snapshot)
+from tests.ops._fuzz import (assert_close, assert_kernel_rejects, assert_rejected, assert_unchanged, budget, claiming,
+                             counted, emptied, is_tiny, layouts, leaves, make_tensor, normal, seeds, shape_mutations,
+                             small_integers, snapshot)
 from tests.ops._util import magnitude, runnable_backends
 
 OP = "retrieve"
@@ -170,7 +170,7 @@ def test_nan_and_inf_rank_and_score_as_the_reference(case):
     the reference's indices (a NaN score ranks last, ties by index) and its scores, NaN where it has NaN."""
     q, keys, k, metric = case
     inputs = rt._validate(q, keys, k, metric, True)
-    s_ref, i_ref = rt.reference(q.double(), keys.double(), k, metric)
+    _, i_ref = rt.reference(q.double(), keys.double(), k, metric)
     ref_all = rt.reference(q.double(), keys.double(), keys.shape[0], metric)[0]
     for name in claiming(OP, inputs, tiny=True):
         cls = _dispatch.backends(OP)[name]
@@ -230,7 +230,7 @@ def test_invalid_input_raises_naming_the_argument(kind, case, data):
     args = dict(query=q, keys=keys, k=k, metric=metric, exact=True)
     for bad, exc, names, kernel in invalid_calls(kind, args, data):
         if kind == "shape" and valid(bad):
-            s, i = retrieve(bad["query"], bad["keys"], k, metric=metric)
+            _, i = retrieve(bad["query"], bad["keys"], k, metric=metric)
             assert i.shape == (bad["query"].shape[0], k)
             continue
         assert_rejected(lambda: retrieve(bad["query"], bad["keys"], bad["k"], metric=bad["metric"],
