@@ -1,15 +1,37 @@
 """Loads the compiled extension ``clfast._C`` once. If it is missing or broken, clfast still imports:
-a single warning is issued and the ops dispatch to their other backends (``clfast info`` says why)."""
+a single warning is issued and the ops dispatch to their other backends (``clfast info`` says why).
+
+``CLFAST_EXTENSION=/path/to/_C.so`` (read once, at import) loads that build instead of the one in the package,
+e.g. the ASan/UBSan build of ``make sanitize`` in build/sanitize."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 import warnings
 
 import torch
 
+EXTENSION_PATH = os.environ.get("CLFAST_EXTENSION") or None
+
+
+def _load_from(path: str) -> None:
+    """Imports the extension module at ``path`` as ``clfast._C``."""
+    spec = importlib.util.spec_from_file_location("clfast._C", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"CLFAST_EXTENSION={path} is not an extension module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["clfast._C"] = module
+    spec.loader.exec_module(module)
+
+
 EXT_ERROR: str | None = None
 try:
-    from clfast import _C  # noqa: F401  (importing runs the kernels' static registrations)
+    if EXTENSION_PATH is not None:
+        _load_from(EXTENSION_PATH)
+    else:
+        from clfast import _C  # noqa: F401  (importing runs the kernels' static registrations)
 except Exception as exc:  # ImportError, or an undefined symbol after a torch upgrade
     EXT_ERROR = f"clfast._C could not be loaded ({type(exc).__name__}: {exc}); rebuild with `pip install -e . --no-build-isolation`"
     warnings.warn(EXT_ERROR + "; falling back to the Python backends", RuntimeWarning, stacklevel=2)

@@ -80,7 +80,8 @@ def _mm_kernel(
     if EPILOGUE == 1:
         u = tl.load(u_ptr + offs_m, mask=m_valid, other=0.0)
         v = tl.load(v_ptr + offs_n, mask=n_valid, other=0.0)
-        acc = tl.maximum(u[:, None] + v[None, :] - 2.0 * acc, 0.0)
+        acc = u[:, None] + v[None, :] - 2.0 * acc
+        acc = tl.where(acc < 0.0, 0.0, acc)  # not tl.maximum, which turns NaN (a NaN or Inf input) into 0
     elif EPILOGUE == 2:
         u = tl.load(u_ptr + offs_m, mask=m_valid, other=0.0)
         y = tl.load(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn,
@@ -168,8 +169,10 @@ def _owned(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _centred_rows(x: Tensor, means: Tensor) -> Tensor:
     z = torch.cat([_f32(x), _f32(means)], dim=0)
-    if means.shape[0] > 0:
-        z = z - z[x.shape[0]:].mean(0, keepdim=True)
+    if means.shape[0] > 0:  # the mean of the finite means: a NaN/Inf mean must not reach every distance
+        m = z[x.shape[0]:]
+        finite = m.isfinite()
+        z = z - torch.where(finite, m, 0.0).sum(0, keepdim=True) / finite.sum(0, keepdim=True).clamp_min(1)
     return z
 
 

@@ -85,21 +85,23 @@ def _load_rows(ptr, b, h, offs_m, offs_d, stride_b, stride_h, stride_m, stride_d
 
 
 @triton.jit
-def _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def _fwd_key_loop(acc, l_i, m_i, kept, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                   mask_base, stride_mn, N, qk_scale, offs_d, d_valid,
                   HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
                   PRECISION: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) with keys [0, N) of one key source (base 2)."""
+    """Online-softmax update of (acc, l_i, m_i) with keys [0, N) of one key source (base 2); ``kept`` counts the
+    keys attended."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(0, N, BLOCK_N):
         n = start_n + offs_n
         n_valid = n < N
-        kt = tl.load(k_base + n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        s = _dot(q, kt, DOT_FP32, PRECISION) * qk_scale
         keep = n_valid
         if HAS_MASK:
             keep = keep & (tl.load(mask_base + n * stride_mn, mask=n_valid, other=0) != 0)
+        kept += tl.sum(keep.to(tl.int32), 0)
+        kt = tl.load(k_base + n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        s = _dot(q, kt, DOT_FP32, PRECISION) * qk_scale
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid (−inf) − (−inf)
@@ -107,10 +109,10 @@ def _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+                    mask=keep[:, None] & d_valid[None, :], other=0.0)  # padding may be NaN: 0 · NaN = NaN
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, kept
 
 
 @triton.jit
@@ -123,12 +125,12 @@ def _bwd_q_key_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd
     for start_n in range(0, N, BLOCK_N):
         n = start_n + offs_n
         n_valid = n < N
-        kd_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kd_mask, other=0.0)
-        v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kd_mask, other=0.0)
         keep = n_valid
         if HAS_MASK:
             keep = keep & (tl.load(mask_base + n * stride_mn, mask=n_valid, other=0) != 0)
+        kd_mask = keep[:, None] & d_valid[None, :]  # padding may be NaN: never loaded (0 · NaN = NaN)
+        k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kd_mask, other=0.0)
+        v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kd_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale
         p = tl.where(keep[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
@@ -150,11 +152,12 @@ def _bwd_kv_block(q_base, do_base, lse_base, delta_base, stride_qn, stride_qd, s
     n_valid = offs_n < N
     d_valid = offs_d < D
     kd_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kd_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kd_mask, other=0.0)
     keep = n_valid
     if HAS_MASK:
         keep = keep & (tl.load(mask_base + offs_n * stride_mn, mask=n_valid, other=0) != 0)
+    kv_load = keep[:, None] & d_valid[None, :]  # padding may be NaN: never loaded (0 · NaN = NaN)
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_load, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_load, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -208,18 +211,21 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kept = tl.zeros([], dtype=tl.int32)
     mask_base = mask_ptr + b * stride_mb
-    acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, pk_ptr + b * stride_pkb + h * stride_pkh, pv_ptr + b * stride_pvb + h * stride_pvh,
+    acc, l_i, m_i, kept = _fwd_key_loop(
+        acc, l_i, m_i, kept, q, pk_ptr + b * stride_pkb + h * stride_pkh, pv_ptr + b * stride_pvb + h * stride_pvh,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd, mask_base, stride_mn, P, qk_scale, offs_d, d_valid,
         False, BLOCK_N, DOT_FP32, PRECISION)
-    acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
+    acc, l_i, m_i, kept = _fwd_key_loop(
+        acc, l_i, m_i, kept, q, k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd, mask_base, stride_mn, NK, qk_scale, offs_d, d_valid,
         HAS_MASK, BLOCK_N, DOT_FP32, PRECISION)
     attended = l_i > 0.0
     l_safe = tl.where(attended, l_i, 1.0)
     out = acc / l_safe[:, None]
+    # keys attended but every score -inf (a non-finite q or k): softmax is 0/0, NaN as in the reference
+    out = tl.where(((kept > 0) & (l_i == 0.0))[:, None], float("nan"), out)
     lse = tl.where(attended, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     row = _row0(NQ) + offs_m
     tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=md_mask)

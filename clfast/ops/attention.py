@@ -74,6 +74,12 @@ def _full_mask(q: Tensor, k: Tensor, prefix_len: int, kv_mask: Optional[Tensor])
     return full[:, None, None, :], any_valid[:, None, None, None]
 
 
+def _zero_padding(t: Tensor, kv_mask: Optional[Tensor]) -> Tensor:
+    """``t`` (B,H,Nk,d) with the masked keys' rows zeroed: padding may hold anything (NaN), and a -inf score
+    alone does not stop a NaN (0 · NaN in the weighted sum of values, or in the gradients)."""
+    return t if kv_mask is None else t.masked_fill(~kv_mask[:, None, :, None], 0.0)
+
+
 def softmax_scale(head_dim: int, scale: Optional[float] = None) -> float:
     """The softmax scale every path uses: ``scale`` when given, else ``head_dim ** -0.5``."""
     return float(head_dim ** -0.5 if scale is None else scale)
@@ -88,6 +94,7 @@ def reference(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None
     """
     B, _, _, d = q.shape
     scale = softmax_scale(d, scale)
+    k, v = _zero_padding(k, kv_mask), _zero_padding(v, kv_mask)
     pk, pv = _expand_prefix(prefix_k, B), _expand_prefix(prefix_v, B)
     if pk is not None:
         k = torch.cat([pk, k], dim=2)
@@ -123,10 +130,14 @@ class ReferenceBackend(_Tolerances, _backends.Reference):
 def _torch_prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask, scale):
     B = q.shape[0]
     P = 0 if prefix_k is None else prefix_k.shape[-2]
+    k, v = _zero_padding(k, kv_mask), _zero_padding(v, kv_mask)
     if P:
         k = torch.cat([_expand_prefix(prefix_k, B), k], dim=2)
         v = torch.cat([_expand_prefix(prefix_v, B), v], dim=2)
-    if kv_mask is None:
+    # On the CPU always with a mask: without one, PyTorch's fused kernel turns a row whose scores are all NaN (a NaN
+    # in q, or in its only key) into zeros, and one without keys into NaN if q holds a NaN anywhere; with a mask it
+    # gives what the math gives, at the same speed.
+    if kv_mask is None and q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     mask, any_valid = _full_mask(q, k[:, :, P:], P, kv_mask)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -258,6 +269,8 @@ def _validate(q, k, v, prefix_k, prefix_v, kv_mask, scale) -> Inputs:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor("prefix_attention", name, t, shape="(B,H,N,d)", dim=4)
     B, H, Nq, d = q.shape
+    if d < 1:
+        raise ValueError(f"prefix_attention: q must have shape (B,H,N,d) with d >= 1, got {shape_str(q)}")
     if k.shape[:2] != (B, H) or k.shape[3] != d:
         raise ValueError(f"prefix_attention: k must have shape (B,H,Nk,d) = ({B},{H},Nk,{d}) to match q, got {shape_str(k)}")
     if v.shape != k.shape:

@@ -266,6 +266,8 @@ def _validate(embeddings, weight, bias, prompt_weights) -> Inputs:
     if embeddings.dim() != 3:
         raise ValueError(f"prompt_conv: embeddings must have shape (H,Lin,Din), got {shape_str(embeddings)}")
     H, Lin, Din = embeddings.shape
+    if H < 1:
+        raise ValueError(f"prompt_conv: embeddings must have shape (H,Lin,Din) with H >= 1, got {shape_str(embeddings)}")
     if weight.dim() != 4 or weight.shape[0] != H:
         raise ValueError(f"prompt_conv: weight must have shape (H,F,kh,kw) with H = {H}, got {shape_str(weight)}")
     Fn, kh, kw = weight.shape[1:]

@@ -117,8 +117,10 @@ def _torch_mahalanobis(x: Tensor, means: Tensor, prec_chol: Tensor) -> Tensor:
     dtype = x.dtype
     if dtype in LOWP:  # the expansion cancels: never in 16 bits
         x, means, prec_chol = x.float(), means.float(), prec_chol.float()
-    # Distances are translation invariant: centring on the mean of the means keeps ‖y‖² small (accuracy).
-    c = means.mean(0, keepdim=True).detach()
+    # Distances are translation invariant: centring on the mean of the means keeps ‖y‖² small (accuracy). On the
+    # finite means: a NaN/Inf mean must not reach every distance.
+    finite = means.detach().isfinite()
+    c = torch.where(finite, means.detach(), 0.0).sum(0, keepdim=True) / finite.sum(0, keepdim=True).clamp_min(1)
     y, m = _project(x - c, prec_chol), _project(means - c, prec_chol)
     sq = torch.addmm((y * y).sum(1, keepdim=True) + (m * m).sum(1)[None, :], y, m.t(), alpha=-2.0)
     return sq.clamp_min(0.0).to(dtype)

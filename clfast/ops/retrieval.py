@@ -154,10 +154,11 @@ def rescore(query: Tensor, keys: Tensor, indices: Tensor, metric: str) -> tuple[
 
 
 def merge_candidates(scores: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of per-row candidate lists by (score desc, index asc); candidates may repeat no index."""
+    """Top-k of per-row candidate lists by (score desc, index asc); candidates may repeat no index. A NaN score
+    ranks last and comes back as NaN, as the reference returns it."""
     idx_sorted, perm = indices.sort(dim=1)
-    s = rank_key(scores.gather(1, perm))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    s = scores.gather(1, perm)
+    order = torch.sort(rank_key(s), dim=1, descending=True, stable=True).indices[:, :k]
     return s.gather(1, order), idx_sorted.gather(1, order)
 
 

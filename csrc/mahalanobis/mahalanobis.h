@@ -9,11 +9,11 @@
 namespace clfast::gaussian {
 
 // Squared distance from the expansion ‖y‖² + ‖m‖² − 2 y·m, clamped at 0 (the expansion can round below 0
-// for coincident points; the true value never is).
+// for coincident points; the true value never is). A NaN stays NaN (a NaN or Inf input).
 template <typename T>
 C10_HOST_DEVICE inline T mahalanobis_epilogue(T norm_x, T norm_m, T cross) {
   const T d = norm_x + norm_m - T(2) * cross;
-  return d > T(0) ? d : T(0);
+  return d < T(0) ? T(0) : d;
 }
 
 // One coordinate's share of 2·KL: P_dd σ_d² + u_d² − log σ_d², with u = (m − mu)·L and σ² = e^{log_var}.

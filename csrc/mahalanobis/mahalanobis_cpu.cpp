@@ -223,7 +223,12 @@ Tensor centred_rows(const Tensor& x, const Tensor& means, at::ScalarType acc) {
   Tensor Z = at::empty({B + K, D}, x.options().dtype(acc));
   Z.narrow(0, 0, B).copy_(x);
   Z.narrow(0, B, K).copy_(means);
-  if (K > 0 && D > 0) Z.sub_(Z.narrow(0, B, K).mean(0, /*keepdim=*/true));
+  // centred on the mean of the finite means: a NaN/Inf mean must not reach every distance
+  if (K > 0 && D > 0) {
+    const Tensor m = Z.narrow(0, B, K);
+    const Tensor finite = m.isfinite();
+    Z.sub_(at::where(finite, m, 0.0).sum(0, /*keepdim=*/true) / finite.sum(0, /*keepdim=*/true).clamp_min(1));
+  }
   return Z;
 }
 

@@ -564,8 +564,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                                           : at::empty({p.B, p.H, p.Nk, p.d}, opts);
   at::Tensor dpk, dpv;
   if (p.has_prefix) {
-    dpk = p.Nq == 0 ? at::zeros(p.pk.sizes(), opts) : at::empty(p.pk.sizes(), opts);
-    dpv = p.Nq == 0 ? at::zeros(p.pv.sizes(), opts) : at::empty(p.pv.sizes(), opts);
+    // no query (or, for a shared (H,P,d) prefix, no sample): nothing below writes the prefix gradients
+    const bool no_work = p.Nq == 0 || p.B * p.H == 0;
+    dpk = no_work ? at::zeros(p.pk.sizes(), opts) : at::empty(p.pk.sizes(), opts);
+    dpv = no_work ? at::zeros(p.pv.sizes(), opts) : at::empty(p.pv.sizes(), opts);
   } else {
     dpk = at::empty({0}, q.options());
     dpv = at::empty({0}, q.options());

@@ -160,7 +160,7 @@ float pair_score(const float* q, float q_aux, const T* key, int64_t D, int64_t s
   } else {
     s = -a;
   }
-  return s != s ? -INFINITY : s;
+  return s;  // NaN stays NaN: the caller ranks it last and returns it as it is
 }
 
 template <typename T>
@@ -582,7 +582,11 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_cpu(const at::Tensor& query, co
         std::fill(ei.begin(), ei.end(), kNoIndex);
         for (int64_t j = 0; j < kc; ++j) {
           const float e = pair_score<T>(metric, qp + b * D, q.aux[b], kp + ci[j] * s0, D, s1);
-          topk_insert(ev.data(), ei.data(), static_cast<int>(k), e, ci[j]);
+          topk_insert(ev.data(), ei.data(), static_cast<int>(k), e != e ? -INFINITY : e, ci[j]);
+        }
+        // a NaN score ranked as -inf; it is returned as NaN, as the reference returns it
+        for (int64_t j = 0; j < k; ++j) {
+          if (ev[j] == -INFINITY) ev[j] = pair_score<T>(metric, qp + b * D, q.aux[b], kp + ei[j] * s0, D, s1);
         }
         std::copy_n(ev.data(), k, ov + b * k);
         std::copy_n(ei.data(), k, oi + b * k);
