@@ -144,9 +144,13 @@ class KeyIndex:
             return
         if self._faiss is not None and self._faiss.ntotal > 0:
             raise RuntimeError("KeyIndex.train: the IVF index already holds keys; reset() first")
+        n = sample.shape[0]
+        nlist = self._faiss.nlist if self._faiss is not None else max(1, min(int(4 * math.sqrt(n)), n // 39))
+        if n < nlist:  # checked before an index is built: an empty sample would fix nlist = 1 for good
+            raise ValueError(f"KeyIndex.train: sample must have at least nlist = {nlist} rows (one per IVF list; an "
+                             f"untrained index trains on the keys of its first add), got {shape_str(sample)}")
         if self._faiss is None:
-            n = sample.shape[0]
-            self._faiss = self._new_faiss_index(max(1, min(int(4 * math.sqrt(n)), n // 39)))
+            self._faiss = self._new_faiss_index(nlist)
         import faiss
 
         faiss.omp_set_num_threads(torch.get_num_threads())
@@ -166,7 +170,7 @@ class KeyIndex:
         if not self.exact:
             import faiss
 
-            if self._faiss is None or not self._faiss.is_trained:
+            if n and (self._faiss is None or not self._faiss.is_trained):  # nothing to train on in an empty add
                 self.train(keys)
             faiss.omp_set_num_threads(torch.get_num_threads())
             if local.shape[0]:
