@@ -27,7 +27,6 @@ K-means clusters) and its reverting of μ and σ² (not the weights) when an ite
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -411,9 +410,9 @@ class ClassMixtures(nn.Module):
             lo, hi = x.min(0).values, x.max(0).values
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         seed = (self.seed + c + refit * self.num_classes) % (2 ** 31 - 1)
-        with _torch_threads(1):   # a few hundred points: FAISS's OpenMP start-up costs more than it saves
-            centres, assign = kmeans(((x - lo) / span).float(), K, self.kmeans_iter, seed, n_redo=self.n_init_redo,
-                                    min_points_per_centroid=1)
+        # a few hundred points: one thread (FAISS's OpenMP start-up costs more than it saves)
+        centres, assign = kmeans(((x - lo) / span).float(), K, self.kmeans_iter, seed, n_redo=self.n_init_redo,
+                                 min_points_per_centroid=1, n_threads=1)
         means = centres.double() * span + lo
         n_k = torch.bincount(assign, minlength=K).to(torch.float64)
         sq = torch.zeros_like(means).index_add_(0, assign, (x - means[assign]) ** 2)
@@ -526,19 +525,6 @@ def _pad_by_class(features: Tensor, labels: Tensor, classes: Tensor, device) -> 
     valid = torch.zeros(G, n_max, dtype=torch.bool, device=device)
     valid[slot, pos] = True
     return x, valid
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run the block with ``torch.get_num_threads() == n`` (what :func:`clfast.ops.kmeans` hands to FAISS)."""
-    prev = torch.get_num_threads()
-    if prev != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if prev != n:
-            torch.set_num_threads(prev)
 
 
 def _check_int(fn: str, name: str, v, lo: int) -> None:

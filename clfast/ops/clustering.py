@@ -15,7 +15,8 @@ __all__ = ["kmeans"]
 
 def kmeans(x: Tensor, n_clusters: int, n_iter: int = 25, seed: int = 1993, *, n_redo: int = 1,
            spherical: bool = False, max_points_per_centroid: Optional[int] = None,
-           min_points_per_centroid: Optional[int] = None) -> tuple[Tensor, Tensor]:
+           min_points_per_centroid: Optional[int] = None,
+           n_threads: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """K-means by ``faiss.Kmeans`` (Lloyd iterations from FAISS's random initial centroids), deterministic for
     a seed.
 
@@ -29,6 +30,8 @@ def kmeans(x: Tensor, n_clusters: int, n_iter: int = 25, seed: int = 1993, *, n_
         max_points_per_centroid: FAISS subsamples to K·this points (its default, 256) when given more.
         min_points_per_centroid: FAISS prints a warning for fewer than K·this points (its default, 39); a
             caller that clusters small sets on purpose (a per-class mixture's initialisation) passes 1.
+        n_threads: FAISS's OpenMP threads for this call (default ``torch.get_num_threads()``); 1 for a few
+            hundred points, where thread start-up costs more than it saves.
 
     Returns:
         ``(centroids (K, D) in x's dtype, assignments (N,) int64)``; the assignment of a point is its nearest
@@ -51,9 +54,15 @@ def kmeans(x: Tensor, n_clusters: int, n_iter: int = 25, seed: int = 1993, *, n_
         kw["max_points_per_centroid"] = max_points_per_centroid
     if min_points_per_centroid is not None:
         kw["min_points_per_centroid"] = min_points_per_centroid
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    km = faiss.Kmeans(pts.shape[1], n_clusters, **kw)
-    km.train(pts.numpy())
+    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
+        raise ValueError(f"kmeans: n_threads must be an int >= 1 or None, got {n_threads!r}")
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n_threads or torch.get_num_threads())
+    try:
+        km = faiss.Kmeans(pts.shape[1], n_clusters, **kw)
+        km.train(pts.numpy())
+    finally:   # FAISS's thread count is process-wide: leave it as found (KeyIndex searches read it)
+        faiss.omp_set_num_threads(before)
     centroids = torch.from_numpy(km.centroids.copy())
     metric = "ip" if spherical else "l2"
     _, assign = retrieve(pts, centroids, 1, metric=metric)

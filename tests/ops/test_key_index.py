@@ -248,3 +248,15 @@ def test_kmeans_min_points_per_centroid_silences_faiss_small_set_warning(capfd):
     centres, assign = kmeans(x, 5, n_iter=2, seed=1, min_points_per_centroid=1)
     assert "WARNING" not in "".join(capfd.readouterr())
     assert centres.shape == (5, 4) and assign.shape == (6,)
+
+
+def test_kmeans_n_threads_is_for_this_call_only():
+    import faiss
+
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(2))
+    before = faiss.omp_get_max_threads()
+    one = kmeans(x, 3, n_iter=3, seed=1, n_threads=1)
+    assert faiss.omp_get_max_threads() == before
+    assert all(torch.equal(a, b) for a, b in zip(one, kmeans(x, 3, n_iter=3, seed=1)))
+    with pytest.raises(ValueError, match="n_threads"):
+        kmeans(x, 3, n_threads=0)
