@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ClassTextEncoder"]
+__all__ = ["ClassTextEncoder", "text_tower"]
 
 _PAD = 0   # open_clip's tokenizers and clfast's WordTokenizer pad with id 0
 
 
-def _text_tower(model: nn.Module) -> nn.Module:
+def text_tower(model: nn.Module) -> nn.Module:
     """The module holding ``token_embedding``, ``context_length`` and ``text_projection``: the model
     itself for open_clip's ``CLIP``, ``model.text`` for ``CustomTextCLIP``."""
     for owner in (model, getattr(model, "text", None)):
@@ -72,7 +72,7 @@ class ClassTextEncoder(nn.Module):
     def __init__(self, clip_model: nn.Module, tokenizer, class_names: Sequence[str], *, template: str = "X {}.",
                  placeholder: str = "X", name_map: Optional[Mapping[str, str]] = None):
         super().__init__()
-        tower = _text_tower(clip_model)
+        tower = text_tower(clip_model)
         L = int(tower.context_length)
         if isinstance(class_names, str) or not class_names or not all(isinstance(n, str) for n in class_names):
             raise TypeError(f"ClassTextEncoder: class_names must be a non-empty sequence of str, got {class_names!r}")
@@ -117,7 +117,7 @@ class ClassTextEncoder(nn.Module):
     @property
     def _embedding(self) -> nn.Embedding:
         # looked up, not stored: a second reference would put the embedding twice in the state dict
-        return _text_tower(self.clip).token_embedding
+        return text_tower(self.clip).token_embedding
 
     def _check_unknown(self, tokenizer, tokens: Tensor, pos: int, placeholder: str, tok) -> None:
         unk = getattr(tokenizer, "unk_id", None)

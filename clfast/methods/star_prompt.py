@@ -205,11 +205,15 @@ class StarPrompt(Method):
         # the ClassTextEncoder, built once the class names are known (begin_task); kept out of the module tree, as
         # it holds nothing to save (its tokens follow from the class names, its weights are CLIP's)
         self._text_encoder: Optional[nn.Module] = None
-        width = int(clip.token_embedding.weight.shape[1] if hasattr(clip, "token_embedding")
-                    else clip.text.token_embedding.weight.shape[1])
-        with torch.no_grad():
-            probe = clip.encode_image(torch.zeros(1, 3, *self.clip_size, dtype=next(clip.parameters()).dtype))
-        clip_dim = int(probe.shape[-1])
+        from ..backbones.clip_text import text_tower
+
+        width = int(text_tower(clip).token_embedding.embedding_dim)
+        clip_dim = getattr(clip.visual, "output_dim", None)
+        if clip_dim is None:   # an image tower that does not say (a timm trunk): one forward tells
+            with torch.no_grad():
+                clip_dim = clip.encode_image(torch.zeros(1, 3, *self.clip_size, dtype=next(clip.parameters()).dtype))
+            clip_dim = clip_dim.shape[-1]
+        clip_dim = int(clip_dim)
         C, L, D = self.num_classes, int(backbone.num_layers), int(backbone.embed_dim)
         if cfg.prompt_mode == "concat":
             missing = [i for i in range(L) if i not in backbone.prompt_layers]
@@ -370,10 +374,8 @@ class StarPrompt(Method):
     def begin_stage(self, stage: Stage, ctx: TaskContext) -> None:
         trains = {"stage1": ("context",), "align1": ("context",), "stage2": ("modulators", "values", "head"),
                   "align2": ("aligned_head",)}[stage.name]
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():     # CLIP's and the ViT's too: neither is in any stage's list
             p.requires_grad_(name.split(".")[0] in trains)
-        self.clip.requires_grad_(False)
-        self.backbone.vit.requires_grad_(False)
         if stage.name == "align1":
             self.fit_clip_mixtures(ctx)
         elif stage.name == "stage2":
