@@ -256,6 +256,12 @@ class TaskContext:
     def replace(self, **changes) -> "TaskContext":
         return dataclasses.replace(self, **changes)
 
+    def autocast(self):
+        """The run's autocast (``amp_dtype`` on ``device``; off when the run has none), for work a method does
+        outside the engine's training step (statistics passes, caches), so it runs at the step's precision."""
+        dev = self.device.type if isinstance(self.device, torch.device) else torch.device(self.device).type
+        return torch.autocast(dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
     def generator(self, device: Any = "cpu", *salt: Any) -> torch.Generator:
         """A generator for this task, stage, epoch and rank (e.g. batches a method generates).
 

@@ -280,8 +280,7 @@ class GPLS(FrozenQueryMethod):
                 layer_stats[j].update(F.normalize(rows, dim=-1) if unit else rows, t)
             return None
 
-        amp = torch.autocast(dev.type, dtype=ctx.amp_dtype or torch.float32, enabled=ctx.amp_dtype is not None)
-        with amp:
+        with ctx.autocast():
             for batch in loader:
                 images = batch["image"].to(dev)
                 tokens = self.backbone(images, block_fn=record if layer_stats else None)

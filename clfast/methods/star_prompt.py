@@ -288,7 +288,7 @@ class StarPrompt(Method):
         def compute(mask: Optional[Tensor] = None) -> Tensor:
             # always under the run's autocast (also outside a step), so a feature is the same whoever computes it
             x = images if mask is None else images[mask.to(images.device)]
-            with torch.no_grad(), self._autocast(ctx):
+            with torch.no_grad(), ctx.autocast():
                 return self.clip.encode_image(self.clip_images(x)).float()
 
         if self.cfg.cache_query and getattr(ctx, "cacheable", False) and "index" in batch:
@@ -415,7 +415,7 @@ class StarPrompt(Method):
         self.eval()
         feats, labels = [], []
         loader = ctx.task_loader(augment=True)
-        with self._autocast(ctx):
+        with ctx.autocast():
             for _ in range(self.cfg.mc_passes):
                 for batch in loader:
                     images = batch["image"].to(self.keys.device)
@@ -427,17 +427,12 @@ class StarPrompt(Method):
         x, y = self._gather(ctx, feats, labels)
         self.mog_vit.fit(x, y, list(range(*ctx.class_range)))
 
-    @staticmethod
-    def _autocast(ctx: TaskContext):
-        dev = ctx.device.type if isinstance(ctx.device, torch.device) else str(ctx.device)
-        return torch.autocast(dev, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None)
-
     @torch.no_grad()
     def write_keys(self, ctx: TaskContext) -> None:
         """Level-1 keys of the current classes, once their stage 1 (and alignment) is done; fixed from then on
         (past context vectors never move), under the run's autocast like the training steps."""
         first, stop = ctx.class_range
-        with self._autocast(ctx):
+        with ctx.autocast():
             self.keys[first:stop] = self.class_keys(first, stop)
         self.keys_ready[first:stop] = True
 

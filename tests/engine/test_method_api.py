@@ -308,3 +308,14 @@ def test_validation_keeps_the_best_parameters_and_resumes_exactly(tmp_path):
     assert steps == [2, 4, 6, 8]
     with pytest.raises(ValueError, match="validate_every"):
         Stage("x", data="method", validate_every=0.5)
+
+
+def test_context_autocast_is_the_runs_precision():
+    from clfast.methods import TaskContext
+
+    kw = dict(task=0, num_tasks=1, class_range=(0, 2), seen_classes=2, num_classes=2, task_ranges=((0, 2),))
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    with TaskContext(**kw, amp_dtype=torch.bfloat16).autocast():
+        assert (a @ b).dtype == torch.bfloat16
+    with TaskContext(**kw).autocast():
+        assert (a @ b).dtype == torch.float32
