@@ -202,8 +202,10 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, atol: float, what: str, *
     has the same shape, and is non-finite exactly where ``ref`` is: NaN where it is NaN (``same_nan``), the same
     infinity where it is infinite.
 
-    ``peer``: at 16 bits, the same result computed by stock PyTorch at that dtype (the reference run in it). The
-    bar is then STYLE.md §8: within ``atol``, or within twice the peer's error plus a small slack."""
+    ``peer``: below float64, the same result computed by stock PyTorch at that dtype (the reference run in it). The
+    bar is then STYLE.md §8: within ``atol``, or within twice the peer's error (plus a small slack at 16 bits). A
+    long cancelling reduction (a factor's gradient summed over B·K terms) can put stock PyTorch itself above a
+    fixed ``atol``."""
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
     dtype = got.dtype
     got, ref = got.detach().double(), ref.detach().double()
@@ -225,7 +227,7 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, atol: float, what: str, *
         bound = atol * scale
         if peer is not None:
             peer_err = (peer.detach().double()[fin] - ref[fin]).abs().nan_to_num(float("inf")).max().item()
-            bound = max(bound, 2 * peer_err + lowp_slack(dtype) * scale)
+            bound = max(bound, 2 * peer_err + (lowp_slack(dtype) * scale if dtype in LOWP else 0.0))
         assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} ({atol:.2g} x {scale:.3g}, or 2 x stock PyTorch's)"
 
 

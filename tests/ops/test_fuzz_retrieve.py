@@ -107,7 +107,7 @@ def test_every_backend_returns_the_best_k(case):
     dt = torch.promote_types(q.dtype, keys.dtype)
     low = next((d for d in (torch.bfloat16, torch.float16) if d in (q.dtype, keys.dtype)), dt)
     mag = magnitude(best)
-    ds = torch.randn(B, k, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ds = torch.randn(B, k, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dt)
     for name in names:
         cls = _dispatch.backends(OP)[name]
         tol = cls.ATOL[low] * mag
@@ -136,9 +136,9 @@ def test_every_backend_returns_the_best_k(case):
             for row in i.tolist():
                 assert all(row.index(j) < row.index(j + 1) for j in row if j % 2 == 0 and j + 1 in row), name
         if B:
-            g = torch.autograd.grad(s, (qq, kk), ds.to(s.dtype))
+            g = torch.autograd.grad(s, (qq, kk), ds)
             q64, k64 = (t.detach().double().requires_grad_() for t in (q, keys))
-            gr = torch.autograd.grad(rt.score_rows(q64, k64, i, metric), (q64, k64), ds)
+            gr = torch.autograd.grad(rt.score_rows(q64, k64, i, metric), (q64, k64), ds.double())
             for what, a, r in zip(("query", "keys"), g, gr):
                 assert a.dtype == (q.dtype if what == "query" else keys.dtype) and a.shape == r.shape
                 assert_close(a, r, cls.GRAD_ATOL[low], f"{name} d{what}")
