@@ -17,7 +17,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_STAMP  := $(VENV)/.ext-stamp
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup demo test test-slow bench bench-quick info clean
+.PHONY: setup demo test test-slow bench bench-quick plots info clean
 
 setup: $(EXT_STAMP)
 
@@ -54,6 +54,10 @@ bench: setup
 
 bench-quick: setup
 	$(VENV)/bin/clfast bench ops --quick
+
+# docs/img/*.png from the tables in BENCHMARKS.md (run after `make bench` has rewritten them)
+plots: setup
+	$(PY) benchmarks/plots.py
 
 info: setup
 	$(VENV)/bin/clfast info

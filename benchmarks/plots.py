@@ -1,0 +1,168 @@
+"""The PNG plots of docs/img/, drawn from the tables in BENCHMARKS.md (the committed figures, so a plot never shows a
+number the tables do not).
+
+    python benchmarks/plots.py [--out docs/img] [--benchmarks BENCHMARKS.md]
+
+- ``retrieve_pool_size.png``: ``retrieve`` time against the key-pool size M (B 128, D 768, k 5, fp32 forward), one
+  line per implementation;
+- ``prompt_conv_prompts.png``: ``prompt_conv`` time against the prompts per task F (forward + backward), one line
+  per (implementation, batch);
+- ``train_step_methods.png``: images/s of a full training step per method and configuration (every table of
+  BENCHMARKS.md whose first column is a training-step case: ``<method> <backbone> B<batch> ...``).
+
+Each table row is ``| case | impl | median ... |``; cases are parsed by the regular expressions below, and a table
+that lacks a plot's cases is an error naming the table (a renamed case must not silently drop a line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN = re.compile(r"<!-- bench:(?P<name>[\w-]+):begin -->")
+
+
+def read_tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """Tables between ``<!-- bench:NAME:begin/end -->`` markers, and every other table under a ``### `` heading,
+    as ``{name: [row as {header: cell}]}``; rows of several tables of one name are concatenated."""
+    tables: dict[str, list[dict[str, str]]] = defaultdict(list)
+    name, heading, cols = None, None, None
+    for line in text.splitlines():
+        m = BEGIN.match(line.strip())
+        if m:
+            name = m.group("name")
+            continue
+        if line.strip().startswith("<!-- bench:") and line.strip().endswith(":end -->"):
+            name, cols = None, None
+            continue
+        if line.startswith("### "):
+            heading, cols = line[4:].strip(), None
+            continue
+        if not line.startswith("|"):
+            cols = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cols is None:
+            cols = cells
+            continue
+        if all(set(c) <= set("-: ") for c in cells):
+            continue
+        tables[name or heading or ""].append(dict(zip(cols, cells)))
+    return dict(tables)
+
+
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell.replace("×", "").strip())
+    except ValueError:
+        return None
+
+
+RETRIEVE = re.compile(r"B128 M(?P<M>\d+) D768 k5 fp32 fwd$")
+PROMPT_CONV = re.compile(r"\S+ B(?P<B>\d+) F(?P<F>\d+) fp32 fwd\+bwd$")
+TRAIN = re.compile(r"(?P<method>[a-z_0-9]+) (?P<backbone>\S+) B(?P<B>\d+)\b")
+
+
+def series(rows: list[dict[str, str]], pattern: re.Pattern, x: str, key, y: str = "median ms",
+           table: str = "") -> dict[str, list[tuple[float, float]]]:
+    """``{key(match, row): [(x, y) sorted by x]}`` over the rows whose case matches ``pattern``."""
+    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for row in rows:
+        m = pattern.search(row.get("case", ""))
+        value = _number(row.get(y, ""))
+        if m and value is not None:
+            out[key(m, row)].append((float(m.group(x)), value))
+    if not out:
+        raise ValueError(f"plots: table {table!r} has no case matching {pattern.pattern!r} with a {y!r} column")
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _axes(title: str, xlabel: str, ylabel: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig, ax
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_retrieve(tables, out: Path) -> Path:
+    data = series(tables["retrieve"], RETRIEVE, "M", lambda m, r: r["impl"], table="retrieve")
+    fig, ax = _axes("retrieve: B 128, D 768, k 5, fp32 forward", "keys in the pool M", "median ms")
+    for impl, pts in sorted(data.items()):
+        ax.plot(*zip(*pts), marker="o", label=impl)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.legend()
+    return _save(fig, out / "retrieve_pool_size.png")
+
+
+def plot_prompt_conv(tables, out: Path) -> Path:
+    data = series(tables["prompt_conv"], PROMPT_CONV, "F", lambda m, r: f"{r['impl']} B{m.group('B')}",
+                  table="prompt_conv")
+    fig, ax = _axes("prompt_conv: 7 layers x (24 heads, 36x80, 17x17), fp32 fwd+bwd", "prompts per task F",
+                    "median ms")
+    for label, pts in sorted(data.items()):
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "prompt_conv_prompts.png")
+
+
+def plot_train(tables, out: Path) -> Path:
+    rates: dict[str, dict[str, float]] = defaultdict(dict)   # case -> impl -> images/s
+    for name, rows in tables.items():
+        for row in rows:
+            m = TRAIN.match(row.get("case", ""))
+            value = _number(row.get("images/s", ""))
+            if m and value is not None and "s/step" in " ".join(row):
+                rates[row["case"]][row["impl"]] = value
+    if not rates:
+        raise ValueError("plots: no training-step table (case '<method> <backbone> B<batch> ...' with an "
+                         "'images/s' column) in BENCHMARKS.md")
+    cases = sorted(rates)
+    impls = sorted({i for r in rates.values() for i in r})
+    fig, ax = _axes("training step, images/s: compare bars within a method\n(each method's bars come from one run; runs differ in machine load)", "", "images/s (higher is faster)")
+    width = 0.8 / len(impls)
+    for j, impl in enumerate(impls):
+        xs = [i + j * width for i, c in enumerate(cases) if impl in rates[c]]
+        ys = [rates[c][impl] for c in cases if impl in rates[c]]
+        ax.bar(xs, ys, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels([c.replace(" vit_base_patch16_224", "\n") for c in cases], fontsize=7, rotation=30)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "train_step_methods.png")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "img"))
+    args = p.parse_args(argv)
+    tables = read_tables(Path(args.benchmarks).read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for fn in (plot_retrieve, plot_prompt_conv, plot_train):
+        print(fn(tables, out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

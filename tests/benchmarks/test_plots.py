@@ -1,0 +1,45 @@
+"""benchmarks/plots.py: the tables it reads and the plots it draws from BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import plots
+
+TOY = """
+### some op
+| case | impl | median ms | speed-up vs peer |
+|---|---|---:|---:|
+| B128 M10 D768 k5 fp32 fwd | cpu | 0.25 | 2.00× |
+
+<!-- bench:retrieve:begin -->
+### retrieve
+| case | impl | median ms |
+|---|---|---:|
+| B128 M10 D768 k5 fp32 fwd | cpu | 0.30 |
+| B128 M1000 D768 k5 fp32 fwd | cpu | 1.50 |
+| B128 M10 D768 k5 fp32 fwd | peer | 0.20 |
+| B128 M1000 D768 k5 fp32 fwd+bwd | cpu | 9.00 |
+<!-- bench:retrieve:end -->
+"""
+
+
+def test_tables_are_read_by_marker_and_heading():
+    tables = plots.read_tables(TOY)
+    assert set(tables) == {"some op", "retrieve"}
+    assert tables["retrieve"][1] == {"case": "B128 M1000 D768 k5 fp32 fwd", "impl": "cpu", "median ms": "1.50"}
+    got = plots.series(tables["retrieve"], plots.RETRIEVE, "M", lambda m, r: r["impl"])
+    assert got == {"cpu": [(10.0, 0.30), (1000.0, 1.50)], "peer": [(10.0, 0.20)]}   # fwd+bwd left out
+
+
+def test_a_table_without_the_plotted_cases_is_an_error_naming_it():
+    tables = plots.read_tables(TOY)
+    with pytest.raises(ValueError, match="table 'some op' has no case matching"):
+        plots.series(tables["some op"], plots.PROMPT_CONV, "F", lambda m, r: r["impl"], table="some op")
+
+
+def test_the_plots_of_the_committed_tables_are_drawn(tmp_path):
+    assert plots.main(["--out", str(tmp_path)]) == 0
+    for name in ("retrieve_pool_size.png", "prompt_conv_prompts.png", "train_step_methods.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
