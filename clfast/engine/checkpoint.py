@@ -309,6 +309,8 @@ class Checkpointing:
             trainer.log.warning(f"--resume: resuming from {ckpt_path} instead, the newest intact checkpoint (the "
                                 f"steps after it are trained again)")
         trainer._load_state(state)
+        trainer._resumed_from = dict(step=trainer.global_step, task=trainer.pos.task,
+                                     checkpoint=os.path.basename(ckpt_path))
         trainer.log.info(f"resuming {run_dir} from {os.path.basename(ckpt_path)} at task {trainer.pos.task + 1}, "
                          f"stage {trainer.pos.stage + 1}, epoch {trainer.pos.epoch + 1}, batch {trainer.pos.batch}")
         return trainer

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from . import io as rio
 
-__all__ = ["RunLogger", "SINKS", "check_sinks"]
+__all__ = ["RunLogger", "SINKS", "check_sinks", "read_metrics"]
 
 SINKS = {"tensorboard": "tensorboard", "wandb": "wandb"}   # sink name -> the package it needs
 
@@ -68,6 +68,34 @@ def _scalars(fields: dict, prefix: str) -> dict[str, float]:
     return out
 
 
+def read_metrics(path) -> list[dict]:
+    """The events of a run's ``metrics.jsonl`` as an uninterrupted run would have logged them.
+
+    A ``resume`` event (``step``, ``task``) marks where ``--resume`` picked the run up: the events an interrupted
+    process logged after that checkpoint were trained or evaluated again, so they are dropped: ``step``,
+    ``epoch`` and ``validate`` events with a larger ``step``, and ``eval``/``eval_val`` events after task
+    ``task`` or later. The ``resume`` events themselves are dropped too; nothing else is. The file itself is
+    never rewritten (nothing a run logged is lost).
+    """
+    out: list[dict] = []
+    for event in rio.read_jsonl(path):
+        if event.get("event") != "resume":
+            out.append(event)
+            continue
+        step, task = int(event["step"]), int(event["task"])
+
+        def superseded(e: dict) -> bool:
+            kind = e.get("event")
+            if kind in ("step", "epoch", "validate"):
+                return int(e.get("step", 0)) > step
+            if kind in ("eval", "eval_val"):
+                return int(e.get("after_task", -1)) >= task
+            return False
+
+        out = [e for e in out if not superseded(e)]
+    return out
+
+
 class RunLogger:
     """``metrics.jsonl`` plus the optional mirrors of ``log_to`` (see the module docstring).
 
@@ -93,10 +121,16 @@ class RunLogger:
             for name in self.sinks:  # fail at construction, before any training, if a package is missing
                 _import_sink(name)
 
-    def open(self, start_step: int = 0) -> None:
-        """Start the mirrors; ``start_step`` > 0 when resuming (events after it are superseded)."""
+    def open(self, start_step: int = 0, resumed_from: Optional[dict] = None) -> None:
+        """Start the mirrors; ``start_step`` > 0 when resuming (events after it are superseded).
+
+        ``resumed_from`` (``step``, ``task``, ``checkpoint``: where ``--resume`` picked the run up) is logged as a
+        ``resume`` event: what the interrupted process logged after that checkpoint stays in the file and is
+        trained again; :func:`read_metrics` drops it."""
         if not self.enabled:
             return
+        if resumed_from is not None:
+            self.jsonl.log(event="resume", **resumed_from)
         if "tensorboard" in self.sinks and self._tb is None:
             writer_cls = _import_sink("tensorboard")
             # the checkpoint was written after its step was logged: what comes after it is replayed

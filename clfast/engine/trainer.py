@@ -186,6 +186,7 @@ class Trainer(Checkpointing, Evaluating):
                                  project=cfg.wandb_project)
         self.pos = Position()
         self.global_step = 0
+        self._resumed_from: Optional[dict] = None   # where --resume picked the run up (logged once by fit)
         self.persistent_opts: dict[str, torch.optim.Optimizer] = {}
         self._opt_states: dict[str, dict] = {}
         self._interrupt = False
@@ -254,7 +255,8 @@ class Trainer(Checkpointing, Evaluating):
         if self.is_main and self.pos.at_task_start and self.pos.task == 0:
             self._write_start_files()
         self._banner()
-        self.metrics.open(start_step=self.global_step)
+        self.metrics.open(start_step=self.global_step, resumed_from=self._resumed_from)
+        self._resumed_from = None
         # every rank listens (torchrun forwards signals to all workers); _interrupted() agrees across ranks
         handle = threading.current_thread() is threading.main_thread()
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if handle else {}

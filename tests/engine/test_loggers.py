@@ -10,7 +10,7 @@ import pytest
 from clfast.engine import Interrupted, Trainer
 from clfast.engine.config import RunConfig
 from clfast.engine.io import read_jsonl
-from clfast.engine.loggers import RunLogger, check_sinks
+from clfast.engine.loggers import RunLogger, check_sinks, read_metrics
 
 from .test_trainer import tiny_cfg
 
@@ -51,6 +51,40 @@ def test_tensorboard_resume_purges_the_replayed_steps(tmp_path):
     got = [s for s, _ in _scalars(str(cut))["train/loss"]]
     assert got == [s for s, _ in _scalars(str(full))["train/loss"]]
     assert len(got) == len(set(got)), "a step appears twice in the resumed TensorBoard curve"
+    # metrics.jsonl keeps everything the interrupted process logged (step 3 twice, a resume event between);
+    # read_metrics gives the uninterrupted run's events
+    raw = read_jsonl(cut / "metrics.jsonl")
+    assert [e["step"] for e in raw if e["event"] == "step"].count(3) == 2
+    assert [e for e in raw if e["event"] == "resume"] == [{"event": "resume", "step": 2, "task": 0,
+                                                          "checkpoint": "step.pt"}]
+
+    def curve(run, kind):
+        return [(e["step"], e.get("loss", e.get("acc"))) for e in read_metrics(run / "metrics.jsonl")
+                if e["event"] == kind]
+
+    for kind in ("step", "eval", "summary"):
+        assert curve(cut, kind) == curve(full, kind), kind
+    assert len(curve(full, "step")) == 8 and len(curve(full, "eval")) == 2
+
+
+def test_read_metrics_drops_what_a_resume_superseded(tmp_path):
+    """Hand-made log: a run killed in task 1 after step 7 and its eval of task 0, resumed from a checkpoint of
+    step 5 inside task 1, then killed again after step 6 and resumed from the task-1 boundary (step 4)."""
+    path = tmp_path / "metrics.jsonl"
+    events = [dict(event="step", step=s) for s in range(1, 5)] + [dict(event="eval", after_task=0, step=4)] + \
+             [dict(event="step", step=s) for s in range(5, 8)] + [dict(event="epoch", step=7)] + \
+             [dict(event="resume", step=5, task=1)] + [dict(event="step", step=s) for s in (6,)] + \
+             [dict(event="resume", step=4, task=1)] + [dict(event="step", step=s) for s in (5, 6, 7, 8)] + \
+             [dict(event="eval", after_task=1, step=8), dict(event="summary", step=8)]
+    path.write_text("".join(__import__("json").dumps(e) + "\n" for e in events))
+    got = [(e["event"], e["step"]) for e in read_metrics(path)]
+    assert got == [("step", s) for s in range(1, 5)] + [("eval", 4)] + [("step", s) for s in range(5, 9)] + \
+        [("eval", 8), ("summary", 8)]
+    # a resume at the start of task 1 drops the eval of task 1 that a killed checkpoint write left behind
+    path.write_text("".join(__import__("json").dumps(e) + "\n" for e in [
+        dict(event="eval", after_task=0, step=4), dict(event="eval", after_task=1, step=8),
+        dict(event="resume", step=4, task=1)]))
+    assert [e["after_task"] for e in read_metrics(path)] == [0]
 
 
 def test_wandb_offline_run_is_continued_on_resume(tmp_path, monkeypatch):
