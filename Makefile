@@ -49,11 +49,13 @@ test-slow: setup
 test-kill: setup
 	$(PY) -m pytest -q -s -m slow tests/engine/test_kill_resume.py
 
+# every op against its peers and every method's training step (peer / reference / clfast, the backbone's floors,
+# peak memory): hours at ViT-B/16 on 2 CPU cores; bench-quick: small shapes, at most 3 minutes on 2 idle cores
 bench: setup
-	$(VENV)/bin/clfast bench ops --write
+	$(VENV)/bin/clfast bench all --write
 
 bench-quick: setup
-	$(VENV)/bin/clfast bench ops --quick
+	$(VENV)/bin/clfast bench all --quick
 
 info: setup
 	$(VENV)/bin/clfast info
