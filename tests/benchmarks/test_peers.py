@@ -25,6 +25,12 @@ from clfast.ops import use_backend
 # small settings where a method's peer is slow at the fast preset (ConvPrompt's loop: 2H·f convolutions per block,
 # each on B copies): two prompted blocks, 2 prompts per task (4 in use at task 2)
 SMALL = {"convprompt": ("method_args.layers=[0,1]", "method_args.prompts_per_task=2")}
+# every variant at its fast preset, plus the settings the presets leave out: L2P's paper head (the mean of the
+# prompt tokens' outputs, several prompts per image, uniform init) and GPLS's released-code options
+CASES = [(name, ()) for name in steps.VARIANTS] + [
+    ("l2p", ("method_args.head=prompt", "method_args.top_k=3", "method_args.init=uniform")),
+    ("gpls", ("method_args.sigma_param=linear", "method_args.sample_noise=false", "method_args.elbo_weight=0")),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -47,9 +53,10 @@ def loss_and_grads(fn, params: dict, seed: int = 7):
     return loss.detach(), {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), grads)}
 
 
-@pytest.mark.parametrize("name", list(steps.VARIANTS))
-def test_peer_loss_and_gradients_equal_the_reference_backend(name, tmp_path):
-    s = make(name, tmp_path, 4, "amp=none")
+@pytest.mark.parametrize("name, extra", CASES, ids=[n + ("-" + e[0].split(".")[1].split("=")[0] if e else "")
+                                                     for n, e in CASES])
+def test_peer_loss_and_gradients_equal_the_reference_backend(name, extra, tmp_path):
+    s = make(name, tmp_path, 4, "amp=none", *extra)
     m = s.method
     params = {n: p for n, p in m.named_parameters() if p.requires_grad}
     assert params, f"{name}: nothing trains in the timed stage"
