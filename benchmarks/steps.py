@@ -96,7 +96,8 @@ def setup(name: str, *, quick: bool, batch_size: int, out: str, overrides: tuple
     v = VARIANTS[name]
     per_class = -(-2 * batch_size // 10)           # two batches of a task (10 classes): the data the setup reads
     cfg = load_config(v.method, "synth-shapes", "fast",
-                      ["quiet=true", "augment=true", f"batch_size={batch_size}", f"dataset_args.n_per_class={per_class}",
+                      ["quiet=true", "augment=true", f"batch_size={batch_size}",
+                       f"dataset_args.n_per_class={per_class}",
                        *BACKBONE[quick], *v.overrides,
                        *(v.quick_overrides if quick else v.full_overrides), *overrides])
     t = Trainer(cfg, out=out)
@@ -147,11 +148,10 @@ def floor_fn(kind: str, *, quick: bool, batch_size: int, classes: int = 10,
     size = backbone.data_config["input_size"][1:]
     x = backbone.normalize(torch.rand(batch_size, 3, *size, generator=g)).to(dev)
     y = torch.randint(0, classes, (batch_size,), generator=g).to(dev)
-    autocast = lambda: torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)  # noqa: E731
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        with autocast():
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             if kind == "floor":
                 tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x))).detach().requires_grad_(True)
                 feat = vit.norm(vit.blocks(tokens))[:, 0]

@@ -32,7 +32,8 @@ def cmd_bench(args) -> int:
     tag = "quick" if args.quick else "full"
     out_json = results / f"{args.suite}_{tag}.json"
     ops = sorted(str(p) for p in bench.glob("bench_ops*.py"))
-    files = {"ops": ops, "train": [str(bench / "bench_train.py")], "all": ops + [str(bench / "bench_train.py")]}[args.suite]
+    train = [str(bench / "bench_train.py")]
+    files = {"ops": ops, "train": train, "all": ops + train}[args.suite]
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
            "--benchmark-enable", "--benchmark-only", f"--benchmark-json={out_json}",
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]

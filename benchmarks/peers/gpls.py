@@ -31,8 +31,9 @@ def _mean_scale(g, e: Tensor, sigma_param: str) -> tuple[Tensor, Tensor]:
 
 
 def kl_closed_form(mu: Tensor, sigma: Tensor, mean: Tensor, chol: Tensor) -> Tensor:
-    """``KL(N(μ, diag σ²) ‖ N(m, S))`` ``(R,)`` with ``L Lᵀ = S⁻¹`` (the spec's §3 formula): ``½[Σ ρ σ² + ‖Lᵀ(μ−m)‖²
-    − D + log|S| − Σ log σ²]``, ``ρ = diag S⁻¹`` the squared row norms of L, ``log|S| = −2 Σ log diag L``."""
+    """``KL(N(μ, diag σ²) ‖ N(m, S))`` ``(R,)`` with ``L Lᵀ = S⁻¹`` (the spec's §3 formula):
+    ``½[Σ ρ σ² + ‖Lᵀ(μ−m)‖² − D + log|S| − Σ log σ²]``, with ``ρ = diag S⁻¹`` the squared row norms of L and
+    ``log|S| = −2 Σ log diag L``. μ, σ ``(R, D)``, m ``(D,)``, L ``(D, D)``."""
     D = mu.shape[-1]
     rho = chol.pow(2).sum(1)
     logdet_s = -2.0 * chol.diagonal().log().sum()

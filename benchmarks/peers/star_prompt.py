@@ -71,7 +71,8 @@ def stage1_loss(method, batch: dict, ctx) -> Tensor:
     q = _clip_query(method, batch["image"])
     enc = method._text_encoder
     with torch.no_grad():                                        # the past keys, recomputed every step
-        past = enc(method.context[:first], torch.arange(0, first, device=q.device)).float() if first else q.new_zeros(0, q.shape[1])
+        past = (enc(method.context[:first], torch.arange(0, first, device=q.device)).float() if first
+                else q.new_zeros(0, q.shape[1]))
     current = enc(method.context[first:stop], torch.arange(first, stop, device=q.device)).float()
     keys = torch.cat([past, current])
     logits = method.clip.logit_scale.detach().float().exp() * F.normalize(q, dim=-1) @ keys.T

@@ -117,4 +117,5 @@ def test_reference_and_default_backends_give_the_same_first_losses(name, tmp_pat
     assert torch.isfinite(ref).all()
     assert not torch.equal(ref[0], ref[2]), f"{name}: the steps did not train (loss unchanged)"
     tol = 2 * 2.0 ** -8
-    assert torch.allclose(got, ref, rtol=tol, atol=tol * 0.1), f"{name}: reference {ref.tolist()} vs clfast {got.tolist()}"
+    assert torch.allclose(got, ref, rtol=tol, atol=tol * 0.1), \
+        f"{name}: reference {ref.tolist()} vs clfast {got.tolist()}"
