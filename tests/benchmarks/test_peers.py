@@ -5,8 +5,12 @@
    the gradient of every trainable parameter equal those of clfast's ``training_step`` with every op on its
    reference backend, to float32 tolerance. The peer runs none of clfast's ops or its ``PromptedAttention``: its
    own ViT forward (naive attention, concatenated prompts), the official codes' selection and prompt
-   construction; where the official code computes a different loss, the peer follows clfast (each peer module
-   says where), so the numbers must agree exactly here.
+   construction. Where the official code computes a different loss (a quirk clfast fixed), the peer follows
+   clfast's decision for the numbers and the official code for the cost, so the numbers must agree here: L2P's
+   prompt tokens get no position embedding; DualPrompt's pull term is 1 − cos (the code's −cos, same gradient);
+   CODA-Prompt's orthogonality penalty is the mean over layers (the code sums them); GPLS draws clfast's noise ξ,
+   uses its softplus σ and adds its differentiable KL, while the code's SVD ELBO is computed and thrown away
+   (``.item()``, as there).
 2. The issue's same-losses test: the first 3 training steps (the engine's step, the same batch, from the same
    state) give the same losses with ``CLFAST_BACKEND=reference`` as with the defaults, within bf16 tolerance
    (the engine's bf16 autocast on the CPU).
