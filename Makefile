@@ -49,8 +49,9 @@ test-slow: setup
 test-kill: setup
 	$(PY) -m pytest -q -s -m slow tests/engine/test_kill_resume.py
 
-# every op against its peers and every method's training step (peer / reference / clfast, the backbone's floors,
-# peak memory): hours at ViT-B/16 on 2 CPU cores; bench-quick: small shapes, at most 3 minutes on 2 idle cores
+# every op against its peers and every method's training step at ViT-B/16 (peer / reference / clfast, the
+# backbone's floors, peak memory): slow on a CPU (the peers' steps take tens of seconds each); bench-quick: small
+# shapes, meant to take at most 3 minutes on 2 idle cores
 bench: setup
 	$(VENV)/bin/clfast bench all --write
 
