@@ -13,7 +13,7 @@
    (``.item()``, as there).
 2. The issue's same-losses test: the first 3 training steps (the engine's step, the same batch, from the same
    state) give the same losses with ``CLFAST_BACKEND=reference`` as with the defaults, within bf16 tolerance
-   (the engine's bf16 autocast on the CPU).
+   (the engine's bf16 autocast on the CPU); the defaults also stay within it of the reference backends at fp32.
 
 On the shipped ``vit_tiny_synth`` with 4 images (8 for the same-losses test), one thread.
 """
@@ -107,19 +107,30 @@ def test_unknown_method_has_no_peer():
 @pytest.mark.parametrize("name", list(steps.VARIANTS))
 def test_reference_and_default_backends_give_the_same_first_losses(name, tmp_path):
     """3 engine steps from the same state: ``reference`` (every op on its reference backend) and ``clfast`` (the
-    defaults), both under the engine's autocast (bf16 here): losses within bf16 tolerance (2·2⁻⁸ relative)."""
+    defaults), both under the engine's autocast (bf16 here), agree within bf16 tolerance (2·2⁻⁸ relative); and so
+    do the defaults with the reference backends at fp32 (autocast off, in the step and in the method's own passes)."""
     s = make(name, tmp_path, 8)
     assert s.trainer.amp_dtype == torch.bfloat16
     start = steps.snapshot(s)
     losses = {}
-    for config in ("reference", "clfast"):
+
+    def run3(config: str) -> torch.Tensor:
         steps.restore(s, start)
         torch.manual_seed(11)
         run = steps.step_fn(s, config)
-        losses[config] = torch.tensor([run() for _ in range(3)])
+        return torch.tensor([run() for _ in range(3)])
+
+    losses["reference"], losses["clfast"] = run3("reference"), run3("clfast")
+    amp, ctx = s.trainer.amp_dtype, s.ctx
+    s.trainer.amp_dtype, s.ctx = None, ctx.replace(amp_dtype=None)
+    try:
+        losses["fp32"] = run3("reference")
+    finally:
+        s.trainer.amp_dtype, s.ctx = amp, ctx
     ref, got = losses["reference"], losses["clfast"]
     assert torch.isfinite(ref).all()
     assert not torch.equal(ref[0], ref[2]), f"{name}: the steps did not train (loss unchanged)"
     tol = 2 * 2.0 ** -8
-    assert torch.allclose(got, ref, rtol=tol, atol=tol * 0.1), \
-        f"{name}: reference {ref.tolist()} vs clfast {got.tolist()}"
+    for base in ("reference", "fp32"):
+        assert torch.allclose(got, losses[base], rtol=tol, atol=tol * 0.1), \
+            f"{name}: {base} {losses[base].tolist()} vs clfast {got.tolist()}"
