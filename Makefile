@@ -49,11 +49,14 @@ test-slow: setup
 test-kill: setup
 	$(PY) -m pytest -q -s -m slow tests/engine/test_kill_resume.py
 
+# every op against its peers and every method's training step at ViT-B/16 (peer / reference / clfast, the
+# backbone's floors, peak memory): slow on a CPU (the peers' steps take tens of seconds each); bench-quick: small
+# shapes, meant to take at most 3 minutes on 2 idle cores
 bench: setup
-	$(VENV)/bin/clfast bench ops --write
+	$(VENV)/bin/clfast bench all --write
 
 bench-quick: setup
-	$(VENV)/bin/clfast bench ops --quick
+	$(VENV)/bin/clfast bench all --quick
 
 # docs/img/*.png from the tables in BENCHMARKS.md (run after `make bench` has rewritten them)
 plots: setup

@@ -1,9 +1,13 @@
 """The body every op benchmark shares: which implementations run here, the function to time (a peer, or clfast
 with one backend forced), a forward or forward+backward step, and one pytest-benchmark group per case whose
-figures carry their metadata (op, impl, dtype, mode, shape, device) for report.py."""
+figures carry their metadata (op, impl, dtype, mode, shape, device) for report.py; and the peak memory of a
+call (:func:`peak_memory`)."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -70,3 +74,58 @@ def time_case(benchmark, fn: Callable, *, group: str, rounds: int, warmup: int =
     benchmark.extra_info.update(device=dev, **info)
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
     return timed
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_trim() -> None:
+    """Hand glibc's free heap pages back to the system (so the RSS before a step is not padded by memory a previous
+    step freed); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn: Callable, interval_s: float = 0.001) -> dict:
+    """Runs ``fn()`` once and returns how much memory it needed above what was in use when it started.
+
+    On a GPU: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the start (``peak_mem_kind``
+    ``"cuda_allocated"``: tensors of the caching allocator, exact). On the CPU: the process's resident set size,
+    sampled every ``interval_s`` from ``/proc/self/statm`` by a thread while ``fn`` runs, peak minus the value at
+    the start after ``malloc_trim`` (``"cpu_rss_sampled"``). It counts every page the step touched (tensors, the
+    allocator's and the libraries' scratch), can miss a peak shorter than the interval, and misses memory that a
+    free heap page reused without a fault: a lower bound of the step's working memory, honest to about
+    ``interval_s`` of allocation. Returns ``{"peak_mem_mb": float, "peak_mem_kind": str}``.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return {"peak_mem_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "peak_mem_kind": "cuda_allocated"}
+    if not os.path.exists("/proc/self/statm"):
+        return {"peak_mem_mb": float("nan"), "peak_mem_kind": "unavailable"}
+    _malloc_trim()
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            done.wait(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return {"peak_mem_mb": (peak[0] - base) / 2**20, "peak_mem_kind": "cpu_rss_sampled"}

@@ -1,4 +1,5 @@
-"""Turn a pytest-benchmark JSON file into the ratio tables of BENCHMARKS.md.
+"""Turn a pytest-benchmark JSON file into the ratio tables of BENCHMARKS.md (op tables, and the per-method
+training-step table of bench_train.py).
 
     python benchmarks/report.py benchmarks/results/ops_full.json [--write] [--allow-dirty]
 
@@ -22,6 +23,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench:{name}:begin -->", "<!-- bench:{name}:end -->"
@@ -94,37 +96,70 @@ def header(data: dict) -> str:
             f"Commit: {_commit_text(data)}. Date: {data.get('datetime', '')[:19]}.")
 
 
-def _train_step_rows(case: str, meds: dict[str, float], images: int) -> list[str]:
-    """Training steps: seconds per step, images/s, the multiple of the backbone's own step (``floor``) and the
-    speed-up over the reference backends."""
-    rows = []
-    for impl, med in sorted(meds.items(), key=lambda kv: kv[1], reverse=True):
-        floor = f"{med / meds['floor']:.2f}×" if "floor" in meds else "–"
-        vs_ref = f"{meds['reference'] / med:.2f}×" if "reference" in meds else "–"
-        rows.append(f"| {case} | {impl} | {med:.2f} | {images / med:.2f} | {floor} | {vs_ref} |")
-    return rows
+_ORDER = {"peer": 0, "reference": 1, "clfast": 2, "cpu": 2, "floor": 3, "floor_head": 4}
+MEMORY_KINDS = {
+    "cpu_rss_sampled": "the process's resident set size above its value at the step's start, sampled every ms "
+                       "during one extra step (CPU: a lower bound of the step's working memory)",
+    "cuda_allocated": "torch.cuda.max_memory_allocated above memory_allocated at the step's start (one extra step)",
+}
+
+
+def _x(num: Optional[float], den: Optional[float]) -> str:
+    return f"{num / den:.2f}×" if num is not None and den else "–"
+
+
+def train_step_table(benches: list[dict]) -> str:
+    """The per-method table of ``train_step`` figures (bench_train.py): per method and configuration the median
+    seconds per step, images/s, peak memory, the speed-up over ``peer`` (the official code's way) and the multiple
+    of the two floors (the bare backbone's forward+backward through every block, ``floor``; its frozen forward and
+    a head's backward, ``floor_head``), taken from the same run's ``floors`` group of the same backbone and batch.
+    Older files whose groups hold their own ``floor`` (bench_train_step.py) use that."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    floors: dict[str, dict[str, float]] = defaultdict(dict)
+    for b in benches:
+        info = b.get("extra_info", {})
+        groups[b["group"]][info["impl"]] = {"median": b["stats"]["median"], **info}
+        if info.get("method") == "floors":
+            floors[info["floors"]][info["impl"]] = b["stats"]["median"]
+    rows = ["| case | impl | median s/step | images/s | peak memory MB | speed-up vs peer | × floor | × floor_head |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    kinds = set()
+    for group in sorted(groups, key=lambda g: (" floors " in g, g)):
+        impls = groups[group]
+        case = group[len("train_step"):].strip()
+        peer = impls.get("peer", {}).get("median")
+        for impl in sorted(impls, key=lambda i: (_ORDER.get(i, 9), i)):
+            info = impls[impl]
+            med = info["median"]
+            fl = floors.get(info.get("floors", ""), {})
+            floor, head = fl.get("floor", impls.get("floor", {}).get("median")), fl.get("floor_head")
+            mem = info.get("peak_mem_mb")
+            if mem is not None:
+                kinds.add(info.get("peak_mem_kind", ""))
+            mem_s = f"{mem:.0f}" if isinstance(mem, (int, float)) and mem == mem else "–"
+            images = int(info.get("images", 0))
+            ips = f"{images / med:.2f}" if images else "–"
+            rows.append(f"| {case} | {impl} | {med:.3f} | {ips} | {mem_s} | {_x(peer, med)} | {_x(med, floor)} | "
+                        f"{_x(med, head)} |")
+    notes = [f"Peak memory: {MEMORY_KINDS.get(k, k)}." for k in sorted(kinds) if k]
+    return "\n".join(rows + ([""] + notes if notes else []))
 
 
 def tables(data: dict) -> dict[str, str]:
     """op name -> markdown table."""
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     op_of: dict[str, str] = {}
-    images: dict[str, int] = {}
+    train: list[dict] = []
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
+        if info.get("op") == "train_step":
+            train.append(b)
+            continue
         groups[b["group"]][info["impl"]] = b["stats"]["median"]
         op_of[b["group"]] = info["op"]
-        if "images" in info:
-            images[b["group"]] = int(info["images"])
     out: dict[str, list[str]] = defaultdict(list)
     for group in groups:
         op = op_of[group]
-        if group in images:
-            if not out[op]:
-                out[op] += ["| case | impl | median s/step | images/s | × backbone floor | speed-up vs reference |",
-                            "|---|---|---:|---:|---:|---:|"]
-            out[op] += _train_step_rows(group[len(op):].strip(), groups[group], images[group])
-            continue
         if not out[op]:
             out[op] += ["| case | impl | median ms | speed-up vs peer | speed-up vs torch |",
                         "|---|---|---:|---:|---:|"]
@@ -134,7 +169,10 @@ def tables(data: dict) -> dict[str, str]:
             vs_peer = f"{meds['peer'] / med:.2f}×" if "peer" in meds else "–"
             vs_torch = f"{meds['torch'] / med:.2f}×" if "torch" in meds else "–"
             out[op].append(f"| {case} | {impl} | {med * 1e3:.2f} | {vs_peer} | {vs_torch} |")
-    return {op: "\n".join(rows) for op, rows in out.items()}
+    result = {op: "\n".join(rows) for op, rows in out.items()}
+    if train:
+        result["train_step"] = train_step_table(train)
+    return result
 
 
 def write(path: Path, name: str, body: str) -> None:

@@ -166,3 +166,18 @@ def test_the_bounds_through_the_cli(tmp_path, method, extra, capsys):
     rc = main(["train", "--method", "joint", "--dataset", "digits", "--out", str(tmp_path / "bad"),
                "method_args.base=linearr"])
     assert rc == 2 and "method_args.base: unknown method 'linearr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite, want", [("ops", {"ops"}), ("train", {"train"}), ("all", {"ops", "train"})])
+def test_bench_runs_the_suites_it_names(monkeypatch, suite, want):
+    """`clfast bench all --quick` (make bench-quick) runs the op suites and bench_train.py in one pytest run, then
+    report.py on its JSON; `ops` and `train` run one kind each."""
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    assert main(["bench", suite, "--quick"]) == 0
+    pytest_cmd, report_cmd = calls
+    files = [os.path.basename(a) for a in pytest_cmd if a.endswith(".py")]
+    kinds = {"train" if f == "bench_train.py" else "ops" for f in files}
+    assert kinds == want and "--quick" in pytest_cmd
+    assert ("bench_ops.py" in files) == ("ops" in want)
+    assert report_cmd[-1].endswith(f"{suite}_quick.json") and os.path.basename(report_cmd[1]) == "report.py"

@@ -1,5 +1,5 @@
 """How the official prompt-CL codes compute each op ("peer" implementations), written here from their
-descriptions in the method specs. Shared by the benchmarks and, where useful, the tests."""
+descriptions in the method specs. Shared by the op benchmarks, the method peers of this package and the tests."""
 
 from __future__ import annotations
 

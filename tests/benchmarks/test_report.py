@@ -1,0 +1,71 @@
+"""bench_train's figures as report.py renders them (the per-method table: s/step, images/s, peak memory, speed-up
+vs peer, × the floors of the same backbone and batch) and the peak-memory probe of benchmarks/harness.py."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from benchmarks import harness, report
+
+
+def bench(group: str, impl: str, median: float, **info) -> dict:
+    return {"group": group, "stats": {"median": median},
+            "extra_info": {"op": "train_step", "impl": impl, "images": 16, "floors": "vit B16", **info}}
+
+
+def rows_of(table: str) -> dict[tuple[str, str], list[str]]:
+    out = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[0] not in ("case",) and not cells[0].startswith("---"):
+            out[(cells[0], cells[1])] = cells[2:]
+    return out
+
+
+def test_train_step_table_ratios_against_peer_and_both_floors():
+    data = {"benchmarks": [
+        bench("train_step l2p vit B16", "peer", 8.0, method="l2p", peak_mem_mb=900.0, peak_mem_kind="cpu_rss_sampled"),
+        bench("train_step l2p vit B16", "reference", 4.0, method="l2p", peak_mem_mb=500.0,
+              peak_mem_kind="cpu_rss_sampled"),
+        bench("train_step l2p vit B16", "clfast", 2.0, method="l2p", peak_mem_mb=300.0, peak_mem_kind="cpu_rss_sampled"),
+        bench("train_step floors vit B16", "floor", 1.6, method="floors"),
+        bench("train_step floors vit B16", "floor_head", 0.5, method="floors"),
+        {"group": "prefix_attention B1", "stats": {"median": 1e-3}, "extra_info": {"op": "prefix_attention",
+                                                                                   "impl": "cpu"}},
+    ]}
+    tabs = report.tables(data)
+    assert set(tabs) == {"train_step", "prefix_attention"}
+    rows = rows_of(tabs["train_step"])
+    assert rows[("l2p vit B16", "peer")] == ["8.000", "2.00", "900", "1.00×", "5.00×", "16.00×"]
+    assert rows[("l2p vit B16", "clfast")] == ["2.000", "8.00", "300", "4.00×", "1.25×", "4.00×"]
+    assert rows[("floors vit B16", "floor")][4:] == ["1.00×", "3.20×"]
+    # methods first in the order peer, reference, clfast; the floors group last
+    order = [k for k in rows]
+    assert order.index(("l2p vit B16", "peer")) < order.index(("l2p vit B16", "reference")) \
+        < order.index(("l2p vit B16", "clfast")) < order.index(("floors vit B16", "floor"))
+    assert "resident set size" in tabs["train_step"]
+
+
+def test_old_files_with_a_floor_in_the_group_still_render():
+    data = {"benchmarks": [bench("train_step convprompt F5", "cpu", 7.0, floors=None),
+                           bench("train_step convprompt F5", "floor", 3.5, floors=None)]}
+    rows = rows_of(report.tables(data)["train_step"])
+    assert rows[("convprompt F5", "cpu")][4] == "2.00×" and rows[("convprompt F5", "cpu")][2] == "–"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not os.path.exists("/proc/self/statm"), reason="the CPU probe")
+def test_peak_memory_sees_a_64_mb_buffer_held_for_a_moment():
+    def holds():
+        x = torch.ones(16 * 2**20)          # 64 MB, every page touched
+        time.sleep(0.05)
+        return float(x[-1])
+
+    got = harness.peak_memory(holds)
+    assert got["peak_mem_kind"] == "cpu_rss_sampled"
+    assert 56 <= got["peak_mem_mb"] <= 160, got
+    idle = harness.peak_memory(lambda: time.sleep(0.02))
+    assert idle["peak_mem_mb"] < 16, idle
