@@ -8,7 +8,8 @@ Kinds:
 - ``"domain-incremental"``: every task has all classes; task ``t`` is one domain (the datasets give
   each item a domain in ``domains`` and name them in ``domain_names``).
 - ``"vqa"``: a VQA dataset's own task grouping (``task_ids``, named by ``task_names``; for
-  ``synth-vqa`` the 6 question families); labels are answer ids over the shared answer vocabulary.
+  ``synth-vqa`` the 6 question families, or 6 scene kinds with ``task_split="scene"``; for CLOVE the 6
+  annotation files); labels are answer ids over the shared answer vocabulary.
 
 Labels are remapped so that the class at position ``i`` of the class order has label ``i``: task
 ``t`` of a class-incremental scenario owns the contiguous range ``class_range(t)``. The class order

@@ -1,15 +1,21 @@
-"""Procedural 32×32 RGB data that ships with clfast: no files, no download, deterministic.
+"""Procedural RGB data that ships with clfast: no files, no download, deterministic.
 
 A *class* is a combination of shape × colour × texture (10 × 5 × 4 = 200 classes). Each image is a
-scene of one object (classification) or 1–4 objects (VQA), drawn at a random position, scale,
+scene of one object (classification, 32×32) or 1–4 objects (VQA, 64×64, one object per 32×32 quadrant,
+so objects have the size the shipped towers were pretrained on), drawn at a random position, scale,
 rotation and colour jitter over a random dark or light background with a gradient and pixel noise.
 Every scene also yields a caption ("a small red striped triangle on a dark background") and
-templated question–answer pairs about its attributes.
+templated question–answer pairs about its attributes. The renderer takes the image size from the scenes.
 
 The class vocabulary is split by the parity of (shape + colour + texture):
 
 - ``synth-pretrain``: the even half (100 classes), used only to pretrain the shipped backbones;
 - ``synth-shapes``: the odd half (100 classes), the class-incremental benchmark.
+
+VQA: ``synth-vqa`` (6 tasks: one per question family, or with ``task_split="scene"`` one per background ×
+shape group with every family in each; see :class:`SynthVQA`) and ``synth-vqa-pretrain`` (the same
+questions on scenes of synth-pretrain classes only, one task: the offline warm-up set of a VQA head,
+never synth-vqa's scenes, never a synth-shapes class). All share the answer vocabulary ``VQA_ANSWERS``.
 
 Both halves contain every shape, colour and texture and every (shape, colour) pair, each with 2
 textures, so the benchmark's classes are new *combinations* of attributes the backbones have seen.
@@ -18,8 +24,8 @@ Determinism: scene ``i`` of a split is drawn from ``np.random.default_rng([seed,
 where ``stream`` identifies (dataset, split); so any item can be generated on its own and train and
 test never share a scene. Rendering is element-wise numpy on a 32×32 grid (signed distances,
 anti-aliased by one pixel), batched over scenes; the same scene renders to the same bytes whether it
-is drawn alone or in a batch. 10,000 images take ≈ 4 s on one idle core (≈ 6 s on a busy one):
-about 55 % drawing the scene parameters, 45 % rendering.
+is drawn alone or in a batch. 10,000 32×32 images take ≈ 4 s on one idle core (≈ 6 s on a busy one):
+about 55 % drawing the scene parameters, 45 % rendering; 64×64 VQA scenes ≈ 1.6 ms each on a busy core.
 """
 
 from __future__ import annotations

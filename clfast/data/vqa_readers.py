@@ -19,7 +19,7 @@ import os
 from collections import Counter
 from typing import Optional
 
-from .readers import _check_root, _check_split, _missing_error
+from .readers import check_root as _check_root, check_split as _check_split, missing_data_error as _missing_error
 from .registry import register_dataset
 from .vqa import (TEST_QUESTION_WORDS, TRAIN_QUESTION_WORDS, VQARecords, answer_weights, check_images,
                   first_answer_credit, normalize_question, vqa_scores)
