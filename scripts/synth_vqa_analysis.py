@@ -11,7 +11,7 @@
    final (post-LN) patch tokens of its quadrant, or their mean weighted by the object's coverage of each
    patch (what an attention over tokens could pick out); a logistic regression is fit on train scenes and
    scored on test scenes. Reference: the same probe on synth-pretrain's single-object images (mean of all
-   tokens), with about as many objects.
+   tokens), with about as many objects. ``64-tiled`` runs the tower at 32 px on each quadrant instead.
 
 Run: ``python scripts/synth_vqa_analysis.py [--part answers|probe|all] [--n 300]``; prints a table.
 """
@@ -76,10 +76,22 @@ def tower_tokens(visual, images: torch.Tensor, batch: int = 256) -> torch.Tensor
     return torch.cat(out)
 
 
-def object_features(visual, ds) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def tiled_tokens(visual, images: torch.Tensor) -> torch.Tensor:
+    """Tokens ``(N, g, g, D)`` of the tower run at its own size on each quadrant of ``(N, 3, S, S)`` images
+    (four ``S/2`` tiles, no position-embedding interpolation), laid back out as one grid."""
+    n, _, size, _ = images.shape
+    h = size // 2
+    tiles = images.reshape(n, 3, 2, h, 2, h).permute(0, 2, 4, 1, 3, 5).reshape(n * 4, 3, h, h)
+    t = tower_tokens(visual, tiles)                                    # (4N, g/2, g/2, D)
+    gh = t.shape[1]
+    return t.reshape(n, 2, 2, gh, gh, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * gh, 2 * gh, -1)
+
+
+def object_features(visual, ds, tiled: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One row per object: ``{"quadrant": mean token of its quadrant, "object": mean of the tokens weighted by
-    the object's coverage of each patch}``, and its colour / shape / texture ids."""
-    tokens = tower_tokens(visual, ds._images.float() / 255)
+    the object's coverage of each patch}``, and its colour / shape / texture ids. ``tiled``: the tower runs on
+    each quadrant separately (:func:`tiled_tokens`)."""
+    tokens = (tiled_tokens if tiled else tower_tokens)(visual, ds._images.float() / 255)
     g = tokens.shape[1]
     _, masks = S.render(ds.scenes, return_masks=True)
     cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(masks), g)     # (N, 4, g, g)
@@ -125,6 +137,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("answers", "probe", "all"), default="all")
     ap.add_argument("--n", type=int, default=300, help="train questions per task (test: a third)")
+    ap.add_argument("--probes", default="32,64,64-tiled",
+                    help="comma-separated: 32 (32×32 scenes), 64 (64×64, tower at 64 px), 64-tiled (64×64, "
+                         "tower at 32 px on each quadrant)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     n_tr, n_te = args.n, max(args.n // 3, 1)
@@ -161,13 +176,15 @@ def main(argv=None) -> None:
         res = probe(single_features(visual, pre_tr), single_features(visual, pre_te))
         print(f"{'synth-pretrain single objects, 32 px (reference)':<58} {len(pre_te):>8d} {res['colour']:>7.1f} "
               f"{res['shape']:>7.1f} {res['texture']:>8.1f}", flush=True)
-        for size in (32, 64):
+        for spec in args.probes.split(","):
+            size, tiled = int(spec.split("-")[0]), spec.endswith("-tiled")
             tr = create_dataset("synth-vqa", "train", n_per_task=n_tr, image_size=size)
             te = create_dataset("synth-vqa", "test", n_per_task=n_te, image_size=size)
-            (ftr, ytr), (fte, yte) = object_features(visual, tr), object_features(visual, te)
+            (ftr, ytr), (fte, yte) = object_features(visual, tr, tiled), object_features(visual, te, tiled)
+            tower = f"{size // 2} px per quadrant" if tiled else f"{size} px"
             for pool in ("quadrant", "object"):
                 res = probe((ftr[pool], ytr), (fte[pool], yte))
-                label = f"synth-vqa {size}×{size} scenes, tower at {size} px, {pool} mean"
+                label = f"synth-vqa {size}×{size}, tower at {tower}, {pool} mean"
                 print(f"{label:<58} {len(yte['shape']):>8d} {res['colour']:>7.1f} {res['shape']:>7.1f} "
                       f"{res['texture']:>8.1f}", flush=True)
 

@@ -36,9 +36,9 @@ Batches are dicts of tensors: ``image`` (B, 3, H, W) float in [0, 1] (the backbo
 ``label`` (B,) int64 in the scenario's remapped label space, ``task`` (B,) int64 and ``index`` (B,)
 int64 (position in the split, for per-image caches); VQA batches add ``question``,
 ``answer_scores`` (B, A) float soft targets and, where the dataset defines how answers are credited
-(CLOVE), ``answer_credit`` (B, A) float: what each predicted answer earns at evaluation. ``question`` is (B, L) int64 tokens when the method has a
-``tokenizer`` attribute (``list[str] -> (N, L) int64``, e.g. open_clip's; the engine tokenizes each
-split once), else the list of B strings.
+(CLOVE), ``answer_credit`` (B, A) float: what each predicted answer earns at evaluation. ``question``
+is (B, L) int64 tokens when the method has a ``tokenizer`` attribute (``list[str] -> (N, L) int64``,
+e.g. open_clip's; the engine tokenizes each split once), else the list of B strings.
 
 Everything a method needs about the run comes in the frozen :class:`TaskContext`; a method keeps no
 global state. Per-task and per-prompt tensors are allocated densely at construction (``num_tasks`` is
@@ -503,8 +503,8 @@ class Method(nn.Module):
         (0.08, 1.0)), ``hflip`` (probability, default 0.5), ``extra`` (more random ops after the flip, e.g.
         ``[torchvision.transforms.v2.RandAugment()]``) and ``crop_pct`` (the deterministic transform resizes
         to ``int(size / crop_pct)`` and centre-crops ``size``; default the backbone's, e.g. 0.875 for
-        resize 256 / crop 224) and ``crop`` (``"none"``: both transforms resize the whole image, no crop, for VQA,
-        where crops and flips change position answers; return it with ``hflip: 0``)."""
+        resize 256 / crop 224) and ``crop`` (``"none"``: both transforms resize the whole image, no crop,
+        for VQA, where crops and flips change position answers; return it with ``hflip: 0``)."""
         return {}
 
     def descriptor_source(self) -> Optional[str]:
