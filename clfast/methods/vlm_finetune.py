@@ -168,9 +168,10 @@ class VLMFinetune(Method):
         self.vlm.fusion.compile(**options)
 
     def transform_args(self) -> dict:
-        """The whole image, unflipped: ``RandomResizedCrop`` at scale (1, 1) keeps all of a square image (at most
-        an aspect-ratio squeeze of others), no flip, and the eval resize keeps everything (``crop_pct`` 1)."""
-        return {"scale": (1.0, 1.0), "hflip": 0.0, "crop_pct": 1.0}
+        """The whole image, unflipped, in training and evaluation (``crop="none"``: a resize to the input size, as
+        ALBEF's ``Resize((384, 384))``): a crop can cut out the object a question asks about and a flip swaps
+        left and right answers (clumo.md section 7)."""
+        return {"crop": "none", "hflip": 0.0}
 
     def record(self) -> dict:
         return {"vlm": {k: v for k, v in self.vlm.config.items()}, "answers": list(self.vlm.answers or []),

@@ -55,7 +55,7 @@ def trained(tmp_path_factory):
 
 
 def fresh_vlm(**kw):
-    vlm = create_vlm("clip_tiny_synth", **kw)
+    vlm = create_vlm("clip_tiny_synth", image_size=64, **kw)   # the fast preset's towers run at 64 px
     vlm.build_head(len(VQA_ANSWERS))
     return vlm
 
@@ -97,11 +97,15 @@ def test_mismatches_raise_naming_what_differs(run, tmp_path):
     with pytest.raises(ValueError, match=r"backbone\.fusion\.text_proj\.weight: checkpoint \(192, 128\) vs this VLM "
                                          r"\(96, 128\)"):
         load_vlm_checkpoint(fresh_vlm(width=96), str(run))
+    with pytest.raises(ValueError, match=r"image_size: checkpoint 64 vs this VLM 32"):   # towers at another size
+        vlm = create_vlm("clip_tiny_synth")
+        vlm.build_head(len(VQA_ANSWERS))
+        load_vlm_checkpoint(vlm, str(run))
     with pytest.raises(ValueError, match=r"heads: checkpoint 3 vs this VLM 2"):   # same shapes, other heads
         load_vlm_checkpoint(fresh_vlm(heads=2), str(run))
     swapped = list(VQA_ANSWERS)
     swapped[0], swapped[1] = swapped[1], swapped[0]
-    vlm = create_vlm("clip_tiny_synth", answers=swapped)
+    vlm = create_vlm("clip_tiny_synth", image_size=64, answers=swapped)
     with pytest.raises(ValueError, match=r"another answer vocabulary: 2 of 28 answers differ, at positions \[0, 1\]"):
         load_vlm_checkpoint(vlm, str(run))
     loaded = fresh_vlm()
@@ -109,7 +113,7 @@ def test_mismatches_raise_naming_what_differs(run, tmp_path):
     with pytest.raises(ValueError, match=r"differs at 2 of 28 positions"):          # named after loading
         loaded.set_answers(swapped)
     with pytest.raises(ValueError, match=r"backbone\.head\.mlp\.3\.weight: checkpoint \(28, 384\) vs this VLM \(5, 384\)"):
-        load_vlm_checkpoint(create_vlm("clip_tiny_synth", num_answers=5), str(run))
+        load_vlm_checkpoint(create_vlm("clip_tiny_synth", image_size=64, num_answers=5), str(run))
     damaged = tmp_path / "damaged.pt"
     data = bytearray(open(latest_task_checkpoint(str(run)), "rb").read())
     data[len(data) // 2] ^= 0xFF
@@ -174,7 +178,7 @@ def test_init_from_a_run_loads_the_vlm(run, tmp_path):
 def test_the_train_transform_keeps_the_whole_image_unflipped(trained):
     t = trained[0]
     tf = t.data.train_transform(True)
-    img = torch.rand(3, 32, 32)
+    img = torch.rand(3, 64, 64)   # synth-vqa's size: the whole image, resized to itself
     for seed in range(5):
         torch.manual_seed(seed)
         torch.testing.assert_close(tf(img), img, rtol=0, atol=1e-5)
