@@ -186,10 +186,11 @@ class TritonBackend(_Fused, _backends.Triton):
     the default on CUDA."""
 
     OP = OP
-    # fp32 tl.dot may use TF32 on GPUs: looser than the C++ backend. In bf16 the backward rounds dS to bf16 before
-    # dq = dS·K (as flash-attention does, for the tensor cores): `make fuzz` found a dq 3.4 bf16 ulps off at its scale.
+    # fp32 tl.dot may use TF32 on GPUs: looser than the C++ backend. Below fp32 the backward rounds P and dS to the
+    # input dtype before its products (as flash-attention does, for the tensor cores): a dq can then be several ulps
+    # off at its own scale (a cancelling sum); tests/ops/test_fuzz_attention.py bounds it by that rounding's error.
     ATOL = {torch.float32: 2e-3 if _triton.CUDA else 2e-5, **_LOWP_ATOL}
-    GRAD_ATOL = {torch.float32: 5e-3 if _triton.CUDA else 1e-4, **_LOWP_ATOL, torch.bfloat16: 3e-2}
+    GRAD_ATOL = {torch.float32: 5e-3 if _triton.CUDA else 1e-4, **_LOWP_ATOL}
 
     @classmethod
     def extra_reasons(cls, inputs):
