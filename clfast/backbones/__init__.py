@@ -15,6 +15,12 @@ Promptable frozen ViTs and CLIPs with recorded weight provenance (:mod:`clfast.b
 Class keys from CLIP's text encoder with a learnable context token per class (:mod:`clfast.backbones.clip_text`):
 
     keys = clfast.backbones.ClassTextEncoder(model, tokenizer, class_names)(context)   # (C, D_c)
+
+The VLM of CluMo and ATLAS: frozen CLIP towers with token outputs, a prompt-prefixed fusion encoder and an
+answer head (:mod:`clfast.backbones.vlm`):
+
+    vlm = clfast.backbones.create_vlm("clip_tiny_synth", answers=answers)
+    logits = vlm(images, tokens, prefix=pi)                                          # (B, n_A)
 """
 
 from .tokenizer import WordTokenizer
@@ -26,6 +32,8 @@ from .sentence import DEFAULT_SENTENCE_ENCODER, embed_phrases, load_sentence_enc
 from .clip import create_clip
 from .clip_text import ClassTextEncoder
 from .vit import ViTBackbone, create_vit
+from .vlm import (VLM, AnswerHead, CLIPTokenTowers, Encoded, FusionEncoder, PromptedCrossAttention, create_vlm,
+                  pool_tokens)
 from .weights import WeightsInfo, hub_offline
 
 try:  # register the open_clip config when open_clip is present; create_clip_tiny_synth says if not
@@ -39,5 +47,6 @@ __all__ = [
     "list_pretrained", "load_sentence_encoder", "embed_phrases", "DEFAULT_SENTENCE_ENCODER",
     "ASSET_DIR", "VIT_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_CONFIG",
     "CLIP_TINY_SYNTH_VOCAB", "create_vit", "create_clip", "ClassTextEncoder", "ViTBackbone", "WeightsInfo",
-    "hub_offline",
+    "hub_offline", "VLM", "AnswerHead", "CLIPTokenTowers", "Encoded", "FusionEncoder", "PromptedCrossAttention",
+    "create_vlm", "pool_tokens",
 ]
