@@ -56,15 +56,21 @@ class PreviousHead(nn.Module):
 
     def __init__(self, head: nn.Module):
         super().__init__()
-        self.head = copy.deepcopy(head)
-        for p in self.head.parameters():
-            p.requires_grad_(False)
+        self.head = self._frozen_copy(head)
         self.register_buffer("taken", torch.zeros((), dtype=torch.bool))
+
+    @staticmethod
+    def _frozen_copy(head: nn.Module) -> nn.Module:
+        out = copy.deepcopy(head)
+        for p in out.parameters():
+            p.requires_grad_(False)
+        return out.eval()
 
     @torch.no_grad()
     def take(self, head: nn.Module) -> None:
-        """Copy ``head``'s current parameters and buffers."""
-        self.head.load_state_dict(head.state_dict())
+        """Copy ``head`` as it is now: parameters, buffers (non-persistent ones too, e.g. a rank head's answer
+        embeddings) and plain attributes."""
+        self.head = self._frozen_copy(head)
         self.taken.fill_(True)
 
     def train(self, mode: bool = True) -> "PreviousHead":
