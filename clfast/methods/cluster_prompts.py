@@ -106,8 +106,8 @@ def fit_keys(features: Tensor, n_keys: int = 3, *, seed: int, n_iter: int = 50, 
 
     Default: :func:`clfast.ops.kmeans` (``faiss.Kmeans``, ``n_iter`` Lloyd iterations, seeded) on every row (no
     FAISS subsampling: the caller caps N with :func:`subsample_rows`); each feature's nearest key is its K-means
-    assignment. ``farthest=True``: the released code's :func:`farthest_lloyd` from keys U(−1, 1), ``n_iter`` steps
-    of ``batch_size`` samples, both drawn from a generator seeded with ``seed``.
+    assignment (FAISS's seed is ``seed mod 2³¹``). ``farthest=True``: the released code's :func:`farthest_lloyd`
+    from keys U(−1, 1), ``n_iter`` steps of ``batch_size`` samples, both drawn from a generator seeded with ``seed``.
     """
     _check_matrix("fit_keys", "features", features)
     _check_count("fit_keys", "n_keys", n_keys)
@@ -117,7 +117,7 @@ def fit_keys(features: Tensor, n_keys: int = 3, *, seed: int, n_iter: int = 50, 
         g = torch.Generator().manual_seed(int(seed))
         init = torch.rand(n_keys, features.shape[1], generator=g) * 2 - 1
         return farthest_lloyd(features, init.to(features.device), n_iter=n_iter, batch_size=batch_size, generator=g)
-    keys, _ = kmeans(features.float(), n_keys, n_iter=n_iter, seed=int(seed),
+    keys, _ = kmeans(features.float(), n_keys, n_iter=n_iter, seed=int(seed) % 2**31,   # FAISS takes an int32
                      max_points_per_centroid=math.ceil(features.shape[0] / n_keys), min_points_per_centroid=1,
                      n_threads=n_threads)
     return keys.to(features.dtype)
