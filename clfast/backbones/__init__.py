@@ -33,7 +33,7 @@ from .clip import create_clip
 from .clip_text import ClassTextEncoder
 from .vit import ViTBackbone, create_vit
 from .vlm import (VLM, AnswerHead, CLIPTokenTowers, Encoded, FusionEncoder, PromptedCrossAttention, create_vlm,
-                  pool_tokens)
+                  load_vlm_checkpoint, pool_tokens)
 from .weights import WeightsInfo, hub_offline
 
 try:  # register the open_clip config when open_clip is present; create_clip_tiny_synth says if not
@@ -48,5 +48,5 @@ __all__ = [
     "ASSET_DIR", "VIT_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_FILE", "CLIP_TINY_SYNTH_CONFIG",
     "CLIP_TINY_SYNTH_VOCAB", "create_vit", "create_clip", "ClassTextEncoder", "ViTBackbone", "WeightsInfo",
     "hub_offline", "VLM", "AnswerHead", "CLIPTokenTowers", "Encoded", "FusionEncoder", "PromptedCrossAttention",
-    "create_vlm", "pool_tokens",
+    "create_vlm", "pool_tokens", "load_vlm_checkpoint",
 ]

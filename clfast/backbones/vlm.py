@@ -22,29 +22,33 @@ Pieces, each usable alone:
   e_a the text tower's embedding of each answer.
 
 The VLM's state dict carries what a checkpoint of it must agree on: ``config_json`` (the architecture and the
-towers' weights as UTF-8 JSON bytes) and ``answer_digests`` (a digest per answer string, in order), read by
-:func:`load_vlm_state`.
+towers' weights as UTF-8 JSON bytes) and ``answer_digests`` (a digest per answer string, in order).
+:func:`load_vlm_checkpoint` loads the fusion encoder and head of a finished run (``vlm_finetune``'s) into a VLM,
+checking both, the shapes and the file's content hash (the engine's reader, :mod:`clfast.utils.checkpoint_file`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+import os
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clfast.ops import prefix_attention
+from clfast.utils.checkpoint_file import latest_task_checkpoint, read_checkpoint, tensor_digest
+from clfast.utils.files import sha256_file
 
 from .clip_text import text_tower as _find_text_tower
 from .weights import WeightsInfo
 from .zoo import OPENAI_MEAN, OPENAI_STD
 
 __all__ = ["CLIPTokenTowers", "pool_tokens", "PromptedCrossAttention", "FusionLayer", "FusionEncoder",
-           "AnswerHead", "VLM", "Encoded", "create_vlm", "fusion_defaults", "answer_digests", "ANSWER_MODES",
-           "POOL_MODES"]
+           "AnswerHead", "VLM", "Encoded", "create_vlm", "fusion_defaults", "answer_digests", "load_vlm_checkpoint",
+           "load_vlm_state", "ANSWER_MODES", "POOL_MODES", "ARCH_KEYS"]
 
 POOL_MODES = ("mean", "max")
 ANSWER_MODES = ("classify", "rank")
@@ -606,9 +610,11 @@ class VLM(nn.Module):
     Args:
         towers: :class:`CLIPTokenTowers`.
         fusion: :class:`FusionEncoder` with ``text_width``/``image_width`` of the towers.
-        head: :class:`AnswerHead` of the fusion width.
+        head: :class:`AnswerHead` of the fusion width, or None to build it later with :meth:`build_head` (a method
+            learns the number of answers only from the run's data).
+        answer_mode: the head's mode when it is built later (``head`` given: its own).
         tokenizer: the CLIP's tokenizer (``list[str] -> (N, L) int64``); the engine tokenizes questions with it.
-        answers: the answer vocabulary in label order (``len == head.num_answers``), or None to set later with
+        answers: the answer vocabulary in label order (``len == head.num_answers``), or None to name it later with
             :meth:`set_answers` (e.g. from ``ctx.class_names``).
         config: the settings that built it (:func:`create_vlm`'s), recorded in the state dict's ``config_json``.
         weights: the towers' :class:`~clfast.backbones.WeightsInfo`.
@@ -618,65 +624,117 @@ class VLM(nn.Module):
         width, num_answers, config.
     """
 
-    def __init__(self, towers: CLIPTokenTowers, fusion: FusionEncoder, head: AnswerHead, *, tokenizer=None,
-                 answers: Optional[Sequence[str]] = None, config: Optional[dict] = None,
-                 weights: Optional[WeightsInfo] = None):
+    def __init__(self, towers: CLIPTokenTowers, fusion: FusionEncoder, head: Optional[AnswerHead] = None, *,
+                 answer_mode: str = "classify", tokenizer=None, answers: Optional[Sequence[str]] = None,
+                 config: Optional[dict] = None, weights: Optional[WeightsInfo] = None):
         super().__init__()
         if not isinstance(towers, CLIPTokenTowers):
             raise TypeError(f"VLM: towers must be CLIPTokenTowers, got {type(towers).__name__}")
+        if not isinstance(fusion, FusionEncoder):
+            raise TypeError(f"VLM: fusion must be a FusionEncoder, got {type(fusion).__name__}")
         if (fusion.text_width, fusion.image_width) != (towers.text_width, towers.image_width):
             raise ValueError(f"VLM: the fusion encoder takes text/image widths {(fusion.text_width, fusion.image_width)}, "
                              f"the towers give {(towers.text_width, towers.image_width)}")
-        if head.width != fusion.width:
-            raise ValueError(f"VLM: the head reads width {head.width}, the fusion encoder gives {fusion.width}")
-        if head.mode == "rank" and head.answer_dim != towers.embed_dim:
-            raise ValueError(f"VLM: a rank head needs answer_dim = the text embedding width {towers.embed_dim}, "
-                             f"got {head.answer_dim}")
-        self.towers, self.fusion, self.head = towers, fusion, head
+        self.towers, self.fusion = towers, fusion
+        self.answer_mode = head.mode if head is not None else answer_mode
+        if self.answer_mode not in ANSWER_MODES:
+            raise ValueError(f"VLM: answer_mode must be one of {ANSWER_MODES}, got {answer_mode!r}")
         self.tokenizer = tokenizer
         self.weights = weights or WeightsInfo(type(towers.clip).__name__, "unknown",
                                               note="model handed to VLM directly; origin not recorded")
         self.config = dict(config or {})
         self.config.update(depth=fusion.depth, width=fusion.width, heads=fusion.heads, mlp_ratio=fusion.mlp_ratio,
-                           hidden=head.hidden, answer_mode=head.mode, num_answers=head.num_answers,
-                           image_size=towers.image_size[0], towers_sha256=self.weights.sha256)
-        blob = json.dumps(self.config, sort_keys=True).encode("utf-8")
-        self.register_buffer("config_json", torch.tensor(list(blob), dtype=torch.uint8))
-        self.register_buffer("answer_digests", torch.zeros(head.num_answers, DIGEST_BYTES, dtype=torch.uint8))
+                           answer_mode=self.answer_mode, image_size=towers.image_size[0],
+                           towers_sha256=self.weights.sha256)
+        self.head: Optional[AnswerHead] = None
         self.answers: Optional[list[str]] = None
-        if answers is not None:
-            self.set_answers(answers)
+        if head is not None:
+            self._attach_head(head)
+            if answers is not None:
+                self.set_answers(answers)
+        elif answers is not None:
+            self.build_head(len(answers), answers)
         h, w = towers.image_size
         self.data_config = {"input_size": (3, h, w), "mean": towers.mean_std[0], "std": towers.mean_std[1],
                             "interpolation": towers.interpolation, "crop_pct": 1.0}
+
+    def _attach_head(self, head: AnswerHead) -> None:
+        if not isinstance(head, AnswerHead):
+            raise TypeError(f"VLM: head must be an AnswerHead, got {type(head).__name__}")
+        if head.width != self.fusion.width:
+            raise ValueError(f"VLM: the head reads width {head.width}, the fusion encoder gives {self.fusion.width}")
+        if head.mode == "rank" and head.answer_dim != self.towers.embed_dim:
+            raise ValueError(f"VLM: a rank head needs answer_dim = the text embedding width {self.towers.embed_dim}, "
+                             f"got {head.answer_dim}")
+        dev = self.fusion.text_proj.weight.device
+        self.head = head.to(dev)
+        self.answer_mode = head.mode
+        self.config.update(hidden=head.hidden, answer_mode=head.mode, num_answers=head.num_answers)
+        blob = json.dumps(self.config, sort_keys=True).encode("utf-8")
+        self.register_buffer("config_json", torch.tensor(list(blob), dtype=torch.uint8, device=dev))
+        self.register_buffer("answer_digests", torch.zeros(head.num_answers, DIGEST_BYTES, dtype=torch.uint8,
+                                                           device=dev))
+        self.answers = None
+
+    def build_head(self, num_answers: int, answers: Optional[Sequence[str]] = None, *,
+                   hidden: Optional[int] = None) -> AnswerHead:
+        """Build (or rebuild) the answer head for ``num_answers`` answers in the VLM's answer mode (fresh weights,
+        answers unnamed unless ``answers`` is given); returns it."""
+        self._attach_head(AnswerHead(self.fusion.width, num_answers, hidden, mode=self.answer_mode,
+                                     answer_dim=self.towers.embed_dim if self.answer_mode == "rank" else None))
+        if answers is not None:
+            self.set_answers(answers)
+        return self.head
+
+    def _need_head(self, what: str) -> AnswerHead:
+        if self.head is None:
+            raise RuntimeError(f"VLM.{what}: the VLM has no answer head yet: call build_head(num_answers)")
+        return self.head
 
     @property
     def width(self) -> int:
         return self.fusion.width
 
     @property
-    def num_answers(self) -> int:
-        return self.head.num_answers
+    def num_answers(self) -> Optional[int]:
+        return None if self.head is None else self.head.num_answers
+
+    @property
+    def answers_named(self) -> bool:
+        """Whether ``answer_digests`` holds a vocabulary (named here or loaded from a checkpoint)."""
+        return self.head is not None and bool(self.answer_digests.any(1).all())
 
     def set_answers(self, answers: Sequence[str]) -> None:
         """Name the answers (label order): fills ``answer_digests`` and, in rank mode, the head's embeddings
-        (the text tower's ``encode_text`` of each answer, computed once here)."""
+        (the text tower's ``encode_text`` of each answer, computed once here).
+
+        If the VLM already holds a vocabulary (named before, or loaded by :func:`load_vlm_checkpoint`), ``answers``
+        must be that vocabulary: a ValueError names the positions that differ.
+        """
+        head = self._need_head("set_answers")
         if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
             raise TypeError(f"VLM.set_answers: answers must be a sequence of str, got {type(answers).__name__}")
         answers = list(answers)
-        if len(answers) != self.head.num_answers:
-            raise ValueError(f"VLM.set_answers: the head has {self.head.num_answers} answers, got {len(answers)}")
+        if len(answers) != head.num_answers:
+            raise ValueError(f"VLM.set_answers: the head has {head.num_answers} answers, got {len(answers)}")
         if len(set(answers)) != len(answers):
             dup = sorted({a for a in answers if answers.count(a) > 1})
             raise ValueError(f"VLM.set_answers: answers must be unique, repeated: {dup[:5]}")
+        digests = answer_digests(answers).to(self.answer_digests.device)
+        if self.answers_named:
+            differ = (digests != self.answer_digests).any(1).nonzero().flatten().tolist()
+            if differ:
+                raise ValueError(f"VLM.set_answers: the VLM's answer vocabulary (its checkpoint's, or named before) "
+                                 f"differs at {len(differ)} of {len(answers)} positions, e.g. "
+                                 + ", ".join(f"{i}: {answers[i]!r}" for i in differ[:5])
+                                 + "; the answers must be the same strings in the same order")
         with torch.no_grad():
-            self.answer_digests.copy_(answer_digests(answers))
-        if self.head.mode == "rank":
+            self.answer_digests.copy_(digests)
+        if head.mode == "rank":
             if self.tokenizer is None:
                 raise ValueError("VLM.set_answers: mode='rank' needs the tokenizer to embed the answers")
-            dev = self.answer_digests.device
-            tokens = torch.as_tensor(self.tokenizer(answers), dtype=torch.long).to(dev)
-            self.head.set_answer_embeddings(self.towers.encode_text(tokens).float())
+            tokens = torch.as_tensor(self.tokenizer(answers), dtype=torch.long).to(self.answer_digests.device)
+            head.set_answer_embeddings(self.towers.encode_text(tokens).float())
         self.answers = answers
 
     def train(self, mode: bool = True) -> "VLM":
@@ -702,7 +760,7 @@ class VLM(nn.Module):
     def forward(self, images: Tensor, tokens: Tensor, prefix: Union[Tensor, Sequence[Optional[Tensor]], None] = None,
                 site_fns: Optional[dict] = None) -> Tensor:
         """``(B, n_A)`` answer scores."""
-        return self.head(self.fuse(self.encode(images, tokens), prefix, site_fns))
+        return self._need_head("forward")(self.fuse(self.encode(images, tokens), prefix, site_fns))
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The fusion encoder's and the head's tensors plus ``config_json``/``answer_digests`` (a VLM checkpoint)."""
@@ -732,7 +790,7 @@ def create_vlm(clip_name: str = "clip_tiny_synth", *, pretrained=None, checkpoin
     Args:
         clip_name, pretrained, checkpoint_path: as for :func:`~clfast.backbones.create_clip` (``clip_tiny_synth``
             loads its shipped weights; ``"ViT-B-16"`` with ``pretrained="openai"`` in the paper presets).
-        num_answers: n_A; may be left out when ``answers`` is given.
+        num_answers: n_A; may be left out when ``answers`` is given; neither: no head yet (:meth:`VLM.build_head`).
         answers: the answer strings in label order (needed by ``answer_mode="rank"``, or later via ``set_answers``).
         depth, width, heads: fusion shape; None takes :func:`fusion_defaults`.
         mlp_ratio: fusion MLP ratio.
@@ -744,8 +802,6 @@ def create_vlm(clip_name: str = "clip_tiny_synth", *, pretrained=None, checkpoin
     """
     from .clip import create_clip
 
-    if num_answers is None and answers is None:
-        raise ValueError("create_vlm: give num_answers or answers")
     if answers is not None:
         if num_answers is not None and int(num_answers) != len(answers):
             raise ValueError(f"create_vlm: num_answers={num_answers} but {len(answers)} answers given")
@@ -758,8 +814,119 @@ def create_vlm(clip_name: str = "clip_tiny_synth", *, pretrained=None, checkpoin
                                                device=device)
     towers = CLIPTokenTowers(model, image_size=image_size)
     fusion = FusionEncoder(depth, width, heads, towers.text_width, towers.image_width, mlp_ratio)
-    head = AnswerHead(width, int(num_answers), mode=answer_mode,
-                      answer_dim=towers.embed_dim if answer_mode == "rank" else None)
     config = {"clip_name": clip_name.replace("/", "-"), "clip_weights": weights.name}
-    return VLM(towers, fusion, head, tokenizer=tokenizer, answers=answers, config=config,
-               weights=weights).to(device)
+    vlm = VLM(towers, fusion, answer_mode=answer_mode, tokenizer=tokenizer, config=config, weights=weights)
+    if num_answers is not None:
+        vlm.build_head(int(num_answers), answers)
+    return vlm.to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a trained VLM from a run's checkpoint
+
+#: the settings a checkpoint's VLM must share with the VLM it is loaded into (``config_json``)
+ARCH_KEYS = ("clip_name", "towers_sha256", "image_size", "depth", "width", "heads", "mlp_ratio", "hidden",
+             "answer_mode", "num_answers")
+
+
+def _config_of(blob: Tensor) -> dict:
+    return json.loads(bytes(blob.to(torch.uint8).tolist()).decode("utf-8"))
+
+
+def load_vlm_state(vlm: VLM, method_state: dict, unchanged: Optional[dict] = None, *, prefix: str = "backbone.",
+                   source: str = "the checkpoint") -> list[str]:
+    """Load the fusion encoder, head, ``config_json`` and ``answer_digests`` of a saved method state into ``vlm``.
+
+    Args:
+        vlm: a :class:`VLM` with its head built (towers are not loaded: ``config_json`` names their weights).
+        method_state: a run checkpoint's ``method_state`` (the method holds its VLM as ``backbone``).
+        unchanged: the checkpoint's ``method_unchanged`` ({key: digest} of tensors it left out because they still
+            equalled the model as built); such a key loads only if ``vlm`` holds that very tensor already.
+        prefix: where the VLM sits in the method's state dict.
+        source: a name for errors.
+
+    Returns:
+        The VLM keys loaded (without the prefix).
+
+    Raises:
+        ValueError: a tensor missing or of another shape (naming the key and both shapes); architecture settings
+        or tower weights that differ (``config_json``: each setting named with both values); another answer
+        vocabulary (positions named); a left-out tensor that differs here.
+    """
+    head = vlm._need_head("load")
+    own = {k: v for k, v in vlm.state_dict().items() if not k.startswith("towers.")
+           and not (k.startswith("head.") and k.split(".")[-1] == "answer_embeddings")}
+    unchanged = unchanged or {}
+    missing, shapes, stale = [], [], []
+    for k, mine in own.items():
+        ck = prefix + k
+        if ck in method_state:
+            saved = method_state[ck]
+            if k != "config_json" and tuple(saved.shape) != tuple(mine.shape):   # settings: compared below
+                shapes.append(f"{ck}: checkpoint {tuple(saved.shape)} vs this VLM {tuple(mine.shape)}")
+        elif ck in unchanged:
+            if unchanged[ck] != tensor_digest(mine):
+                stale.append(ck)
+        else:
+            missing.append(ck)
+    differ = []
+    if prefix + "config_json" in method_state:
+        saved_cfg = _config_of(method_state[prefix + "config_json"])
+        differ = [f"{k}: checkpoint {saved_cfg.get(k)!r} vs this VLM {vlm.config.get(k)!r}" for k in ARCH_KEYS
+                  if saved_cfg.get(k) != vlm.config.get(k)]
+    if missing or shapes or differ:
+        parts = [f"shape mismatches {'; '.join(shapes[:5])}" if shapes else "",
+                 f"settings differ ({'; '.join(differ)})" if differ else "",
+                 f"missing {missing[:5]}{' and %d more' % (len(missing) - 5) if len(missing) > 5 else ''} under "
+                 f"prefix {prefix!r}" if missing else ""]
+        raise ValueError(f"load_vlm_checkpoint: {source} does not fit this VLM: " + "; ".join(p for p in parts if p))
+    if stale:
+        raise ValueError(f"load_vlm_checkpoint: {source} left out {stale[:3]} as unchanged since its run built "
+                         f"them (so it holds no values for them), and this VLM's differ: the source run never "
+                         f"trained them; load a checkpoint whose fusion encoder and head were trained")
+    dkey = prefix + "answer_digests"
+    vocab = method_state[dkey] if dkey in method_state else vlm.answer_digests
+    if not bool(vocab.any(1).all()):
+        raise ValueError(f"load_vlm_checkpoint: {source} holds no answer vocabulary (its answer_digests are unset)")
+    if vlm.answers_named:
+        differ = (vocab.to(vlm.answer_digests.device) != vlm.answer_digests).any(1).nonzero().flatten().tolist()
+        if differ:
+            names = vlm.answers or []
+            raise ValueError(f"load_vlm_checkpoint: {source} was trained on another answer vocabulary: "
+                             f"{len(differ)} of {head.num_answers} answers differ, at positions {differ[:8]}"
+                             + (f" (here: {', '.join(repr(names[i]) for i in differ[:8])})" if names else ""))
+    loaded = {k: method_state[prefix + k] for k in own if prefix + k in method_state}
+    vlm.load_state_dict(loaded, strict=False)
+    if head.mode == "rank" and vlm.answers is not None:
+        vlm.set_answers(vlm.answers)
+    return sorted(loaded)
+
+
+def load_vlm_checkpoint(vlm: VLM, path: str, *, prefix: str = "backbone.") -> dict:
+    """Load the trained fusion encoder and head of a finished run (``vlm_finetune``, or any method that holds the
+    VLM as ``backbone``) into ``vlm``, checked (:func:`load_vlm_state`).
+
+    Args:
+        vlm: the VLM to load into (built with the same CLIP weights, fusion shape and number of answers).
+        path: a clfast checkpoint file, or a run directory (its newest end-of-task checkpoint). Read with the
+            engine's checked reader (content hash verified; a damaged file raises naming it).
+        prefix: where the VLM sits in the source method's state dict.
+
+    Returns:
+        The record for ``record()``: ``path`` (absolute), ``sha256`` (of the file), ``method`` (the source run's),
+        ``keys`` (number of VLM tensors loaded), ``config`` (the source VLM's ``config_json``).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_vlm_checkpoint: path must be a checkpoint file or run directory, got {type(path).__name__}")
+    path = os.fspath(path)
+    file = latest_task_checkpoint(path) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"load_vlm_checkpoint: {path} is neither a checkpoint file nor a run directory")
+    state = read_checkpoint(file)
+    if not isinstance(state.get("method_state"), dict):
+        raise ValueError(f"load_vlm_checkpoint: {file} is not a clfast run checkpoint (no method_state)")
+    keys = load_vlm_state(vlm, state["method_state"], state.get("method_unchanged", {}), prefix=prefix,
+                          source=f"checkpoint {file} (method {state.get('method')!r})")
+    cfg = state["method_state"].get(prefix + "config_json")
+    return {"path": os.path.abspath(file), "sha256": sha256_file(file), "method": state.get("method"),
+            "keys": len(keys), "config": _config_of(cfg) if cfg is not None else None}

@@ -16,14 +16,13 @@ and says which it skipped and which it used.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..utils.checkpoint_file import latest_task_checkpoint
 from . import io as rio
 from .config import RunConfig, config_from_dict
 
@@ -150,16 +149,6 @@ def resume_config(run_dir: str, overrides: dict[str, Any]) -> tuple[RunConfig, s
     if ckpt_path is None:
         raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
     return cfg, ckpt_path
-
-
-def latest_task_checkpoint(run_dir: str) -> str:
-    """The newest ``checkpoints/task<NNN>.pt`` of ``run_dir`` (end-of-task checkpoints, not interrupts)."""
-    paths = sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoints", "task*.pt"))
-                   if re.fullmatch(r"task\d+\.pt", os.path.basename(p)))
-    if not paths:
-        raise FileNotFoundError(f"{run_dir}: no end-of-task checkpoint in {os.path.join(run_dir, 'checkpoints')} "
-                                "(the run has not finished its first task)")
-    return paths[-1]
 
 
 def init_from(method, source: str, method_name: str, log=None) -> dict:

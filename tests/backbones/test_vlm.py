@@ -485,14 +485,21 @@ def test_errors(tiny, vlm):
         FusionEncoder(2, 50, 4, 40, 50)
     with pytest.raises(ValueError, match="depth must be a positive int"):
         FusionEncoder(0, 48, 4, 40, 48)
-    with pytest.raises(ValueError, match="give num_answers or answers"):
-        create_vlm("clip_tiny_synth")
+    headless = create_vlm("clip_tiny_synth")
+    assert headless.head is None and headless.num_answers is None
+    with pytest.raises(RuntimeError, match="no answer head yet"):
+        headless(images(1), tok(QUESTIONS[:1]))
+    headless.build_head(len(ANSWERS), ANSWERS)
+    assert headless(images(1), tok(QUESTIONS[:1])).shape == (1, len(ANSWERS))
     with pytest.raises(ValueError, match="num_answers=3 but 5 answers"):
         create_vlm("clip_tiny_synth", num_answers=3, answers=ANSWERS)
     with pytest.raises(ValueError, match="answer_mode"):
         create_vlm("clip_tiny_synth", num_answers=3, answer_mode="generate")
     with pytest.raises(ValueError, match="unique"):
         vlm.set_answers(["a", "a", "b", "c", "d"])
+    with pytest.raises(ValueError, match=r"differs at 2 of 5 positions, e.g. 0: 'blue', 1: 'red'"):
+        vlm.set_answers(["blue", "red", "green", "yes", "no"])
+    vlm.set_answers(ANSWERS)   # the same vocabulary again is fine
     with pytest.raises(ValueError, match="has 5 answers, got 2"):
         vlm.set_answers(["a", "b"])
     with pytest.raises(ValueError, match="same batch size"):
