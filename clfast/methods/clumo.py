@@ -24,7 +24,7 @@ towers, the fusion encoder, every key and the other tasks' pools are frozen (old
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -42,10 +42,12 @@ class CluMoConfig(MethodConfig):
     # the VLM (its architecture must match vlm_checkpoint's)
     vlm_checkpoint: Optional[str] = None     # required: a vlm_finetune run (directory) or checkpoint file
     clip_model: str = "clip_tiny_synth"      # open_clip name (paper presets: "ViT-B-16")
-    clip_pretrained: Optional[str] = None    # open_clip tag ("openai") or a file; None: clip_tiny_synth's weights
+    clip_pretrained: Any = None              # open_clip tag ("openai") or a file; None: clip_tiny_synth's weights
+    clip_checkpoint: Optional[str] = None    # a local CLIP weights file (overrides clip_pretrained)
     fusion_depth: Optional[int] = None       # None: the VLM's default for the CLIP (ViT-B-16: 6 x 768 x 12)
     fusion_width: Optional[int] = None
     fusion_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
     image_size: Optional[int] = None         # image-tower input size (paper presets: 384)
     answer_mode: str = "classify"            # or "rank": <W h, e_a> against the text tower's answer embeddings
     # the pools (spec §2)
@@ -77,6 +79,8 @@ class CluMoConfig(MethodConfig):
                 raise ValueError(f"clumo: {key} must be an int >= 1, got {v!r}")
         if isinstance(self.general_length, bool) or not isinstance(self.general_length, int) or self.general_length < 0:
             raise ValueError(f"clumo: general_length must be an int >= 0, got {self.general_length!r}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"clumo: mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         if self.kd_weight < 0:
             raise ValueError(f"clumo: kd_weight must be >= 0, got {self.kd_weight!r}")
         for key in ("fusion_depth", "fusion_width", "fusion_heads", "image_size"):
@@ -91,15 +95,36 @@ class CluMo(Method):
     supports = ("vqa",)
     score_names = ("task_acc",)
 
+    @classmethod
+    def build_backbone(cls, run_cfg: Any):
+        """The VLM of ``method_args`` (CLIP, fusion shape, image_size, answer_mode) without its head; ``__init__``
+        builds the head for the run's answers and loads ``vlm_checkpoint`` (required) into fusion and head."""
+        from ..backbones.vlm import create_vlm
+
+        cfg = run_cfg.method_config()
+        if not cfg.vlm_checkpoint:
+            raise ValueError("clumo: method_args.vlm_checkpoint is required: a vlm_finetune run directory or checkpoint "
+                             "file whose fusion encoder and answer head were trained on VQA data disjoint from the "
+                             "continual tasks (e.g. `clfast train --method vlm_finetune --dataset vqav2`, or "
+                             "synth-vqa-pretrain for synth-vqa)")
+        return create_vlm(cfg.clip_model, pretrained=cfg.clip_pretrained, checkpoint_path=cfg.clip_checkpoint,
+                          depth=cfg.fusion_depth, width=cfg.fusion_width, heads=cfg.fusion_heads,
+                          mlp_ratio=cfg.mlp_ratio, image_size=cfg.image_size, answer_mode=cfg.answer_mode)
+
     def __init__(self, backbone, num_classes, num_tasks, cfg: CluMoConfig):
         super().__init__(backbone, num_classes, num_tasks, cfg)
-        for attr in ("towers", "fusion", "head", "encode", "fuse"):
-            if not hasattr(backbone, attr):
-                raise TypeError(f"clumo: the backbone must be a clfast VLM (it lacks .{attr}); build it with "
-                                f"CluMo.build_backbone or clfast.backbones.create_vlm")
-        if int(backbone.num_answers) != self.num_classes:
+        from ..backbones.vlm import VLM, load_vlm_checkpoint
+
+        if not isinstance(backbone, VLM):
+            raise TypeError(f"clumo: the backbone must be a clfast VLM (CluMo.build_backbone or "
+                            f"clfast.backbones.create_vlm), got {type(backbone).__name__}")
+        if backbone.head is None:
+            backbone.build_head(self.num_classes)
+        elif backbone.num_answers != self.num_classes:
             raise ValueError(f"clumo: the VLM's head scores {backbone.num_answers} answers, the dataset has "
                              f"{self.num_classes}")
+        # path, sha256 and source of the trained fusion encoder and head (shapes, settings, vocabulary checked)
+        self.vlm_record = load_vlm_checkpoint(backbone, cfg.vlm_checkpoint) if cfg.vlm_checkpoint else None
         self.tokenizer = backbone.tokenizer       # the engine tokenizes each split's questions with it, once
         towers = backbone.towers
         self.pool = ClusterPromptPool(num_tasks, int(towers.image_width), int(towers.text_width), int(backbone.width),
@@ -156,6 +181,14 @@ class CluMo(Method):
     # stage 1 ---------------------------------------------------------------------------------------
     def begin_task(self, ctx: TaskContext) -> None:
         self.current_task = int(ctx.task)
+        if self.vlm.answers is None and ctx.class_names:      # checked against a loaded vocabulary
+            if len(ctx.class_names) != self.num_classes:
+                raise ValueError(f"clumo: the scenario names {len(ctx.class_names)} answers for {self.num_classes} "
+                                 f"labels")
+            self.vlm.set_answers(ctx.class_names)
+        if self.vlm.answer_mode == "rank" and bool(self.prev_head.taken) and self.vlm.answers is not None:
+            # the copy's answer embeddings are not saved (they follow from the towers and the answers)
+            self.prev_head.head.set_answer_embeddings(self.vlm.head.answer_embeddings)
         if not bool(self.pool.fitted[ctx.task]):     # a run resumed inside the task has its keys already
             if ctx.task_loader is None:
                 raise ValueError("clumo: begin_task needs ctx.task_loader for stage 1 (the task's K-means keys)")
@@ -256,14 +289,16 @@ class CluMo(Method):
         return out
 
     def transform_args(self) -> dict:
-        return {"hflip": 0.5 if self.cfg.hflip else 0.0}
+        """The whole image (``RandomResizedCrop`` at scale (1, 1), the eval resize at ``crop_pct`` 1): crops cut
+        objects out of position questions. No flip unless ``hflip`` (the code's; it swaps left and right)."""
+        return {"scale": (1.0, 1.0), "hflip": 0.5 if self.cfg.hflip else 0.0, "crop_pct": 1.0}
 
     def compile_for_training(self, **options) -> None:
         self.vlm.fusion.compile(**options)
 
     def record(self) -> dict:
         cfg = self.cfg
-        return {"vlm_checkpoint": getattr(self.vlm, "checkpoint_record", None),
+        return {"vlm_checkpoint": self.vlm_record, "vlm": dict(self.vlm.config),
                 "task_inference": "given task (task_aware_test)" if cfg.task_aware_test else "keys, per sample",
                 "key_pooling": cfg.key_pooling, "farthest_assignment": cfg.farthest_assignment,
                 "train_prompts": cfg.train_prompts, "hflip": cfg.hflip, "answer_mode": cfg.answer_mode,
