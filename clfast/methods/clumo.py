@@ -29,9 +29,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..utils.seeding import derive_seed
 from .base import Method, MethodConfig, StepOutput, TaskContext, register_method
-from .cluster_prompts import KEY_POOLINGS, ClusterPromptPool, Selection, fit_keys, pooling_modes, subsample_rows
+from .cluster_prompts import KEY_POOLINGS, ClusterPromptPool, Selection, pooling_modes, stage1_keys
 from .vqa_losses import PreviousHead, head_distillation, soft_target_ce
 
 __all__ = ["CluMoConfig", "CluMo"]
@@ -200,9 +199,8 @@ class CluMo(Method):
 
     @torch.no_grad()
     def fit_task_keys(self, loader, ctx: TaskContext) -> None:
-        """Stage 1 (spec §4): pooled features of the task's training data, all-gathered and put in index order (so
-        any number of ranks sees the same rows), at most ``kmeans_samples`` rows drawn with a seed of the run and
-        the task, then 3 visual and 3 textual keys (:func:`fit_keys`), fitted on rank 0 and broadcast."""
+        """Stage 1 (spec §4): pooled features (the stage-1 pooling) of the task's training data, then
+        :func:`stage1_keys` (gathered over ranks, capped at ``kmeans_samples``, K-means or the farthest Lloyd steps)."""
         cfg, dev = self.cfg, ctx.device
         feats, index = [], []
         with ctx.autocast():
@@ -211,24 +209,11 @@ class CluMo(Method):
                 feats.append(torch.cat([h_v, h_t], 1))
                 index.append(batch["index"].to(dev) if "index" in batch else
                              torch.full((h_v.shape[0],), -1, dtype=torch.long, device=dev))
-        x, idx = torch.cat(feats), torch.cat(index)
-        if ctx.distributed:
-            x, idx = ctx.all_gather(x), ctx.all_gather(idx)
-        if bool((idx >= 0).all()):
-            x = x[idx.argsort(stable=True)]
-        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "clumo-stage1", ctx.task))
-        x = subsample_rows(x, cfg.kmeans_samples, gen).float()
+        h = torch.cat(feats)
         D_v = self.pool.keys_v.shape[-1]
-        kv = torch.zeros_like(self.pool.keys_v[ctx.task])
-        kt = torch.zeros_like(self.pool.keys_t[ctx.task])
-        if ctx.is_main:
-            common = dict(n_iter=cfg.kmeans_iters, farthest=cfg.farthest_assignment, batch_size=cfg.lloyd_batch)
-            kv = fit_keys(x[:, :D_v], cfg.n_image_keys, seed=derive_seed(ctx.seed, "clumo-keys-v", ctx.task),
-                          **common).to(kv)
-            kt = fit_keys(x[:, D_v:], cfg.n_text_keys, seed=derive_seed(ctx.seed, "clumo-keys-t", ctx.task),
-                          **common).to(kt)
-        ctx.all_reduce(kv)      # a broadcast from rank 0: the other ranks add zeros
-        ctx.all_reduce(kt)
+        kv, kt = stage1_keys(h[:, :D_v], h[:, D_v:], torch.cat(index), ctx, n_image_keys=cfg.n_image_keys,
+                             n_text_keys=cfg.n_text_keys, max_samples=cfg.kmeans_samples, n_iter=cfg.kmeans_iters,
+                             farthest=cfg.farthest_assignment, batch_size=cfg.lloyd_batch)
         self.pool.set_keys(ctx.task, kv, kt)
 
     # training --------------------------------------------------------------------------------------

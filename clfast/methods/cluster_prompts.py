@@ -27,8 +27,10 @@ from torch import Tensor, nn
 
 from clfast.ops import kmeans, retrieve
 
+from ..utils.seeding import derive_seed
+
 __all__ = ["KEY_POOLINGS", "pooling_modes", "subsample_rows", "fit_keys", "farthest_lloyd_step", "farthest_lloyd",
-           "task_key_scores", "Selection", "select_prompts", "ClusterPromptPool"]
+           "stage1_keys", "task_key_scores", "Selection", "select_prompts", "ClusterPromptPool"]
 
 #: ``mean``/``max``: one pooling for stage 1, training and test; ``official``: the code's mean in stage 1, max at
 #: selection (spec §7 "Pooling mismatch")
@@ -121,6 +123,39 @@ def fit_keys(features: Tensor, n_keys: int = 3, *, seed: int, n_iter: int = 50, 
                      max_points_per_centroid=math.ceil(features.shape[0] / n_keys), min_points_per_centroid=1,
                      n_threads=n_threads)
     return keys.to(features.dtype)
+
+
+def stage1_keys(h_v: Tensor, h_t: Tensor, index: Tensor, ctx, *, n_image_keys: int = 3, n_text_keys: int = 3,
+                max_samples: int = 10000, n_iter: int = 50, farthest: bool = False,
+                batch_size: int = 32) -> tuple[Tensor, Tensor]:
+    """One task's stage-1 keys from this rank's pooled features (spec §4), the same on every rank.
+
+    The rows (h_v (n, D_v), h_t (n, D_w) and their dataset positions ``index`` (n,) int64, -1 where unknown) are
+    all-gathered (``ctx.all_gather``) and put in index order, so the keys do not depend on the number of ranks;
+    at most ``max_samples`` rows are kept, drawn with a seed of the run and the task (the same rows for both
+    modalities); rank 0 fits :func:`fit_keys` per modality (seeds of the run, task and modality) and the result
+    reaches the other ranks through a sum all-reduce to which they add zeros (a broadcast, exact).
+
+    Returns:
+        ``(keys_v (n_image_keys, D_v), keys_t (n_text_keys, D_w))`` float32.
+    """
+    if h_v.shape[0] != h_t.shape[0] or index.shape != (h_v.shape[0],):
+        raise ValueError(f"stage1_keys: h_v, h_t and index must have the same number of rows, got "
+                         f"{tuple(h_v.shape)}, {tuple(h_t.shape)} and {tuple(index.shape)}")
+    D_v = h_v.shape[1]
+    x, idx = torch.cat([h_v.float(), h_t.float()], 1), index.to(h_v.device).long()
+    if ctx.world_size > 1:
+        x, idx = ctx.all_gather(x), ctx.all_gather(idx)
+    if bool((idx >= 0).all()):
+        x = x[idx.argsort(stable=True)]
+    x = subsample_rows(x, max_samples, torch.Generator().manual_seed(derive_seed(ctx.seed, "clumo-stage1", ctx.task)))
+    kv = x.new_zeros(n_image_keys, D_v)
+    kt = x.new_zeros(n_text_keys, x.shape[1] - D_v)
+    if ctx.rank == 0:
+        common = dict(n_iter=n_iter, farthest=farthest, batch_size=batch_size)
+        kv = fit_keys(x[:, :D_v], n_image_keys, seed=derive_seed(ctx.seed, "clumo-keys-v", ctx.task), **common)
+        kt = fit_keys(x[:, D_v:], n_text_keys, seed=derive_seed(ctx.seed, "clumo-keys-t", ctx.task), **common)
+    return ctx.all_reduce(kv.contiguous()), ctx.all_reduce(kt.contiguous())
 
 
 def task_key_scores(h: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:

@@ -302,3 +302,71 @@ def test_head_distillation_zero_for_identical_heads_and_no_grad_to_the_copy():
     fresh = PreviousHead(head)
     fresh.load_state_dict(state)
     assert torch.equal(fresh(h), prev(h))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 1 over ranks: the same keys as one process
+# ---------------------------------------------------------------------------------------------------------
+
+def _stage1_data():
+    g = torch.Generator().manual_seed(5)
+    hv = blobs(14, torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]]), 0.5, seed=6)   # (42, 4)
+    ht = torch.randn(42, 3, generator=g)
+    return hv, ht, torch.arange(42)
+
+
+def _ctx(rank=0, world=1, task=2):
+    from clfast.methods import TaskContext
+
+    return TaskContext(task=task, num_tasks=4, class_range=(0, 1), seen_classes=1, num_classes=1,
+                       task_ranges=((0, 1),) * 4, seed=11, rank=rank, world_size=world)
+
+
+def _stage1_worker(rank: int, world: int, init: str, out: str):
+    import torch.distributed as dist
+
+    from clfast.methods.cluster_prompts import stage1_keys
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        hv, ht, idx = _stage1_data()
+        order = torch.randperm(42, generator=torch.Generator().manual_seed(1))     # shards out of index order
+        mine = order[:17] if rank == 0 else order[17:]                             # unequal shards
+        res = {f: stage1_keys(hv[mine], ht[mine], idx[mine], _ctx(rank, world), max_samples=30, n_iter=10,
+                              farthest=f) for f in (False, True)}
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow     # two spawned processes: about 20 s on 2 cores
+def test_stage1_keys_over_two_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from clfast.methods.cluster_prompts import stage1_keys
+
+    out = str(tmp_path / "keys")
+    mp.spawn(_stage1_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True)
+    hv, ht, idx = _stage1_data()
+    for farthest in (False, True):
+        want = stage1_keys(hv, ht, idx, _ctx(), max_samples=30, n_iter=10, farthest=farthest)
+        for rank in (0, 1):
+            got = torch.load(f"{out}.{rank}", weights_only=True)[farthest]
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (farthest, rank)
+
+
+def test_stage1_keys_use_the_documented_rows_and_seeds_in_any_row_order():
+    from clfast.methods.cluster_prompts import stage1_keys
+    from clfast.utils.seeding import derive_seed
+
+    hv, ht, idx = _stage1_data()
+
+    x = subsample_rows(torch.cat([hv, ht], 1), 30, torch.Generator().manual_seed(derive_seed(11, "clumo-stage1", 2)))
+    kv, kt = stage1_keys(hv, ht, idx, _ctx(), max_samples=30, n_iter=10)
+    assert torch.equal(kv, fit_keys(x[:, :4], 3, seed=derive_seed(11, "clumo-keys-v", 2), n_iter=10))
+    assert torch.equal(kt, fit_keys(x[:, 4:], 3, seed=derive_seed(11, "clumo-keys-t", 2), n_iter=10))
+    # rows in another order (another sharding) give the same keys
+    perm = torch.randperm(42, generator=torch.Generator().manual_seed(3))
+    kv2, kt2 = stage1_keys(hv[perm], ht[perm], idx[perm], _ctx(), max_samples=30, n_iter=10)
+    assert torch.equal(kv2, kv) and torch.equal(kt2, kt)
