@@ -322,3 +322,39 @@ def test_config_errors_name_the_setting(base_vlm):
         create_method("clumo", copy.deepcopy(base_vlm), A + 1, T)
     with pytest.raises(TypeError, match="VLM"):
         create_method("clumo", torch.nn.Linear(2, 2), A, T)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §8 item 1 at the spec's widths (ViT-B-16: D_v 768, D_w 512, fusion 6 x 768 x 12)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_prefix_keys_and_values_have_the_spec_shape():
+    from clfast.backbones.vlm import PromptedCrossAttention
+    from clfast.methods.cluster_prompts import ClusterPromptPool
+
+    pool = ClusterPromptPool(6, 768, 512, 768)
+    pi = pool.prompt(torch.tensor([0, 3, 5]), torch.tensor([8, 0, 4]))
+    assert pi.shape == (3, 20, 768)
+    pk, pv = PromptedCrossAttention(768, 12).project_kv(pi)
+    assert pk.shape == pv.shape == (3, 12, 20, 64)
+
+
+@pytest.mark.slow      # a random-weight ViT-B-16 CLIP: about 10 s to build and run on 2 cores
+def test_shapes_on_the_spec_backbone():
+    torch.manual_seed(0)
+    vlm = create_vlm("ViT-B-16", pretrained="none", num_answers=5)
+    m = create_method("clumo", vlm, 5, 2)
+    images = torch.rand(2, 3, 224, 224)
+    tokens = torch.as_tensor(vlm.tokenizer(["what is on the table", "where is the cat"]), dtype=torch.long)
+    h_v, h_t = m.key_features(images, tokens, "mean")
+    assert h_v.shape == (2, 768) and h_t.shape == (2, 512)
+    assert m.pool.keys_v.shape == (2, 3, 768) and m.pool.keys_t.shape == (2, 3, 512)
+    assert m.pool.prompts.shape == (2, 9, 10, 768) and m.pool.general.shape == (2, 10, 768)
+    assert (vlm.fusion.depth, vlm.fusion.width, vlm.fusion.heads) == (6, 768, 12)
+    batch = {"image": images, "question": tokens, "answer_scores": torch.eye(5)[:2], "task": torch.zeros(2).long()}
+    ctx = TaskContext(task=0, num_tasks=2, class_range=(0, 5), seen_classes=5, num_classes=5,
+                      task_ranges=((0, 5),) * 2, scenario="vqa")
+    m.pool.set_keys(0, torch.randn(3, 768), torch.randn(3, 512))
+    out = m.training_step(batch, ctx)
+    out.loss.backward()
+    assert m.pool.prompts.grad.shape == (2, 9, 10, 768) and m.pool.prompts.grad[1].abs().sum() == 0
