@@ -358,3 +358,24 @@ def test_shapes_on_the_spec_backbone():
     out = m.training_step(batch, ctx)
     out.loss.backward()
     assert m.pool.prompts.grad.shape == (2, 9, 10, 768) and m.pool.prompts.grad[1].abs().sum() == 0
+
+
+def test_rank_answers_distil_and_survive_a_reload(data):
+    """answer_mode rank: the previous-head copy scores with the same answer embeddings, also in a method rebuilt from
+    a saved state (the embeddings are not saved; begin_task restores them)."""
+    torch.manual_seed(0)
+    vlm = create_vlm("clip_tiny_synth", answers=list(VQA_ANSWERS), answer_mode="rank")
+    m = create_method("clumo", copy.deepcopy(vlm), A, T, answer_mode="rank")
+    m.begin_task(ctx_for(0, data))
+    one_step(m, data[0][0], ctx_for(0))
+    m.end_task(ctx_for(0), [])
+    m.begin_task(ctx_for(1, data))
+    assert m.training_step(data[1][0], ctx_for(1)).logs["kd"].item() == 0.0
+    # as the engine builds it: a VLM whose answers are named by the scenario in begin_task
+    unnamed = create_vlm("clip_tiny_synth", num_answers=A, answer_mode="rank")
+    fresh = create_method("clumo", unnamed, A, T, answer_mode="rank")
+    fresh.load_state_dict(m.state_dict())
+    fresh.begin_task(ctx_for(1, data, class_names=tuple(VQA_ANSWERS)))
+    torch.testing.assert_close(fresh.prev_head.head.answer_embeddings, m.vlm.head.answer_embeddings, rtol=0, atol=0)
+    a, b = m.training_step(data[1][1], ctx_for(1)), fresh.training_step(data[1][1], ctx_for(1))
+    assert torch.equal(a.logs["kd"], b.logs["kd"]) and torch.equal(a.loss, b.loss)
