@@ -144,6 +144,10 @@ def _missing_error(name: str, root: str, missing: Sequence[str], layout: str,
         f"Expected layout:\n{layout}\nGet the data: {source}")
 
 
+# the helpers the other readers of data on disk (vqa_readers) share
+check_root, check_split, missing_data_error = _check_root, _check_split, _missing_error
+
+
 def _list_class_folders(folder: str) -> list[str]:
     return sorted(d for d in os.listdir(folder) if not d.startswith(".")
                   and os.path.isdir(os.path.join(folder, d)))

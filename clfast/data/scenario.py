@@ -8,7 +8,8 @@ Kinds:
 - ``"domain-incremental"``: every task has all classes; task ``t`` is one domain (the datasets give
   each item a domain in ``domains`` and name them in ``domain_names``).
 - ``"vqa"``: a VQA dataset's own task grouping (``task_ids``, named by ``task_names``; for
-  ``synth-vqa`` the 6 question families); labels are answer ids over the shared answer vocabulary.
+  ``synth-vqa`` the 6 question families, or 6 scene kinds with ``task_split="scene"``; for CLOVE the 6
+  annotation files); labels are answer ids over the shared answer vocabulary.
 
 Labels are remapped so that the class at position ``i`` of the class order has label ``i``: task
 ``t`` of a class-incremental scenario owns the contiguous range ``class_range(t)``. The class order
@@ -23,7 +24,10 @@ decoding any image. Their items are dicts of tensors that the default ``DataLoad
     task   () int64                 index  () int64 (position in the underlying dataset)
     VQA adds:  question  (L,) int64 tokens when a tokenizer is given (else the str),
                answer_scores  (A,) float32 soft targets (one-hot unless the dataset has
-               ``answer_scores(i)``).
+               ``answer_scores(i)``),
+               answer_credit  (A,) float32 what each predicted answer earns at evaluation, when the
+               dataset has ``answer_credit(i)`` (CLOVE: exact match against the first answer, or
+               the VQA accuracy; without it the engine credits ``answer_scores``).
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class TaskDataset(Dataset):
         self.num_answers = int(num_answers)
         self.tokens = tokens                     # (len(dataset), L) int64 or None
         self._scores = getattr(dataset, "answer_scores", None) if vqa else None
+        self._credit = getattr(dataset, "answer_credit", None) if vqa else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -114,6 +119,8 @@ class TaskDataset(Dataset):
                 scores = torch.zeros(self.num_answers, dtype=torch.float32)
                 scores[self.targets[i]] = 1.0
                 out["answer_scores"] = scores
+            if callable(self._credit):
+                out["answer_credit"] = torch.as_tensor(self._credit(j), dtype=torch.float32)
         return out
 
     def __repr__(self) -> str:

@@ -1,15 +1,21 @@
-"""Procedural 32×32 RGB data that ships with clfast: no files, no download, deterministic.
+"""Procedural RGB data that ships with clfast: no files, no download, deterministic.
 
 A *class* is a combination of shape × colour × texture (10 × 5 × 4 = 200 classes). Each image is a
-scene of one object (classification) or 1–4 objects (VQA), drawn at a random position, scale,
+scene of one object (classification, 32×32) or 1–4 objects (VQA, 64×64, one object per 32×32 quadrant,
+so objects have the size the shipped towers were pretrained on), drawn at a random position, scale,
 rotation and colour jitter over a random dark or light background with a gradient and pixel noise.
 Every scene also yields a caption ("a small red striped triangle on a dark background") and
-templated question–answer pairs about its attributes.
+templated question–answer pairs about its attributes. The renderer takes the image size from the scenes.
 
 The class vocabulary is split by the parity of (shape + colour + texture):
 
 - ``synth-pretrain``: the even half (100 classes), used only to pretrain the shipped backbones;
 - ``synth-shapes``: the odd half (100 classes), the class-incremental benchmark.
+
+VQA: ``synth-vqa`` (6 tasks: one per question family, or with ``task_split="scene"`` one per background ×
+shape group with every family in each; see :class:`SynthVQA`) and ``synth-vqa-pretrain`` (the same
+questions on scenes of synth-pretrain classes only, one task: the offline warm-up set of a VQA head,
+never synth-vqa's scenes, never a synth-shapes class). All share the answer vocabulary ``VQA_ANSWERS``.
 
 Both halves contain every shape, colour and texture and every (shape, colour) pair, each with 2
 textures, so the benchmark's classes are new *combinations* of attributes the backbones have seen.
@@ -18,8 +24,8 @@ Determinism: scene ``i`` of a split is drawn from ``np.random.default_rng([seed,
 where ``stream`` identifies (dataset, split); so any item can be generated on its own and train and
 test never share a scene. Rendering is element-wise numpy on a 32×32 grid (signed distances,
 anti-aliased by one pixel), batched over scenes; the same scene renders to the same bytes whether it
-is drawn alone or in a batch. 10,000 images take ≈ 4 s on one idle core (≈ 6 s on a busy one):
-about 55 % drawing the scene parameters, 45 % rendering.
+is drawn alone or in a batch. 10,000 32×32 images take ≈ 4 s on one idle core (≈ 6 s on a busy one):
+about 55 % drawing the scene parameters, 45 % rendering; 64×64 VQA scenes ≈ 1.6 ms each on a busy core.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from torch.utils.data import Dataset
 from .base import InMemoryImages
 from .registry import register_dataset
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32          # classification scenes (synth-pretrain, synth-shapes): the towers' pretraining size
+VQA_IMAGE_SIZE = 64      # multi-object VQA scenes: one 32×32 quadrant per object
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon", "crescent",
           "heart")
@@ -58,13 +65,24 @@ VQA_ANSWERS = tuple(COLOURS) + tuple(SHAPES) + NUMBERS + POSITIONS + ("yes", "no
 # Radius (pixels) of single objects; below SMALL_MAX the caption says "small".
 SINGLE_RADIUS = (6.0, 13.0)
 SMALL_MAX = 9.5
-# Radius of the objects of a multi-object scene (each sits in its own 16×16 quadrant).
-VQA_RADIUS = {"small": (3.0, 4.5), "large": (5.5, 7.0)}
+# Radius of the objects of a multi-object scene, by image size (each object sits in its own quadrant,
+# of side image_size / 2). At 64×64 the radii are the pretraining ones (SINGLE_RADIUS), split around
+# SMALL_MAX with a gap so that "small" and "large" stay apart; 32×32 is the first release's layout
+# (objects smaller than anything the towers saw in pretraining), kept for comparison.
+VQA_RADIUS = {32: {"small": (3.0, 4.5), "large": (5.5, 7.0)},
+              64: {"small": (6.0, 8.5), "large": (10.5, 13.0)}}
+# Task split "scene" (a CLOVE-scene analogue): a task is a background kind × a group of shapes, and
+# its scenes draw their objects' shapes from that group only; every task mixes all question families.
+SHAPE_GROUPS = (("circle", "square", "triangle"), ("star", "ring", "cross"),
+                ("diamond", "hexagon", "crescent", "heart"))
+SCENE_TASKS = tuple((bg, group) for bg in BACKGROUNDS for group in SHAPE_GROUPS)
+TASK_SPLITS = ("family", "scene")
 
 # Streams of the per-scene random generator, one per (dataset, split).
 _STREAMS = {("synth-pretrain", "train"): 11, ("synth-pretrain", "test"): 12,
             ("synth-shapes", "train"): 21, ("synth-shapes", "test"): 22,
-            ("synth-vqa", "train"): 31, ("synth-vqa", "test"): 32}
+            ("synth-vqa", "train"): 31, ("synth-vqa", "test"): 32,
+            ("synth-vqa-pretrain", "train"): 41, ("synth-vqa-pretrain", "test"): 42}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,6 +159,7 @@ class Scene:
     bg_gradient: tuple[float, float]
     noise_sigma: float
     noise_key: tuple[int, ...]           # seeds the pixel noise
+    image_size: int = IMAGE_SIZE         # side of the rendered image, pixels
 
     def caption(self) -> str:
         """Full caption, e.g. "a small red striped triangle on a dark background"."""
@@ -151,16 +170,19 @@ class Scene:
             ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _quadrant(cx: float, cy: float) -> int:
-    return 2 * int(cy >= IMAGE_SIZE / 2) + int(cx >= IMAGE_SIZE / 2)
+def _quadrant(cx: float, cy: float, size: int = IMAGE_SIZE) -> int:
+    return 2 * int(cy >= size / 2) + int(cx >= size / 2)
 
 
 def _scene_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(stream), int(index)])
 
 
-def _background(rng: np.random.Generator):
+def _background(rng: np.random.Generator, kind: Optional[str] = None):
+    """Background parameters; ``kind`` forces "dark" or "light" (the draw is made anyway, so the
+    stream advances the same)."""
     background = BACKGROUNDS[int(rng.integers(2))]
+    background = kind if kind is not None else background
     v = rng.uniform(0.04, 0.30) if background == "dark" else rng.uniform(0.70, 0.96)
     bg_hsv = (float(rng.uniform()), float(rng.uniform(0.0, 0.3)), float(v))
     grad = (float(rng.uniform(-0.08, 0.08)), float(rng.uniform(-0.08, 0.08)))
@@ -188,35 +210,66 @@ def single_object_scene(klass: SynthClass, seed: int, stream: int, index: int) -
     return Scene((obj,), background, bg_hsv, grad, sigma, (int(seed), int(stream), int(index), 1))
 
 
-def multi_object_scene(rng: np.random.Generator, n_objects: int, noise_key: tuple[int, ...]) -> Scene:
-    """A scene of ``n_objects`` (1–4) objects, one per quadrant, with distinct (colour, shape)."""
+def multi_object_scene(rng: np.random.Generator, n_objects: int, noise_key: tuple[int, ...], *,
+                       image_size: int = IMAGE_SIZE, shapes: Sequence[str] = SHAPES,
+                       textures: Optional[Callable[[int, int], Sequence[int]]] = None,
+                       background: Optional[str] = None) -> Scene:
+    """A scene of ``n_objects`` (1–4) objects, one per quadrant, with distinct (colour, shape).
+
+    Args:
+        rng: the scene's generator (every parameter is drawn from it, in a fixed order).
+        n_objects: 1..4.
+        noise_key: seeds the pixel noise.
+        image_size: 32 or 64 (``VQA_RADIUS`` keys); each object sits in a quadrant of side
+            ``image_size / 2`` with a radius from ``VQA_RADIUS[image_size][size]``.
+        shapes: the shapes objects may take (the ``scene`` task split restricts them to a group).
+        textures: ``textures(shape_id, colour_id) -> allowed texture ids`` (synth-vqa-pretrain keeps
+            to the synth-pretrain classes); default every texture.
+        background: force "dark" or "light"; default drawn.
+
+    With the defaults the draws are those of the first release, so ``image_size=32`` reproduces its
+    scenes exactly.
+    """
     if not 1 <= n_objects <= 4:
         raise ValueError(f"n_objects must be in 1..4, got {n_objects}")
+    if image_size not in VQA_RADIUS:
+        raise ValueError(f"image_size must be one of {sorted(VQA_RADIUS)}, got {image_size!r}")
+    shape_ids = [SHAPES.index(x) for x in shapes]
+    if len(shape_ids) < 2:
+        raise ValueError(f"shapes must name at least 2 shapes of {SHAPES}, got {shapes!r}")
+    half = image_size / 2
     quadrants = rng.permutation(4)[:n_objects]
     # Few colours and shapes per scene, so that counts above one are common.
     colours = rng.permutation(len(COLOURS))[: int(rng.integers(1, 4))]
-    shapes = rng.permutation(len(SHAPES))[: int(rng.integers(1, 4))]
-    pairs = [(int(c), int(s)) for c in colours for s in shapes]
+    chosen_shapes = rng.permutation(len(shape_ids))[: int(rng.integers(1, 4))]
+    pairs = [(int(c), shape_ids[int(s)]) for c in colours for s in chosen_shapes]
     if len(pairs) < n_objects:                 # too few combinations: widen the colours
         colours = rng.permutation(len(COLOURS))[:3]
-        shapes = rng.permutation(len(SHAPES))[:2]
-        pairs = [(int(c), int(s)) for c in colours for s in shapes]
+        chosen_shapes = rng.permutation(len(shape_ids))[:2]
+        pairs = [(int(c), shape_ids[int(s)]) for c in colours for s in chosen_shapes]
     chosen = [pairs[j] for j in rng.permutation(len(pairs))[:n_objects]]
     objects = []
     for q, (c, s) in zip(quadrants, chosen):
         size = SIZES[int(rng.integers(2))]
-        r = float(rng.uniform(*VQA_RADIUS[size]))
-        slack = IMAGE_SIZE / 4 - r - 0.5
-        cx = (q % 2) * 16 + 8 + float(rng.uniform(-slack, slack))
-        cy = (q // 2) * 16 + 8 + float(rng.uniform(-slack, slack))
+        r = float(rng.uniform(*VQA_RADIUS[image_size][size]))
+        slack = half / 2 - r - 0.5
+        cx = (q % 2) * half + half / 2 + float(rng.uniform(-slack, slack))
+        cy = (q // 2) * half + half / 2 + float(rng.uniform(-slack, slack))
         colour = COLOURS[c]
+        allowed = list(range(len(TEXTURES))) if textures is None else list(textures(s, c))
+        texture = TEXTURES[allowed[int(rng.integers(len(allowed)))]]
         objects.append(SynthObject(
-            shape=SHAPES[s], colour=colour, texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
+            shape=SHAPES[s], colour=colour, texture=texture,
             cx=cx, cy=cy, radius=r, angle=float(rng.uniform(0, 2 * math.pi)),
             hsv=_object_colour(rng, colour), tex_phase=(float(rng.uniform()), float(rng.uniform())),
             size=size, quadrant=int(q)))
-    background, bg_hsv, grad, sigma = _background(rng)
-    return Scene(tuple(objects), background, bg_hsv, grad, sigma, noise_key)
+    bg, bg_hsv, grad, sigma = _background(rng, background)
+    return Scene(tuple(objects), bg, bg_hsv, grad, sigma, noise_key, int(image_size))
+
+
+def pretrain_textures(shape_id: int, colour_id: int) -> list[int]:
+    """The 2 textures that make (shape, colour, texture) a synth-pretrain class (even id sum)."""
+    return [t for t in range(len(TEXTURES)) if (shape_id + colour_id + t) % 2 == 0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,19 +375,22 @@ def _texture(texture: str, xs, ys, ph0, ph1):
     raise ValueError(f"unknown texture {texture!r}")
 
 
-_GRID = (np.arange(IMAGE_SIZE, dtype=np.float64) + 0.5)
-_GX = _GRID[None, None, :]   # (1, 1, W)
-_GY = _GRID[None, :, None]   # (1, H, 1)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates ``(1, 1, W)`` and ``(1, H, 1)`` of a ``size × size`` image."""
+    g = np.arange(size, dtype=np.float64) + 0.5
+    return g[None, None, :], g[None, :, None]
 
 
-def _draw_objects(objs: Sequence[SynthObject]):
-    """Alpha (M, H, W) and colour (M, H, W, 3) of each object, batched per shape and texture."""
+def _draw_objects(objs: Sequence[SynthObject], size: int):
+    """Alpha (M, H, W) and colour (M, H, W, 3) of each object on a ``size × size`` canvas, batched
+    per shape and texture."""
     m = len(objs)
-    alpha = np.zeros((m, IMAGE_SIZE, IMAGE_SIZE))
-    colour = np.zeros((m, IMAGE_SIZE, IMAGE_SIZE, 3))
+    alpha = np.zeros((m, size, size))
+    colour = np.zeros((m, size, size, 3))
     col = lambda name: np.array([getattr(o, name) for o in objs], dtype=np.float64)[:, None, None]
     cx, cy, r, ang = col("cx"), col("cy"), col("radius"), col("angle")
-    dx, dy = _GX - cx, _GY - cy
+    gx, gy = _grid(size)
+    dx, dy = gx - cx, gy - cy
     ca, sa = np.cos(ang), np.sin(ang)
     xs, ys = ca * dx + sa * dy, -sa * dx + ca * dy      # object-local pixel coordinates
     hsv = np.array([o.hsv for o in objs], dtype=np.float64)
@@ -355,32 +411,41 @@ def _draw_objects(objs: Sequence[SynthObject]):
     return alpha, colour
 
 
-def render(scenes: Sequence[Scene], *, return_masks: bool = False, chunk: int = 1024):
-    """Render scenes to uint8 images.
+def render(scenes: Sequence[Scene], *, return_masks: bool = False, chunk: Optional[int] = None):
+    """Render scenes to uint8 images, at the scenes' ``image_size`` S (all scenes must share it).
 
     Args:
         scenes: N scenes.
         return_masks: also return each object's coverage.
-        chunk: scenes per vectorised batch (memory bound; results do not depend on it).
+        chunk: scenes per vectorised batch (memory bound; results do not depend on it); default
+            1024 at 32×32, scaled down by the pixel count for larger images.
 
     Returns:
-        images ``(N, 32, 32, 3)`` uint8; with ``return_masks``, also masks ``(N, 4, 32, 32)`` float32
+        images ``(N, S, S, 3)`` uint8; with ``return_masks``, also masks ``(N, 4, S, S)`` float32
         in [0, 1], the coverage of object slot k (zero where the scene has fewer objects).
     """
     n = len(scenes)
-    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    masks = np.zeros((n, 4, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32) if return_masks else None
+    sizes = {int(s.image_size) for s in scenes}
+    if len(sizes) > 1:
+        raise ValueError(f"scenes must share one image_size to be rendered together, got {sorted(sizes)}")
+    size = sizes.pop() if sizes else IMAGE_SIZE
+    if chunk is None:
+        chunk = max(1, 1024 * IMAGE_SIZE * IMAGE_SIZE // (size * size))
+    gx, gy = _grid(size)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    masks = np.zeros((n, 4, size, size), dtype=np.float32) if return_masks else None
     for start in range(0, n, chunk):
         batch = scenes[start:start + chunk]
         b = len(batch)
         bg = np.array([s.bg_hsv for s in batch], dtype=np.float64)
         base = _hsv_to_rgb(bg[:, 0], bg[:, 1], bg[:, 2])[:, None, None, :]
         grad = np.array([s.bg_gradient for s in batch], dtype=np.float64)
-        shade = grad[:, 0, None, None] * (_GX - 16) / 16 + grad[:, 1, None, None] * (_GY - 16) / 16
+        h = size / 2
+        shade = grad[:, 0, None, None] * (gx - h) / h + grad[:, 1, None, None] * (gy - h) / h
         img = base + shade[..., None]
         flat = [(i, k, o) for i, s in enumerate(batch) for k, o in enumerate(s.objects)]
         if flat:
-            alpha, colour = _draw_objects([o for _, _, o in flat])
+            alpha, colour = _draw_objects([o for _, _, o in flat], size)
             rows = np.array([i for i, _, _ in flat])
             slots = np.array([k for _, k, _ in flat])
             for k in range(4):                     # one object per scene per slot: no collisions
@@ -392,7 +457,7 @@ def render(scenes: Sequence[Scene], *, return_masks: bool = False, chunk: int = 
                 if return_masks:
                     masks[start + rows[sel], k] = alpha[sel]
         noise = np.stack([np.random.default_rng(list(s.noise_key)).standard_normal(
-            (IMAGE_SIZE, IMAGE_SIZE, 3)) * s.noise_sigma for s in batch])
+            (size, size, 3)) * s.noise_sigma for s in batch])
         img = np.clip(img + noise, 0.0, 1.0)
         images[start:start + b] = np.round(img * 255.0).astype(np.uint8)
     return (images, masks) if return_masks else images
@@ -435,8 +500,14 @@ def single_object_qa(scene: Scene) -> list[tuple[str, str, str]]:
     ]
 
 
-def vqa_question(family: str, scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """One templated (question, answer) of ``family`` about ``scene``; the answer is in VQA_ANSWERS."""
+def vqa_question(family: str, scene: Scene, rng: np.random.Generator,
+                 shapes: Sequence[str] = SHAPES) -> tuple[str, str]:
+    """One templated (question, answer) of ``family`` about ``scene``; the answer is in VQA_ANSWERS.
+
+    ``shapes``: the shapes the scene could hold (its task's group in the ``scene`` split); questions
+    about absent objects name only these, so that "no" and "zero" are never given away by a shape
+    that cannot occur in the task.
+    """
     objs = scene.objects
     pick = lambda seq: seq[int(rng.integers(len(seq)))]
     if family == "attribute":
@@ -451,7 +522,7 @@ def vqa_question(family: str, scene: Scene, rng: np.random.Generator) -> tuple[s
         if kind == 1:
             c = pick(objs).colour if rng.uniform() < 0.8 else pick(COLOURS)
             return f"how many {c} objects are there", NUMBERS[sum(o.colour == c for o in objs)]
-        s = pick(objs).shape if rng.uniform() < 0.8 else pick(SHAPES)
+        s = pick(objs).shape if rng.uniform() < 0.8 else pick(tuple(shapes))
         return f"how many {SHAPE_PLURALS[s]} are there", NUMBERS[sum(o.shape == s for o in objs)]
     if family == "relation":
         by_quadrant = {o.quadrant: o for o in objs}
@@ -476,7 +547,7 @@ def vqa_question(family: str, scene: Scene, rng: np.random.Generator) -> tuple[s
         if rng.uniform() < 0.5:
             c, s = pick(sorted(present))
             return f"is there a {c} {s}", "yes"
-        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        absent = [(c, s) for c in COLOURS for s in shapes if (c, s) not in present]
         # Half of the negatives share an attribute with an object present, so both must be read.
         near = [p for p in absent if any(p[0] == c or p[1] == s for c, s in present)]
         c, s = pick(near if near and rng.uniform() < 0.5 else absent)
@@ -580,46 +651,84 @@ def synth_shapes(split: str = "train", root=None, transform=None, *, seed: int =
 
 
 class SynthVQA(Dataset):
-    """Multi-object scenes with one templated question each, grouped into 6 question families.
+    """Multi-object scenes with one templated question each; the tasks are question families or scenes.
 
-    Item ``i`` asks a question of family ``VQA_FAMILIES[i % 6]`` (the task). Items are dicts:
-    ``image`` (3, 32, 32) float in [0, 1] (or transformed), ``question`` str, ``answer`` str,
-    ``label`` int (index into ``classes``, the closed answer vocabulary), ``task`` int.
-    ``targets`` and ``task_ids`` hold label and task of every item.
+    Task splits (``task_split``):
+
+    - ``"family"`` (default): item ``i`` asks a question of family ``VQA_FAMILIES[i % 6]`` and belongs
+      to task ``i % 6``. Each family has its own question templates, so the question text alone names
+      the task: textual keys (a question embedding) separate these tasks trivially, and results on
+      this split say little about task inference from text.
+    - ``"scene"``: a CLOVE-scene analogue. Task ``k = i % 6`` is ``SCENE_TASKS[k]``, a background kind
+      × a group of shapes (``SHAPE_GROUPS``): its scenes have that background and draw their shapes
+      from that group only; the family cycles within each task (``VQA_FAMILIES[(i // 6) % 6]``), so
+      every task mixes all families and the question text shares its templates across tasks (only the
+      shape words differ). The answer distribution shifts between tasks (shape answers of a task come
+      from its group), as it does between CLOVE's scene categories.
+
+    Items are dicts: ``image`` (3, S, S) float in [0, 1] (or transformed), ``question`` str, ``answer``
+    str, ``label`` int (index into ``classes``, the closed answer vocabulary ``VQA_ANSWERS``), ``task``
+    int. ``targets``, ``task_ids``, ``families`` (family index per item) and ``questions`` hold them for
+    every item. S = ``image_size``: 64 by default, so that each object (one per 32×32 quadrant) has a
+    pretraining-sized radius (``VQA_RADIUS``); 32 gives the first release's smaller objects.
     """
 
     def __init__(self, split: str, n_per_task: int, seed: int = 0,
-                 transform: Optional[Callable] = None):
-        self.name = "synth-vqa"
+                 transform: Optional[Callable] = None, *, image_size: int = VQA_IMAGE_SIZE,
+                 task_split: str = "family"):
+        self._setup("synth-vqa", split, n_per_task, seed, transform, image_size)
+        if task_split not in TASK_SPLITS:
+            raise ValueError(f"task_split must be one of {TASK_SPLITS}, got {task_split!r}")
+        self.task_split = task_split
+        T = len(VQA_FAMILIES)
+        if task_split == "family":
+            self.task_names = list(VQA_FAMILIES)
+            plan = [(i % T, i % T, SHAPES, None) for i in range(T * self.n_per_task)]
+        else:
+            self.task_names = [f"{bg} background, {'/'.join(g)}" for bg, g in SCENE_TASKS]
+            plan = [(i % T, (i // T) % T, SCENE_TASKS[i % T][1], SCENE_TASKS[i % T][0])
+                    for i in range(T * self.n_per_task)]
+        self._generate(plan, textures=None)
+
+    # shared by synth-vqa-pretrain ------------------------------------------------------------------
+    def _setup(self, name: str, split: str, n_per_task: int, seed: int, transform, image_size: int) -> None:
+        self.name = name
         self.split = _check_split(split)
         self.seed = int(seed)
         self.n_per_task = _check_positive("n_per_task", n_per_task)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
+        if isinstance(image_size, bool) or image_size not in VQA_RADIUS:
+            raise ValueError(f"image_size must be one of {sorted(VQA_RADIUS)}, got {image_size!r}")
         self.transform = transform
+        self.image_size = int(image_size)
         self.classes = list(VQA_ANSWERS)
-        self.task_names = list(VQA_FAMILIES)
-        stream = _STREAMS[("synth-vqa", split)]
-        n = len(VQA_FAMILIES) * self.n_per_task
-        self.scenes, self.questions, self.answers, self.task_ids = [], [], [], []
-        for i in range(n):
+
+    def _generate(self, plan, textures) -> None:
+        """Draw item ``i`` from ``plan[i] = (task, family index, shapes, background or None)``."""
+        stream = _STREAMS[(self.name, self.split)]
+        self.scenes, self.questions, self.answers, self.task_ids, self.families = [], [], [], [], []
+        half = self.image_size / 2
+        for i, (task, fam, shapes, background) in enumerate(plan):
             rng = _scene_rng(self.seed, stream, i)
-            family = VQA_FAMILIES[i % len(VQA_FAMILIES)]
+            family = VQA_FAMILIES[fam]
             low = 2 if family == "relation" else 1
-            scene = multi_object_scene(rng, int(rng.integers(low, 5)), (self.seed, stream, i, 1))
+            scene = multi_object_scene(rng, int(rng.integers(low, 5)), (self.seed, stream, i, 1),
+                                       image_size=self.image_size, shapes=shapes, textures=textures,
+                                       background=background)
             if family == "relation" and len(scene.objects) == 2 and \
                     {o.quadrant for o in scene.objects} in ({0, 3}, {1, 2}):
                 # Diagonal pair: no left/right/above/below neighbour; move one object next door.
                 o = scene.objects[1]
                 q = o.quadrant ^ 1
-                moved = dataclasses.replace(o, cx=o.cx + ((q % 2) - (o.quadrant % 2)) * 16.0,
-                                            quadrant=q)
+                moved = dataclasses.replace(o, cx=o.cx + ((q % 2) - (o.quadrant % 2)) * half, quadrant=q)
                 scene = dataclasses.replace(scene, objects=(scene.objects[0], moved))
-            q, a = vqa_question(family, scene, rng)
+            q, a = vqa_question(family, scene, rng, shapes)
             self.scenes.append(scene)
             self.questions.append(q)
             self.answers.append(a)
-            self.task_ids.append(i % len(VQA_FAMILIES))
+            self.task_ids.append(int(task))
+            self.families.append(int(fam))
         self.targets = [self.classes.index(a) for a in self.answers]
         self.data = render(self.scenes)
         self._images = torch.from_numpy(self.data).permute(0, 3, 1, 2).contiguous()
@@ -641,14 +750,50 @@ class SynthVQA(Dataset):
         return self.scenes[index].caption()
 
     def __repr__(self) -> str:
-        return (f"SynthVQA(split={self.split!r}, tasks={len(self.task_names)}, "
-                f"answers={len(self.classes)}, n={len(self)}, seed={self.seed})")
+        split = f", task_split={self.task_split!r}" if hasattr(self, "task_split") else ""
+        return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, tasks={len(self.task_names)}"
+                f"{split}, answers={len(self.classes)}, image_size={self.image_size}, n={len(self)}, "
+                f"seed={self.seed})")
+
+
+class SynthVQAPretrain(SynthVQA):
+    """The offline warm-up set: synth-vqa's question families and templates on scenes built only from
+    the synth-pretrain classes, as one task.
+
+    Every object is a synth-pretrain class (its texture is one of the two that make (shape, colour,
+    texture) a pretraining class, :func:`pretrain_textures`), so no object is a synth-shapes class;
+    scenes come from their own generator streams, so none is a synth-vqa scene. Rendered like
+    synth-vqa (64×64 by default); the answer vocabulary is ``VQA_ANSWERS``, so a head warmed up here
+    answers synth-vqa's questions. Item ``i`` asks family ``VQA_FAMILIES[i % 6]``; ``task_ids`` are all 0.
+    """
+
+    def __init__(self, split: str, n: int, seed: int = 0, transform: Optional[Callable] = None, *,
+                 image_size: int = VQA_IMAGE_SIZE):
+        self._setup("synth-vqa-pretrain", split, n, seed, transform, image_size)
+        self.task_names = ["synth-vqa-pretrain"]
+        T = len(VQA_FAMILIES)
+        self._generate([(0, i % T, SHAPES, None) for i in range(self.n_per_task)], textures=pretrain_textures)
 
 
 @register_dataset("synth-vqa", kind="vqa", num_classes=len(VQA_ANSWERS), default_tasks=6,
-                  description="procedural 1–4 object scenes, 6 question families, closed answers")
+                  description="procedural 1–4 object scenes (64×64), 6 tasks: question families "
+                              "(task_split=family) or scene kinds (task_split=scene), closed answers")
 def synth_vqa(split: str = "train", root=None, transform=None, *, seed: int = 0,
-              n_per_task: Optional[int] = None) -> SynthVQA:
-    """synth-vqa: 6 families × 2,000 train / 500 test questions (``n_per_task`` overrides)."""
+              n_per_task: Optional[int] = None, image_size: int = VQA_IMAGE_SIZE,
+              task_split: str = "family") -> SynthVQA:
+    """synth-vqa: 6 tasks × 2,000 train / 500 test questions (``n_per_task`` overrides).
+
+    ``task_split``: ``"family"`` (a task per question family) or ``"scene"`` (a task per background ×
+    shape group, every family in every task); see :class:`SynthVQA`. ``image_size``: 64 (default) or 32.
+    """
     n = n_per_task if n_per_task is not None else (2000 if split == "train" else 500)
-    return SynthVQA(split, n, seed, transform)
+    return SynthVQA(split, n, seed, transform, image_size=image_size, task_split=task_split)
+
+
+@register_dataset("synth-vqa-pretrain", kind="vqa", num_classes=len(VQA_ANSWERS), default_tasks=1,
+                  description="warm-up VQA: synth-vqa's questions on scenes of synth-pretrain classes, one task")
+def synth_vqa_pretrain(split: str = "train", root=None, transform=None, *, seed: int = 0,
+                       n: Optional[int] = None, image_size: int = VQA_IMAGE_SIZE) -> SynthVQAPretrain:
+    """synth-vqa-pretrain: 6,000 train / 1,200 test questions (``n`` overrides), one task."""
+    size = n if n is not None else (6000 if split == "train" else 1200)
+    return SynthVQAPretrain(split, size, seed, transform, image_size=image_size)

@@ -24,7 +24,7 @@ from .sampling import ShardSampler
 
 __all__ = ["RunData", "Transformed", "ProgressLoader"]
 
-TRANSFORM_ARGS = ("scale", "hflip", "extra", "crop_pct")
+TRANSFORM_ARGS = ("scale", "hflip", "extra", "crop_pct", "crop")
 
 
 class RunData:
@@ -35,8 +35,9 @@ class RunData:
             ``num_workers``, ``eval_batch_size``).
         scenario: the :class:`clfast.data.Scenario`.
         data_config: the backbone's timm ``data_config`` (input size, interpolation, crop_pct).
-        transform_args: the method's ``transform_args()`` (crop scale, flip, extra random ops, and
-            ``crop_pct``, the eval resize ratio, instead of the backbone's).
+        transform_args: the method's ``transform_args()`` (crop scale, flip, extra random ops,
+            ``crop_pct``, the eval resize ratio, instead of the backbone's, and ``crop``: ``"none"`` resizes
+            the whole image in both pipelines, with no crop, for VQA; see :func:`build_transforms`).
         owner: a name for errors about ``transform_args`` (the method's class).
         rank, world: this process and the number of processes.
         pin_memory: pin batches (CUDA runs).
@@ -61,11 +62,12 @@ class RunData:
         if extra.get("crop_pct") is not None:   # e.g. ConvPrompt's resize 256 / centre crop 224
             crop = extra["crop_pct"]
         extra.pop("crop_pct", None)
+        crop_mode = extra.get("crop", "random")
         # the train transform with and without augmentation (a Stage may override the run's `augment`)
         self.train_tfs = {flag: build_transforms(size, train=True, augment=flag, crop_pct=crop,
                                                  interpolation=interp, **extra) for flag in (True, False)}
         self.train_tf = self.train_tfs[bool(cfg.augment)]
-        self.eval_tf = build_transforms(size, train=False, crop_pct=crop, interpolation=interp)
+        self.eval_tf = build_transforms(size, train=False, crop_pct=crop, interpolation=interp, crop=crop_mode)
         self._val_split: dict[int, tuple[list[int], list[int]]] = {}
 
     def train_transform(self, augment: Optional[bool] = None):

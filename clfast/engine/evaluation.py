@@ -73,23 +73,28 @@ class Evaluating:
     def _evaluate(self, after: int) -> None:
         self.method.eval()
         t0 = time.time()
-        row = []
+        row, sizes, credit = [], [], 0.0
         extras: dict[str, list[float]] = {k: [] for k in self.method.score_names}
         for i in self.scenario.eval_tasks(after):   # tasks 0..after (every task after a joint one)
             c, n = self.evaluate_task(i, after)
             self.acc.update(i, after, c, n)
             row.append(100.0 * c / max(n, 1))
+            sizes.append(int(n))
+            credit += c
             for k, v in self.last_score_extras.items():
                 extras[k].append(v)
         m = self.acc.matrix()
         seen_mean = float(sum(row) / len(row))
+        weighted = 100.0 * credit / max(sum(sizes), 1)   # over every sample of the seen tasks (clumo.md §5)
         self.eval_extras = {k: float(sum(v) / len(v)) for k, v in extras.items()}   # mean over the seen tasks
         self.metrics.log(event="eval", after_task=after, step=self.global_step, acc=[round(a, 4) for a in row],
-                         mean=round(seen_mean, 4), seconds=round(time.time() - t0, 3),
+                         mean=round(seen_mean, 4), sample_weighted=round(weighted, 4),
+                         sizes=sizes,
+                         seconds=round(time.time() - t0, 3),
                          **({"extras": {k: [round(x, 6) for x in v] for k, v in extras.items()}} if extras else {}),
                          **{f"{k}_mean": round(v, 6) for k, v in self.eval_extras.items()})
         self.log.info(f"after task {after + 1}: accuracy on tasks 1..{len(row)} = "
-                      + " ".join(f"{a:.1f}" for a in row) + f"  (mean {seen_mean:.2f})")
+                      + " ".join(f"{a:.1f}" for a in row) + f"  (mean {seen_mean:.2f}, sample-weighted {weighted:.2f})")
         if self.is_main:
             self.acc.to_csv(os.path.join(self.run_dir, "acc_matrix.csv"))
         del m

@@ -10,7 +10,9 @@ NaN in every matrix this module produces. With ``N`` tasks and ``N - 1`` the las
 * **Backward transfer** ``BWT = mean_{i<N-1} (acc[i][N-1] - acc[i][i])``.
 * **Average incremental accuracy** ``A_avg = mean_j A_j`` with ``A_j = mean_{i<=j} acc[i][j]``.
 * **Sample-weighted accuracy**: correct predictions over all test samples of all tasks after the last
-  task. It equals ``A_N`` only when every task has the same number of test samples.
+  task. It equals ``A_N`` only when every task has the same number of test samples. After each task
+  ``j`` it is ``sum_{i<=j} correct[i][j] / sum_{i<=j} total[i][j]`` (:func:`sample_weighted_curve`): the
+  "total avg accuracy" CluMo's code prints (clumo.md §5).
 
 ``F_N`` and ``BWT`` average over no task when there is a single one; both are then defined as 0.0.
 
@@ -36,7 +38,7 @@ import numpy as np
 
 __all__ = [
     "final_accuracy", "forgetting", "backward_transfer", "accuracy_curve", "average_incremental_accuracy",
-    "per_task_accuracy", "sample_weighted_accuracy", "summarize", "AccuracyMatrix", "write_acc_csv",
+    "per_task_accuracy", "sample_weighted_accuracy", "sample_weighted_curve", "summarize", "AccuracyMatrix", "write_acc_csv",
     "read_acc_csv", "check_matrix",
 ]
 
@@ -239,6 +241,31 @@ def sample_weighted_accuracy(correct: Any, total: Any) -> float:
     """
     c, t = _check_counts(correct, total)
     return float(100.0 * c.sum() / t.sum())
+
+
+def sample_weighted_curve(correct: Any, total: Any) -> np.ndarray:
+    """The sample-weighted accuracy over the tasks seen after each task.
+
+    Args:
+        correct: (N, N) summed credit, ``correct[i][j]`` on task ``i`` after task ``j`` (or a joint run's
+            (N, 1)); entries below the diagonal are ignored.
+        total: the matching sample counts; every defined cell must be > 0.
+
+    Returns:
+        (N,) float64 (one entry for a joint run) in percent: entry ``j`` is
+        ``100 · sum_{i<=j} correct[i][j] / sum_{i<=j} total[i][j]``; its last entry is the run's
+        sample-weighted accuracy.
+    """
+    c, t = np.asarray(correct), np.asarray(total)
+    if c.shape != t.shape or c.ndim != 2 or c.shape[0] == 0 or c.shape[1] not in (c.shape[0], 1):
+        raise ValueError(f"correct and total must be (N, N) (or a joint run's (N, 1)) count matrices of the same "
+                         f"shape; got {c.shape} and {t.shape}")
+    out = []
+    for j in range(c.shape[1]):
+        rows = slice(None) if c.shape[1] == 1 else slice(0, j + 1)
+        cj, tj = _check_counts(c[rows, j], t[rows, j])
+        out.append(100.0 * cj.sum() / tj.sum())
+    return np.asarray(out, dtype=np.float64)
 
 
 def summarize(acc: Any, correct_last: Any, total_last: Any) -> dict[str, float]:
@@ -444,6 +471,16 @@ class AccuracyMatrix:
         if self.num_tasks == 0:
             raise ValueError("AccuracyMatrix is empty; call update() before summary()")
         return summarize(self.matrix(), self._correct[:, -1], self._total[:, -1])
+
+    def sample_weighted_curve(self) -> np.ndarray:
+        """:func:`sample_weighted_curve` of the counts: (N,) percent, one entry per column so far."""
+        if self.num_tasks == 0:
+            raise ValueError("AccuracyMatrix is empty; call update() before sample_weighted_curve()")
+        return sample_weighted_curve(self._correct, self._total)
+
+    def test_sizes(self) -> list[int]:
+        """The number of test samples of each task as last evaluated (the last column's counts)."""
+        return [int(t) for t in self._total[:, -1]] if self.num_tasks else []
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write :meth:`matrix` with :func:`write_acc_csv` (percentages only; counts are not stored)."""

@@ -34,10 +34,11 @@ the ``joint`` upper bound) and ``resolve(settings)`` (classmethod; the class tha
 
 Batches are dicts of tensors: ``image`` (B, 3, H, W) float in [0, 1] (the backbone normalises),
 ``label`` (B,) int64 in the scenario's remapped label space, ``task`` (B,) int64 and ``index`` (B,)
-int64 (position in the split, for per-image caches); VQA batches add ``question`` and
-``answer_scores`` (B, A) float soft targets. ``question`` is (B, L) int64 tokens when the method has a
-``tokenizer`` attribute (``list[str] -> (N, L) int64``, e.g. open_clip's; the engine tokenizes each
-split once), else the list of B strings.
+int64 (position in the split, for per-image caches); VQA batches add ``question``,
+``answer_scores`` (B, A) float soft targets and, where the dataset defines how answers are credited
+(CLOVE), ``answer_credit`` (B, A) float: what each predicted answer earns at evaluation. ``question``
+is (B, L) int64 tokens when the method has a ``tokenizer`` attribute (``list[str] -> (N, L) int64``,
+e.g. open_clip's; the engine tokenizes each split once), else the list of B strings.
 
 Everything a method needs about the run comes in the frozen :class:`TaskContext`; a method keeps no
 global state. Per-task and per-prompt tensors are allocated densely at construction (``num_tasks`` is
@@ -502,7 +503,8 @@ class Method(nn.Module):
         (0.08, 1.0)), ``hflip`` (probability, default 0.5), ``extra`` (more random ops after the flip, e.g.
         ``[torchvision.transforms.v2.RandAugment()]``) and ``crop_pct`` (the deterministic transform resizes
         to ``int(size / crop_pct)`` and centre-crops ``size``; default the backbone's, e.g. 0.875 for
-        resize 256 / crop 224)."""
+        resize 256 / crop 224) and ``crop`` (``"none"``: both transforms resize the whole image, no crop,
+        for VQA, where crops and flips change position answers; return it with ``hflip: 0``)."""
         return {}
 
     def descriptor_source(self) -> Optional[str]:
@@ -523,14 +525,17 @@ class Method(nn.Module):
 
     def score(self, batch: dict, logits: Tensor, ctx: TaskContext) -> Tensor | dict[str, Tensor]:
         """Credit per sample (B,) float for evaluation, from ``logits`` already restricted to the seen
-        classes (and to each sample's task when task-incremental). Default: 1 for a correct argmax,
-        or the soft score of the predicted answer in VQA batches (``answer_scores``).
+        classes (and to each sample's task when task-incremental). Default: 1 for a correct argmax; in
+        VQA batches, the predicted answer's ``answer_credit`` (CLOVE: exact match against the first
+        answer, or the VQA accuracy with ``vqa_score``) or, without it, its ``answer_scores``.
 
         A method with :attr:`score_names` returns a dict instead: ``"credit"`` plus one (B,) tensor per
         name (e.g. whether the task was inferred right); the engine averages each over every evaluated
         task, logs them with the accuracies and puts the final ones in the summary as ``eval_<name>``.
         """
         pred = logits.argmax(1)
+        if "answer_credit" in batch:
+            return batch["answer_credit"].float().gather(1, pred[:, None]).squeeze(1)
         if "answer_scores" in batch:
             return batch["answer_scores"].float().gather(1, pred[:, None]).squeeze(1)
         return (pred == batch["label"]).float()

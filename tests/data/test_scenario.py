@@ -235,7 +235,7 @@ def test_vqa_scenario(vqa):
     assert item["answer_scores"].shape == (sc.num_classes,) and item["answer_scores"].sum() == 1
     assert item["answer_scores"][item["label"]] == 1
     batch = next(iter(DataLoader(sc.test_set_upto(5), batch_size=5, shuffle=True)))
-    assert batch["image"].shape == (5, 3, 32, 32) and batch["question"].shape == (5, 12)
+    assert batch["image"].shape == (5, 3, 64, 64) and batch["question"].shape == (5, 12)
     assert batch["answer_scores"].shape == (5, sc.num_classes) and batch["task"].dtype == torch.int64
     assert len(sc.test_set_upto(5)) == len(test)
     # Without a tokenizer the question stays a str (the default collate makes a list of str).

@@ -177,20 +177,19 @@ def test_texture_changes_pixels_inside_the_object():
     assert stds["solid"] < 2 and all(stds[t] > 20 for t in ("striped", "dotted", "checkered"))
 
 
-def test_vqa_families_answers_and_consistency(vqa_test):
-    assert len(vqa_test.task_names) == 6 and len(set(vqa_test.task_names)) == 6
-    assert vqa_test.classes == list(S.VQA_ANSWERS) and len(set(vqa_test.classes)) == len(vqa_test.classes)
-    assert sorted(set(vqa_test.task_ids)) == list(range(6))
-    assert np.bincount(vqa_test.task_ids).tolist() == [60] * 6
-    allowed = {"attribute": set(S.COLOURS) | set(S.SHAPES), "count": set(S.NUMBERS),
-               "relation": set(S.COLOURS) | set(S.SHAPES), "position": set(S.POSITIONS),
-               "existence": {"yes", "no"}, "size": set(S.SIZES)}
+ALLOWED = {"attribute": set(S.COLOURS) | set(S.SHAPES), "count": set(S.NUMBERS),
+           "relation": set(S.COLOURS) | set(S.SHAPES), "position": set(S.POSITIONS),
+           "existence": {"yes", "no"}, "size": set(S.SIZES)}
+
+
+def _check_questions(ds):
+    """Every answer is the one the scene gives; returns the answers seen per family."""
     seen = {f: set() for f in S.VQA_FAMILIES}
-    for i in range(len(vqa_test)):
-        fam = vqa_test.task_names[vqa_test.task_ids[i]]
-        q, a = vqa_test.questions[i], vqa_test.answers[i]
-        objs = vqa_test.scene(i).objects
-        assert a in allowed[fam] and vqa_test.classes[vqa_test.targets[i]] == a
+    for i in range(len(ds)):
+        fam = S.VQA_FAMILIES[ds.families[i]]
+        q, a = ds.questions[i], ds.answers[i]
+        objs = ds.scene(i).objects
+        assert a in ALLOWED[fam] and ds.classes[ds.targets[i]] == a
         seen[fam].add(a)
         assert 1 <= len(objs) <= 4 and len({o.quadrant for o in objs}) == len(objs)
         assert len({(o.colour, o.shape) for o in objs}) == len(objs)
@@ -198,6 +197,9 @@ def test_vqa_families_answers_and_consistency(vqa_test):
             assert a == S.NUMBERS[len(objs)]
         elif q.startswith("how many") and q.split()[2] in S.COLOURS:
             assert a == S.NUMBERS[sum(o.colour == q.split()[2] for o in objs)]
+        elif q.startswith("how many"):
+            shape = next(s for s in S.SHAPES if S.SHAPE_PLURALS[s] == q.split()[2])
+            assert a == S.NUMBERS[sum(o.shape == shape for o in objs)]
         elif q.startswith("is there a"):
             c, s = q.split()[3:5]
             assert (a == "yes") == any(o.colour == c and o.shape == s for o in objs)
@@ -207,21 +209,119 @@ def test_vqa_families_answers_and_consistency(vqa_test):
             assert a == o.position
         elif fam == "relation":
             assert len(objs) >= 2
+    return seen
+
+
+def test_vqa_families_answers_and_consistency(vqa_test):
+    assert len(vqa_test.task_names) == 6 and len(set(vqa_test.task_names)) == 6
+    assert vqa_test.classes == list(S.VQA_ANSWERS) and len(set(vqa_test.classes)) == len(vqa_test.classes)
+    assert sorted(set(vqa_test.task_ids)) == list(range(6))
+    assert np.bincount(vqa_test.task_ids).tolist() == [60] * 6
+    assert vqa_test.families == vqa_test.task_ids          # task_split="family": a task per family
+    seen = _check_questions(vqa_test)
     # Every family shows more than one answer (no constant family).
     assert all(len(v) >= 2 for v in seen.values()), seen
     item = vqa_test[3]
     assert set(item) == {"image", "question", "answer", "label", "task"}
-    assert item["image"].shape == (3, 32, 32) and item["task"] == 3
+    assert item["image"].shape == (3, 64, 64) and item["task"] == 3
 
 
 def test_vqa_position_answers_match_mask_centroids(vqa_test):
     images, masks = S.render(vqa_test.scenes, return_masks=True)
+    assert images.shape[1:] == (64, 64, 3) and masks.shape[2:] == (64, 64)
     for i in range(len(vqa_test)):
         for k, o in enumerate(vqa_test.scene(i).objects):
             ys, xs = np.nonzero(masks[i, k] > 0.5)
             assert len(ys) > 0
-            q = 2 * int(ys.mean() + 0.5 >= 16) + int(xs.mean() + 0.5 >= 16)
+            q = 2 * int(ys.mean() + 0.5 >= 32) + int(xs.mean() + 0.5 >= 32)
             assert S.POSITIONS[q] == o.position
+            # the whole object lies inside its own quadrant
+            assert (xs // 32 == o.quadrant % 2).all() and (ys // 32 == o.quadrant // 2).all()
+
+
+def test_vqa_objects_have_pretraining_size(vqa_test):
+    """At 64×64 a VQA object covers as many pixels as the single objects the towers were pretrained on
+    (radius 6–13 at 32×32); the first release's 32×32 scenes drew them 2–4 times smaller."""
+    pre = create_dataset("synth-pretrain", "test", n_per_class=1)
+    area = lambda ds: np.array([m.sum() for m, sc in zip(S.render(ds.scenes, return_masks=True)[1], ds.scenes)
+                                for m in m[:len(sc.objects)]])
+    a_pre, a64 = area(pre), area(vqa_test)
+    a32 = area(create_dataset("synth-vqa", "test", n_per_task=60, image_size=32))
+    radii = np.array([o.radius for sc in vqa_test.scenes for o in sc.objects])
+    assert radii.min() >= S.SINGLE_RADIUS[0] and radii.max() <= S.SINGLE_RADIUS[1]
+    assert 0.6 < np.median(a64) / np.median(a_pre) < 1.6, (np.median(a64), np.median(a_pre))
+    assert np.median(a32) < 0.5 * np.median(a_pre)
+    sizes = {sz: np.array([o.radius for sc in vqa_test.scenes for o in sc.objects if o.size == sz])
+             for sz in S.SIZES}
+    assert sizes["small"].max() < sizes["large"].min()      # a gap: the size answer is visible
+
+
+def test_vqa_image_size_32_is_the_first_release():
+    """``image_size=32`` draws the first release's scenes: its bytes are pinned here."""
+    import hashlib
+    ds = create_dataset("synth-vqa", "test", n_per_task=50, image_size=32)
+    assert ds.data.shape == (300, 32, 32, 3)
+    assert hashlib.sha256(ds.data.tobytes()).hexdigest().startswith("f5d55be6e3f81242")
+    with pytest.raises(ValueError, match="image_size"):
+        create_dataset("synth-vqa", "test", n_per_task=1, image_size=48)
+
+
+def test_vqa_scene_split_mixes_families_and_keeps_to_its_scene():
+    ds = create_dataset("synth-vqa", "test", n_per_task=36, task_split="scene")
+    assert ds.task_split == "scene" and len(ds.task_names) == 6
+    assert np.bincount(ds.task_ids).tolist() == [36] * 6
+    _check_questions(ds)
+    images, masks = S.render(ds.scenes, return_masks=True)
+    templates = {t: set() for t in range(6)}
+    words = set(S.COLOURS) | set(S.SHAPES) | set(S.SHAPE_PLURALS.values()) | set(S.POSITIONS)
+    for i, t in enumerate(ds.task_ids):
+        background, group = S.SCENE_TASKS[t]
+        sc = ds.scene(i)
+        assert sc.background == background and {o.shape for o in sc.objects} <= set(group)
+        lum = images[i][masks[i].sum(0) < 0.01].mean() / 255
+        assert (lum < 0.45) if background == "dark" else (lum > 0.55)
+        # questions about absent objects name only the task's shapes
+        named = {w for w in ds.questions[i].split() if w in S.SHAPES} | \
+            {s for s in S.SHAPES if S.SHAPE_PLURALS[s] in ds.questions[i].split()}
+        assert named <= set(group), (ds.questions[i], group)
+        templates[t].add(" ".join("_" if w in words else w for w in ds.questions[i].split()))
+    # every family in every task, equally often
+    for t in range(6):
+        fams = [ds.families[i] for i in range(len(ds)) if ds.task_ids[i] == t]
+        assert np.bincount(fams, minlength=6).tolist() == [6] * 6
+    # the question templates are shared between tasks (under task_split="family" they never are)
+    shared = set.intersection(*templates.values())
+    assert len(shared) >= 5, shared
+    fam = create_dataset("synth-vqa", "test", n_per_task=36)
+    by_task = [{" ".join("_" if w in words else w for w in fam.questions[i].split())
+                for i in range(len(fam)) if fam.task_ids[i] == t} for t in range(6)]
+    assert all(not by_task[a] & by_task[b] for a in range(6) for b in range(a + 1, 6))
+    with pytest.raises(ValueError, match="task_split"):
+        create_dataset("synth-vqa", "test", n_per_task=1, task_split="shape")
+
+
+def test_vqa_pretrain_uses_only_pretraining_classes_and_its_own_scenes():
+    ds = create_dataset("synth-vqa-pretrain", "test", n=180)
+    assert ds.name == "synth-vqa-pretrain" and ds.classes == list(S.VQA_ANSWERS)
+    assert set(ds.task_ids) == {0} and ds.task_names == ["synth-vqa-pretrain"]
+    assert ds.data.shape == (180, 64, 64, 3)
+    assert np.bincount(ds.families).tolist() == [30] * 6
+    _check_questions(ds)
+    pre = {k.name for k in S.pretrain_classes()}
+    shapes = {k.name for k in S.shapes_classes()}
+    objs = [o for sc in ds.scenes for o in sc.objects]
+    names = {f"{o.colour} {o.texture} {o.shape}" for o in objs}
+    assert names <= pre and not names & shapes
+    assert len(names) > 60                                 # and it covers most of them
+    # never one of synth-vqa's scenes (either split), never one of its own train scenes
+    train = create_dataset("synth-vqa-pretrain", "train", n=60)
+    own = {x.tobytes() for x in ds.data}
+    for other in (train, create_dataset("synth-vqa", "train", n_per_task=10),
+                  create_dataset("synth-vqa", "test", n_per_task=10)):
+        assert not any(x.tobytes() in own for x in other.data)
+    # a mutant that ignored the pretraining textures would show synth-shapes classes here
+    anyway = S.multi_object_scene(np.random.default_rng(0), 4, (0,), image_size=64, textures=S.pretrain_textures)
+    assert all(sum(S.SynthClass(o.shape, o.colour, o.texture).ids) % 2 == 0 for o in anyway.objects)
 
 
 def test_text_vocabulary_covers_captions_and_questions(shapes_test, vqa_test):
@@ -266,7 +366,7 @@ def test_digits_real_data():
 
 
 def test_registry_names_and_errors():
-    assert {"synth-pretrain", "synth-shapes", "synth-vqa", "digits"} <= set(list_datasets())
+    assert {"synth-pretrain", "synth-shapes", "synth-vqa", "synth-vqa-pretrain", "digits"} <= set(list_datasets())
     with pytest.raises(ValueError, match="synth-shapes"):
         create_dataset("synth-shape")
     with pytest.raises(ValueError, match="split"):

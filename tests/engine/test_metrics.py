@@ -61,6 +61,35 @@ def test_sample_weighted_differs_from_final_accuracy_with_unequal_task_sizes():
     assert sample_weighted_accuracy([90, 10], [100, 100]) == pytest.approx(final_accuracy(acc))
 
 
+def test_sample_weighted_curve_over_seen_tasks_with_unequal_sizes():
+    """After each task, credit over every test sample of the seen tasks (CluMo's "total avg accuracy"),
+    against a float64 reference written out cell by cell; it differs from A_j when sizes differ."""
+    from clfast.engine.metrics import sample_weighted_curve
+    m = AccuracyMatrix()
+    cells = {(0, 0): (18, 20), (0, 1): (12, 20), (1, 1): (150, 300), (0, 2): (10, 20), (1, 2): (120, 300),
+             (2, 2): (4.5, 5)}                        # soft credit (VQA accuracy) may be fractional
+    for (i, j), (c, n) in cells.items():
+        m.update(i, j, c, n)
+    curve = m.sample_weighted_curve()
+    ref = [100 * 18 / 20, 100 * (12 + 150) / (20 + 300), 100 * (10 + 120 + 4.5) / (20 + 300 + 5)]
+    np.testing.assert_allclose(curve, ref, rtol=0, atol=1e-12)
+    assert curve[-1] == pytest.approx(m.summary()["sample_weighted_accuracy"])
+    a_j = accuracy_curve(m.matrix())
+    assert a_j[1] == pytest.approx((60 + 50) / 2) and abs(curve[1] - a_j[1]) > 4   # 50.6 vs 55.0
+    assert m.test_sizes() == [20, 300, 5]
+    np.testing.assert_allclose(sample_weighted_curve(*m.counts()), ref)
+    joint = AccuracyMatrix(joint=True)
+    joint.update(0, 0, 1, 4)
+    joint.update(1, 0, 6, 6)
+    np.testing.assert_allclose(joint.sample_weighted_curve(), [70.0])
+    with pytest.raises(ValueError, match="same shape"):
+        sample_weighted_curve(np.ones((2, 2)), np.ones((2, 1)))
+    with pytest.raises(ValueError, match="total must be > 0"):
+        sample_weighted_curve([[1, 1], [0, 1]], [[2, 2], [0, 0]])
+    with pytest.raises(ValueError, match="empty"):
+        AccuracyMatrix().sample_weighted_curve()
+
+
 def test_accuracy_matrix_counts_per_sample_not_per_batch():
     m = AccuracyMatrix()
     # task 0 after task 0 evaluated in two batches of different size: 10/10 and 0/30
