@@ -274,9 +274,9 @@ class CluMo(Method):
         return out
 
     def transform_args(self) -> dict:
-        """The whole image (``RandomResizedCrop`` at scale (1, 1), the eval resize at ``crop_pct`` 1): crops cut
-        objects out of position questions. No flip unless ``hflip`` (the code's; it swaps left and right)."""
-        return {"scale": (1.0, 1.0), "hflip": 0.5 if self.cfg.hflip else 0.0, "crop_pct": 1.0}
+        """The whole image resized to the towers' size in training and test (``crop: none``; crops cut objects out
+        of position questions), no flip unless ``hflip`` (the code's; a flip swaps left and right answers)."""
+        return {"crop": "none", "hflip": 0.5 if self.cfg.hflip else 0.0}
 
     def compile_for_training(self, **options) -> None:
         self.vlm.fusion.compile(**options)

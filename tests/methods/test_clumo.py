@@ -40,7 +40,7 @@ def base_vlm():
 @pytest.fixture(scope="module")
 def data(base_vlm):
     """Per task, two batches of 6 questions (train split) as the engine builds them: tokens, soft targets."""
-    ds = create_dataset("synth-vqa", "train", n_per_task=12)
+    ds = create_dataset("synth-vqa", "train", n_per_task=12, image_size=32)     # clip_tiny_synth's input size
     out = []
     for t in range(T):
         idx = [i for i in range(len(ds)) if ds.task_ids[i] == t]

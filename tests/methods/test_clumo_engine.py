@@ -19,7 +19,7 @@ from clfast.utils.files import sha256_file
 
 # synth-vqa at 4 questions per family: 6 tasks of 4 training and 4 test questions; batch 2 -> 2 steps per task
 TINY = ["dataset_args.n_per_task=4", "epochs=1", "batch_size=2", "eval_batch_size=64", "quiet=true", "threads=1",
-        "amp=none"]
+        "amp=none", "method_args.image_size=null"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,6 +110,18 @@ def test_loading_the_checkpoint_leaves_grad_only_on_pools_and_head(warm, tmp_pat
     t2.method.begin_stage(None, t2.context(0))
     assert {n for n, p in t2.method.named_parameters() if p.requires_grad} == \
         {f"backbone.head.{n}" for n, _ in m.vlm.head.named_parameters()}
+
+
+def test_the_transform_keeps_the_whole_image_and_flips_only_on_request(warm, tmp_path):
+    image = torch.rand(3, 64, 64)
+    for flip in (False, True):
+        t = Trainer(cfg(warm, [f"method_args.hflip={str(flip).lower()}"]), out=str(tmp_path / str(flip)))
+        tf = t.data.train_tf
+        assert tf.crop == "none" and tf.deterministic is (not flip)
+        if not flip:    # the whole image, resized to the towers' 32 px, in training as at test
+            whole = torch.nn.functional.interpolate(image[None], size=(32, 32), mode="bicubic", antialias=True)[0]
+            torch.testing.assert_close(tf(image), whole.clamp(0, 1), rtol=0, atol=1e-5)
+            torch.testing.assert_close(t.data.eval_tf(image), tf(image), rtol=0, atol=0)
 
 
 def test_the_checkpoint_is_required(tmp_path):
