@@ -288,4 +288,6 @@ class CluMo(Method):
                 "key_pooling": cfg.key_pooling, "farthest_assignment": cfg.farthest_assignment,
                 "train_prompts": cfg.train_prompts, "hflip": cfg.hflip, "answer_mode": cfg.answer_mode,
                 "kd_weight": cfg.kd_weight, "keys_fitted": int(self.pool.fitted.sum()),
-                "prompt_weight_decay": False}
+                "prompt_weight_decay": False, "unfair_evaluation": cfg.task_aware_test,
+                "unfair_evaluation_reasons": {"task_aware_test": "each test sample uses its true task's pool "
+                                              "(oracle task identity, the released code)"} if cfg.task_aware_test else {}}

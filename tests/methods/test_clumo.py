@@ -200,6 +200,7 @@ def test_task_aware_test_uses_the_given_task(base_vlm, data):
         logits = m.predict(batch, ctx_for(T - 1))
         s = m.score(batch, logits, ctx_for(T - 1))
     assert s["task_acc"].tolist() == [1.0] * 18
+    assert m.record()["unfair_evaluation"] is True and make(base_vlm).record()["unfair_evaluation"] is False
     hv, ht = independent_features(base_vlm, batch, "mean")
     ref = select_prompts(hv.float(), ht.float(), m.pool.keys_v, m.pool.keys_t, task=batch["task"])
     with torch.no_grad():

@@ -160,6 +160,8 @@ def test_paper_presets_warm_up_in_stairs_then_stay_constant(warm, tmp_path):
         want = min(3e-4, 1e-5 + (3e-4 - 1e-5) * (pos // 100) / 4)
         assert lr[pos] == pytest.approx(want, rel=1e-9, abs=1e-15), pos
     assert lr[0] == pytest.approx(1e-5) and lr[399] == pytest.approx(1e-5 + 2.9e-4 * 3 / 4) and lr[400] == 3e-4
+    for dataset in ("clove-scene", "clove-function"):      # each CLOVE dataset's own preset is the default
+        assert load_config("clumo", dataset).preset == dataset.replace("-", "_")
     for name in ("clove_scene", "clove_function"):
         c = load_config("clumo", "synth-vqa", name)
         assert c.batch_size == 8 and c.seed == 42 and c.epochs == 1 and c.schedule.name == "warmup_constant"
