@@ -113,6 +113,19 @@ def test_stage1_keys_and_shapes(base_vlm, data):
     assert torch.equal(m.pool.keys_v[1], kept)
 
 
+def test_farthest_assignment_option_runs_the_codes_lloyd_steps(base_vlm, data):
+    from clfast.utils.seeding import derive_seed
+
+    m = make(base_vlm, farthest_assignment=True, kmeans_iters=7, lloyd_batch=5)
+    m.begin_task(ctx_for(2, data))
+    feats = [independent_features(base_vlm, b) for b in data[2]]
+    hv, ht = torch.cat([f[0] for f in feats]).float(), torch.cat([f[1] for f in feats]).float()
+    for got, x, tag in ((m.pool.keys_v[2], hv, "v"), (m.pool.keys_t[2], ht, "t")):
+        want = fit_keys(x, 3, seed=derive_seed(3, f"clumo-keys-{tag}", 2), farthest=True, n_iter=7, batch_size=5)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert not torch.allclose(got, fit_keys(x, 3, seed=derive_seed(3, f"clumo-keys-{tag}", 2)), atol=1e-3)
+
+
 def test_keys_are_invariant_to_padding_length(base_vlm, data):
     m1, m2 = make(base_vlm), make(base_vlm)
     m1.begin_task(ctx_for(0, data))
