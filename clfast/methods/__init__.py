@@ -3,7 +3,9 @@
 ``create_method(name, backbone, num_classes, num_tasks, **cfg)`` builds one; ``list_methods()`` names
 them. Baselines: ``linear`` (frozen backbone + growing head), ``l2p``, ``dualprompt``, ``coda_prompt``;
 the bounds of every table: ``finetune`` (the backbone trained too, nothing against forgetting) and
-``joint`` (any method, ``base=``, trained on every task's data as one task).
+``joint`` (any method, ``base=``, trained on every task's data as one task). For VQA: ``vlm_finetune`` (the
+VLM's fusion encoder and head trained, towers frozen: the warm-up of CluMo/ATLAS, and with ``task_heads`` the
+frozen-VLM per-task-head baseline).
 """
 
 from .base import (EvalProtocol, FrozenRows, Method, MethodConfig, OptimConfig, ScheduleConfig, Stage, StepOutput, TaskContext,

@@ -506,3 +506,14 @@ def test_errors(tiny, vlm):
         vlm.encode(images(2), tok(QUESTIONS))
     with pytest.raises(ValueError, match=r"h must have shape \(B,192\)"):
         vlm.head(torch.randn(2, 10))
+
+
+def test_bf16_autocast_runs_the_prefixed_vlm_close_to_fp32(vlm):
+    tok = vlm.tokenizer(QUESTIONS)
+    pi = 0.02 * torch.randn(3, 4, vlm.width, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = vlm(images(3), tok, prefix=pi)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = vlm(images(3), tok, prefix=pi)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=0.1 * float(want.abs().max()))

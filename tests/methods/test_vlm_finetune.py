@@ -188,3 +188,19 @@ def test_presets_build(tmp_path):
     assert (c.batch_size, c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay) == (8, "adamw", 3e-4, 0.02)
     with pytest.raises(ValueError, match="answer_mode"):
         load_config("vlm_finetune", "synth-vqa", "fast", ["method_args.answer_mode=generate"]).method_config()
+
+
+@pytest.mark.slow
+def test_resume_inside_the_run_is_exact(trained, tmp_path):
+    from clfast.engine import Interrupted
+    from clfast.engine.metrics import read_acc_csv
+
+    full = trained[1]
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        Trainer(cfg(["stop_after_steps=3"]), out=str(cut)).fit()
+    Trainer.resume(str(cut)).fit()
+    a, b = state(full)["method_state"], state(cut)["method_state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.testing.assert_close(torch.tensor(read_acc_csv(full / "acc_matrix.csv")),
+                               torch.tensor(read_acc_csv(cut / "acc_matrix.csv")), rtol=0, atol=0, equal_nan=True)
