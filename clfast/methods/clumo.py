@@ -9,8 +9,8 @@ Continual VQA on the clfast VLM (frozen open_clip towers + fusion encoder + answ
               steps of 32 samples to the farthest key, from U(−1, 1))
     train     per sample i = argmax cos(h^v, K^v_τ), j' = argmax cos(h^t, K^t_τ), idx = 3·j' + i,
               Π = [G_τ ; P_τ[idx]] (20 × D_f) as the prefix of every fusion layer's cross-attention memory;
-              L = soft-target CE over the answers + λ_kd·[t > 0]·mean (z − z_prev)², z_prev from the head as it was
-              at the end of the previous task, on the same fused state
+              L = soft-target CE over the answers + λ_kd·[t > 0]·mean (z − z_prev)², z_prev from the head as it
+              was at the end of the previous task, on the same fused state
     test      τ̂ = argmax_τ max_i cos(h^v, K^v_τ,i) + max_j cos(h^t, K^t_τ,j) over the seen tasks, per sample
               (``task_aware_test``: the given task, as the code), then the same selection inside τ̂
 
@@ -102,10 +102,10 @@ class CluMo(Method):
 
         cfg = run_cfg.method_config()
         if not cfg.vlm_checkpoint:
-            raise ValueError("clumo: method_args.vlm_checkpoint is required: a vlm_finetune run directory or checkpoint "
-                             "file whose fusion encoder and answer head were trained on VQA data disjoint from the "
-                             "continual tasks (e.g. `clfast train --method vlm_finetune --dataset vqav2`, or "
-                             "synth-vqa-pretrain for synth-vqa)")
+            raise ValueError("clumo: method_args.vlm_checkpoint is required: a vlm_finetune run directory or "
+                             "checkpoint file whose fusion encoder and answer head were trained on VQA data disjoint "
+                             "from the continual tasks (e.g. `clfast train --method vlm_finetune --dataset vqav2`, "
+                             "or synth-vqa-pretrain for synth-vqa)")
         return create_vlm(cfg.clip_model, pretrained=cfg.clip_pretrained, checkpoint_path=cfg.clip_checkpoint,
                           depth=cfg.fusion_depth, width=cfg.fusion_width, heads=cfg.fusion_heads,
                           mlp_ratio=cfg.mlp_ratio, image_size=cfg.image_size, answer_mode=cfg.answer_mode)
@@ -289,5 +289,5 @@ class CluMo(Method):
                 "train_prompts": cfg.train_prompts, "hflip": cfg.hflip, "answer_mode": cfg.answer_mode,
                 "kd_weight": cfg.kd_weight, "keys_fitted": int(self.pool.fitted.sum()),
                 "prompt_weight_decay": False, "unfair_evaluation": cfg.task_aware_test,
-                "unfair_evaluation_reasons": {"task_aware_test": "each test sample uses its true task's pool "
-                                              "(oracle task identity, the released code)"} if cfg.task_aware_test else {}}
+                "unfair_evaluation_reasons": {"task_aware_test": "each test sample uses its true task's pool (oracle "
+                                              "task identity, the released code)"} if cfg.task_aware_test else {}}

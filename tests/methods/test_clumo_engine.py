@@ -100,7 +100,8 @@ def test_loading_the_checkpoint_leaves_grad_only_on_pools_and_head(warm, tmp_pat
     m = t.method
     m.begin_stage(None, t.context(0))
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable == {"pool.prompts", "pool.general"} | {f"backbone.head.{n}" for n, _ in m.vlm.head.named_parameters()}
+    head = {f"backbone.head.{n}" for n, _ in m.vlm.head.named_parameters()}
+    assert trainable == {"pool.prompts", "pool.general"} | head
     src = torch.load(latest_task_checkpoint(str(warm)), weights_only=True)["method_state"]
     own = m.state_dict()
     for k, v in src.items():
@@ -108,8 +109,7 @@ def test_loading_the_checkpoint_leaves_grad_only_on_pools_and_head(warm, tmp_pat
             assert torch.equal(own[k], v), k
     t2 = Trainer(cfg(warm, ["method_args.train_prompts=false"]), out=str(tmp_path / "r2"))
     t2.method.begin_stage(None, t2.context(0))
-    assert {n for n, p in t2.method.named_parameters() if p.requires_grad} == \
-        {f"backbone.head.{n}" for n, _ in m.vlm.head.named_parameters()}
+    assert {n for n, p in t2.method.named_parameters() if p.requires_grad} == head
 
 
 def test_the_transform_keeps_the_whole_image_and_flips_only_on_request(warm, tmp_path):
@@ -156,7 +156,7 @@ def test_paper_presets_warm_up_in_stairs_then_stay_constant(warm, tmp_path):
     s = t._stage_settings(stage)
     assert s["optim"].name == "adamw" and s["optim"].lr == 3e-4 and s["optim"].weight_decay == 0.02
     lr = [3e-4 * t._lr_factor(stage, s, pos, 1000) for pos in range(1000)]
-    for pos in range(1000):    # ALBEF's warmup_lr_schedule(step = pos // 100 over 4 steps), stepped every 100 iterations
+    for pos in range(1000):    # ALBEF's warmup_lr_schedule(step = pos // 100 of 4), stepped every 100 iterations
         want = min(3e-4, 1e-5 + (3e-4 - 1e-5) * (pos // 100) / 4)
         assert lr[pos] == pytest.approx(want, rel=1e-9, abs=1e-15), pos
     assert lr[0] == pytest.approx(1e-5) and lr[399] == pytest.approx(1e-5 + 2.9e-4 * 3 / 4) and lr[400] == 3e-4
