@@ -582,7 +582,7 @@ def register_method(name: str):
 # the methods that ship with clfast, imported (registered) on the first registry lookup, so that
 # importing the config or the method API does not load the ops and their kernels
 _BUILTIN = ("linear", "l2p", "dualprompt", "coda_prompt", "gpls", "convprompt", "finetune", "joint", "star_prompt",
-            "vlm_finetune")
+            "vlm_finetune", "clumo")
 
 
 def _load_builtin() -> None:
