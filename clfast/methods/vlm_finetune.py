@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..backbones.vlm import ANSWER_MODES, VLM, AnswerHead, create_vlm, load_vlm_checkpoint
 from .base import Method, MethodConfig, Stage, StepOutput, TaskContext, register_method
+from .vqa_losses import soft_target_ce
 
 
 @dataclass
@@ -58,12 +59,6 @@ class VLMFinetuneConfig(MethodConfig):
                 raise ValueError(f"{key} must be a positive int or null, got {v!r}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-
-
-def soft_cross_entropy(logits: Tensor, scores: Tensor) -> Tensor:
-    """``-(1/B) Σ_b Σ_a w_{b,a} log softmax(z_b)_a`` for logits ``(B, A)`` and soft targets ``w`` ``(B, A)``
-    (methods/clumo.md §3); computed in float32."""
-    return -(scores.float() * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
 @register_method("vlm_finetune")
@@ -147,7 +142,7 @@ class VLMFinetune(Method):
 
     def training_step(self, batch: dict, ctx: TaskContext) -> StepOutput:
         head = self.task_heads[ctx.task] if self.cfg.task_heads else self.vlm.head
-        loss = soft_cross_entropy(head(self.fused(batch)), batch["answer_scores"])
+        loss = soft_target_ce(head(self.fused(batch)), batch["answer_scores"])
         return StepOutput(loss, {"vqa_ce": loss.detach()})
 
     def predict(self, batch: dict, ctx: TaskContext) -> Tensor:

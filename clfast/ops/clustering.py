@@ -24,7 +24,8 @@ def kmeans(x: Tensor, n_clusters: int, n_iter: int = 25, seed: int = 1993, *, n_
         x: ``(N, D)`` points, any float dtype (clustered in float32).
         n_clusters: K, ``1 <= K <= N``.
         n_iter: Lloyd iterations per run.
-        seed: FAISS's random seed (initial centroids, subsampling).
+        seed: the random seed (initial centroids, subsampling): any int; FAISS takes a 32-bit one, so
+            ``seed mod 2³¹`` is passed (seeds from :func:`clfast.utils.seeding.derive_seed` are 64-bit).
         n_redo: runs; the one with the lowest objective is kept (STAR-Prompt: 50).
         spherical: normalise the centroids after each step (cosine k-means).
         max_points_per_centroid: FAISS subsamples to K·this points (its default, 256) when given more.
@@ -49,7 +50,7 @@ def kmeans(x: Tensor, n_clusters: int, n_iter: int = 25, seed: int = 1993, *, n_
     import faiss
 
     pts = x.detach().to("cpu", torch.float32).contiguous()
-    kw = dict(niter=n_iter, seed=seed, nredo=n_redo, spherical=spherical, verbose=False)
+    kw = dict(niter=n_iter, seed=seed % 2**31, nredo=n_redo, spherical=spherical, verbose=False)
     if max_points_per_centroid is not None:
         kw["max_points_per_centroid"] = max_points_per_centroid
     if min_points_per_centroid is not None:

@@ -15,7 +15,7 @@ from clfast.backbones import create_vlm, load_vlm_checkpoint
 from clfast.cli import main
 from clfast.data.synth import VQA_ANSWERS
 from clfast.engine import Trainer, load_config
-from clfast.methods.vlm_finetune import soft_cross_entropy
+from clfast.methods.vqa_losses import soft_target_ce as soft_cross_entropy
 from clfast.utils.checkpoint_file import DamagedCheckpointError, latest_task_checkpoint
 from clfast.utils.files import sha256_file
 

@@ -171,6 +171,8 @@ def test_kmeans_is_deterministic_for_a_seed_and_assigns_the_nearest_centroid():
     assert all(len(set(a1[torch.arange(600) % 5 == b].tolist())) == 1 for b in range(5))
     c3, _ = kmeans(x, 5, n_iter=20, seed=4)
     assert not torch.equal(c3, kmeans(x, 5, n_iter=20, seed=3)[0])  # the seed matters
+    # a 64-bit seed (derive_seed's) is taken mod 2**31 (FAISS's seed is an int32): no OverflowError
+    assert torch.equal(kmeans(x, 5, n_iter=20, seed=2**40 + 4)[0], c3)
 
 
 def test_kmeans_spherical_and_bad_input():
