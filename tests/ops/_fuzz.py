@@ -11,6 +11,7 @@ for ``make fuzz``) times the test's weight, see :func:`budget`.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -197,10 +198,14 @@ def assert_unchanged(snap) -> None:
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, atol: float, what: str, *, same_nan: bool = True,
-                 peer: torch.Tensor | None = None) -> None:
+                 peer: torch.Tensor | None = None, terms: float | None = None) -> None:
     """``got`` equals the float64 ``ref`` within ``atol`` times ``max(1, max |ref|)`` (over its finite entries),
     has the same shape, and is non-finite exactly where ``ref`` is: NaN where it is NaN (``same_nan``), the same
     infinity where it is infinite.
+
+    ``terms``: for a result that is a sum, the largest sum of its terms' magnitudes (float64): the scale is then at
+    least that, the bound of any floating-point summation order (a cancelling sum of large terms is only as exact as
+    its terms).
 
     ``peer``: below float64, the same result computed by stock PyTorch at that dtype (the reference run in it). The
     bar is then STYLE.md §8: within ``atol``, or within twice the peer's error (plus a small slack at 16 bits). A
@@ -222,7 +227,7 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, atol: float, what: str, *
         inf = torch.isinf(rounded) & kept
         assert torch.equal(got[inf], rounded[inf]), f"{what}: infinities of the other sign"
     if fin.any():
-        scale = magnitude(ref[fin])
+        scale = magnitude(ref[fin]) if terms is None or not math.isfinite(terms) else max(magnitude(ref[fin]), terms)
         err = (got[fin] - ref[fin]).abs().max().item()
         bound = atol * scale
         if peer is not None:

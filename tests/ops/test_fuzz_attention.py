@@ -111,6 +111,38 @@ def flash_rounded_grads64(tensors, kv_mask, scale, dout, dtype, out):
     return [grads[n] for n, t in zip(NAMES, tensors) if t is not None]
 
 
+def gradient_terms64(tensors, kv_mask, scale, dout):
+    """For each gradient of the reference, the largest sum of its terms' magnitudes in float64 (``dQ = s·dS K``:
+    ``s·|dS| |K|``; ``dK = s·dSᵀ Q``: ``s·|dS|ᵀ |Q|``; ``dV = Pᵀ dO``: ``Pᵀ |dO|``; a shared prefix summed over the
+    batch): the scale below which no summation order is exact (``dS`` sums to zero over keys, so a gradient can be
+    a small difference of large terms)."""
+    q, k, v, pk, pv = (None if t is None else t.detach().double() for t in tensors)
+    B, H, Nq, d = q.shape
+    s = abs(scale) if scale is not None else d ** -0.5
+    P = 0 if pk is None else pk.shape[-2]
+    full = lambda t: t if t.dim() == 4 else t.expand(B, -1, -1, -1)
+    kc = k if pk is None else torch.cat([full(pk), k], 2)
+    vc = v if pv is None else torch.cat([full(pv), v], 2)
+    keep = torch.ones(B, kc.shape[2], dtype=torch.bool)
+    if kv_mask is not None:
+        keep[:, P:] = kv_mask
+    keep = keep[:, None, :, None]
+    kc, vc = kc.masked_fill(~keep, 0.0), vc.masked_fill(~keep, 0.0)
+    scores = (q @ kc.transpose(-1, -2) * (scale if scale is not None else s)).masked_fill(
+        ~keep.transpose(-1, -2), float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)
+    do = dout.double()
+    dp = do @ vc.transpose(-1, -2)
+    ads = probs * (dp.abs() + (probs * dp).sum(-1, keepdim=True).abs())     # |dS| bounded term by term
+    terms = {"q": s * ads @ kc.abs(), "k": s * ads.transpose(-1, -2) @ q.abs(),
+             "v": probs.transpose(-1, -2) @ do.abs()}
+    fold = lambda g, like: g if like.dim() == 4 else g.sum(0)
+    out = {"q": terms["q"], "k": terms["k"][:, :, P:], "v": terms["v"][:, :, P:]}
+    if pk is not None:
+        out.update(prefix_k=fold(terms["k"][:, :, :P], pk), prefix_v=fold(terms["v"][:, :, :P], pv))
+    return [float(out[n].max()) if out[n].numel() else 0.0 for n, t in zip(NAMES, tensors) if t is not None]
+
+
 def _t(*rows):
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -133,6 +165,7 @@ def test_every_backend_matches_the_float64_reference(case):
     g = torch.Generator().manual_seed(1)
     dout = torch.randn(tensors[0].shape, generator=g, dtype=torch.float64).to(dtype)
     ref, ref_grads = reference64(tensors, kv_mask, scale, dout)
+    terms = gradient_terms64(tensors, kv_mask, scale, dout)   # the gradients are sums: their terms' scale
     # Below float64 the reference backend is stock PyTorch at that dtype: its errors are the peer's (STYLE.md §8).
     peer = [None] * 6
     for name in names:
@@ -148,9 +181,10 @@ def test_every_backend_matches_the_float64_reference(case):
         grad_peers = peer[1:]
         if name == "triton" and dtype in LOWP:   # its documented 16-bit roundings (make fuzz found dq 3-5 ulps off)
             grad_peers = flash_rounded_grads64(tensors, kv_mask, scale, dout, dtype, out)
-        for n, gr, r, p in zip([n for n, t in zip(NAMES, x) if t is not None], got[1:], ref_grads, grad_peers):
+        for n, gr, r, p, m in zip([n for n, t in zip(NAMES, x) if t is not None], got[1:], ref_grads, grad_peers,
+                                  terms):
             assert gr.dtype == dtype, (name, n)
-            assert_close(gr, r, cls.GRAD_ATOL[dtype], f"{name} d{n}", peer=p)
+            assert_close(gr, r, cls.GRAD_ATOL[dtype], f"{name} d{n}", peer=p, terms=m)
         assert_unchanged(snap)
 
 
