@@ -77,14 +77,12 @@ def reference64(tensors, kv_mask, scale, dout):
     return out.detach(), grads_of(out, x, dout.double())
 
 
-def flash_rounded_grads64(tensors, kv_mask, scale, dout, dtype, out):
-    """The float64 gradients with the roundings a flash-attention backward makes below float32, as the Triton kernels
-    do (kernels/prefix_attention.py, for the tensor cores): P rounded to ``dtype`` before ``dV = Pᵀ dO``, dS rounded
-    before ``dQ = dS K`` and ``dK = dSᵀ Q``, and ``delta = rowsum(dO ∘ O)`` from ``out``, the output the backend
-    stored (its forward rounds P before ``P V`` too). The error model of that backend's 16-bit gradients: its peer
-    (STYLE.md §8), the reference for the rest."""
+def _attention64(tensors, kv_mask, scale):
+    """The float64 pieces of the attention: (q, keys and values with the prefix in front and padding zeroed,
+    probabilities (a row with nothing to attend: zeros, as the reference), the scale, P, and a function giving each
+    present input's gradient from the query and the concatenated key/value gradients)."""
     q, k, v, pk, pv = (None if t is None else t.detach().double() for t in tensors)
-    B, H, Nq, d = q.shape
+    B, d = q.shape[0], q.shape[-1]
     s = scale if scale is not None else d ** -0.5
     P = 0 if pk is None else pk.shape[-2]
     full = lambda t: t if t.dim() == 4 else t.expand(B, -1, -1, -1)
@@ -96,19 +94,30 @@ def flash_rounded_grads64(tensors, kv_mask, scale, dout, dtype, out):
     keep = keep[:, None, :, None]
     kc, vc = kc.masked_fill(~keep, 0.0), vc.masked_fill(~keep, 0.0)
     scores = (q @ kc.transpose(-1, -2) * s).masked_fill(~keep.transpose(-1, -2), float("-inf"))
-    probs = scores.softmax(-1).nan_to_num(0.0)          # a row with nothing to attend: zeros, as the reference
+    probs = scores.softmax(-1).nan_to_num(0.0)
+
+    def split(dq, dkc, dvc):
+        fold = lambda g, like: g if like.dim() == 4 else g.sum(0)   # a shared prefix gets the sum over the batch
+        grads = {"q": dq, "k": dkc[:, :, P:], "v": dvc[:, :, P:]}
+        if pk is not None:
+            grads.update(prefix_k=fold(dkc[:, :, :P], pk), prefix_v=fold(dvc[:, :, :P], pv))
+        return [grads[n] for n, t in zip(NAMES, tensors) if t is not None]
+
+    return q, kc, vc, probs, s, split
+
+
+def flash_rounded_grads64(tensors, kv_mask, scale, dout, dtype, out):
+    """The float64 gradients with the roundings a flash-attention backward makes below float32, as the Triton kernels
+    do (kernels/prefix_attention.py, for the tensor cores): P rounded to ``dtype`` before ``dV = Pᵀ dO``, dS rounded
+    before ``dQ = dS K`` and ``dK = dSᵀ Q``, and ``delta = rowsum(dO ∘ O)`` from ``out``, the output the backend
+    stored (its forward rounds P before ``P V`` too). The error model of that backend's 16-bit gradients: its peer
+    (STYLE.md §8), the reference for the rest."""
+    q, kc, vc, probs, s, split = _attention64(tensors, kv_mask, scale)
     rnd = lambda t: t.to(dtype).double()
     do = dout.double()
     delta = (do * out.detach().double()).sum(-1, keepdim=True)
-    ds = probs * (do @ vc.transpose(-1, -2) - delta)
-    dq = s * rnd(ds) @ kc
-    dkc = s * rnd(ds).transpose(-1, -2) @ q
-    dvc = rnd(probs).transpose(-1, -2) @ do
-    fold = lambda g, like: g if like.dim() == 4 else g.sum(0)   # a shared prefix gets the sum over the batch
-    grads = {"q": dq, "k": dkc[:, :, P:], "v": dvc[:, :, P:]}
-    if pk is not None:
-        grads.update(prefix_k=fold(dkc[:, :, :P], pk), prefix_v=fold(dvc[:, :, :P], pv))
-    return [grads[n] for n, t in zip(NAMES, tensors) if t is not None]
+    ds = rnd(probs * (do @ vc.transpose(-1, -2) - delta))
+    return split(s * ds @ kc, s * ds.transpose(-1, -2) @ q, rnd(probs).transpose(-1, -2) @ do)
 
 
 def gradient_terms64(tensors, kv_mask, scale, dout):
@@ -116,31 +125,13 @@ def gradient_terms64(tensors, kv_mask, scale, dout):
     ``s·|dS| |K|``; ``dK = s·dSᵀ Q``: ``s·|dS|ᵀ |Q|``; ``dV = Pᵀ dO``: ``Pᵀ |dO|``; a shared prefix summed over the
     batch): the scale below which no summation order is exact (``dS`` sums to zero over keys, so a gradient can be
     a small difference of large terms)."""
-    q, k, v, pk, pv = (None if t is None else t.detach().double() for t in tensors)
-    B, H, Nq, d = q.shape
-    s = abs(scale) if scale is not None else d ** -0.5
-    P = 0 if pk is None else pk.shape[-2]
-    full = lambda t: t if t.dim() == 4 else t.expand(B, -1, -1, -1)
-    kc = k if pk is None else torch.cat([full(pk), k], 2)
-    vc = v if pv is None else torch.cat([full(pv), v], 2)
-    keep = torch.ones(B, kc.shape[2], dtype=torch.bool)
-    if kv_mask is not None:
-        keep[:, P:] = kv_mask
-    keep = keep[:, None, :, None]
-    kc, vc = kc.masked_fill(~keep, 0.0), vc.masked_fill(~keep, 0.0)
-    scores = (q @ kc.transpose(-1, -2) * (scale if scale is not None else s)).masked_fill(
-        ~keep.transpose(-1, -2), float("-inf"))
-    probs = scores.softmax(-1).nan_to_num(0.0)
+    q, kc, vc, probs, s, split = _attention64(tensors, kv_mask, scale)
     do = dout.double()
     dp = do @ vc.transpose(-1, -2)
     ads = probs * (dp.abs() + (probs * dp).sum(-1, keepdim=True).abs())     # |dS| bounded term by term
-    terms = {"q": s * ads @ kc.abs(), "k": s * ads.transpose(-1, -2) @ q.abs(),
-             "v": probs.transpose(-1, -2) @ do.abs()}
-    fold = lambda g, like: g if like.dim() == 4 else g.sum(0)
-    out = {"q": terms["q"], "k": terms["k"][:, :, P:], "v": terms["v"][:, :, P:]}
-    if pk is not None:
-        out.update(prefix_k=fold(terms["k"][:, :, :P], pk), prefix_v=fold(terms["v"][:, :, :P], pv))
-    return [float(out[n].max()) if out[n].numel() else 0.0 for n, t in zip(NAMES, tensors) if t is not None]
+    s = abs(s)
+    terms = split(s * ads @ kc.abs(), s * ads.transpose(-1, -2) @ q.abs(), probs.transpose(-1, -2) @ do.abs())
+    return [float(t.max()) if t.numel() else 0.0 for t in terms]
 
 
 def _t(*rows):
