@@ -20,7 +20,9 @@ MAHA_SHAPES = [(128, 10, 768), (128, 200, 768), (128, 1000, 768)]
 MAHA_QUICK = [(16, 10, 64), (128, 200, 768)]
 # (B, D): GPLS has one KL row per layer per step (B small); a batch of rows for the general case.
 KL_SHAPES = [(12, 768), (128, 768)]
-KL_QUICK = [(4, 64), (128, 768)]
+# quick: GPLS's own shape (12 rows of D 768); the 128-row case's torch.distributions peer was a third of the whole
+# `make bench-quick` (one MultivariateNormal per row)
+KL_QUICK = [(4, 64), (12, 768)]
 IMPLS = ["peer", "torch", "cpu", "triton"]
 
 
