@@ -552,7 +552,7 @@ class Trainer(Checkpointing, Evaluating):
         w = getattr(getattr(self.method, "backbone", None), "weights", None)
         tasks = (f"joint training: {len(sc.eval_tasks(0))} tasks as one" if sc.joint else f"{sc.num_tasks} tasks")
         self.log.info(f"clfast: {self.cfg.method} on {self.cfg.dataset} ({sc.kind}, {tasks}, "
-                      f"{sc.num_classes} classes), backbone {self.cfg.backbone}"
+                      f"{sc.num_classes} classes), backbone {getattr(w, 'name', None) or self.cfg.backbone}"
                       + (f" [{w.source}]" if w is not None else "")
                       + f", device {self.device}{f' × {self.world}' if self.world > 1 else ''}, amp {self.cfg.amp}, "
                       f"run dir {self.run_dir}")

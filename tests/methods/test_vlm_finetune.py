@@ -71,6 +71,8 @@ def test_cli_run_writes_the_vlm_into_its_checkpoint(run):
     assert "backbone.head.mlp.3.weight" in ms and "backbone.answer_digests" in ms and "backbone.config_json" in ms
     cfg_saved = json.loads(bytes(ms["backbone.config_json"].tolist()).decode())
     assert cfg_saved["num_answers"] == len(VQA_ANSWERS)
+    # the log names the backbone the method built (not the run's unused `backbone` key, vit_tiny_synth)
+    assert "backbone clip_tiny_synth [shipped]" in (run / "train.log").read_text()
 
 
 def test_checkpoint_loads_back_bitwise(run):
