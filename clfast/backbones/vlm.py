@@ -742,13 +742,20 @@ class VLM(nn.Module):
         self.towers.train(mode)   # keeps the CLIP in eval
         return self
 
-    def encode(self, images: Tensor, tokens: Tensor) -> Encoded:
-        """The frozen towers (no gradients): images ``(B, 3, H, W)`` in [0, 1], tokens ``(B, L)`` int64."""
+    def encode(self, images: Tensor, tokens: Tensor, *, image_tokens=None) -> Encoded:
+        """The frozen towers (no gradients): images ``(B, 3, H, W)`` in [0, 1], tokens ``(B, L)`` int64.
+
+        ``image_tokens``: a callable ``images -> (B, 1 + N, D_v)`` standing in for the image tower (e.g. a cache of
+        :meth:`CLIPTokenTowers.image_tokens`' results), or None to run the tower."""
         if images.shape[0] != tokens.shape[0]:
             raise ValueError(f"VLM.encode: images and tokens must have the same batch size, got {images.shape[0]} "
                              f"and {tokens.shape[0]}")
         text, mask, eot = self.towers.text_tokens(tokens)
-        return Encoded(self.towers.image_tokens(images), text, mask, eot)
+        img = self.towers.image_tokens(images) if image_tokens is None else image_tokens(images)
+        if tuple(img.shape[:1]) != tuple(images.shape[:1]) or img.dim() != 3:
+            raise ValueError(f"VLM.encode: image_tokens must give (B, 1 + N, D_v) with B = {images.shape[0]}, got "
+                             f"{tuple(img.shape)}")
+        return Encoded(img, text, mask, eot)
 
     def fuse(self, encoded: Encoded, prefix: Union[Tensor, Sequence[Optional[Tensor]], None] = None,
              site_fns: Optional[dict] = None, *, image_mask: Optional[Tensor] = None) -> Tensor:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import Method, MethodConfig, StepOutput, TaskContext, register_method
+from .common import QueryCache, check_cache_mb, eval_image_tokens
 from .cluster_prompts import KEY_POOLINGS, ClusterPromptPool, Selection, pooling_modes, stage1_keys
 from .vqa_losses import PreviousHead, head_distillation, soft_target_ce
 
@@ -65,6 +66,7 @@ class CluMoConfig(MethodConfig):
     train_prompts: bool = True               # false: the code's prompts, never registered, never trained
     task_aware_test: bool = False            # true: the ground-truth task's pool at test (the code)
     hflip: bool = False                      # the code's horizontal flip (a flip changes left/right answers)
+    image_token_cache_mb: int = 2048         # test items' image tokens kept for later evaluations (0: off)
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,6 +82,7 @@ class CluMoConfig(MethodConfig):
             raise ValueError(f"clumo: general_length must be an int >= 0, got {self.general_length!r}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"clumo: mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        check_cache_mb("clumo", self.image_token_cache_mb)
         if self.kd_weight < 0:
             raise ValueError(f"clumo: kd_weight must be >= 0, got {self.kd_weight!r}")
         for key in ("fusion_depth", "fusion_width", "fusion_heads", "image_size"):
@@ -138,6 +141,7 @@ class CluMo(Method):
                 self.freeze_rows(p, stop=lambda: self.current_task)
         self._set_trainable()
         self._last_eval: Optional[tuple] = None
+        self.token_cache = QueryCache(dtype=None, max_bytes=cfg.image_token_cache_mb << 20)
 
     @property
     def vlm(self):
@@ -235,7 +239,8 @@ class CluMo(Method):
 
     # evaluation ------------------------------------------------------------------------------------
     def predict(self, batch: dict, ctx: TaskContext) -> Tensor:
-        enc = self.vlm.encode(batch["image"], batch["question"])
+        enc = self.vlm.encode(batch["image"], batch["question"],
+                              image_tokens=eval_image_tokens(self.token_cache, self.vlm, batch, ctx))
         given = batch["task"].to(batch["image"].device).long() if self.cfg.task_aware_test else None
         sel = self.select(batch, ctx, given, enc)
         _, z = self.answer_logits(enc, sel)

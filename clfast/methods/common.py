@@ -77,30 +77,57 @@ class QueryCache:
     Rows are keyed by ``(split, index)`` (``batch["index"]``, the item's position in its split). The
     engine marks a context cacheable only when the split's transform is deterministic (evaluation, or
     training with augmentation off); otherwise every call computes. Not saved in checkpoints.
+
+    Args:
+        dtype: the stored dtype (features are cast to it; default float32), or None to keep what ``compute``
+            returns (the first call's dtype; a tensor of rows of any shape, e.g. a VLM's image tokens).
+        max_bytes: a budget for the stored rows of all splits together; rows past it are computed on every call
+            and not kept (``overflowed`` then counts the rows that were not kept). None: no budget.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: Optional[torch.dtype] = torch.float32, max_bytes: Optional[int] = None) -> None:
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ValueError(f"QueryCache: max_bytes must be an int >= 0 or None, got {max_bytes!r}")
+        self.dtype, self.max_bytes = dtype, max_bytes
+        self.overflowed = 0
         self._rows: dict[str, Tensor] = {}
         self._filled: dict[str, Tensor] = {}
 
     def clear(self) -> None:
         self._rows.clear()
         self._filled.clear()
+        self.overflowed = 0
 
-    def _grow(self, split: str, n: int, dim: int, device) -> None:
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored rows (allocated capacity) of every split."""
+        return sum(r.numel() * r.element_size() for r in self._rows.values())
+
+    def _grow(self, split: str, n: int, like: Tensor) -> bool:
+        """Make room for ``n`` rows shaped as ``like``'s (one row each); False when the budget does not allow it."""
         rows, filled = self._rows.get(split), self._filled.get(split)
-        if rows is not None and rows.shape[0] >= n and rows.shape[1] == dim and rows.device == device:
-            return
-        cap = max(n, 2 * (rows.shape[0] if rows is not None else 0), 256)
-        new_rows = torch.zeros(cap, dim, device=device)
-        new_filled = torch.zeros(cap, dtype=torch.bool, device=device)
-        if rows is not None and rows.shape[1] == dim:
-            new_rows[: rows.shape[0]] = rows.to(device)
-            new_filled[: filled.shape[0]] = filled.to(device)
+        shape, dev = tuple(like.shape[1:]), like.device
+        same = rows is not None and tuple(rows.shape[1:]) == shape and rows.dtype == like.dtype
+        if same and rows.shape[0] >= n and rows.device == dev:
+            return True
+        cap = max(n, 2 * (rows.shape[0] if same else 0), 256)
+        if self.max_bytes is not None:
+            row_bytes = like[:1].numel() * like.element_size() if like.shape[0] else like.element_size()
+            other = self.nbytes - (rows.numel() * rows.element_size() if rows is not None else 0)
+            fit = (self.max_bytes - other) // max(row_bytes, 1)
+            if fit < n:
+                return False
+            cap = min(cap, fit)
+        new_rows = torch.zeros((cap, *shape), dtype=like.dtype, device=dev)
+        new_filled = torch.zeros(cap, dtype=torch.bool, device=dev)
+        if same:
+            new_rows[: rows.shape[0]] = rows.to(dev)
+            new_filled[: filled.shape[0]] = filled.to(dev)
         self._rows[split], self._filled[split] = new_rows, new_filled
+        return True
 
     def __call__(self, split: str, index: Tensor, compute) -> Tensor:
-        """Rows for ``index`` (B,) int64; ``compute(mask) -> (n_missing, D)`` fills the missing ones."""
+        """Rows for ``index`` (B,) int64; ``compute(mask) -> (n_missing, ...)`` fills the missing ones."""
         index = index.long()
         rows, filled = self._rows.get(split), self._filled.get(split)
         if rows is not None and int(index.max()) < rows.shape[0]:
@@ -112,13 +139,42 @@ class QueryCache:
             hit = torch.zeros(index.shape[0], dtype=torch.bool)
         hit = hit.cpu()
         missing = ~hit
-        fresh = compute(missing).float()
-        self._grow(split, int(index.max()) + 1, fresh.shape[1], fresh.device)
+        fresh = compute(missing)
+        if self.dtype is not None:
+            fresh = fresh.to(self.dtype)
+        if not self._grow(split, int(index.max()) + 1, fresh):
+            self.overflowed += int(missing.sum())
+            out = fresh.new_empty((index.shape[0], *fresh.shape[1:]))
+            out[missing.to(out.device)] = fresh
+            if bool(hit.any()):
+                out[hit.to(out.device)] = rows[index[hit].to(rows.device)].to(out.device)
+            return out
         rows, filled = self._rows[split], self._filled[split]
         idx = index.to(rows.device)
         rows[idx[missing.to(rows.device)]] = fresh
         filled[idx[missing.to(rows.device)]] = True
         return rows[idx]
+
+
+def check_cache_mb(method: str, value) -> None:
+    """ValueError naming ``method`` unless ``image_token_cache_mb`` is an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{method}: image_token_cache_mb must be an int >= 0 (0: no cache), got {value!r}")
+
+
+def eval_image_tokens(cache: "QueryCache", vlm, batch: dict, ctx: TaskContext):
+    """``image_tokens`` for :meth:`~clfast.backbones.VLM.encode` at evaluation: the frozen image tower's tokens of
+    each item computed once per split and read from ``cache`` afterwards (a VQA test item is answered after every
+    later task too), or None (run the tower) in training, for a split whose transform is not deterministic, or
+    without ``batch["index"]``. The first evaluation computes whole batches, as without the cache, so a cached
+    evaluation gives the same results."""
+    if ctx.split == "train" or not getattr(ctx, "cacheable", False) or "index" not in batch:
+        return None
+    index = batch["index"]
+
+    def tokens(images: Tensor) -> Tensor:
+        return cache(ctx.split, index, lambda missing: vlm.towers.image_tokens(images[missing.to(images.device)]))
+    return tokens
 
 
 class FrozenQueryMethod(Method):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..backbones.vlm import ANSWER_MODES, VLM, AnswerHead, create_vlm, load_vlm_checkpoint
 from .base import Method, MethodConfig, Stage, StepOutput, TaskContext, register_method
+from .common import QueryCache, check_cache_mb, eval_image_tokens
 from .vqa_losses import soft_target_ce
 
 
@@ -48,6 +49,7 @@ class VLMFinetuneConfig(MethodConfig):
     vlm_checkpoint: Optional[str] = None    # start from this run's (or file's) trained fusion encoder and head
     task_heads: bool = False                # frozen fusion, one new head per task, each task tested with its own
     decay_1d: bool = False                  # weight decay on biases and LayerNorms too (default: not, as BERT)
+    image_token_cache_mb: int = 2048        # test items' image tokens kept for later evaluations (0: off)
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,6 +61,7 @@ class VLMFinetuneConfig(MethodConfig):
                 raise ValueError(f"{key} must be a positive int or null, got {v!r}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        check_cache_mb("vlm_finetune", self.image_token_cache_mb)
 
 
 @register_method("vlm_finetune")
@@ -93,6 +96,7 @@ class VLMFinetune(Method):
                 AnswerHead(backbone.width, num_classes, backbone.head.hidden, mode=mode,
                            answer_dim=dim if mode == "rank" else None) for _ in range(num_tasks))
         self.backbone.requires_grad_(False)
+        self.token_cache = QueryCache(dtype=None, max_bytes=cfg.image_token_cache_mb << 20)
 
     @property
     def vlm(self) -> VLM:
@@ -136,9 +140,10 @@ class VLMFinetune(Method):
             out += [{"params": flat, "weight_decay": 0.0, **rest}] if flat else []
         return out
 
-    def fused(self, batch: dict) -> Tensor:
-        """``(B, width)`` the fused state at each question's EOT."""
-        return self.vlm.fuse(self.vlm.encode(batch["image"], batch["question"]))
+    def fused(self, batch: dict, ctx: Optional[TaskContext] = None) -> Tensor:
+        """``(B, width)`` the fused state at each question's EOT (``ctx`` given: test image tokens cached)."""
+        tokens = None if ctx is None else eval_image_tokens(self.token_cache, self.vlm, batch, ctx)
+        return self.vlm.fuse(self.vlm.encode(batch["image"], batch["question"], image_tokens=tokens))
 
     def training_step(self, batch: dict, ctx: TaskContext) -> StepOutput:
         head = self.task_heads[ctx.task] if self.cfg.task_heads else self.vlm.head
@@ -146,7 +151,7 @@ class VLMFinetune(Method):
         return StepOutput(loss, {"vqa_ce": loss.detach()})
 
     def predict(self, batch: dict, ctx: TaskContext) -> Tensor:
-        h = self.fused(batch)
+        h = self.fused(batch, ctx)
         if not self.cfg.task_heads:
             return self.vlm.head(h)
         task = batch["task"]

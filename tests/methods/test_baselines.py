@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from clfast.backbones.vit import create_vit
-from clfast.methods import (TaskContext, build_config, create_method, freeze_rows, list_methods, masked_logits,
-                            method_class)
+from clfast.methods import (QueryCache, TaskContext, build_config, create_method, freeze_rows, list_methods,
+                            masked_logits, method_class)
 from clfast.ops import retrieve, use_backend
 
 BASELINES = ["linear", "l2p", "dualprompt", "coda_prompt"]
@@ -202,6 +202,32 @@ def test_query_cache_returns_the_computed_features(backbone):
         assert calls == [3]
     finally:
         del m.backbone.query
+
+
+def test_query_cache_keeps_row_shapes_and_dtype_within_its_budget():
+    rows = torch.randn(10, 3, 4).to(torch.bfloat16)
+    row_bytes = 3 * 4 * 2
+    calls = []
+
+    def get(cache, split, idx):
+        def compute(missing):
+            calls.append(int(missing.sum()))
+            return rows[idx[missing]]
+        return cache(split, idx, compute)
+
+    c = QueryCache(dtype=None, max_bytes=8 * row_bytes)          # room for 8 rows of all splits together
+    idx = torch.tensor([0, 2, 5])
+    out = get(c, "test", idx)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, rows[idx])
+    assert torch.equal(get(c, "test", idx[:2]), rows[idx[:2]]) and calls == [3]      # served, not computed
+    assert c.nbytes <= 8 * row_bytes and c.overflowed == 0
+    big = torch.tensor([9, 1])                                     # 10 rows: past the budget, computed, not kept
+    assert torch.equal(get(c, "test", big), rows[big]) and c.overflowed == 2 and calls == [3, 2]
+    assert torch.equal(get(c, "val", torch.tensor([1])), rows[[1]])   # "test" took the budget: not kept
+    assert c.nbytes <= 8 * row_bytes and c.overflowed == 3
+    assert torch.equal(get(c, "test", idx), rows[idx]) and calls == [3, 2, 1]
+    with pytest.raises(ValueError, match="max_bytes"):
+        QueryCache(max_bytes=-1)
 
 
 def test_l2p_selects_top_k_keys_per_sample(backbone):

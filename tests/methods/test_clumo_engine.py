@@ -170,3 +170,27 @@ def test_paper_presets_warm_up_in_stairs_then_stay_constant(warm, tmp_path):
         assert (m.n_image_keys, m.n_text_keys, m.prompt_length, m.general_length, m.kd_weight) == (3, 3, 10, 10, 1.0)
         assert (m.kmeans_samples, m.kmeans_iters, m.task_aware_test, m.hflip, m.train_prompts) == \
             (10000, 50, False, False, True)
+
+
+def test_test_image_tokens_are_computed_once_and_change_nothing(warm, full, tmp_path, monkeypatch):
+    """The image tower runs once per test question over the whole run (6 evaluations of a growing test set: 4 + 8
+    + ... + 24 = 84 images without the cache, 24 with it), training is untouched, and the results are bitwise
+    those of a run without the cache."""
+    from clfast.backbones.vlm import CLIPTokenTowers
+
+    seen = []
+    orig = CLIPTokenTowers.image_tokens
+
+    def counting(self, images, **kw):
+        seen.append(images.shape[0])
+        return orig(self, images, **kw)
+
+    monkeypatch.setattr(CLIPTokenTowers, "image_tokens", counting)
+    count = {}
+    for mb in (2048, 0):
+        seen.clear()
+        run = tmp_path / f"mb{mb}"
+        Trainer(cfg(warm, [f"method_args.image_token_cache_mb={mb}"]), out=str(run)).fit()
+        count[mb] = sum(seen)
+        same_run(run, full)
+    assert count[0] - count[2048] == 4 * (1 + 2 + 3 + 4 + 5)
