@@ -194,3 +194,31 @@ def test_test_image_tokens_are_computed_once_and_change_nothing(warm, full, tmp_
         count[mb] = sum(seen)
         same_run(run, full)
     assert count[0] - count[2048] == 4 * (1 + 2 + 3 + 4 + 5)
+
+
+def test_ddp_two_cpu_processes_match_one(warm, full, tmp_path):
+    """torchrun, 2 gloo ranks (batch 2 = one question per rank): the K-means keys are fitted on both ranks'
+    features gathered in the documented order, so they are the one-process run's (up to the features' last bits:
+    each rank's tower runs on its own share of the batch); prompts and head equal up to the reassociation of the
+    averaged gradients; every test question counted once, with the same answers."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "clfast", "train", "--method", "clumo", "--dataset", "synth-vqa", "--out", str(run), *TINY,
+                        f"method_args.vlm_checkpoint={warm}"], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((run / "record.json").read_text())["device"]["world_size"] == 2
+    a, b = state(run), state(full)
+    assert a.keys() == b.keys()
+    assert torch.equal(a["pool.fitted"], b["pool.fitted"])
+    for k in ("pool.keys_v", "pool.keys_t"):
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    for k, v in b.items():
+        torch.testing.assert_close(a[k], v, atol=1e-4, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    ta, tb = (torch.load(r / "checkpoints" / "task006.pt", weights_only=True)["acc"]["total"] for r in (run, full))
+    assert ta == tb
+    torch.testing.assert_close(torch.tensor(read_acc_csv(run / "acc_matrix.csv")),
+                               torch.tensor(read_acc_csv(full / "acc_matrix.csv")), atol=0, rtol=0, equal_nan=True)
