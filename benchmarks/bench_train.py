@@ -4,7 +4,8 @@ floors in the same run.
     clfast bench train [--quick] [-k gpls] [--write]        (also part of ``clfast bench all``, ``make bench``)
 
 One group per method (:data:`benchmarks.steps.VARIANTS`: ``linear``, ``l2p``, ``dualprompt``, ``coda_prompt``,
-``gpls``, ``convprompt`` with 10 prompts in use, STAR-Prompt's stage-2 step and its stage-1 step), each timing a
+``gpls``, ``convprompt`` with 10 prompts in use, STAR-Prompt's stage-2 step and its stage-1 step, ``clumo`` on the
+paper preset's VLM: ViT-B-16 towers at 384 px, fusion 6 x 768 x 12), each timing a
 full training step (forward, backward, optimizer step, and whatever the method does per step: the frozen query
 pass, the KL of its prior, ...) at ``vit_base_patch16_224`` shapes with random weights, batch 16 (``--quick``: the
 shipped ``vit_tiny_synth``), augmentation on, so no per-image cache helps. The method is set up as the trainer
@@ -20,7 +21,8 @@ would for task 2 (``begin_task`` with a statistics pass over two batches). Confi
 - ``clfast``: the engine's step with the defaults.
 
 The floors (group ``train_step floors``): the bare ViT's forward and backward through every block (``floor``), and
-its frozen forward with only a head's backward (``floor_head``), under the engine's autocast. After the timed
+its frozen forward with only a head's backward (``floor_head``), under the engine's autocast; for the VLM the frozen
+towers, then the fusion encoder's backward through every layer or none (:func:`benchmarks.steps.vlm_floor_fn`). After the timed
 rounds, one more step of each configuration runs under :func:`benchmarks.harness.peak_memory`, recorded in the
 figure's ``extra_info`` (``peak_mem_mb``, ``peak_mem_kind``). The configurations share the method object, its
 optimizer and the batch; each step trains them on. report.py renders the per-method table (s/step, images/s, peak
@@ -48,7 +50,9 @@ def setups():
     return {}
 
 
-def _backbone(quick: bool) -> str:
+def _backbone(quick: bool, vlm: bool = False) -> str:
+    if vlm:
+        return "vlm_clip_tiny_synth@64" if quick else "vlm_ViT-B-16@384"
     return "vit_tiny_synth" if quick else "vit_base_patch16_224"
 
 
@@ -66,14 +70,17 @@ def test_train_step(benchmark, setups, quick, tmp_path_factory, method, config):
         setups[method] = steps.setup(method, quick=quick, batch_size=B, out=str(tmp_path_factory.mktemp(method)))
     s = setups[method]
     amp = "fp32" if config == "peer" else str(s.trainer.amp_dtype or "fp32").replace("torch.", "")
-    benchmark.group = f"train_step {method} {_backbone(quick)} B{B}"
-    _time(benchmark, steps.step_fn(s, config), quick, impl=config, method=method, backbone=_backbone(quick),
-          images=B, amp=amp, floors=f"{_backbone(quick)} B{B}")
+    name = _backbone(quick, steps.VARIANTS[method].vlm)
+    benchmark.group = f"train_step {method} {name} B{B}"
+    _time(benchmark, steps.step_fn(s, config), quick, impl=config, method=method, backbone=name,
+          images=B, amp=amp, floors=f"{name} B{B}")
 
 
+@pytest.mark.parametrize("vlm", [False, True], ids=["vit", "vlm"])
 @pytest.mark.parametrize("floor", steps.FLOORS)
-def test_floor(benchmark, quick, floor):
+def test_floor(benchmark, quick, floor, vlm):
     B = BATCH[quick]
-    benchmark.group = f"train_step floors {_backbone(quick)} B{B}"
-    _time(benchmark, steps.floor_fn(floor, quick=quick, batch_size=B), quick, impl=floor, method="floors",
-          backbone=_backbone(quick), images=B, amp="bfloat16", floors=f"{_backbone(quick)} B{B}")
+    name = _backbone(quick, vlm)
+    benchmark.group = f"train_step floors {name} B{B}"
+    _time(benchmark, steps.floor_fn(floor, quick=quick, batch_size=B, vlm=vlm), quick, impl=floor, method="floors",
+          backbone=name, images=B, amp="bfloat16", floors=f"{name} B{B}")

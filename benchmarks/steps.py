@@ -47,6 +47,7 @@ class Variant:
     overrides: tuple[str, ...] = ()
     full_overrides: tuple[str, ...] = ()
     quick_overrides: tuple[str, ...] = ()
+    vlm: bool = False          # a VQA method on the clfast VLM (synth-vqa; a vlm_finetune checkpoint to load)
 
 
 VARIANTS = {
@@ -65,9 +66,14 @@ VARIANTS = {
     "star_prompt": Variant("star_prompt", stage="stage2"),
     # level 1: the text encoder (the official code recomputes every seen class's key each step)
     "star_prompt_stage1": Variant("star_prompt_stage1", stage="stage1"),
+    # the paper preset's VLM (ViT-B-16 towers at 384 px: 577 image tokens, fusion 6 x 768 x 12) with random weights;
+    # --quick: the fast preset's (clip_tiny_synth at 64 px, fusion 2 x 192 x 3)
+    "clumo": Variant("clumo", vlm=True),
 }
 
 BACKBONE = {False: ("backbone=vit_base_patch16_224", "pretrained=false"), True: ()}
+VLM_BACKBONE = {False: ("method_args.clip_model=ViT-B-16", "method_args.clip_pretrained=false",
+                        "method_args.image_size=384"), True: ()}
 
 
 @dataclass
@@ -90,22 +96,31 @@ class StepSetup:
 def setup(name: str, *, quick: bool, batch_size: int, out: str, overrides: tuple[str, ...] = (),
           task: int = 1) -> StepSetup:
     """Build variant ``name`` of :data:`VARIANTS` on the ``synth-shapes`` data with augmentation on, at
-    ``vit_base_patch16_224`` shapes with random weights (``quick``: the shipped ``vit_tiny_synth``)."""
+    ``vit_base_patch16_224`` shapes with random weights (``quick``: the shipped ``vit_tiny_synth``); a VQA variant
+    on ``synth-vqa`` (the whole image, unflipped: its only transform) with the paper preset's VLM at random weights
+    (``quick``: the fast preset's), loading a one-step :func:`vlm_checkpoint`."""
     if name not in VARIANTS:
         raise ValueError(f"steps.setup: unknown variant {name!r}; known: {sorted(VARIANTS)}")
     v = VARIANTS[name]
-    per_class = -(-2 * batch_size // 10)           # two batches of a task (10 classes): the data the setup reads
-    cfg = load_config(v.method, "synth-shapes", "fast",
-                      ["quiet=true", "augment=true", f"batch_size={batch_size}",
-                       f"dataset_args.n_per_class={per_class}",
-                       *BACKBONE[quick], *v.overrides,
-                       *(v.quick_overrides if quick else v.full_overrides), *overrides])
+    if v.vlm:
+        base = ["quiet=true", f"batch_size={batch_size}", *VLM_BACKBONE[quick]]
+        dataset, data_args = "synth-vqa", [*base, f"dataset_args.n_per_task={2 * batch_size}",
+                                           f"method_args.vlm_checkpoint={vlm_checkpoint(out, base)}"]
+    else:
+        per_class = -(-2 * batch_size // 10)       # two batches of a task (10 classes): the data the setup reads
+        dataset, data_args = "synth-shapes", ["quiet=true", "augment=true", f"batch_size={batch_size}",
+                                              f"dataset_args.n_per_class={per_class}", *BACKBONE[quick]]
+    cfg = load_config(v.method, dataset, "fast",
+                      [*data_args, *v.overrides, *(v.quick_overrides if quick else v.full_overrides), *overrides])
     t = Trainer(cfg, out=out)
     data = t.train_data(task)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
     batches = [b for b, _ in zip(loader, range(2))]
     ctx = t.context(task).replace(split="train", cacheable=False, batch_size=batch_size,
                                   task_loader=lambda augment=False: batches)
+    if v.vlm and task > 0:
+        # CluMo's end of the previous task: the frozen copy of the head that the distillation reads
+        t.method.end_task(t.context(task - 1).replace(split="stats"), batches)
     t.method.begin_task(ctx)
     t.method.train()
     stages = t.method.stages(ctx)
@@ -115,6 +130,21 @@ def setup(name: str, *, quick: bool, batch_size: int, out: str, overrides: tuple
     opt = build_optimizer(t.method.param_groups(stage), cfg.optimizer, batch_size)
     batch = {k: x.to(t.device) if isinstance(x, torch.Tensor) else x for k, x in batches[0].items()}
     return StepSetup(t, ctx, batch, opt, stage, t._wrap(stage))
+
+
+def vlm_checkpoint(out: str, overrides: list[str]) -> str:
+    """A ``vlm_finetune`` run of one step on ``synth-vqa-pretrain`` with the VLM of ``overrides`` (under ``out``):
+    the checkpoint a VQA method must load (its fusion encoder and head are only initialised, as any random weights
+    the benchmark times)."""
+    import os
+
+    warm = os.path.join(out, "vlm_warm")
+    if not os.path.isdir(os.path.join(warm, "checkpoints")):
+        cfg = load_config("vlm_finetune", "synth-vqa-pretrain", "fast",
+                          [*overrides, "epochs=1", "limit_train_batches=1", "limit_eval_batches=1",
+                           "dataset_args.n=16"])
+        Trainer(cfg, out=warm).fit()
+    return warm
 
 
 def step_fn(s: StepSetup, config: str) -> Callable[[], float]:
@@ -133,13 +163,16 @@ def step_fn(s: StepSetup, config: str) -> Callable[[], float]:
 
 
 def floor_fn(kind: str, *, quick: bool, batch_size: int, classes: int = 10,
-             amp_dtype: Optional[torch.dtype] = torch.bfloat16) -> Callable[[], float]:
+             amp_dtype: Optional[torch.dtype] = torch.bfloat16, vlm: bool = False) -> Callable[[], float]:
     """One step of floor ``kind`` (``floor`` or ``floor_head``, see the module docstring) on a fresh ViT of the
-    benchmark's shape (random weights), under autocast to ``amp_dtype`` (None: fp32)."""
+    benchmark's shape (random weights), under autocast to ``amp_dtype`` (None: fp32); ``vlm``: on the VLM of the
+    VQA variants (:func:`vlm_floor_fn`)."""
     from clfast.backbones.vit import create_vit
 
     if kind not in FLOORS:
         raise ValueError(f"steps.floor_fn: kind must be one of {FLOORS}, got {kind!r}")
+    if vlm:
+        return vlm_floor_fn(kind, quick=quick, batch_size=batch_size, classes=classes, amp_dtype=amp_dtype)
     name = "vit_tiny_synth" if quick else "vit_base_patch16_224"
     backbone = create_vit(name, pretrained=quick)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,6 +194,47 @@ def floor_fn(kind: str, *, quick: bool, batch_size: int, classes: int = 10,
                 with torch.no_grad():
                     feat = vit.forward_features(x)[:, 0]
             loss = F.cross_entropy(head(feat).float(), y)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return step
+
+
+def vlm_floor_fn(kind: str, *, quick: bool, batch_size: int, classes: int = 10,
+                 amp_dtype: Optional[torch.dtype] = torch.bfloat16) -> Callable[[], float]:
+    """The VQA variants' floors on a fresh VLM of their shape (random weights): ``floor``, the frozen towers'
+    forward without autograd, then the frozen fusion encoder's forward and backward through every layer (its image
+    memory needs a gradient, as a prompt prefixed in every layer makes it), an answer head and Adam on it;
+    ``floor_head``: towers and fusion without autograd, the head's forward, backward and Adam step. A question of 9
+    words, padded to the tokenizer's context."""
+    from clfast.backbones.vlm import create_vlm
+
+    if quick:
+        model = create_vlm("clip_tiny_synth", image_size=64, num_answers=classes)
+    else:
+        model = create_vlm("ViT-B-16", pretrained=False, image_size=384, num_answers=classes)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(dev).eval().requires_grad_(False)
+    head = model.head.requires_grad_(True)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, 3, *model.towers.image_size, generator=g).to(dev)
+    tokens = torch.as_tensor(model.tokenizer(["what colour is the small shape left of the circle"] * batch_size),
+                             dtype=torch.long).to(dev)
+    y = torch.randint(0, classes, (batch_size,), generator=g).to(dev)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.no_grad():
+                enc = model.encode(x, tokens)
+            if kind == "floor":
+                enc = enc._replace(image=enc.image.detach().requires_grad_(True))
+                h = model.fuse(enc)
+            else:
+                with torch.no_grad():
+                    h = model.fuse(enc)
+            loss = F.cross_entropy(head(h).float(), y)
         loss.backward()
         opt.step()
         return float(loss.detach())

@@ -5,8 +5,8 @@ their repositories), for the benchmarks' ``peer`` columns and the tests that che
   textbook Mahalanobis and KL, GPLS's SVD ELBO, ConvPrompt's per-prompt convolution loop);
 - :mod:`.vit`: the ViT forward of the official codes (naive attention, prompts concatenated);
 - one module per method (``linear``, ``l2p``, ``dualprompt``, ``coda_prompt``, ``gpls``, ``convprompt``,
-  ``star_prompt``), each with ``loss(method, batch, ctx)``: the training loss of a clfast method object computed the
-  way the official code computes it, on the method's own parameters (so the two can be compared exactly).
+  ``star_prompt``, ``clumo``), each with ``loss(method, batch, ctx)``: the training loss of a clfast method object
+  computed the way the official code computes it, on the method's own parameters (so the two can be compared exactly).
   Where the official code computes a different loss (a quirk clfast fixed), the numbers follow clfast and the cost
   the official code; each module's docstring says where.
 
@@ -30,7 +30,7 @@ __all__ = ["prefix_attention_peer", "retrieve_peer", "mahalanobis_peer", "gaussi
 #: registered method name -> the module holding its peer
 METHODS = {"linear": "linear", "l2p": "l2p", "dualprompt": "dualprompt", "coda_prompt": "coda_prompt",
            "gpls": "gpls", "convprompt": "convprompt", "star_prompt": "star_prompt",
-           "star_prompt_stage1": "star_prompt"}
+           "star_prompt_stage1": "star_prompt", "clumo": "clumo"}
 
 
 def loss_fn(method) -> Callable[[object, dict, object], Tensor]:
