@@ -138,6 +138,8 @@ def resume_config(run_dir: str, overrides: dict[str, Any]) -> tuple[RunConfig, s
     """
     data = load_run_config(run_dir)
     data["stop_after_steps"] = None
+    if overrides.get("amp") == "auto" and data.get("amp") in ("bf16", "none"):
+        overrides = {k: v for k, v in overrides.items() if k != "amp"}     # what the run resolved auto to stays
     changed = sorted(k for k, v in overrides.items() if k not in RESUME_MAY_CHANGE and not _same_setting(data, k, v))
     if changed:
         raise ValueError(f"--resume: cannot change {', '.join(_describe_change(data, k, overrides[k]) for k in changed)} "

@@ -24,6 +24,7 @@ import shutil
 import signal
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -35,7 +36,7 @@ from ..utils.seeding import derive_seed, seed_everything
 from . import io as rio
 from .checkpoint import Checkpointing, Position, init_from
 from .evaluation import Evaluating
-from .config import RunConfig
+from .config import RunConfig, resolve_amp
 from .data_views import RunData, to_device
 from .distributed import Processes
 from .faults import crash_point
@@ -109,6 +110,11 @@ class Trainer(Checkpointing, Evaluating):
         self.procs = Processes(cfg.device, timeout_s=cfg.dist_timeout_s)
         self.rank, self.world = self.procs.rank, self.procs.world
         self.device = self.procs.device(cfg.device)
+        self.amp_note = None
+        if cfg.amp == "auto":   # resolved once: config.yaml holds the choice, so a resume elsewhere keeps it
+            amp, why = resolve_amp(self.device)
+            cfg = self.cfg = dataclasses.replace(cfg, amp=amp)
+            self.amp_note = f"amp auto -> {amp}: {why}"
         check_run(cfg, self.world, scenario=scenario, method=method is None)   # before anything is written
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
@@ -521,8 +527,11 @@ class Trainer(Checkpointing, Evaluating):
     # files ----------------------------------------------------------------------------------------
     def record(self) -> dict:
         """What ``record.json`` holds (see :func:`clfast.engine.record.run_record`)."""
-        return run_record(self.cfg, self.method, self.scenario, self.device, self.world, command=self.command,
-                          init_from=self._init_info)
+        rec = run_record(self.cfg, self.method, self.scenario, self.device, self.world, command=self.command,
+                         init_from=self._init_info)
+        if self.amp_note:
+            rec["amp_auto"] = self.amp_note
+        return rec
 
     def _write_start_files(self) -> None:
         import yaml
@@ -556,6 +565,8 @@ class Trainer(Checkpointing, Evaluating):
                       + (f" [{w.source}]" if w is not None else "")
                       + f", device {self.device}{f' × {self.world}' if self.world > 1 else ''}, amp {self.cfg.amp}, "
                       f"run dir {self.run_dir}")
+        if self.amp_note:
+            self.log.info(self.amp_note)
 
     def _finish(self) -> dict:
         from .plots import plot_acc_matrix, plot_accuracy_curve

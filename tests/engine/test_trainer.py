@@ -393,3 +393,32 @@ def test_grad_checkpointing_trains_the_same(tmp_path):
     assert runs[True][0]["A_N"] == pytest.approx(runs[False][0]["A_N"])
     for k, v in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["no-bf16-cpu", "bf16-cpu"])
+def test_amp_auto_resolves_once_per_run_and_resume_keeps_it(tmp_path, monkeypatch, native):
+    """amp=auto (the default) is bf16 on a CPU with AVX512-BF16 or AMX and none elsewhere; the choice is written
+    to config.yaml and record.json, so a resume on another machine (here: the other answer) keeps it, also when
+    the original command line says amp=auto."""
+    from clfast.engine.config import resolve_amp
+
+    def machine(bf16: bool):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+    machine(native)
+    assert RunConfig().amp == "auto"
+    assert resolve_amp("cpu")[0] == ("bf16" if native else "none")
+    cut = tmp_path / "cut"
+    t = Trainer(tiny_cfg("dualprompt", ["stop_after_steps=2"]), out=str(cut))
+    assert t.cfg.amp == ("bf16" if native else "none")
+    assert t.amp_dtype == (torch.bfloat16 if native else None)
+    with pytest.raises(Interrupted):
+        t.fit()
+    assert yaml.safe_load((cut / "config.yaml").read_text())["amp"] == t.cfg.amp
+    assert json.loads((cut / "record.json").read_text())["amp_auto"].startswith(f"amp auto -> {t.cfg.amp}")
+    machine(not native)
+    r = Trainer.resume(str(cut), amp="auto")
+    assert r.cfg.amp == t.cfg.amp and r.amp_dtype == t.amp_dtype
+    with pytest.raises(ValueError, match="amp"):
+        Trainer.resume(str(cut), amp="fp16")
