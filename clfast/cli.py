@@ -181,7 +181,9 @@ def cmd_datasets(args) -> int:
         else:
             found = {True: f"found under {args.data_root}", False: "NOT FOUND",
                      None: "on disk: pass --data-root to check"}[d["found"]]
-        print(f"{d['name']:<16} {d['kind']:<15} {d['num_classes']:>4} classes, {d['default_tasks']:>2} tasks  [{found}]")
+        n = f"{d['num_classes']:>4}" if d["num_classes"] else "   ?"        # 0: read from the data (e.g. an answer list)
+        print(f"{d['name']:<16} {d['kind']:<15} {n} {'answers' if d['kind'] == 'vqa' else 'classes'}, "
+              f"{d['default_tasks']:>2} tasks  [{found}]")
         if d.get("description"):
             print(f"    {d['description']}")
         if d["needs_root"] and d.get("layout") and d["found"] is not True:

@@ -79,6 +79,9 @@ def test_datasets_lists_layouts(tmp_path, capsys):
     for name in ("synth-shapes", "digits", "cifar100", "imagenet_r", "cub200", "domainnet", "eurosat"):
         assert name in out
     assert "NOT FOUND" in out and "ships with clfast" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert " ? answers" in lines["clove-scene"] and "100 classes" in lines["cifar100"]   # CLOVE: from its answer list
+    assert "answers" in lines["synth-vqa"]
 
 
 def test_ddp_two_cpu_processes_match_one(tmp_path):
