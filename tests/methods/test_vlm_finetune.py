@@ -210,3 +210,25 @@ def test_resume_inside_the_run_is_exact(trained, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     torch.testing.assert_close(torch.tensor(read_acc_csv(full / "acc_matrix.csv")),
                                torch.tensor(read_acc_csv(cut / "acc_matrix.csv")), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("task_heads", [False, True], ids=["naive", "task_heads"])
+def test_test_image_tokens_are_computed_once_and_change_nothing(run, tmp_path, monkeypatch, task_heads):
+    """Each test question's image tokens come from the tower once per run (6 evaluations of 4, 8, ..., 24
+    questions: 84 images without the cache, 24 with it); the answers are those of a run without the cache."""
+    from clfast.backbones.vlm import CLIPTokenTowers
+    from clfast.engine.metrics import read_acc_csv
+
+    seen = []
+    orig = CLIPTokenTowers.image_tokens
+    monkeypatch.setattr(CLIPTokenTowers, "image_tokens",
+                        lambda self, images, **kw: seen.append(images.shape[0]) or orig(self, images, **kw))
+    extra = [f"method_args.vlm_checkpoint={run}", "method_args.task_heads=true"] if task_heads else []
+    count, acc = {}, {}
+    for mb in (2048, 0):
+        seen.clear()
+        out = tmp_path / f"mb{mb}"
+        Trainer(cfg([*extra, f"method_args.image_token_cache_mb={mb}"]), out=str(out)).fit()
+        count[mb], acc[mb] = sum(seen), read_acc_csv(out / "acc_matrix.csv")
+    assert count[0] - count[2048] == 4 * (1 + 2 + 3 + 4 + 5)
+    torch.testing.assert_close(torch.tensor(acc[0]), torch.tensor(acc[2048]), rtol=0, atol=0, equal_nan=True)
