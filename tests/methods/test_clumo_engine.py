@@ -222,3 +222,19 @@ def test_ddp_two_cpu_processes_match_one(warm, full, tmp_path):
     assert ta == tb
     torch.testing.assert_close(torch.tensor(read_acc_csv(run / "acc_matrix.csv")),
                                torch.tensor(read_acc_csv(full / "acc_matrix.csv")), atol=0, rtol=0, equal_nan=True)
+
+
+def test_the_forgetting_analysis_script_reproduces_the_last_column(full):
+    """scripts/vqa_forgetting.py rebuilds the run from config.yaml and its last checkpoint: its per-task accuracy
+    is the accuracy matrix's last column; every answer lies in some task's answer set."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "vqa_forgetting.py")
+    spec = importlib.util.spec_from_file_location("vqa_forgetting", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.where_answers_go(str(full))
+    last = [row[-1] for row in read_acc_csv(full / "acc_matrix.csv")]
+    assert [r["correct"] for r in rows] == pytest.approx(last, abs=1e-9)
+    assert rows[-1]["own_set"] == rows[-1]["last_set"]           # the last task's own set is the last set
+    assert all(0 <= r["own_set"] <= 100 and r["n"] == 4 for r in rows)
