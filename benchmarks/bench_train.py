@@ -21,7 +21,8 @@ would for task 2 (``begin_task`` with a statistics pass over two batches). Confi
 - ``clfast``: the engine's step with the defaults.
 
 The floors (group ``train_step floors``): the bare ViT's forward and backward through every block (``floor``), and
-its frozen forward with only a head's backward (``floor_head``), under the engine's autocast; for the VLM the frozen
+its frozen forward with only a head's backward (``floor_head``), in the engine's default precision (``amp=auto``:
+bf16 autocast where the CPU or GPU computes bf16 natively, fp32 elsewhere); for the VLM the frozen
 towers, then the fusion encoder's backward through every layer or none (:func:`benchmarks.steps.vlm_floor_fn`). After the timed
 rounds, one more step of each configuration runs under :func:`benchmarks.harness.peak_memory`, recorded in the
 figure's ``extra_info`` (``peak_mem_mb``, ``peak_mem_kind``). The configurations share the method object, its
@@ -36,6 +37,7 @@ import torch
 
 from benchmarks import steps
 from benchmarks.harness import device, peak_memory
+from clfast.engine.config import resolve_amp
 
 METHODS = list(steps.VARIANTS)
 CONFIGS = list(steps.CONFIGS)
@@ -82,5 +84,7 @@ def test_floor(benchmark, quick, floor, vlm):
     B = BATCH[quick]
     name = _backbone(quick, vlm)
     benchmark.group = f"train_step floors {name} B{B}"
-    _time(benchmark, steps.floor_fn(floor, quick=quick, batch_size=B, vlm=vlm), quick, impl=floor, method="floors",
-          backbone=name, images=B, amp="bfloat16", floors=f"{name} B{B}")
+    amp = resolve_amp(device())[0]     # the engine's default precision here (amp=auto), as the clfast column runs
+    dtype = torch.bfloat16 if amp == "bf16" else None
+    _time(benchmark, steps.floor_fn(floor, quick=quick, batch_size=B, vlm=vlm, amp_dtype=dtype), quick, impl=floor,
+          method="floors", backbone=name, images=B, amp="bfloat16" if dtype else "fp32", floors=f"{name} B{B}")
