@@ -3,6 +3,7 @@ initialisation of new rows, and a snapshot of parameters taken at the start of a
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -112,7 +113,7 @@ class QueryCache:
             return True
         cap = max(n, 2 * (rows.shape[0] if same else 0), 256)
         if self.max_bytes is not None:
-            row_bytes = like[:1].numel() * like.element_size() if like.shape[0] else like.element_size()
+            row_bytes = math.prod(shape) * like.element_size()
             other = self.nbytes - (rows.numel() * rows.element_size() if rows is not None else 0)
             fit = (self.max_bytes - other) // max(row_bytes, 1)
             if fit < n:

@@ -57,7 +57,9 @@ def test_old_files_with_a_floor_in_the_group_still_render():
     assert rows[("convprompt F5", "cpu")][4] == "2.00×" and rows[("convprompt F5", "cpu")][2] == "–"
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or not os.path.exists("/proc/self/statm"), reason="the CPU probe")
+@pytest.mark.skipif(torch.cuda.is_available() or not os.path.exists("/proc/self/statm"),
+                    reason="tests peak_memory's CPU path: needs no CUDA device (with one it reads the CUDA allocator "
+                           "instead) and Linux's /proc/self/statm (elsewhere it reports 'unavailable')")
 def test_peak_memory_sees_a_64_mb_buffer_held_for_a_moment():
     def holds():
         x = torch.ones(16 * 2**20)          # 64 MB, every page touched
