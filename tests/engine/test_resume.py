@@ -127,7 +127,7 @@ def stages_full(tmp_path_factory):
 
 
 # global steps: task 0 = 4 task-stage + 6 align-stage steps (2 epochs × 3), task 1 the same
-@pytest.mark.parametrize("stop_at", [2, 7, 12, 17])
+@pytest.mark.parametrize("stop_at", [pytest.param(2, marks=pytest.mark.slow), 7, 12, pytest.param(17, marks=pytest.mark.slow)])
 def test_multi_stage_method_resumes_exactly(stages_full, tmp_path, stop_at):
     interrupted_then_resumed(two_stage_cfg, tmp_path / "cut", stop_at)
     assert_same_run(tmp_path / "cut", stages_full)

@@ -192,7 +192,7 @@ def test_finetune_with_a_frozen_backbone_is_linear(tmp_path):
                            final_state(tmp_path / "linear")["method_state"]["head.weight"])
 
 
-@pytest.mark.parametrize("stop_at", [2, 5])    # task 1 mid-epoch; task 2 mid-epoch, the backbone trained
+@pytest.mark.parametrize("stop_at", [pytest.param(2, marks=pytest.mark.slow), 5])    # task 1 mid-epoch; task 2 mid-epoch, the backbone trained
 def test_finetune_resumes_exactly(tmp_path, stop_at):
     """The trained backbone comes back from the checkpoint (no frozen-weights check refuses it)."""
     extra = ["augment=true"]
