@@ -12,10 +12,12 @@
 #if CLFAST_HAS_AVX2
 namespace clfast::cpu {
 
-// exp(x) for x <= 88; flushes to 0 below the smallest normal float (so exp(-inf) == 0).
+// exp(x) for x <= 88; flushes to 0 below the smallest normal float (so exp(-inf) == 0); NaN stays NaN (the
+// clamps below would turn it into exp(88): min/max return their second operand when one is NaN).
 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.33654f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
   x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), lo);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -30,7 +32,7 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
   const __m256i e =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  return _mm256_or_ps(nan, _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e))));
 }
 
 // 8 floats -> 8 bf16 (round to nearest even) in the low 128 bits.

@@ -209,6 +209,11 @@ def poisoned_cases(draw):
                 None, None], torch.tensor([[True, False]]), None, torch.float32, "v", True))
 @example(case=([_t([[[0.5, 1.0], [1.0, -1.0]]]), _t([[[0.3, 0.2], [NAN, 2.0]]]), _t([[[0.1, 0.4], [0.2, 1.0]]]),
                 None, None], torch.tensor([[True, False]]), None, torch.float32, "k", True))
+# found by this property on an AVX2-only CPU: the AVX2 exp clamped a NaN score to exp(88), so a NaN query row with
+# 8 keys (one full vector) gave a finite output
+@example(case=([_t([[[NAN]]]), _t([[[0.66], [0.27], [0.06], [0.62], [-0.45]]]),
+                _t([[[0.39], [-0.22], [-0.32], [-1.21], [1.04]]]), _t([[[0.80], [0.17], [0.09]]]),
+                _t([[[-1.61], [0.23], [2.24]]])], None, None, torch.float32, "q", False))
 # found by this property: the torch backend's all -inf rows may be NaN as well as 0 (the exemption above)
 @example(case=([_t([[[INF]]]), _t([[[-1.91]]]), _t([[[0.43]]]), _t([[[-0.84]]]), _t([[[0.63]]])],
                torch.tensor([[False]]), None, torch.float32, "q", False))
