@@ -7,13 +7,15 @@ Every ``at::parallel_for`` that splits its work, every ATen element-wise op over
 threaded GEMM opens a region; a region ends at a barrier where the calling thread waits for the slowest worker. On
 an idle machine a region costs microseconds; with more runnable threads than cores a region can wait a scheduler
 slice (milliseconds) for a descheduled or sleeping worker. Whether it does depends also on how long the workers
-sleep between regions, so a count is a diagnostic to set beside a busy-neighbour timing, not a prediction: stock
-PyTorch's SDPA backward opens thousands of regions per call at the ViT-B shape and was measured to slow less under
-load than ``mahalanobis`` with its tens. The count does not depend on load, so it can be compared on any machine.
+sleep between regions, so a count is a diagnostic to set beside a busy-neighbour timing (benchmarks/bench_busy.py),
+not a prediction. The count does not depend on load, so it can be compared on any machine.
 
 How: a shim preloaded into a child process wraps libgomp's ``GOMP_parallel*`` entry points (the ones PyTorch's
-``at::parallel_for``, clfast's kernels and MKL's GNU-threaded GEMMs call) and counts them; the shim is compiled here
-with the system C compiler. Each case runs twice before three counted calls.
+``at::parallel_for``, clfast's kernels and MKL's GNU-threaded GEMMs call) and counts the outermost ones: a region
+opened inside another (an ATen op or GEMM called from a parallel body) runs on its calling thread, nesting being
+off, and waits for no one. (An earlier version counted those too: 8,464 "regions" for cat + SDPA fwd+bwd at the ViT-B
+shape, of which 16 are outermost.) The shim is compiled here with the system C compiler. Each case runs twice
+before three counted calls.
 """
 
 from __future__ import annotations
@@ -30,17 +32,23 @@ SHIM = r"""
 #include <dlfcn.h>
 static long count = 0;
 long clfast_gomp_count(void) { return __atomic_load_n(&count, __ATOMIC_RELAXED); }
+/* outermost regions only: one opened inside another runs on its calling thread (nesting is off), no barrier */
+static void tally(void) {
+  static int (*in_parallel)(void) = 0;
+  if (!in_parallel) in_parallel = (int (*)(void))dlsym(RTLD_DEFAULT, "omp_in_parallel");
+  if (!in_parallel || !in_parallel()) __atomic_add_fetch(&count, 1, __ATOMIC_RELAXED);
+}
 typedef void (*gp_t)(void (*)(void*), void*, unsigned, unsigned);
 void GOMP_parallel(void (*fn)(void*), void* data, unsigned n, unsigned flags) {
   static gp_t real = 0;
   if (!real) real = (gp_t)dlsym(RTLD_NEXT, "GOMP_parallel");
-  __atomic_add_fetch(&count, 1, __ATOMIC_RELAXED);
+  tally();
   real(fn, data, n, flags);
 }
 typedef void (*gpl_t)(void (*)(void*), void*, unsigned, long, long, long, long, unsigned);
 #define WRAP(name) void name(void (*fn)(void*), void* d, unsigned n, long s, long e, long i, long c, unsigned f) { \
   static gpl_t real = 0; if (!real) real = (gpl_t)dlsym(RTLD_NEXT, #name); \
-  __atomic_add_fetch(&count, 1, __ATOMIC_RELAXED); real(fn, d, n, s, e, i, c, f); }
+  tally(); real(fn, d, n, s, e, i, c, f); }
 WRAP(GOMP_parallel_loop_static)
 WRAP(GOMP_parallel_loop_dynamic)
 WRAP(GOMP_parallel_loop_guided)
@@ -103,7 +111,7 @@ def cases():
     return out
 
 
-def child(threads: int) -> int:
+def child(threads: int, only: str | None = None) -> int:
     import ctypes
 
     import torch
@@ -113,6 +121,8 @@ def child(threads: int) -> int:
     lib.clfast_gomp_count.restype = ctypes.c_long
     print(f"| case | parallel regions per call ({threads} threads) |\n|---|---:|")
     for name, fn in cases().items():
+        if only is not None and only not in name:
+            continue
         try:
             fn(), fn()
         except Exception as e:   # a backend this machine lacks, or shapes an op refuses: say so, go on
@@ -128,13 +138,15 @@ def child(threads: int) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default=None, help="the cases whose name contains this text")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        return child(args.threads)
+        return child(args.threads, args.only)
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, LD_PRELOAD=build_shim(tmp))
-        return subprocess.call([sys.executable, __file__, "--child", "--threads", str(args.threads)], env=env)
+        only = ["--only", args.only] if args.only is not None else []
+        return subprocess.call([sys.executable, __file__, "--child", "--threads", str(args.threads), *only], env=env)
 
 
 if __name__ == "__main__":

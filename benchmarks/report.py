@@ -145,15 +145,32 @@ def train_step_table(benches: list[dict]) -> str:
     return "\n".join(rows + ([""] + notes if notes else []))
 
 
+def busy_table(benches: list[dict]) -> str:
+    """bench_busy.py: each op's backends quiet and beside one busy neighbour, and the slowdown (busy / quiet)."""
+    groups: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
+    for b in benches:
+        info = b["extra_info"]
+        groups[b["group"]][(info["impl"], info["load"])] = b["stats"]["median"]
+    rows = ["| case | impl | quiet ms | busy ms | slowdown |", "|---|---|---:|---:|---:|"]
+    for group in sorted(groups):
+        meds, case = groups[group], group[len("busy_neighbour"):].strip()
+        for impl in sorted({i for i, _ in meds}):
+            quiet, busy = meds.get((impl, "quiet")), meds.get((impl, "busy"))
+            ms = lambda t: "–" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
+            rows.append(f"| {case} | {impl} | {ms(quiet)} | {ms(busy)} | {_x(busy, quiet)} |")
+    return "\n".join(rows)
+
+
 def tables(data: dict) -> dict[str, str]:
     """op name -> markdown table."""
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     op_of: dict[str, str] = {}
     train: list[dict] = []
+    busy: list[dict] = []
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
-        if info.get("op") == "train_step":
-            train.append(b)
+        if info.get("op") in ("train_step", "busy_neighbour"):
+            (train if info["op"] == "train_step" else busy).append(b)
             continue
         groups[b["group"]][info["impl"]] = b["stats"]["median"]
         op_of[b["group"]] = info["op"]
@@ -172,6 +189,8 @@ def tables(data: dict) -> dict[str, str]:
     result = {op: "\n".join(rows) for op, rows in out.items()}
     if train:
         result["train_step"] = train_step_table(train)
+    if busy:
+        result["busy_neighbour"] = busy_table(busy)
     return result
 
 

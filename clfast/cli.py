@@ -33,7 +33,8 @@ def cmd_bench(args) -> int:
     out_json = results / f"{args.suite}_{tag}.json"
     ops = sorted(str(p) for p in bench.glob("bench_ops*.py"))
     train = [str(bench / "bench_train.py")]
-    files = {"ops": ops, "train": train, "all": ops + train}[args.suite]
+    busy = [str(bench / "bench_busy.py")]
+    files = {"ops": ops, "train": train, "busy": busy, "all": ops + busy + train}[args.suite]
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
            "--benchmark-enable", "--benchmark-only", f"--benchmark-json={out_json}",
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
@@ -207,9 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, build flags, devices and the backends of every op")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("bench", help="run the pytest-benchmark suites and print the ratio table")
-    s.add_argument("suite", choices=["ops", "train", "all"],
+    s.add_argument("suite", choices=["ops", "train", "busy", "all"],
                    help="ops: every op against its peers; train: a training step of each method against its official "
-                        "code's way, the reference backends and the backbone's floors (bench_train.py); all: both")
+                        "code's way, the reference backends and the backbone's floors (bench_train.py); busy: each "
+                        "op's fused and stock backends quiet and beside one busy neighbour process (bench_busy.py); "
+                        "all: the three")
     s.add_argument("--quick", action="store_true",
                    help="small shapes only (`all --quick`: at most 3 minutes on 2 idle cores)")
     s.add_argument("-k", default=None, help="pytest -k expression to select cases")

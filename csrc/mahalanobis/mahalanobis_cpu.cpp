@@ -19,6 +19,13 @@
 // projected by one triangular GEMM, the distance epilogue and the KL row reduction are single parallel passes,
 // and few-row products (a GPLS step has one KL row per layer) run as triangular loops that read half of L.
 // 16-bit inputs compute in fp32; float64 stays float64.
+//
+// Parallel regions are few and each carries enough work: every region ends at a barrier where the calling thread
+// waits for the slowest worker, and on a machine with more runnable threads than cores that wait can be a
+// scheduler slice (milliseconds) per region. So a blocked triangular GEMM is one region in which each thread runs
+// the column blocks for its own rows (ATen's GEMMs called inside a parallel region run on the calling thread),
+// not one multi-threaded GEMM per block, and the centring, the row norms and the backward's first products are
+// each a single pass. `python benchmarks/parallel_regions.py` counts the regions per call.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,8 +33,10 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "common/check.h"
+#include "common/parallel.h"
 #include "common/tensor_util.h"
 #include "mahalanobis/mahalanobis.h"
 #include "ops.h"
@@ -42,6 +51,10 @@ using at::Tensor;
 constexpr int64_t kBlock = 128;
 // Below this many rows, products with L run as loops over its lower triangle instead of GEMMs.
 constexpr int64_t kFewRows = 8;
+// Rows per thread at least, in the row-parallel GEMMs (one region per product).
+constexpr int64_t kRowGrain = 64;
+// Output rows per task of tril_outer's row blocks.
+constexpr int64_t kOuterRows = 64;
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -136,24 +149,64 @@ Tensor lower_copy(const Tensor& L) {
   return out;
 }
 
-Tensor tril_project(const Tensor& Z, const Tensor& L) {
-  const int64_t N = Z.size(0), D = Z.size(1);
-  Tensor Y = at::empty({N, D}, Z.options());
-  if (N == 0 || D == 0) return Y.zero_();
-  if (N <= kFewRows) {
-    AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tril_project", [&] {
-      tril_project_loops<scalar_t>(Z.data_ptr<scalar_t>(), L.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), N, D);
-    });
-    return Y;
+// Y = Z·tril(L) for a block of rows, on the calling thread: column block J of Y needs rows j >= j0 of L only; each
+// block is written in place (ld = D). Lt = lower_copy(L).
+void tril_project_rows(const Tensor& Z, const Tensor& Lt, Tensor Y) {
+  const int64_t D = Z.size(1);
+  if (D <= 2 * kBlock) {
+    at::mm_out(Y, Z, Lt);
+    return;
   }
-  const Tensor Lt = lower_copy(L);
-  if (D <= 2 * kBlock) return at::mm_out(Y, Z, Lt);
-  // Column block J of Y needs rows j >= j0 of L only; each block is written in place (ld = D).
   for (int64_t j0 = 0; j0 < D; j0 += kBlock) {
     const int64_t nb = std::min(kBlock, D - j0);
     Tensor out = Y.narrow(1, j0, nb);
     at::mm_out(out, Z.narrow(1, j0, D - j0), Lt.narrow(0, j0, D - j0).narrow(1, j0, nb));
   }
+}
+
+// dZ = dY·tril(L)ᵀ for a block of rows, on the calling thread: column block I of dZ needs columns j < i1 of L's
+// rows I only.
+void tril_project_t_rows(const Tensor& dY, const Tensor& Lt, Tensor dZ) {
+  const int64_t D = dY.size(1);
+  if (D <= 2 * kBlock) {
+    at::mm_out(dZ, dY, Lt.t());
+    return;
+  }
+  for (int64_t i0 = 0; i0 < D; i0 += kBlock) {
+    const int64_t nb = std::min(kBlock, D - i0);
+    Tensor out = dZ.narrow(1, i0, nb);
+    at::mm_out(out, dY.narrow(1, 0, i0 + nb), Lt.narrow(0, i0, nb).narrow(1, 0, i0 + nb).t());
+  }
+}
+
+// Squared norms of rows [r0, r1) of Y (N×D, contiguous) into norms[r0:r1].
+void row_norms(const Tensor& Y, Tensor& norms, int64_t r0, int64_t r1) {
+  const int64_t D = Y.size(1);
+  AT_DISPATCH_FLOATING_TYPES(Y.scalar_type(), "row_norms", [&] {
+    const scalar_t* y = Y.data_ptr<scalar_t>();
+    scalar_t* out = norms.data_ptr<scalar_t>();
+    for (int64_t r = r0; r < r1; ++r) out[r] = dot(y + r * D, y + r * D, D);
+  });
+}
+
+// Y = Z·tril(L) (N×D). With `norms` (N), also the squared row norms of Y, in the same region.
+Tensor tril_project(const Tensor& Z, const Tensor& L, Tensor* norms = nullptr) {
+  const int64_t N = Z.size(0), D = Z.size(1);
+  Tensor Y = at::empty({N, D}, Z.options());
+  if (norms) *norms = at::zeros({N}, Z.options());
+  if (N == 0 || D == 0) return Y.zero_();
+  if (N <= kFewRows) {
+    AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tril_project", [&] {
+      tril_project_loops<scalar_t>(Z.data_ptr<scalar_t>(), L.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), N, D);
+    });
+    if (norms) row_norms(Y, *norms, 0, N);
+    return Y;
+  }
+  const Tensor Lt = lower_copy(L);
+  parallel_for_aten(0, N, kRowGrain, [&](int64_t r0, int64_t r1) {
+    tril_project_rows(Z.narrow(0, r0, r1 - r0), Lt, Y.narrow(0, r0, r1 - r0));
+    if (norms) row_norms(Y, *norms, r0, r1);
+  });
   return Y;
 }
 
@@ -169,34 +222,39 @@ Tensor tril_project_t(const Tensor& dY, const Tensor& L) {
     return dZ;
   }
   const Tensor Lt = lower_copy(L);
-  if (D <= 2 * kBlock) return at::mm_out(dZ, dY, Lt.t());
-  // Column block I of dZ needs columns j < i1 of L's rows I only.
-  for (int64_t i0 = 0; i0 < D; i0 += kBlock) {
-    const int64_t nb = std::min(kBlock, D - i0);
-    Tensor out = dZ.narrow(1, i0, nb);
-    at::mm_out(out, dY.narrow(1, 0, i0 + nb), Lt.narrow(0, i0, nb).narrow(1, 0, i0 + nb).t());
-  }
+  parallel_for_aten(0, N, kRowGrain, [&](int64_t r0, int64_t r1) {
+    tril_project_t_rows(dY.narrow(0, r0, r1 - r0), Lt, dZ.narrow(0, r0, r1 - r0));
+  });
   return dZ;
 }
 
 Tensor tril_outer(const Tensor& A, const Tensor& Bm) {
   const int64_t N = A.size(0), D = A.size(1);
+  Tensor out = at::empty({D, D}, A.options());
   if (N <= kFewRows) {
-    Tensor out = at::empty({D, D}, A.options());
     AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "tril_outer", [&] {
       tril_outer_loops<scalar_t>(A.data_ptr<scalar_t>(), Bm.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, D);
     });
     return out;
   }
-  if (D <= 2 * kBlock) return at::mm(A.t(), Bm).tril_();
-  // Column block J of the lower triangle has rows i >= j0 only; the diagonal blocks are trimmed at the end.
-  Tensor out = at::zeros({D, D}, A.options());
-  for (int64_t j0 = 0; j0 < D; j0 += kBlock) {
-    const int64_t nb = std::min(kBlock, D - j0);
-    Tensor blk = out.narrow(0, j0, D - j0).narrow(1, j0, nb);
-    at::mm_out(blk, A.narrow(1, j0, D - j0).t(), Bm.narrow(1, j0, nb));
-  }
-  return out.tril_();
+  // Row block I of the lower triangle is A[:, I]ᵀ·Bm[:, :i1], work ∝ i1: block p is paired with block n−1−p so
+  // that every task of the one region does about the same work; each zeroes its rows' strict upper triangle.
+  const int64_t nblk = (D + kOuterRows - 1) / kOuterRows, npairs = (nblk + 1) / 2;
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "tril_outer", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    parallel_for_aten(0, npairs, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t pair[2] = {p, nblk - 1 - p};
+        for (int t = 0; t < (pair[0] == pair[1] ? 1 : 2); ++t) {   // the middle block of an odd count is alone
+          const int64_t i0 = pair[t] * kOuterRows, nb = std::min(kOuterRows, D - i0), i1 = i0 + nb;
+          Tensor rows = out.narrow(0, i0, nb).narrow(1, 0, i1);
+          at::mm_out(rows, A.narrow(1, i0, nb).t(), Bm.narrow(1, 0, i1));
+          for (int64_t i = i0; i < i1; ++i) std::fill(o + i * D + i + 1, o + (i + 1) * D, scalar_t(0));
+        }
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace
@@ -217,18 +275,36 @@ void check_mahalanobis(const Tensor& x, const Tensor& means, const Tensor& L) {
   check_prec_chol(L, x.size(1), x.scalar_type());
 }
 
-// Z = [x; means] − mean(means), in the compute dtype, contiguous (B+K, D).
+// Z = [x; means] − mean(means), in the compute dtype, contiguous (B+K, D). Centred on the mean of the finite means
+// (a NaN/Inf mean must not reach every distance), found and subtracted in one pass over column chunks.
 Tensor centred_rows(const Tensor& x, const Tensor& means, at::ScalarType acc) {
   const int64_t B = x.size(0), K = means.size(0), D = x.size(1);
   Tensor Z = at::empty({B + K, D}, x.options().dtype(acc));
   Z.narrow(0, 0, B).copy_(x);
   Z.narrow(0, B, K).copy_(means);
-  // centred on the mean of the finite means: a NaN/Inf mean must not reach every distance
-  if (K > 0 && D > 0) {
-    const Tensor m = Z.narrow(0, B, K);
-    const Tensor finite = m.isfinite();
-    Z.sub_(at::where(finite, m, 0.0).sum(0, /*keepdim=*/true) / finite.sum(0, /*keepdim=*/true).clamp_min(1));
-  }
+  if (K == 0 || D == 0) return Z;
+  AT_DISPATCH_FLOATING_TYPES(acc, "centred_rows", [&] {
+    scalar_t* z = Z.data_ptr<scalar_t>();
+    at::parallel_for(0, D, 64, [&](int64_t c0, int64_t c1) {
+      const int64_t w = c1 - c0;
+      std::vector<double> sum(w, 0.0);
+      std::vector<int64_t> count(w, 0);
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t* m = z + (B + k) * D + c0;
+        for (int64_t j = 0; j < w; ++j)
+          if (std::isfinite(m[j])) {
+            sum[j] += static_cast<double>(m[j]);
+            ++count[j];
+          }
+      }
+      std::vector<scalar_t> centre(w);
+      for (int64_t j = 0; j < w; ++j) centre[j] = static_cast<scalar_t>(sum[j] / std::max<int64_t>(count[j], 1));
+      for (int64_t n = 0; n < B + K; ++n) {
+        scalar_t* row = z + n * D + c0;
+        for (int64_t j = 0; j < w; ++j) row[j] -= centre[j];
+      }
+    });
+  });
   return Z;
 }
 
@@ -240,8 +316,9 @@ std::tuple<Tensor, Tensor> mahalanobis_fwd_cpu(const Tensor& x, const Tensor& me
   const auto acc = compute_type(x.scalar_type());
   const Tensor L = prec_chol.to(acc).contiguous();
   const Tensor Z = centred_rows(x, means, acc);
-  const Tensor Y = L.dim() == 1 ? Z * L : tril_project(Z, L);
-  const Tensor norms = (Y * Y).sum(1);
+  Tensor norms;
+  const Tensor Y = L.dim() == 1 ? Z * L : tril_project(Z, L, &norms);
+  if (L.dim() == 1) norms = (Y * Y).sum(1);
   Tensor dist = at::mm(Y.narrow(0, 0, B), Y.narrow(0, B, K).t());  // the cross term, finished in place
   AT_DISPATCH_FLOATING_TYPES(acc, "mahalanobis_fwd", [&] {
     scalar_t* d = dist.data_ptr<scalar_t>();
@@ -268,23 +345,64 @@ std::tuple<Tensor, Tensor, Tensor> mahalanobis_bwd_cpu(const Tensor& grad, const
   const Tensor Y = proj.contiguous();
   const Tensor L = prec_chol.to(acc).contiguous();
   const Tensor Yx = Y.narrow(0, 0, B), Ym = Y.narrow(0, B, K);
+  // dY_x = 2(r∘Y_x − G Y_μ) and dY_μ = 2(s∘Y_μ − Gᵀ Y_x) in one region over the B + K rows of dY
   Tensor dY = at::empty({B + K, D}, Y.options());
-  Tensor dYx = dY.narrow(0, 0, B), dYm = dY.narrow(0, B, K);  // row blocks: contiguous
-  at::mul_out(dYx, Yx, G.sum(1, true)).addmm_(G, Ym, 1, -1);
-  at::mul_out(dYm, Ym, G.sum(0).unsqueeze(1)).addmm_(G.t(), Yx, 1, -1);
-  dY.mul_(2);
+  AT_DISPATCH_FLOATING_TYPES(acc, "mahalanobis_bwd_dy", [&] {
+    const scalar_t* g = G.data_ptr<scalar_t>();
+    const scalar_t* y = Y.data_ptr<scalar_t>();
+    scalar_t* dy = dY.data_ptr<scalar_t>();
+    // rows [r0, r1) of dY: dy_r = 2(c·y_r − prod_r), prod already in dY, c = the row's sum of G (or column's)
+    auto finish = [&](int64_t r0, int64_t r1, auto weight) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t c = weight(r);
+        for (int64_t d = 0; d < D; ++d) dy[r * D + d] = scalar_t(2) * (c * y[r * D + d] - dy[r * D + d]);
+      }
+    };
+    parallel_for_aten(0, B + K, kRowGrain, [&](int64_t r0, int64_t r1) {
+      const int64_t x1 = std::min(r1, B), m0 = std::max(r0, B);
+      if (r0 < x1) {
+        Tensor out = dY.narrow(0, r0, x1 - r0);
+        at::mm_out(out, G.narrow(0, r0, x1 - r0), Ym);
+        finish(r0, x1, [&](int64_t b) {
+          double s = 0;
+          for (int64_t k = 0; k < K; ++k) s += static_cast<double>(g[b * K + k]);
+          return static_cast<scalar_t>(s);
+        });
+      }
+      if (m0 < r1) {
+        Tensor out = dY.narrow(0, m0, r1 - m0);
+        at::mm_out(out, G.narrow(1, m0 - B, r1 - m0).t(), Yx);
+        finish(m0, r1, [&](int64_t r) {
+          double s = 0;
+          for (int64_t b = 0; b < B; ++b) s += static_cast<double>(g[b * K + (r - B)]);
+          return static_cast<scalar_t>(s);
+        });
+      }
+    });
+  });
   const Tensor Z = centred_rows(x, means, acc);
-  Tensor dZ, dL;
   if (L.dim() == 1) {
-    dZ = dY * L;
-    dL = (Z * dY).sum(0);
-  } else {
-    dZ = tril_project_t(dY, L);
-    dL = tril_outer(Z, dY);
+    const Tensor dZ = dY * L;
+    // dx and dmeans are row blocks of dZ: each gets its own storage (outputs of an op may not alias).
+    return {owned(dZ.narrow(0, 0, B), x.scalar_type()), owned(dZ.narrow(0, B, K), means.scalar_type()),
+            (Z * dY).sum(0).to(prec_chol.scalar_type())};
   }
-  // dx and dmeans are row blocks of dZ: each gets its own storage (outputs of an op may not alias).
-  return {owned(dZ.narrow(0, 0, B), x.scalar_type()), owned(dZ.narrow(0, B, K), means.scalar_type()),
-          dL.to(prec_chol.scalar_type())};
+  // dZ = dY·Lᵀ straight into dx and dmeans (separate storage: outputs of an op may not alias), in one region
+  Tensor dx = at::empty({B, D}, dY.options()), dm = at::empty({K, D}, dY.options());
+  if (B + K <= kFewRows) {
+    const Tensor dZ = tril_project_t(dY, L);
+    dx.copy_(dZ.narrow(0, 0, B));
+    dm.copy_(dZ.narrow(0, B, K));
+  } else if (D > 0) {
+    const Tensor Lt = lower_copy(L);
+    parallel_for_aten(0, B + K, kRowGrain, [&](int64_t r0, int64_t r1) {
+      const int64_t x1 = std::min(r1, B), m0 = std::max(r0, B);
+      if (r0 < x1) tril_project_t_rows(dY.narrow(0, r0, x1 - r0), Lt, dx.narrow(0, r0, x1 - r0));
+      if (m0 < r1) tril_project_t_rows(dY.narrow(0, m0, r1 - m0), Lt, dm.narrow(0, m0 - B, r1 - m0));
+    });
+  }
+  const Tensor dL = tril_outer(Z, dY);
+  return {dx.to(x.scalar_type()), dm.to(means.scalar_type()), dL.to(prec_chol.scalar_type())};
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@
 #include "common/brgemm.h"
 #include "common/check.h"
 #include "common/cpu_features.h"
+#include "common/parallel.h"
 #include "common/prefetch.h"
 #include "common/scratch.h"
 #include "common/static_switch.h"
@@ -191,7 +192,9 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
   T* out_p = out.data_ptr<T>();
   float* lse_p = lse.data_ptr<float>();
 
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+  // an item is one (b, h, query block): QKᵀ and PV over every key
+  at::parallel_for(0, B * H * nqb, work_grain(2 * BQ * std::max<int64_t>(Lmax, 1) * d),
+                   [&](int64_t begin, int64_t end) {
     C* Kt = scratch<C>(0, dp * ldk + round_up(Lmax, 2) * d);  // K^T: B operand [dp x keys]
     C* Vb = Kt + dp * ldk;                                     // V: B operand [keys x d]
     C* Qa = q_direct ? nullptr : scratch<C>(1, BQ * dp);
@@ -363,7 +366,10 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
     }
     gemm<C>(kn, ncol, dp, packed + k0 * dp, dp, Bm, ldq, Cm, ldq, false);
   };
-  at::parallel_for(0, BH * G, 1, [&](int64_t begin, int64_t end) {
+  // an item is one (b, h, group of query blocks): five products of its queries with every key
+  const int64_t group_rows = ceil_div(Nq, G);
+  at::parallel_for(0, BH * G, work_grain(5 * group_rows * std::max<int64_t>(Lmax, 1) * d),
+                   [&](int64_t begin, int64_t end) {
     C* Ka = keys_direct ? nullptr : scratch<C>(0, 2 * Lmax * dp);
     C* Va = keys_direct ? nullptr : Ka + Lmax * dp;
     C* Kt = scratch<C>(1, d * ldk);
@@ -477,7 +483,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
 
   if (G > 1) {
     const int64_t Ls = std::max<int64_t>(Lmax, 1);
-    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, BH, work_grain(G * 2 * Ls * d), [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H, h = bh % H;
         const int64_t L = P + p.count[b];

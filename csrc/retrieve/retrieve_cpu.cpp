@@ -34,6 +34,7 @@
 
 #include "common/check.h"
 #include "common/cpu_features.h"
+#include "common/parallel.h"
 #include "common/simd_avx2.h"
 #include "common/static_switch.h"
 #include "ops.h"
@@ -435,7 +436,8 @@ void scan(const Query& q, const at::Tensor& keys, Metric metric, const Plan& p, 
   const int64_t n_items = p.n_tiles * p.n_row_blocks;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
 
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+  // an item is one (key tile, query row block): row_block × tile scores of D multiply-adds
+  at::parallel_for(0, n_items, work_grain(p.row_block * p.tile * D), [&](int64_t begin, int64_t end) {
     c10::InferenceMode guard;
     const int64_t tid = at::get_thread_num();
     float* vals = all_vals.data() + tid * B * k;

@@ -50,6 +50,20 @@ def test_train_step_table_ratios_against_peer_and_both_floors():
     assert "resident set size" in tabs["train_step"]
 
 
+def test_busy_neighbour_table_sets_each_load_side_by_side():
+    def busy(impl, load, median):
+        return {"group": "busy_neighbour mahalanobis B128 fp32 fwd+bwd", "stats": {"median": median},
+                "extra_info": {"op": "busy_neighbour", "case_op": "mahalanobis", "impl": impl, "load": load}}
+    data = {"benchmarks": [busy("cpu", "quiet", 0.003), busy("cpu", "busy", 0.006), busy("torch", "busy", 0.010),
+                           busy("torch", "quiet", 0.004)]}
+    tabs = report.tables(data)
+    assert set(tabs) == {"busy_neighbour"}
+    rows = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]: [c.strip() for c in line.strip("|").split("|")][2:]
+            for line in tabs["busy_neighbour"].splitlines()[2:]}
+    assert rows[("mahalanobis B128 fp32 fwd+bwd", "cpu")] == ["3.00", "6.00", "2.00×"]
+    assert rows[("mahalanobis B128 fp32 fwd+bwd", "torch")] == ["4.00", "10.00", "2.50×"]
+
+
 def test_old_files_with_a_floor_in_the_group_still_render():
     data = {"benchmarks": [bench("train_step convprompt F5", "cpu", 7.0, floors=None),
                            bench("train_step convprompt F5", "floor", 3.5, floors=None)]}
