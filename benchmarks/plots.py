@@ -137,17 +137,27 @@ def plot_train(tables, out: Path) -> Path:
     if not rates:
         raise ValueError("plots: no training-step table (case '<method> <backbone> B<batch> ...' with an "
                          "'images/s' column) in BENCHMARKS.md")
-    cases = sorted(rates)
-    impls = sorted({i for r in rates.values() for i in r})
-    fig, ax = _axes("training step, images/s: compare bars within a method\n(each method's bars come from one run; runs differ in machine load)", "", "images/s (higher is faster)")
-    width = 0.8 / len(impls)
+    cases = sorted(rates, reverse=True)   # top to bottom in name order
+    impls = [i for i in ("peer", "reference", "clfast", "cpu", "floor", "floor_head")
+             if any(i in r for r in rates.values())]
+    impls += sorted({i for r in rates.values() for i in r} - set(impls))
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 0.55 * len(cases) + 1.6), dpi=110)
+    ax.set_title("training step, images/s (log scale): compare bars within a method\n"
+                 "(each method's bars come from one run; runs differ in machine load)", fontsize=10)
+    ax.set_xlabel("images/s (higher is faster)")
+    ax.grid(True, which="both", axis="x", alpha=0.3)
+    height = 0.8 / len(impls)
     for j, impl in enumerate(impls):
-        xs = [i + j * width for i, c in enumerate(cases) if impl in rates[c]]
-        ys = [rates[c][impl] for c in cases if impl in rates[c]]
-        ax.bar(xs, ys, width, label=impl)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels([c.replace(" vit_base_patch16_224", "\n") for c in cases], fontsize=7, rotation=30)
-    ax.legend(fontsize=8)
+        ys = [i + 0.4 - (j + 0.5) * height for i, c in enumerate(cases) if impl in rates[c]]
+        xs = [rates[c][impl] for c in cases if impl in rates[c]]
+        ax.barh(ys, xs, height, label=impl)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(cases)))
+    ax.set_yticklabels([c.replace(" vit_base_patch16_224", " (ViT-B/16)").replace(" vlm_ViT-B-16@384", " (VLM, 384 px)")
+                        for c in cases], fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
     return _save(fig, out / "train_step_methods.png")
 
 
