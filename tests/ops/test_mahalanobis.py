@@ -104,9 +104,10 @@ def test_reference_gradcheck(diagonal):
 # Every backend against the float64 reference
 # --------------------------------------------------------------------------------------------------
 
-# (B, K, D, diagonal, noncontig); D = 300 crosses the C++ triangular block size, B + K <= 8 the few-row loops.
+# (B, K, D, diagonal, noncontig); D = 300 crosses the C++ triangular block size, B + K <= 8 the few-row loops,
+# B + K = 160 splits the row-parallel GEMMs over two threads with x and mean rows in one task.
 MAHA_CASES = [(1, 1, 8, False, False), (5, 7, 59, False, False), (3, 2, 59, True, True), (2, 3, 300, False, False),
-              (20, 30, 300, False, True), (33, 1, 16, True, False)]
+              (20, 30, 300, False, True), (33, 1, 16, True, False), (70, 90, 300, False, False)]
 MAHA_INTERP = [(1, 1, 8, False, False), (5, 7, 59, False, False), (3, 2, 20, True, True), (17, 18, 40, False, True)]
 
 
@@ -176,7 +177,8 @@ def test_mahalanobis_of_a_point_to_itself_is_zero():
 
 
 KL_CASES = [(1, 8, False, False, False), (5, 59, False, True, False), (4, 59, True, False, True),
-            (12, 300, False, False, True), (2, 300, False, True, False), (9, 17, True, True, False)]
+            (12, 300, False, False, True), (2, 300, False, True, False), (9, 17, True, True, False),
+            (150, 300, False, False, False)]
 KL_INTERP = [(1, 8, False, False, False), (5, 40, False, True, False), (4, 20, True, False, True),
              (17, 33, False, False, True)]
 
