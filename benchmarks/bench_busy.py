@@ -28,6 +28,7 @@ from typing import Callable
 import pytest
 import torch
 
+from benchmarks.bench_ops_gaussian import _chol
 from benchmarks.harness import available, implementation, step, time_case
 from clfast.ops import gaussian_kl, mahalanobis, prefix_attention, prompt_conv, retrieve
 
@@ -36,23 +37,17 @@ IMPLS = ["cpu", "torch"]
 LOADS = ["quiet", "busy"]
 
 
-def _chol(D: int, g: torch.Generator) -> torch.Tensor:
-    L = torch.randn(D, D, generator=g).tril(-1) / D ** 0.5
-    L.diagonal().copy_(torch.rand(D, generator=g) + 0.5)
-    return L
-
-
 def _case(op: str, quick: bool) -> tuple[str, Callable, tuple, str, Callable]:
     """(shape text, op function, inputs, mode, forward(fn) -> output)."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     if op == "mahalanobis":
         B, K, D = (16, 10, 64) if quick else (128, 200, 768)
-        x, mu, L = r(B, D), r(K, D), _chol(D, g)
+        x, mu, L = r(B, D), r(K, D), _chol(D, "cpu", torch.float32, g)
         return f"B{B} K{K} D{D}", mahalanobis, (x, mu, L), "fwd+bwd", lambda f: f(x, mu, L)
     if op == "gaussian_kl":
         B, D = (12, 64) if quick else (128, 768)
-        m, lv, prior, L = r(B, D), 0.3 * r(B, D), r(D), _chol(D, g)
+        m, lv, prior, L = r(B, D), 0.3 * r(B, D), r(D), _chol(D, "cpu", torch.float32, g)
         return f"B{B} D{D}", gaussian_kl, (m, lv, prior, L), "fwd+bwd", lambda f: f(m, lv, prior, L)
     if op == "prefix_attention":
         B, H, N, d, P = (2, 3, 17, 16, 5) if quick else (16, 12, 197, 64, 20)
