@@ -17,7 +17,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_STAMP  := $(VENV)/.ext-stamp
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup demo test test-slow bench bench-quick plots info clean
+.PHONY: setup demo test test-slow bench bench-quick bench-profile plots info clean
 
 setup: $(EXT_STAMP)
 
@@ -60,6 +60,11 @@ bench: setup
 
 bench-quick: setup
 	$(VENV)/bin/clfast bench all --quick
+
+# where each method's training step spends its time (torch.profiler, phases and ops per configuration, paired
+# rounds, clfast with compile=true beside it): about an hour at ViT-B/16 on 2 cores; writes BENCHMARKS.md's profile block
+bench-profile: setup
+	$(PY) -m benchmarks.profile_train --configs peer reference clfast compile --write
 
 # docs/img/*.png from the tables in BENCHMARKS.md (run after `make bench` has rewritten them)
 plots: setup

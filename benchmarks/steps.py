@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from benchmarks import peers
 from clfast.engine import Trainer, load_config
+from clfast.engine.trainer import eager_hooks
 from clfast.engine.optim import build_optimizer
 from clfast.ops import use_backend
 
@@ -118,15 +119,16 @@ def setup(name: str, *, quick: bool, batch_size: int, out: str, overrides: tuple
     batches = [b for b, _ in zip(loader, range(2))]
     ctx = t.context(task).replace(split="train", cacheable=False, batch_size=batch_size,
                                   task_loader=lambda augment=False: batches)
-    if v.vlm and task > 0:
-        # CluMo's end of the previous task: the frozen copy of the head that the distillation reads
-        t.method.end_task(t.context(task - 1).replace(split="stats"), batches)
-    t.method.begin_task(ctx)
-    t.method.train()
-    stages = t.method.stages(ctx)
-    stage = next(s for s in stages if s.name == v.stage) if v.stage else stages[0]
-    ctx = ctx.replace(stage=stage.name)
-    t.method.begin_stage(stage, ctx)
+    with eager_hooks():                  # as the trainer runs the hooks (compile=true compiles the steps only)
+        if v.vlm and task > 0:
+            # CluMo's end of the previous task: the frozen copy of the head that the distillation reads
+            t.method.end_task(t.context(task - 1).replace(split="stats"), batches)
+        t.method.begin_task(ctx)
+        t.method.train()
+        stages = t.method.stages(ctx)
+        stage = next(s for s in stages if s.name == v.stage) if v.stage else stages[0]
+        ctx = ctx.replace(stage=stage.name)
+        t.method.begin_stage(stage, ctx)
     opt = build_optimizer(t.method.param_groups(stage), cfg.optimizer, batch_size)
     batch = {k: x.to(t.device) if isinstance(x, torch.Tensor) else x for k, x in batches[0].items()}
     return StepSetup(t, ctx, batch, opt, stage, t._wrap(stage))

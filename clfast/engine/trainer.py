@@ -87,6 +87,15 @@ class _StageRun:
     n_epochs: int
 
 
+def eager_hooks():
+    """A context in which torch.compile is off (``torch.compiler.set_stance("force_eager")``): the method's task
+    and stage hooks run in it. ``compile: true`` compiles the forward that training steps and evaluation run;
+    a hook's one-off pass over the data through the same forward (GPLS's statistics pass, whose per-block record
+    has a data-dependent ``bincount``) would otherwise break a graph inside the backbone's block loop, and dynamo
+    then skips that code object for every later call, the steps' included."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def _scalar(v) -> Any:
     if torch.is_tensor(v):
         return float(v.detach().float().mean())
@@ -306,7 +315,8 @@ class Trainer(Checkpointing, Evaluating):
         resuming_mid_task = not self.pos.at_task_start and self.pos.task == task
         ctx = self.context(task)
         self.method.train()
-        self.method.begin_task(ctx)
+        with eager_hooks():
+            self.method.begin_task(ctx)
         stages = self.method.stages(ctx)
         self.log.info(f"task {task + 1}/{self.scenario.num_tasks}: classes "
                       f"{ctx.class_range[0]}–{ctx.class_range[1] - 1}, {len(self.data.train_part(task))} training images"
@@ -316,7 +326,7 @@ class Trainer(Checkpointing, Evaluating):
         for si in range(first_stage, len(stages)):
             self._run_stage(task, si, stages[si], ctx, resume=resuming_mid_task and si == first_stage)
         self.method.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), eager_hooks():
             self.method.end_task(ctx.replace(split="stats", cacheable=True), self.data.stats_loader(task))
 
     def _stage_settings(self, stage: Stage) -> dict:
@@ -340,7 +350,8 @@ class Trainer(Checkpointing, Evaluating):
         tf = self.data.train_transform(stage.augment)
         sctx = ctx.replace(stage=stage.name, split="train", cacheable=tf.deterministic, augment=not tf.deterministic,
                            batch_size=s["batch"] // self.world)
-        self.method.begin_stage(stage, sctx)
+        with eager_hooks():
+            self.method.begin_stage(stage, sctx)
         if resume and self._pending is not None:
             # The hooks before this point ran again (for their effects on what checkpoints do not
             # hold); the saved state now replaces whatever they changed, RNG included.
@@ -375,7 +386,8 @@ class Trainer(Checkpointing, Evaluating):
             self.log.info(f"  task {task + 1} {stage.name}: kept the parameters of step {self._best['step']} "
                           f"(validation accuracy {self._best['acc']:.2f})")
         self._best = None
-        self.method.end_stage(stage, sctx)
+        with eager_hooks():
+            self.method.end_stage(stage, sctx)
 
     def _stage_optimizer(self, stage: Stage, key: str, s: dict, resume: bool) -> torch.optim.Optimizer:
         """The stage's optimizer: kept across tasks when persistent, its state restored on resume."""
