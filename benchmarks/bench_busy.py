@@ -1,4 +1,5 @@
-"""Each op's fused CPU backend and its stock-PyTorch composition, quiet and beside one busy neighbour.
+"""Each op's fused CPU backend and its stock-PyTorch composition, quiet, beside one busy neighbour, and beside a twin
+rank.
 
     python -m pytest benchmarks/bench_busy.py --benchmark-enable --benchmark-only --benchmark-json=busy.json
     python benchmarks/report.py busy.json          # the `busy_neighbour` table: quiet ms, busy ms, slowdown
@@ -10,6 +11,11 @@ its core with the neighbour may wait a scheduler slice (milliseconds) to run: an
 collapses, one with few regions of enough work slows like the stock ops (at most 2×, the core it lost).
 ``benchmarks/parallel_regions.py`` counts the regions per call. The goal (the performance issue): each fused op
 degrades no worse than the stock composition it replaces.
+
+Load ``rank``: the neighbour is a second process running the same case with the same backend and thread count in a
+loop, as the other rank of a two-process DDP run on the same cores does (``torchrun`` gives each rank
+``OMP_NUM_THREADS=1``: run with ``CLFAST_BENCH_THREADS=1`` for that setting; at the default 2 threads the two ranks
+oversubscribe the two cores, the case a user meets who sets ``threads=2`` per rank).
 
 Cases, at each op's acceptance shape of BENCHMARKS.md (``--quick``: the same ops at small shapes), forward and
 backward: mahalanobis B 128, K 200, D 768; gaussian_kl B 128, D 768; prefix_attention B 16, H 12, N 197, d 64,
@@ -23,6 +29,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -34,7 +41,7 @@ from clfast.ops import gaussian_kl, mahalanobis, prefix_attention, prompt_conv, 
 
 ROUNDS = dict(rounds=10, warmup=2)
 IMPLS = ["cpu", "torch"]
-LOADS = ["quiet", "busy"]
+LOADS = ["quiet", "busy", "rank"]
 
 
 def _case(op: str, quick: bool) -> tuple[str, Callable, tuple, str, Callable]:
@@ -68,13 +75,45 @@ def _case(op: str, quick: bool) -> tuple[str, Callable, tuple, str, Callable]:
 OPS = ["mahalanobis", "gaussian_kl", "prefix_attention", "prompt_conv", "retrieve"]
 
 
+def _call(op: str, impl: str, quick: bool) -> tuple[str, str, Callable[[], None]]:
+    """(shape text, mode, one timed call) of case ``op`` with backend ``impl``."""
+    shape, fn, inputs, mode, forward = _case(op, quick)
+    run = implementation(op, impl, fn, peer=None)
+    grad_inputs = tuple(t.requires_grad_(mode != "fwd") for t in inputs)
+    out = forward(run)
+    out = out[0] if isinstance(out, tuple) else out
+    dout = torch.randn_like(out) if mode != "fwd" else None
+    return shape, mode, step(lambda: forward(run), mode, grad_inputs, dout)
+
+
+def twin(op: str, impl: str, quick: bool, threads: int) -> None:
+    """The ``rank`` neighbour's body: case ``op`` with backend ``impl`` at ``threads`` threads, forever."""
+    torch.set_num_threads(threads)
+    _, _, call = _call(op, impl, quick)
+    call()
+    print("ready", flush=True)
+    while True:
+        call()
+
+
 @pytest.fixture
-def neighbour(request):
-    """Starts one busy pure-Python loop in another process for load "busy"; kills it afterwards."""
+def neighbour(request, quick, op, impl):
+    """For load "busy" one busy pure-Python loop in another process, for "rank" a twin rank (:func:`twin`) running
+    once it has built its case; killed afterwards. A backend not available here skips the case before any starts."""
+    if not available(op, impl):
+        pytest.skip(f"{op}: backend {impl!r} is not available here")
     proc = None
     if request.param == "busy":
         proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         time.sleep(0.3)
+    elif request.param == "rank":
+        code = (f"from benchmarks.bench_busy import twin; twin({op!r}, {impl!r}, {bool(quick)}, "
+                f"{torch.get_num_threads()})")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                cwd=str(Path(__file__).resolve().parent.parent))
+        if proc.stdout.readline().strip() != "ready":
+            proc.kill()
+            raise RuntimeError(f"bench_busy: the twin rank of {op}/{impl} did not start (exit {proc.wait()})")
     try:
         yield request.param
     finally:
@@ -87,15 +126,7 @@ def neighbour(request):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", OPS)
 def test_busy_neighbour(benchmark, quick, op, impl, neighbour):
-    if not available(op, impl):
-        pytest.skip(f"{op}: backend {impl!r} is not available here")
-    shape, fn, inputs, mode, forward = _case(op, quick)
-    run = implementation(op, impl, fn, peer=None)
-    grad_inputs = tuple(t.requires_grad_(mode != "fwd") for t in inputs)
-    out = forward(run)
-    out = out[0] if isinstance(out, tuple) else out
-    dout = torch.randn_like(out) if mode != "fwd" else None
-    time_case(benchmark, step(lambda: forward(run), mode, grad_inputs, dout),
-              group=f"busy_neighbour {op} {shape} fp32 {mode}", **ROUNDS,
+    shape, mode, call = _call(op, impl, quick)
+    time_case(benchmark, call, group=f"busy_neighbour {op} {shape} fp32 {mode}", **ROUNDS,
               op="busy_neighbour", case_op=op, impl=impl, load=neighbour, threads=torch.get_num_threads(),
               mode=mode)

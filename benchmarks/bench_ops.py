@@ -14,8 +14,9 @@ from benchmarks.peers import prefix_attention_peer
 from clfast.ops import prefix_attention
 
 # ---------------------------------------------------------------- prefix_attention
-# (B, H, N, d, P): ViT-B/16 shapes; the acceptance shape is B=16, P=20.
-PA_SHAPES = [(16, 12, 197, 64, 20), (32, 12, 197, 64, 5), (32, 12, 197, 64, 20)]
+# (B, H, N, d, P): ViT-B/16 shapes; the acceptance shape is B=16, P=20. P=0: a block without prompts (the
+# frozen query pass, the unprompted blocks), where `torch` is plain SDPA.
+PA_SHAPES = [(16, 12, 197, 64, 20), (32, 12, 197, 64, 5), (32, 12, 197, 64, 20), (16, 12, 197, 64, 0)]
 PA_QUICK = [(4, 3, 65, 64, 5), (16, 12, 197, 64, 20)]
 PA_IMPLS = ["peer", "torch", "cpu", "triton"]
 

@@ -73,6 +73,11 @@ def phase_of(event) -> str:
     return "forward"
 
 
+def op_name(name: str) -> str:
+    """An event's name as the table shows it: a compiled graph's call without its hash."""
+    return "[compiled graph]" if name.startswith("## Call CompiledFxGraph") else name
+
+
 def breakdown(events) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
     """Own seconds per phase and per (phase, op) of a profiler's events; the labels this module and torch add
     (``bench::``, ``autograd::engine::``, ``Optimizer.step``) keep none of their own time (it goes to ``(phase,
@@ -84,7 +89,7 @@ def breakdown(events) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
         own = e.self_cpu_time_total / 1e6
         label = e.name.startswith(("bench::", "autograd::engine::", "Optimizer.")) or e.name == "ProfilerStep"
         phases[ph] += own
-        ops[(ph, "[python]" if label else e.name)] += own
+        ops[(ph, "[python]" if label else op_name(e.name))] += own
     return dict(phases), dict(ops)
 
 

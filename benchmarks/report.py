@@ -146,18 +146,21 @@ def train_step_table(benches: list[dict]) -> str:
 
 
 def busy_table(benches: list[dict]) -> str:
-    """bench_busy.py: each op's backends quiet and beside one busy neighbour, and the slowdown (busy / quiet)."""
+    """bench_busy.py: each op's backends quiet, beside one busy neighbour and beside a twin rank, and the slowdowns
+    (busy / quiet, rank / quiet)."""
     groups: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
     for b in benches:
         info = b["extra_info"]
         groups[b["group"]][(info["impl"], info["load"])] = b["stats"]["median"]
-    rows = ["| case | impl | quiet ms | busy ms | slowdown |", "|---|---|---:|---:|---:|"]
+    rows = ["| case | impl | quiet ms | busy ms | slowdown | twin rank ms | slowdown |",
+            "|---|---|---:|---:|---:|---:|---:|"]
     for group in sorted(groups):
         meds, case = groups[group], group[len("busy_neighbour"):].strip()
         for impl in sorted({i for i, _ in meds}):
-            quiet, busy = meds.get((impl, "quiet")), meds.get((impl, "busy"))
+            quiet, busy, rank = (meds.get((impl, load)) for load in ("quiet", "busy", "rank"))
             ms = lambda t: "–" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
-            rows.append(f"| {case} | {impl} | {ms(quiet)} | {ms(busy)} | {_x(busy, quiet)} |")
+            rows.append(f"| {case} | {impl} | {ms(quiet)} | {ms(busy)} | {_x(busy, quiet)} | {ms(rank)} | "
+                        f"{_x(rank, quiet)} |")
     return "\n".join(rows)
 
 

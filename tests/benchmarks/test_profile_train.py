@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import profile_train as pt
+from benchmarks import steps
 
 
 class _Backbone(torch.nn.Module):
@@ -91,3 +92,31 @@ def test_profile_train_quick_run_writes_the_block(tmp_path):
     assert "query: `aten::addmm`" in text or "forward: `aten::addmm`" in text
     with pytest.raises(SystemExit):
         pt.main(["--rounds", "-1"])
+
+
+def test_compiled_graph_calls_lose_their_hash():
+    assert pt.op_name("## Call CompiledFxGraph fo4ovchu4g7hhlwthpodwatbhm3 ##") == "[compiled graph]"
+    assert pt.op_name("aten::addmm") == "aten::addmm"
+
+
+def _backward_mm_calls(s) -> int:
+    fn = steps.step_fn(s, "clfast")
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "aten::mm" and pt.phase_of(e) == "backward")
+
+
+def test_the_frozen_backbone_costs_one_backward_gemm_per_linear(tmp_path):
+    """A DualPrompt step (prompts from block 0) back-propagates through every block of the frozen ViT: one GEMM per
+    linear layer (the input's gradient, never the frozen weight's) but block 0's qkv (its input, the embedded
+    patches, needs no gradient: the backward stops at the shallowest prompted block), plus the head's two; with the
+    backbone's weights trainable the weight gradients add one GEMM per linear."""
+    s = steps.setup("dualprompt", quick=True, batch_size=4, out=str(tmp_path))
+    linears = sum(isinstance(m, torch.nn.Linear) for m in s.method.backbone.vit.blocks.modules())
+    assert linears == 4 * len(s.method.backbone.vit.blocks)
+    assert _backward_mm_calls(s) == (linears - 1) + 2
+    # the mutant, weight gradients of the frozen layers: one more GEMM per linear, and block 0's qkv now needs its
+    # input's gradient too (its LayerNorm's affine weights are trainable)
+    s.method.backbone.vit.blocks.requires_grad_(True)
+    assert _backward_mm_calls(s) == 2 * linears + 2

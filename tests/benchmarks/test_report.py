@@ -55,13 +55,13 @@ def test_busy_neighbour_table_sets_each_load_side_by_side():
         return {"group": "busy_neighbour mahalanobis B128 fp32 fwd+bwd", "stats": {"median": median},
                 "extra_info": {"op": "busy_neighbour", "case_op": "mahalanobis", "impl": impl, "load": load}}
     data = {"benchmarks": [busy("cpu", "quiet", 0.003), busy("cpu", "busy", 0.006), busy("torch", "busy", 0.010),
-                           busy("torch", "quiet", 0.004)]}
+                           busy("torch", "quiet", 0.004), busy("cpu", "rank", 0.0045)]}
     tabs = report.tables(data)
     assert set(tabs) == {"busy_neighbour"}
     rows = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]: [c.strip() for c in line.strip("|").split("|")][2:]
             for line in tabs["busy_neighbour"].splitlines()[2:]}
-    assert rows[("mahalanobis B128 fp32 fwd+bwd", "cpu")] == ["3.00", "6.00", "2.00×"]
-    assert rows[("mahalanobis B128 fp32 fwd+bwd", "torch")] == ["4.00", "10.00", "2.50×"]
+    assert rows[("mahalanobis B128 fp32 fwd+bwd", "cpu")] == ["3.00", "6.00", "2.00×", "4.50", "1.50×"]
+    assert rows[("mahalanobis B128 fp32 fwd+bwd", "torch")] == ["4.00", "10.00", "2.50×", "–", "–"]
 
 
 def test_old_files_with_a_floor_in_the_group_still_render():
