@@ -152,8 +152,8 @@ def _median(xs: Sequence[float]) -> float:
 
 
 def table(method: str, profiles: dict[str, Profile], top: int, first: Optional[dict[str, float]] = None) -> str:
-    """The markdown table of one method: the paired wall times and speed-ups over ``peer`` (median of the rounds'
-    ratios, their range), ``first`` steps (a compiled configuration's first step: the compile), then the profiled
+    """The markdown table of one method: the paired wall times and speed-ups over ``peer`` (or the first
+    configuration without one: median of the rounds' ratios, their range), ``first`` steps (a compiled configuration's first step: the compile), then the profiled
     step's phases and ``top`` (phase, op) pairs, seconds per configuration."""
     configs = list(profiles)
     rows = [f"| {method} | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
@@ -166,13 +166,14 @@ def table(method: str, profiles: dict[str, Profile], top: int, first: Optional[d
 
     n = max(len(p.wall_s) for p in profiles.values())
     row(f"step s, median of {n}", [f"{_median(p.wall_s):.3f}" if p.wall_s else "–" for p in profiles.values()])
-    if "peer" in profiles and n:
-        base = profiles["peer"].wall_s
+    if n:
+        ref = "peer" if "peer" in profiles else configs[0]
+        base = profiles[ref].wall_s
         cells = []
         for p in profiles.values():
             ratios = sorted(a / b for a, b in zip(base, p.wall_s))
             cells.append(f"{_median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})" if ratios else "–")
-        row("speed-up vs peer, per round (range)", cells)
+        row(f"speed-up vs {ref}, per round (range)", cells)
     if first:
         row("first step s (compile: the compile)", [num(first.get(c)) for c in configs])
     row("profiled step s", [num(p.profiled_s) for p in profiles.values()])

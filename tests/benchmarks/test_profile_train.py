@@ -78,6 +78,12 @@ def test_table_speed_up_per_round_and_compile_row():
     assert rows["backward: `clfast::x`"] == ["–", "0.600"]
     assert rows["forward: `aten::addmm`"] == ["0.400", "0.400"]
     assert "backward: `aten::mm`" not in rows
+    # without a peer the ratios are against the first configuration
+    del prof["peer"]
+    prof["compile"] = pt.Profile([0.5, 1.0, 2.0], 1.0, {}, {})
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")[1:]]
+            for r in pt.table("m", prof, top=0).splitlines()[2:]}
+    assert rows["speed-up vs clfast, per round (range)"] == ["1.00× (1.00–1.00)", "2.00× (0.50–2.00)"]
 
 
 def test_profile_train_quick_run_writes_the_block(tmp_path):
