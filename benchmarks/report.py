@@ -52,6 +52,18 @@ def _isa_flags() -> str:
     return "unknown"
 
 
+def _kernel_forms() -> str:
+    """Which forms clfast's CPU kernels run here (chosen at run time; the build's baseline is AVX2)."""
+    try:
+        from clfast import _ext
+
+        info = _ext.cpu_kernels_info()
+    except Exception as e:   # no extension: say so rather than fail the report
+        return f"unknown ({type(e).__name__})"
+    parts = dict(p.split("=", 1) for p in info.split("; ") if "=" in p)
+    return f"{parts.get('simd forms', '?').split(' (')[0]}, bf16 GEMMs {parts.get('bf16', '?')}"
+
+
 def _git_commit() -> tuple[str, bool]:
     """(short sha, dirty) of the checkout report.py lives in; tracked files only."""
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -90,7 +102,8 @@ def header(data: dict) -> str:
         triton_v = "n/a"
     dev = extra.get("device", "cpu")
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if dev == "cuda" and torch.cuda.is_available() else ""
-    return (f"Machine: {_cpu_model()} ({_isa_flags()}), {os.cpu_count()} cores, torch threads "
+    return (f"Machine: {_cpu_model()} ({_isa_flags()}; kernels: {_kernel_forms()}), {os.cpu_count()} cores, "
+            f"torch threads "
             f"{os.environ.get('CLFAST_BENCH_THREADS', '2')}{gpu}. "
             f"Versions: Python {platform.python_version()}, torch {torch.__version__}, triton {triton_v}. "
             f"Commit: {_commit_text(data)}. Date: {data.get('datetime', '')[:19]}.")

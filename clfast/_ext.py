@@ -58,5 +58,13 @@ def build_info() -> str:
     return torch.ops._clfast_C.build_info()
 
 
+def cpu_kernels_info() -> str:
+    """What the CPU kernels run here, decided at run time: the element-wise forms (avx512 / avx2 / scalar) and
+    which GEMM operand types oneDNN's brgemm computes natively (``build_info`` says what was compiled)."""
+    if EXT_ERROR is not None:
+        return EXT_ERROR
+    return torch.ops._clfast_C.cpu_kernels_info()
+
+
 def built_with_cuda() -> bool:
     return EXT_ERROR is None and bool(torch.ops._clfast_C.built_with_cuda())

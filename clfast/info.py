@@ -30,6 +30,7 @@ def report() -> str:
     for mod in ("triton", "timm", "open_clip", "faiss", "numpy"):
         lines.append(f"{mod} {_version(mod)}")
     lines.append(f"extension clfast._C: {_ext.build_info()}")
+    lines.append(f"cpu kernels here: {_ext.cpu_kernels_info()}")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         lines.append(f"devices: cpu, cuda ({names})")

@@ -10,6 +10,8 @@
 
 #include <string>
 
+#include "common/brgemm.h"
+#include "common/cpu_features.h"
 #include "ops.h"
 
 #ifndef CLFAST_BUILD_NOTE
@@ -52,11 +54,33 @@ std::string build_info() {
 
 bool built_with_cuda() { return CLFAST_BUILD_CUDA != 0; }
 
+// What the CPU kernels run on this machine, decided at run time (build_info says what was compiled): the
+// element-wise forms (AVX-512 where compiled in and the CPU has F/BW/VL/DQ/BF16, else AVX2, else scalar), and
+// per GEMM operand type whether oneDNN's brgemm computes it here (a 16-bit type that fails is computed in fp32).
+std::string cpu_kernels_info() {
+  namespace cpu = clfast::cpu;
+  std::string s = "simd forms=";
+  if (cpu::use_avx512()) {
+    s += "avx512";
+  } else {
+    s += CLFAST_HAS_AVX2 ? "avx2" : "scalar";
+    if (CLFAST_HAS_AVX512) {
+      s += cpu::env_flag("CLFAST_CPU_DISABLE_AVX512") ? " (avx512 forms off: CLFAST_CPU_DISABLE_AVX512=1)"
+                                                      : " (avx512 forms compiled; this CPU lacks avx512 f/bw/vl/dq/bf16)";
+    }
+  }
+  s += std::string("; brgemm fp32=") + (cpu::brgemm_usable<float>() ? "yes" : "no (at::mm)");
+  s += std::string("; bf16=") + (cpu::brgemm_usable<at::BFloat16>() ? "native" : "computed in fp32");
+  s += std::string("; fp16=") + (cpu::brgemm_usable<at::Half>() ? "native" : "computed in fp32");
+  return s;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
   m.def("build_info() -> str", &build_info);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("cpu_kernels_info() -> str", &cpu_kernels_info);
 #if CLFAST_WITH_PREFIX_ATTENTION
   m.def(
       "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "

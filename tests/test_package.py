@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import clfast
+from clfast import _ext
 
 _BLOCK_EXT = """
 import importlib.abc, sys
@@ -52,6 +53,36 @@ def test_clfast_info_cli_and_module():
         assert f"clfast {clfast.__version__}" in res.stdout
         assert "op prefix_attention" in res.stdout
         assert "extension clfast._C: compiler=" in res.stdout
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(_ext.EXT_ERROR is not None, reason="needs the compiled extension clfast._C")
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs an x86 CPU with AVX2 and FMA "
+                    "(read from /proc/cpuinfo)")
+def test_cpu_kernels_info_reports_the_forms_chosen_here():
+    """The run-time choice, not the build's baseline (build_info says simd=avx2 on an AVX-512 machine too): the
+    AVX-512 forms exactly where the CPU has F/BW/VL/DQ/BF16, off under CLFAST_CPU_DISABLE_AVX512=1; bf16 GEMMs
+    computed in fp32 on a CPU without any bf16 instructions."""
+    flags = _cpu_flags()
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags
+    code = "import clfast._ext as e; print(e.cpu_kernels_info())"
+    here = _python(code, CLFAST_CPU_DISABLE_AVX512="0")
+    off = _python(code, CLFAST_CPU_DISABLE_AVX512="1")
+    assert here.returncode == 0 and off.returncode == 0, here.stderr + off.stderr
+    assert here.stdout.startswith("simd forms=avx512;" if avx512 else "simd forms=avx2"), here.stdout
+    assert off.stdout.startswith("simd forms=avx2 (avx512 forms off: CLFAST_CPU_DISABLE_AVX512=1)"), off.stdout
+    if not flags & {"avx512_bf16", "amx_bf16", "avx_ne_convert"}:
+        assert "bf16=computed in fp32" in here.stdout, here.stdout
+    nogemm = _python(code, CLFAST_CPU_DISABLE_BRGEMM="1")
+    assert "brgemm fp32=no (at::mm)" in nogemm.stdout and "bf16=computed in fp32" in nogemm.stdout, nogemm.stdout
+    assert "cpu kernels here: simd forms=" in _python("import clfast.info as i; print(i.report())").stdout
 
 
 def test_cli_rejects_unknown_command():

@@ -85,3 +85,12 @@ def test_peak_memory_sees_a_64_mb_buffer_held_for_a_moment():
     assert 56 <= got["peak_mem_mb"] <= 160, got
     idle = harness.peak_memory(lambda: time.sleep(0.02))
     assert idle["peak_mem_mb"] < 16, idle
+
+
+def test_header_names_the_kernel_forms_that_ran():
+    """Every table's header says which forms clfast's CPU kernels ran (chosen at run time), beside the CPU flags."""
+    from clfast import _ext
+
+    text = report.header({"datetime": "2026-12-07T00:00:00"})
+    forms = _ext.cpu_kernels_info().split(";")[0].split("=", 1)[1].split(" (")[0]
+    assert f"kernels: {forms}, bf16 GEMMs " in text, text
