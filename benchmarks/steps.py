@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from benchmarks import peers
 from clfast.engine import Trainer, load_config
-from clfast.engine.trainer import eager_hooks
 from clfast.engine.optim import build_optimizer
+from clfast.engine.trainer import eager_hooks
 from clfast.ops import use_backend
 
 CONFIGS = ("peer", "reference", "clfast")
