@@ -48,9 +48,8 @@ DEFAULT_METHODS = tuple(m for m, v in steps.VARIANTS.items() if not v.vlm)
 
 @dataclass
 class Profile:
-    """One profiled step: the configuration's wall seconds per paired round (no profiler), the profiled step's
-    seconds, and the own time
-    (seconds) of each phase and of each (phase, op name)."""
+    """One configuration of a method: its wall seconds per paired round (no profiler), the profiled step's seconds,
+    and that step's own time (seconds) per phase and per (phase, op name)."""
 
     wall_s: list[float]
     profiled_s: float
@@ -87,7 +86,7 @@ def breakdown(events) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
     for e in events:
         ph = phase_of(e)
         own = e.self_cpu_time_total / 1e6
-        label = e.name.startswith(("bench::", "autograd::engine::", "Optimizer.")) or e.name == "ProfilerStep"
+        label = e.name.startswith(("bench::", "autograd::engine::", "Optimizer."))
         phases[ph] += own
         ops[(ph, "[python]" if label else op_name(e.name))] += own
     return dict(phases), dict(ops)
@@ -152,9 +151,10 @@ def _median(xs: Sequence[float]) -> float:
 
 
 def table(method: str, profiles: dict[str, Profile], top: int, first: Optional[dict[str, float]] = None) -> str:
-    """The markdown table of one method: the paired wall times and speed-ups over ``peer`` (or the first
-    configuration without one: median of the rounds' ratios, their range), ``first`` steps (a compiled configuration's first step: the compile), then the profiled
-    step's phases and ``top`` (phase, op) pairs, seconds per configuration."""
+    """The markdown table of one method: the paired wall times and speed-ups over ``peer`` (or, without one, the
+    first configuration; the median of the rounds' ratios and their range), the ``first`` steps (a compiled
+    configuration's: the compile), then the profiled step's phases and ``top`` (phase, op) pairs, seconds per
+    configuration."""
     configs = list(profiles)
     rows = [f"| {method} | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
 
@@ -192,19 +192,19 @@ def run(methods: Sequence[str], configs: Sequence[str], *, quick: bool, top: int
     tables = {}
     for name in methods:
         s = steps.setup(name, quick=quick, batch_size=16, out=str(Path(out) / name))
-        fns, first, methods = {}, {}, {}
+        fns, first, owner = {}, {}, {}          # owner: the method object a configuration's step trains
         for c in configs:
             if c == "compile":
                 sc = steps.setup(name, quick=quick, batch_size=16, out=str(Path(out) / f"{name}-compile"),
                                  overrides=("compile=true",))
-                fns[c], methods[c] = steps.step_fn(sc, "clfast"), sc.method
+                fns[c], owner[c] = steps.step_fn(sc, "clfast"), sc.method
             else:
-                fns[c], methods[c] = steps.step_fn(s, c), s.method
+                fns[c], owner[c] = steps.step_fn(s, c), s.method
             t0 = time.perf_counter()
             fns[c]()                                    # warm-up (a compiled configuration: the compile)
             first[c] = time.perf_counter() - t0
         walls = paired(fns, rounds)
-        profiles = {c: profile(fns[c], methods[c], walls[c]) for c in configs}
+        profiles = {c: profile(fns[c], owner[c], walls[c]) for c in configs}
         tables[name] = table(name, profiles, top, first if "compile" in configs else None)
         print(tables[name] + "\n", flush=True)
     return tables

@@ -39,17 +39,24 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _isa_flags() -> str:
-    """The vector/matrix ISA extensions the CPU kernels can use, as /proc/cpuinfo names them."""
-    want = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+def cpu_flags() -> Optional[set[str]]:
+    """The CPU's feature flags as /proc/cpuinfo names them (its first processor); None where it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in want if f in have) or "none of " + " ".join(want)
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return "unknown"
+    return None
+
+
+def _isa_flags() -> str:
+    """The vector/matrix ISA extensions the CPU kernels can use, as /proc/cpuinfo names them."""
+    want = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    have = cpu_flags()
+    if have is None:
+        return "unknown"
+    return " ".join(f for f in want if f in have) or "none of " + " ".join(want)
 
 
 def _kernel_forms() -> str:

@@ -56,11 +56,9 @@ def test_clfast_info_cli_and_module():
 
 
 def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
+    from benchmarks.report import cpu_flags
+
+    return cpu_flags() or set()
 
 
 @pytest.mark.skipif(_ext.EXT_ERROR is not None, reason="needs the compiled extension clfast._C")
