@@ -12,10 +12,10 @@ collapses, one with few regions of enough work slows like the stock ops (at most
 ``benchmarks/parallel_regions.py`` counts the regions per call. The goal (the performance issue): each fused op
 degrades no worse than the stock composition it replaces.
 
-Load ``rank``: the neighbour is a second process running the same case with the same backend and thread count in a
-loop, as the other rank of a two-process DDP run on the same cores does (``torchrun`` gives each rank
-``OMP_NUM_THREADS=1``: run with ``CLFAST_BENCH_THREADS=1`` for that setting; at the default 2 threads the two ranks
-oversubscribe the two cores, the case a user meets who sets ``threads=2`` per rank).
+Load ``rank``: the neighbour is a second process (one for the session, idle between cases) running the same case
+with the same backend and thread count in a loop, as the other rank of a two-process DDP run on the same cores does
+(``torchrun`` gives each rank ``OMP_NUM_THREADS=1``: run with ``CLFAST_BENCH_THREADS=1`` for that setting; at the
+default 2 threads the two ranks oversubscribe the two cores, the case a user meets who sets ``threads=2`` per rank).
 
 Cases, at each op's acceptance shape of BENCHMARKS.md (``--quick``: the same ops at small shapes), forward and
 backward: mahalanobis B 128, K 200, D 768; gaussian_kl B 128, D 768; prefix_attention B 16, H 12, N 197, d 64,
@@ -26,6 +26,7 @@ busy; report.py sets the two loads of each side by side.
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import time
@@ -86,40 +87,85 @@ def _call(op: str, impl: str, quick: bool) -> tuple[str, str, Callable[[], None]
     return shape, mode, step(lambda: forward(run), mode, grad_inputs, dout)
 
 
-def twin(op: str, impl: str, quick: bool, threads: int) -> None:
-    """The ``rank`` neighbour's body: case ``op`` with backend ``impl`` at ``threads`` threads, forever."""
+def twin(quick: bool, threads: int) -> None:
+    """The ``rank`` neighbour's process, one per session: at ``threads`` threads it reads ``"<op> <impl>"`` lines from
+    standard input and runs that case in a loop (answering ``ready`` once it has built it and run it once) until the
+    next line; ``idle`` stops it (answered ``idle``); end of input ends the process. One process for every case, so
+    that a case pays no interpreter start and import (about 2 s each)."""
     torch.set_num_threads(threads)
-    _, _, call = _call(op, impl, quick)
-    call()
-    print("ready", flush=True)
+    call = None
     while True:
+        if call is not None:
+            call()
+            if not select.select([sys.stdin], [], [], 0)[0]:
+                continue
+        line = sys.stdin.readline()
+        if not line:
+            return
+        words = line.split()
+        if words == ["idle"]:
+            call = None
+            print("idle", flush=True)
+            continue
+        op, impl = words
+        _, _, call = _call(op, impl, quick)
         call()
+        print("ready", flush=True)
+
+
+class _Twin:
+    """The session's twin process (:func:`twin`), asked for one case at a time."""
+
+    def __init__(self, quick: bool):
+        code = f"from benchmarks.bench_busy import twin; twin({bool(quick)}, {torch.get_num_threads()})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, cwd=str(Path(__file__).resolve().parent.parent))
+
+    def ask(self, line: str, answer: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        got = self.proc.stdout.readline().strip()
+        if got != answer:
+            self.close()
+            raise RuntimeError(f"bench_busy: the twin rank answered {got!r} to {line!r}, not {answer!r} "
+                               f"(exit {self.proc.returncode})")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def twin_rank(quick):
+    """The twin process of the ``rank`` cases, started by the first of them, killed at the end of the session."""
+    t = _Twin(quick)
+    yield t
+    t.close()
 
 
 @pytest.fixture
 def neighbour(request, quick, op, impl):
-    """For load "busy" one busy pure-Python loop in another process, for "rank" a twin rank (:func:`twin`) running
-    once it has built its case; killed afterwards. A backend not available here skips the case before any starts."""
+    """For load "busy" one busy pure-Python loop in another process, killed afterwards; for "rank" the session's twin
+    process (:func:`twin`) running the same case once it has built it, set idle afterwards. A backend not available
+    here skips the case before any starts."""
     if not available(op, impl):
         pytest.skip(f"{op}: backend {impl!r} is not available here")
-    proc = None
+    proc = rank = None
     if request.param == "busy":
         proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         time.sleep(0.3)
     elif request.param == "rank":
-        code = (f"from benchmarks.bench_busy import twin; twin({op!r}, {impl!r}, {bool(quick)}, "
-                f"{torch.get_num_threads()})")
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                                cwd=str(Path(__file__).resolve().parent.parent))
-        if proc.stdout.readline().strip() != "ready":
-            proc.kill()
-            raise RuntimeError(f"bench_busy: the twin rank of {op}/{impl} did not start (exit {proc.wait()})")
+        rank = request.getfixturevalue("twin_rank")
+        rank.ask(f"{op} {impl}", "ready")
     try:
         yield request.param
     finally:
         if proc is not None:
             proc.kill()
             proc.wait()
+        if rank is not None:
+            rank.ask("idle", "idle")
 
 
 @pytest.mark.parametrize("neighbour", LOADS, indirect=True)
