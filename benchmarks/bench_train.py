@@ -4,12 +4,14 @@ floors in the same run.
     clfast bench train [--quick] [-k gpls] [--write]        (also part of ``clfast bench all``, ``make bench``)
 
 One group per method (:data:`benchmarks.steps.VARIANTS`: ``linear``, ``l2p``, ``dualprompt``, ``coda_prompt``,
-``gpls``, ``convprompt`` with 10 prompts in use, STAR-Prompt's stage-2 step and its stage-1 step, ``clumo`` on the
-paper preset's VLM: ViT-B-16 towers at 384 px, fusion 6 x 768 x 12), each timing a
+``gpls``, ``convprompt`` with 10 prompts in use, STAR-Prompt's stage-2 step and its stage-1 step with the paper's
+CLIP ViT-L-14 (stage 1 at task 2, at the last task, and at the last task with the CLIP query cached: stage 1 is not
+augmented), ``clumo`` on the paper preset's VLM: ViT-B-16 towers at 384 px, fusion 6 x 768 x 12), each timing a
 full training step (forward, backward, optimizer step, and whatever the method does per step: the frozen query
 pass, the KL of its prior, ...) at ``vit_base_patch16_224`` shapes with random weights, batch 16 (``--quick``: the
-shipped ``vit_tiny_synth``), augmentation on, so no per-image cache helps. The method is set up as the trainer
-would for task 2 (``begin_task`` with a statistics pass over two batches). Configurations
+shipped ``vit_tiny_synth`` and ``clip_tiny_synth``), augmentation on, so no per-image cache helps (except in the
+``_cached`` variant). The method is set up as the trainer would for task 2 (the ``_last`` variants: task 10;
+``begin_task`` with a statistics pass over two batches). Configurations
 (:mod:`benchmarks.steps`):
 
 - ``peer``: the way the method's official code computes it (:mod:`benchmarks.peers`: naive attention with
@@ -22,8 +24,8 @@ would for task 2 (``begin_task`` with a statistics pass over two batches). Confi
 
 The floors (group ``train_step floors``): the bare ViT's forward and backward through every block (``floor``), and
 its frozen forward with only a head's backward (``floor_head``), in the engine's default precision (``amp=auto``:
-bf16 autocast where the CPU or GPU computes bf16 natively, fp32 elsewhere); for the VLM the frozen
-towers, then the fusion encoder's backward through every layer or none (:func:`benchmarks.steps.vlm_floor_fn`). After the timed
+bf16 autocast where the CPU or GPU computes bf16 natively, fp32 elsewhere); for the VLM the frozen towers, then
+the fusion encoder's backward through every layer or none (:func:`benchmarks.steps.vlm_floor_fn`). After the timed
 rounds, one more step of each configuration runs under :func:`benchmarks.harness.peak_memory`, recorded in the
 figure's ``extra_info`` (``peak_mem_mb``, ``peak_mem_kind``). The configurations share the method object, its
 optimizer and the batch; each step trains them on. report.py renders the per-method table (s/step, images/s, peak
@@ -72,10 +74,16 @@ def test_train_step(benchmark, setups, quick, tmp_path_factory, method, config):
         setups[method] = steps.setup(method, quick=quick, batch_size=B, out=str(tmp_path_factory.mktemp(method)))
     s = setups[method]
     amp = "fp32" if config == "peer" else str(s.trainer.amp_dtype or "fp32").replace("torch.", "")
-    name = _backbone(quick, steps.VARIANTS[method].vlm)
+    v = steps.VARIANTS[method]
+    name = _backbone(quick, v.vlm)
+    # STAR-Prompt: its CLIP named; stage 1 runs CLIP alone (no ViT floor applies), stage 2 CLIP's query and the ViT
+    floors = "" if v.stage == "stage1" else f"{name} B{B}"
+    if hasattr(s.method.cfg, "clip_model") and not v.vlm:
+        clip = f"CLIP {s.method.cfg.clip_model}"
+        name = clip if v.stage == "stage1" else f"{name} + {clip}"
     benchmark.group = f"train_step {method} {name} B{B}"
     _time(benchmark, steps.step_fn(s, config), quick, impl=config, method=method, backbone=name,
-          images=B, amp=amp, floors=f"{name} B{B}")
+          images=B, amp=amp, floors=floors)
 
 
 @pytest.mark.parametrize("vlm", [False, True], ids=["vit", "vlm"])

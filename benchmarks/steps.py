@@ -39,17 +39,23 @@ FLOORS = ("floor", "floor_head")
 @dataclass(frozen=True)
 class Variant:
     """What a benchmarked method runs: the registered ``method``, the ``stage`` whose step is timed (None: its
-    first), config ``overrides``; at ViT-B/16 shapes only, ``full_overrides`` (the paper's settings where the
-    fast preset narrows them for the tiny backbone); with ``quick`` only, ``quick_overrides`` (fewer prompts where
-    the peer's cost grows with them, so that the quick run stays short)."""
+    first), the ``task`` it is set up for (0-based; the data has 10 tasks of 10 classes), ``cacheable``: whether the
+    step's context allows the per-image query cache (only for a stage that trains without augmentation in the
+    official code too; the peer never caches), config ``overrides``; at ViT-B/16 shapes only, ``full_overrides``
+    (the paper's settings where the fast preset narrows them for the tiny backbone); with ``quick`` only,
+    ``quick_overrides`` (fewer prompts where the peer's cost grows with them, so that the quick run stays short)."""
 
     method: str
     stage: Optional[str] = None
+    task: int = 1
+    cacheable: bool = False
     overrides: tuple[str, ...] = ()
     full_overrides: tuple[str, ...] = ()
     quick_overrides: tuple[str, ...] = ()
     vlm: bool = False          # a VQA method on the clfast VLM (synth-vqa; a vlm_finetune checkpoint to load)
 
+
+STAR_CLIP = ("method_args.clip_model=ViT-L-14", "method_args.clip_pretrained=none")
 
 VARIANTS = {
     "linear": Variant("linear"),
@@ -63,10 +69,18 @@ VARIANTS = {
     "convprompt": Variant("convprompt", overrides=("method_args.language_guidance=false",),
                           full_overrides=("method_args.layers=[0,1,2,3,4,5,6]",),
                           quick_overrides=("method_args.layers=[0,1]", "method_args.prompts_per_task=1")),
-    # level 2: CLIP query of the augmented batch, per-block class selection, the ViT with residual value prompts
-    "star_prompt": Variant("star_prompt", stage="stage2"),
-    # level 1: the text encoder (the official code recomputes every seen class's key each step)
-    "star_prompt_stage1": Variant("star_prompt_stage1", stage="stage1"),
+    # level 2: CLIP query of the augmented batch, per-block class selection, the ViT with residual value prompts; at
+    # ViT-B/16 shapes the paper's CLIP (ViT-L-14, random weights: its image tower is the query pass); --quick: the
+    # fast preset's clip_tiny_synth
+    "star_prompt": Variant("star_prompt", stage="stage2", full_overrides=STAR_CLIP),
+    # level 1: CLIP's image query and its text encoder over the classes (the official code recomputes every seen
+    # class's key each step, clfast the current task's only), at task 2 (10 past classes) and at the last task (90)
+    "star_prompt_stage1": Variant("star_prompt_stage1", stage="stage1", full_overrides=STAR_CLIP),
+    "star_prompt_stage1_last": Variant("star_prompt_stage1", stage="stage1", task=9, full_overrides=STAR_CLIP),
+    # stage 1 trains on CLIP's deterministic preprocess in both codes (no augmentation): clfast's per-image cache of
+    # the CLIP query serves every epoch after the first; the step of those epochs (the batch's query cached)
+    "star_prompt_stage1_last_cached": Variant("star_prompt_stage1", stage="stage1", task=9, cacheable=True,
+                                              full_overrides=STAR_CLIP),
     # the paper preset's VLM (ViT-B-16 towers at 384 px: 577 image tokens, fusion 6 x 768 x 12) with random weights;
     # --quick: the fast preset's (clip_tiny_synth at 64 px, fusion 2 x 192 x 3)
     "clumo": Variant("clumo", vlm=True),
@@ -79,8 +93,8 @@ VLM_BACKBONE = {False: ("method_args.clip_model=ViT-B-16", "method_args.clip_pre
 
 @dataclass
 class StepSetup:
-    """A method set up for task 2 as the trainer would (``begin_task`` with a statistics pass over two batches, the
-    timed stage begun), with its optimizer and one augmented batch."""
+    """A method set up for its variant's task (task 2 by default) as the trainer would (``begin_task`` with a
+    statistics pass over two batches, the timed stage begun), with its optimizer and one augmented batch."""
 
     trainer: Trainer
     ctx: object
@@ -95,14 +109,16 @@ class StepSetup:
 
 
 def setup(name: str, *, quick: bool, batch_size: int, out: str, overrides: tuple[str, ...] = (),
-          task: int = 1) -> StepSetup:
+          task: Optional[int] = None) -> StepSetup:
     """Build variant ``name`` of :data:`VARIANTS` on the ``synth-shapes`` data with augmentation on, at
     ``vit_base_patch16_224`` shapes with random weights (``quick``: the shipped ``vit_tiny_synth``); a VQA variant
     on ``synth-vqa`` (the whole image, unflipped: its only transform) with the paper preset's VLM at random weights
-    (``quick``: the fast preset's), loading a one-step :func:`vlm_checkpoint`."""
+    (``quick``: the fast preset's), loading a one-step :func:`vlm_checkpoint`; for ``task`` (0-based; None: the
+    variant's)."""
     if name not in VARIANTS:
         raise ValueError(f"steps.setup: unknown variant {name!r}; known: {sorted(VARIANTS)}")
     v = VARIANTS[name]
+    task = v.task if task is None else task
     if v.vlm:
         base = ["quiet=true", f"batch_size={batch_size}", *VLM_BACKBONE[quick]]
         dataset, data_args = "synth-vqa", [*base, f"dataset_args.n_per_task={2 * batch_size}",
@@ -117,7 +133,7 @@ def setup(name: str, *, quick: bool, batch_size: int, out: str, overrides: tuple
     data = t.train_data(task)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
     batches = [b for b, _ in zip(loader, range(2))]
-    ctx = t.context(task).replace(split="train", cacheable=False, batch_size=batch_size,
+    ctx = t.context(task).replace(split="train", cacheable=v.cacheable, batch_size=batch_size,
                                   task_loader=lambda augment=False: batches)
     with eager_hooks():                  # as the trainer runs the hooks (compile=true compiles the steps only)
         if v.vlm and task > 0:

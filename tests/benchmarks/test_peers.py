@@ -134,3 +134,28 @@ def test_reference_and_default_backends_give_the_same_first_losses(name, tmp_pat
     for base in ("reference", "fp32"):
         assert torch.allclose(got, losses[base], rtol=tol, atol=tol * 0.1), \
             f"{name}: {base} {losses[base].tolist()} vs clfast {got.tolist()}"
+
+
+@pytest.mark.parametrize("name", ["star_prompt_stage1_last", "star_prompt_stage1_last_cached"])
+def test_star_stage1_at_the_last_task_peer_recomputes_every_key_and_the_cache_serves_the_query(name, tmp_path,
+                                                                                               monkeypatch):
+    """The stage-1 variants at the last task: 90 past classes, whose keys the peer runs through the text encoder every
+    step and clfast does not; with ``cacheable`` (stage 1 is not augmented) clfast's step after the first reads the
+    batch's CLIP query from its cache, while the peer computes it every step, as the official code does."""
+    s = make(name, tmp_path, 4)
+    m = s.method
+    assert tuple(s.ctx.class_range) == (90, 100) and s.ctx.seen_classes == 100
+    assert s.ctx.cacheable == name.endswith("_cached")
+    images, classes = [], []
+    encode_image, encode_text = m.clip.encode_image, m._text_encoder.forward
+    monkeypatch.setattr(m.clip, "encode_image", lambda x, *a, **k: images.append(len(x)) or encode_image(x, *a, **k))
+    monkeypatch.setattr(m._text_encoder, "forward", lambda ctx, cls: classes.append(len(cls)) or encode_text(ctx, cls))
+    run = steps.step_fn(s, "clfast")
+    run()
+    images.clear(), classes.clear()
+    run()
+    assert sum(classes) == 10, f"clfast's step encoded {classes} classes, not the current task's 10"
+    assert images == ([] if s.ctx.cacheable else [4]), f"clfast's second step encoded images {images}"
+    images.clear(), classes.clear()
+    steps.step_fn(s, "peer")()
+    assert sum(classes) == 100 and images == [4], f"the peer encoded {classes} classes and images {images}"
