@@ -79,8 +79,8 @@ def test_train_step(benchmark, setups, quick, tmp_path_factory, method, config):
     # STAR-Prompt: its CLIP named; stage 1 runs CLIP alone (no ViT floor applies), stage 2 CLIP's query and the ViT
     floors = "" if v.stage == "stage1" else f"{name} B{B}"
     if hasattr(s.method.cfg, "clip_model") and not v.vlm:
-        clip = f"CLIP {s.method.cfg.clip_model}"
-        name = clip if v.stage == "stage1" else f"{name} + {clip}"
+        clip = f"clip:{s.method.cfg.clip_model}"          # one word: plots.py parses "<method> <backbone> B<n>"
+        name = clip if v.stage == "stage1" else f"{name}+{clip}"
     benchmark.group = f"train_step {method} {name} B{B}"
     _time(benchmark, steps.step_fn(s, config), quick, impl=config, method=method, backbone=name,
           images=B, amp=amp, floors=floors)

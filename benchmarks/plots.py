@@ -126,6 +126,18 @@ def plot_prompt_conv(tables, out: Path) -> Path:
     return _save(fig, out / "prompt_conv_prompts.png")
 
 
+LABELS = [(" vit_base_patch16_224+clip:ViT-L-14", " (ViT-B/16 + CLIP ViT-L/14)"), (" clip:ViT-L-14", " (CLIP ViT-L/14)"),
+          (" vit_base_patch16_224", " (ViT-B/16)"), (" vlm_ViT-B-16@384", " (VLM, 384 px)")]
+
+
+def _label(case: str) -> str:
+    """A training-step case as the plot's axis names it (the backbone in words)."""
+    for name, words in LABELS:
+        if name in case:
+            return case.replace(name, words)
+    return case
+
+
 def plot_train(tables, out: Path) -> Path:
     rates: dict[str, dict[str, float]] = defaultdict(dict)   # case -> impl -> images/s
     for name, rows in tables.items():
@@ -155,8 +167,7 @@ def plot_train(tables, out: Path) -> Path:
         ax.barh(ys, xs, height, label=impl)
     ax.set_xscale("log")
     ax.set_yticks(range(len(cases)))
-    ax.set_yticklabels([c.replace(" vit_base_patch16_224", " (ViT-B/16)").replace(" vlm_ViT-B-16@384", " (VLM, 384 px)")
-                        for c in cases], fontsize=7)
+    ax.set_yticklabels([_label(c) for c in cases], fontsize=7)
     ax.legend(fontsize=7, loc="upper right")
     return _save(fig, out / "train_step_methods.png")
 
