@@ -127,6 +127,7 @@ def plot_prompt_conv(tables, out: Path) -> Path:
 
 
 LABELS = [(" vit_base_patch16_224+clip:ViT-L-14", " (ViT-B/16 + CLIP ViT-L/14)"), (" clip:ViT-L-14", " (CLIP ViT-L/14)"),
+          (" vit_base_patch16_224+clip:clip_tiny_synth", " (ViT-B/16 + tiny CLIP)"),
           (" vit_base_patch16_224", " (ViT-B/16)"), (" vlm_ViT-B-16@384", " (VLM, 384 px)")]
 
 
@@ -155,7 +156,7 @@ def plot_train(tables, out: Path) -> Path:
     impls += sorted({i for r in rates.values() for i in r} - set(impls))
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 0.55 * len(cases) + 1.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(cases) + 1.6), dpi=110)
     ax.set_title("training step, images/s (log scale): compare bars within a method\n"
                  "(each method's bars come from one run; runs differ in machine load)", fontsize=10)
     ax.set_xlabel("images/s (higher is faster)")
@@ -166,6 +167,12 @@ def plot_train(tables, out: Path) -> Path:
         xs = [rates[c][impl] for c in cases if impl in rates[c]]
         ax.barh(ys, xs, height, label=impl)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    # ticks at 1, 2 and 5 of each decade, written as plain numbers (the default writes 2×10⁰ at every minor tick)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(range(len(cases)))
     ax.set_yticklabels([_label(c) for c in cases], fontsize=7)
     ax.legend(fontsize=7, loc="upper right")
