@@ -62,7 +62,8 @@ bench-quick: setup
 	$(VENV)/bin/clfast bench all --quick
 
 # where each method's training step spends its time (torch.profiler, phases and ops per configuration, paired
-# rounds, clfast with compile=true beside it): about an hour at ViT-B/16 on 2 cores; writes BENCHMARKS.md's profile block
+# rounds, clfast with compile=true beside it): about 1.5 hours at ViT-B/16 on 2 cores; writes BENCHMARKS.md's profile
+# block
 bench-profile: setup
 	$(PY) -m benchmarks.profile_train --configs peer reference clfast compile --write
 
