@@ -76,11 +76,10 @@ def test_train_step(benchmark, setups, quick, tmp_path_factory, method, config):
     amp = "fp32" if config == "peer" else str(s.trainer.amp_dtype or "fp32").replace("torch.", "")
     v = steps.VARIANTS[method]
     name = _backbone(quick, v.vlm)
-    # STAR-Prompt: its CLIP named; stage 1 runs CLIP alone (no ViT floor applies), stage 2 CLIP's query and the ViT
-    floors = "" if v.stage == "stage1" else f"{name} B{B}"
-    if hasattr(s.method.cfg, "clip_model") and not v.vlm:
+    floors = f"{name} B{B}" if v.floors else ""
+    if hasattr(s.method.cfg, "clip_model") and not v.vlm:   # STAR-Prompt: its CLIP named (alone where no ViT runs)
         clip = f"clip:{s.method.cfg.clip_model}"          # one word: plots.py parses "<method> <backbone> B<n>"
-        name = clip if v.stage == "stage1" else f"{name}+{clip}"
+        name = f"{name}+{clip}" if v.floors else clip
     benchmark.group = f"train_step {method} {name} B{B}"
     _time(benchmark, steps.step_fn(s, config), quick, impl=config, method=method, backbone=name,
           images=B, amp=amp, floors=floors)

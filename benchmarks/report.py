@@ -29,25 +29,26 @@ ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench:{name}:begin -->", "<!-- bench:{name}:end -->"
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> Optional[str]:
+    """The value of ``field`` in /proc/cpuinfo (its first processor); None where it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == field:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def cpu_flags() -> Optional[set[str]]:
     """The CPU's feature flags as /proc/cpuinfo names them (its first processor); None where it cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo("flags")
+    return None if flags is None else set(flags.split())
 
 
 def _isa_flags() -> str:

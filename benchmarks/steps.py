@@ -41,7 +41,8 @@ class Variant:
     """What a benchmarked method runs: the registered ``method``, the ``stage`` whose step is timed (None: its
     first), the ``task`` it is set up for (0-based; the data has 10 tasks of 10 classes), ``cacheable``: whether the
     step's context allows the per-image query cache (only for a stage that trains without augmentation in the
-    official code too; the peer never caches), config ``overrides``; at ViT-B/16 shapes only, ``full_overrides``
+    official code too; the peer never caches), ``floors``: whether the backbone's floors apply (False: the step
+    runs no ViT, as STAR-Prompt's stage 1), config ``overrides``; at ViT-B/16 shapes only, ``full_overrides``
     (the paper's settings where the fast preset narrows them for the tiny backbone); with ``quick`` only,
     ``quick_overrides`` (fewer prompts where the peer's cost grows with them, so that the quick run stays short)."""
 
@@ -49,6 +50,7 @@ class Variant:
     stage: Optional[str] = None
     task: int = 1
     cacheable: bool = False
+    floors: bool = True
     overrides: tuple[str, ...] = ()
     full_overrides: tuple[str, ...] = ()
     quick_overrides: tuple[str, ...] = ()
@@ -75,12 +77,13 @@ VARIANTS = {
     "star_prompt": Variant("star_prompt", stage="stage2", full_overrides=STAR_CLIP),
     # level 1: CLIP's image query and its text encoder over the classes (the official code recomputes every seen
     # class's key each step, clfast the current task's only), at task 2 (10 past classes) and at the last task (90)
-    "star_prompt_stage1": Variant("star_prompt_stage1", stage="stage1", full_overrides=STAR_CLIP),
-    "star_prompt_stage1_last": Variant("star_prompt_stage1", stage="stage1", task=9, full_overrides=STAR_CLIP),
+    "star_prompt_stage1": Variant("star_prompt_stage1", stage="stage1", floors=False, full_overrides=STAR_CLIP),
+    "star_prompt_stage1_last": Variant("star_prompt_stage1", stage="stage1", task=9, floors=False,
+                                       full_overrides=STAR_CLIP),
     # stage 1 trains on CLIP's deterministic preprocess in both codes (no augmentation): clfast's per-image cache of
     # the CLIP query serves every epoch after the first; the step of those epochs (the batch's query cached)
     "star_prompt_stage1_last_cached": Variant("star_prompt_stage1", stage="stage1", task=9, cacheable=True,
-                                              full_overrides=STAR_CLIP),
+                                              floors=False, full_overrides=STAR_CLIP),
     # the paper preset's VLM (ViT-B-16 towers at 384 px: 577 image tokens, fusion 6 x 768 x 12) with random weights;
     # --quick: the fast preset's (clip_tiny_synth at 64 px, fusion 2 x 192 x 3)
     "clumo": Variant("clumo", vlm=True),
