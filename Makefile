@@ -17,7 +17,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_STAMP  := $(VENV)/.ext-stamp
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup demo test test-slow bench bench-quick bench-profile plots info clean
+.PHONY: setup demo test test-slow bench bench-quick bench-profile bench-probe plots info clean
 
 setup: $(EXT_STAMP)
 
@@ -66,6 +66,12 @@ bench-quick: setup
 # block
 bench-profile: setup
 	$(PY) -m benchmarks.profile_train --configs peer reference clfast compile --write
+
+# where prefix_attention's CPU time goes here, fp32 and bf16 at the ViT-B/16 shape: the matmul rate, the op three
+# ways, the kernel's phases (clfast.ops.cpu_phases), oneDNN's ISA and calls (ONEDNN_VERBOSE); about 3 minutes;
+# writes BENCHMARKS.md's probe_attention block. On an Intel Xeon with AMX this is issue 18's AMX measurement.
+bench-probe: setup
+	$(PY) -m benchmarks.probe_attention --write
 
 # docs/img/*.png from the tables in BENCHMARKS.md (run after `make bench` has rewritten them)
 plots: setup

@@ -8,10 +8,13 @@
 
 #include <torch/library.h>
 
+#include <iterator>
 #include <string>
+#include <vector>
 
 #include "common/brgemm.h"
 #include "common/cpu_features.h"
+#include "common/phases.h"
 #include "ops.h"
 
 #ifndef CLFAST_BUILD_NOTE
@@ -75,12 +78,36 @@ std::string cpu_kernels_info() {
   return s;
 }
 
+// The CPU kernels' phase counters (common/phases.h): cpu_phase_timing(on) zeroes them and turns the timers on or
+// off; cpu_phase_counters() reads them, one row per phase of cpu_phase_names(): (nanoseconds, sections, work).
+void cpu_phase_timing(bool on) { clfast::cpu::set_phase_timing(on); }
+
+std::vector<std::string> cpu_phase_names() {
+  return {std::begin(clfast::cpu::kPhaseNames), std::end(clfast::cpu::kPhaseNames)};
+}
+
+at::Tensor cpu_phase_counters() {
+  namespace cpu = clfast::cpu;
+  at::Tensor out = at::empty({cpu::kPhases, 3}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const cpu::PhaseCounters& c = cpu::phase_counters();
+  for (int i = 0; i < cpu::kPhases; ++i) {
+    o[3 * i] = c.ns[i].load(std::memory_order_relaxed);
+    o[3 * i + 1] = c.sections[i].load(std::memory_order_relaxed);
+    o[3 * i + 2] = c.work[i].load(std::memory_order_relaxed);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(_clfast_C, m) {
   m.def("build_info() -> str", &build_info);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("cpu_kernels_info() -> str", &cpu_kernels_info);
+  m.def("cpu_phase_timing(bool on) -> ()", &cpu_phase_timing);
+  m.def("cpu_phase_names() -> str[]", &cpu_phase_names);
+  m.def("cpu_phase_counters() -> Tensor", &cpu_phase_counters);
 #if CLFAST_WITH_PREFIX_ATTENTION
   m.def(
       "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "

@@ -10,6 +10,7 @@ torch.library registration and its public function / nn.Module.
     clfast.ops.KeyIndex(dim, metric, exact)   clfast.ops.kmeans(x, n_clusters, n_iter, seed)
     clfast.ops.class_select(query, modulators, keys, values, scale=..., confidence=..., strict_grad=...)
         -> (prompts, indices, scores);  clfast.ops.modulated_cosine(query, modulators, keys, scale=...)
+    clfast.ops.cpu_phases()   (context manager: where the compiled CPU kernels' time goes, phase by phase)
 
 Backends are picked per call (``clfast info`` lists them, ``backend_summary()`` returns the same as data);
 ``use_backend(name)`` or ``CLFAST_BACKEND`` forces one.
@@ -22,6 +23,7 @@ from clfast.ops.conv import PromptConv, prompt_conv
 from clfast.ops.gaussian import gaussian_kl, mahalanobis
 from clfast.ops.gaussian_stats import GaussianStats
 from clfast.ops.key_index import KeyIndex
+from clfast.ops.phases import PhaseTime, cpu_phases
 from clfast.ops.retrieval import retrieve
 from clfast.ops.selection import class_select, modulated_cosine
 
@@ -45,4 +47,6 @@ __all__ = [
     "list_ops",
     "select",
     "backend_summary",
+    "cpu_phases",
+    "PhaseTime",
 ]

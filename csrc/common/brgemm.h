@@ -6,7 +6,7 @@
 // and K must be even (pad the reduction with zeros). Whether brgemm computes a type's products correctly
 // here is probed once per type (brgemm_usable); fp32 GEMMs fall back to at::mm without it, and callers
 // compute 16-bit inputs in fp32 when their type fails the probe. Call gemm_release<C>() once a thread is
-// done with its GEMMs.
+// done with its GEMMs. Every call with work is one section of Phase::kGemm (common/phases.h), its work M*N*K.
 //
 // Environment (read once): CLFAST_CPU_DISABLE_BRGEMM=1 forces the fallbacks (for tests).
 #pragma once
@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "common/phases.h"
 
 namespace clfast::cpu {
 
@@ -107,6 +108,7 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const
     }
     return;
   }
+  const PhaseTimer timer(Phase::kGemm, M * N * K);
   if constexpr (std::is_same_v<C, float>) {
     if (!brgemm_usable<float>()) {
       gemm_fallback(M, N, K, A, lda, B, ldb, Cm, ldc, accumulate);

@@ -33,6 +33,7 @@
 #include "common/check.h"
 #include "common/cpu_features.h"
 #include "common/parallel.h"
+#include "common/phases.h"
 #include "common/prefetch.h"
 #include "common/scratch.h"
 #include "common/static_switch.h"
@@ -48,6 +49,8 @@ namespace {
 
 using cpu::gemm;
 using cpu::gemm_release;
+using cpu::Phase;
+using cpu::PhaseTimer;
 using cpu::scratch;
 
 // lse of padding queries in the backward: exp(scale*S - kPadLse) == 0 for any finite score.
@@ -195,6 +198,7 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
   // an item is one (b, h, query block): QKᵀ and PV over every key
   at::parallel_for(0, B * H * nqb, work_grain(2 * BQ * std::max<int64_t>(Lmax, 1) * d),
                    [&](int64_t begin, int64_t end) {
+    const PhaseTimer task_timer(Phase::kTask);
     C* Kt = scratch<C>(0, dp * ldk + round_up(Lmax, 2) * d);  // K^T: B operand [dp x keys]
     C* Vb = Kt + dp * ldk;                                     // V: B operand [keys x d]
     C* Qa = q_direct ? nullptr : scratch<C>(1, BQ * dp);
@@ -219,6 +223,7 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
         continue;
       }
       if (packed_bh != bh) {
+        const PhaseTimer timer(Phase::kPack, 2 * L * d);
         pack_b_features<C>(key_rows(p, pkv, kv, b, h), L, L, d, dp, ldk, Kt);
         pack_b_rows<C>(key_rows(p, pvv, vv, b, h), L, round_up(L, 2), d, Vb);
         packed_bh = bh;
@@ -244,6 +249,7 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
         }
       }
       if (A == nullptr) {
+        const PhaseTimer timer(Phase::kPack, nq * d);
         pack_rows<C>(q_src, nq, d, dp, Qa);
         A = Qa;
       }
@@ -254,18 +260,22 @@ void forward_impl(const Problem& p, float scale, at::Tensor& out, at::Tensor& ls
         const int64_t k0 = t * BK, kn = std::min(BK, L - k0);
         const bool first = t == 0;
         gemm<C>(nq, kn, dp, A, lda, Kt + (vnni ? 2 * k0 : k0), ldk, S, lds, false);
-        softmax_rows<C>(S, lds, nq, kn, scale, m, l, alpha, Pm, first, pf, pf_step);
-        if (!first) {
-          for (int64_t i = 0; i < nq; ++i) {
-            float* o = O + i * d;
-            for (int64_t c = 0; c < d; ++c) {
-              o[c] *= alpha[i];
+        {
+          const PhaseTimer timer(Phase::kElementwise, nq * kn);
+          softmax_rows<C>(S, lds, nq, kn, scale, m, l, alpha, Pm, first, pf, pf_step);
+          if (!first) {
+            for (int64_t i = 0; i < nq; ++i) {
+              float* o = O + i * d;
+              for (int64_t c = 0; c < d; ++c) {
+                o[c] *= alpha[i];
+              }
             }
           }
         }
         const int64_t kk = vnni ? round_up(kn, 2) : kn;
         gemm<C>(nq, d, kk, vnni ? Pm : reinterpret_cast<C*>(S), lds, Vb + k0 * d, d, O, d, !first);
       }
+      const PhaseTimer timer(Phase::kStore, nq * d);
       for (int64_t i = 0; i < nq; ++i) {
         lse_rows[i] = finalize_lse(m[i], l[i]);
         store_row<T>(O + i * d, d, out_rows + i * d, l[i] > 0.f ? 1.f / l[i] : 0.f);
@@ -370,6 +380,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
   const int64_t group_rows = ceil_div(Nq, G);
   at::parallel_for(0, BH * G, work_grain(5 * group_rows * std::max<int64_t>(Lmax, 1) * d),
                    [&](int64_t begin, int64_t end) {
+    const PhaseTimer task_timer(Phase::kTask);
     C* Ka = keys_direct ? nullptr : scratch<C>(0, 2 * Lmax * dp);
     C* Va = keys_direct ? nullptr : Ka + Lmax * dp;
     C* Kt = scratch<C>(1, d * ldk);
@@ -413,11 +424,14 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
       }
       const KeyRows<T> keys = key_rows(p, pkv, kv, b, h);
       const KeyRows<T> vals = key_rows(p, pvv, vv, b, h);
-      if (!keys_direct) {
-        pack_rows<C>(keys, L, d, dp, Ka);
-        pack_rows<C>(vals, L, d, dp, Va);
+      {
+        const PhaseTimer timer(Phase::kPack, (keys_direct ? 1 : 3) * L * d);
+        if (!keys_direct) {
+          pack_rows<C>(keys, L, d, dp, Ka);
+          pack_rows<C>(vals, L, d, dp, Va);
+        }
+        pack_cols<C>(keys, L, d, ldk, Kt);
       }
-      pack_cols<C>(keys, L, d, ldk, Kt);
       const int64_t ntiles = ceil_div(L, BK);
       RowPrefetch pf;
       if (item + 1 < end) {
@@ -443,18 +457,24 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
         const T* g_rows = gv.rows(b, h) + q0 * gv.sn;
         const T* o_rows = ov.rows(b, h) + q0 * ov.sn;
         const StridedRows<T> q_src{q_rows, qv.sn}, g_src{g_rows, gv.sn};
-        pack_b_features<C>(q_src, nq, nqk, d, dp, ldq, Qt);
-        pack_b_features<C>(g_src, nq, nqk, d, dp, ldq, dOt);
-        pack_b_rows<C>(q_src, nq, nqk, d, Qr);
-        pack_b_rows<C>(g_src, nq, nqk, d, dOr);
+        {
+          const PhaseTimer timer(Phase::kPack, 4 * nq * d);
+          pack_b_features<C>(q_src, nq, nqk, d, dp, ldq, Qt);
+          pack_b_features<C>(g_src, nq, nqk, d, dp, ldq, dOt);
+          pack_b_rows<C>(q_src, nq, nqk, d, Qr);
+          pack_b_rows<C>(g_src, nq, nqk, d, dOr);
+        }
         const float* lse_rows = lse_p + bh * Nq + q0;
-        for (int64_t i = 0; i < ldq; ++i) {
-          if (i < nq) {
-            lse_b[i] = lse_rows[i];
-            di[i] = dot_row<T>(g_rows + i * gv.sn, o_rows + i * ov.sn, d);
-          } else {  // padding queries: P = 0, dS = 0
-            lse_b[i] = kPadLse;
-            di[i] = 0.f;
+        {
+          const PhaseTimer timer(Phase::kElementwise, nq * d);  // Di = rowsum(dout * out)
+          for (int64_t i = 0; i < ldq; ++i) {
+            if (i < nq) {
+              lse_b[i] = lse_rows[i];
+              di[i] = dot_row<T>(g_rows + i * gv.sn, o_rows + i * ov.sn, d);
+            } else {  // padding queries: P = 0, dS = 0
+              lse_b[i] = kPadLse;
+              di[i] = 0.f;
+            }
           }
         }
 
@@ -463,7 +483,10 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
           const int64_t knk = vnni ? round_up(kn, 2) : kn;
           gemm_keys(keys, Ka, k0, kn, nqk, Qt, S);
           gemm_keys(vals, Va, k0, kn, nqk, dOt, dP);
-          grad_tile<C>(S, dP, ldq, kn, nqk, scale, lse_b, di, Pa, dSa, dSv, pf, pf_step);
+          {
+            const PhaseTimer timer(Phase::kElementwise, kn * nqk);
+            grad_tile<C>(S, dP, ldq, kn, nqk, scale, lse_b, di, Pa, dSa, dSv, pf, pf_step);
+          }
           const C* Pm = vnni ? Pa : reinterpret_cast<const C*>(S);
           const C* dSm = vnni ? dSa : reinterpret_cast<const C*>(dP);
           const C* dSb = vnni ? dSv : reinterpret_cast<const C*>(dP);
@@ -471,9 +494,11 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
           gemm<C>(kn, d, nqk, dSm, ldq, Qr, d, dK_acc + k0 * d, d, !first_q);
           gemm<C>(d, nqk, knk, Kt + k0, ldk, dSb, ldq, dQt, ldq, t > 0);
         }
+        const PhaseTimer timer(Phase::kStore, nq * d);
         store_transposed<T>(dQt, ldq, nq, d, nullptr, dq_p + (bh * Nq + q0) * d);
       }
       if (G == 1) {
+        const PhaseTimer timer(Phase::kStore, 2 * L * d);
         emit(b, h, dK_acc, dV_acc);
       }
     }
@@ -484,7 +509,9 @@ void backward_impl(const Problem& p, const at::Tensor& dout_in, const at::Tensor
   if (G > 1) {
     const int64_t Ls = std::max<int64_t>(Lmax, 1);
     at::parallel_for(0, BH, work_grain(G * 2 * Ls * d), [&](int64_t begin, int64_t end) {
+      const PhaseTimer task_timer(Phase::kTask);
       for (int64_t bh = begin; bh < end; ++bh) {
+        const PhaseTimer timer(Phase::kStore, 2 * G * Ls * d);
         const int64_t b = bh / H, h = bh % H;
         const int64_t L = P + p.count[b];
         float* base = partial.data_ptr<float>() + bh * G * 2 * Ls * d;
