@@ -14,7 +14,8 @@
 //
 // GEMMs: oneDNN micro-kernels (common/brgemm.h); bf16/fp16 are computed in fp32 where the machine has no
 // bf16/fp16 brgemm. Operand packing: cpu_packing.h. Element-wise kernels between the GEMMs: cpu_tiles.h
-// (AVX-512 forms chosen at run time, AVX2, or scalar). Per-thread buffers: common/scratch.h.
+// (AVX-512 forms chosen at run time, AVX2, or scalar). Per-thread buffers: common/scratch.h. Each task, its GEMMs,
+// packing, element-wise code and stores are timed phases (common/phases.h) when clfast.ops.cpu_phases asks.
 //
 // Environment (read once): CLFAST_CPU_DISABLE_BRGEMM=1, CLFAST_CPU_DISABLE_AVX512=1 force the
 // fallbacks (for tests).
