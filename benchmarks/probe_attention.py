@@ -201,11 +201,47 @@ def _fmt(x: Optional[float], spec: str = ".1f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def phase_rows(dt: str, ph: dict[str, dict], rounds: int, core_rate: float, threads: int) -> list[str]:
+    """Rows of the phases table for one precision (``ph``: :func:`phase_times`; ``core_rate``: a core's matmul
+    GFLOP/s in that precision)."""
+    rows = []
+    for part, d in ph.items():
+        busy = d["task"][0]
+        named = 0.0
+        for name in ("gemm", "elementwise", "pack", "store"):
+            sec, sections, work = d[name]
+            named += sec
+            rate = ""
+            if name == "gemm" and sec > 0:
+                gf = 2 * work / sec / 1e9
+                rate = f"{gf:.1f} GFLOP/s per thread ({100 * gf / core_rate:.0f} % of a core's matmul)"
+            rows.append(f"| {dt} | {part} | {name} | {100 * sec / busy:.0f} % | {1e6 * sec / max(sections, 1):.1f} | "
+                        f"{sections // rounds} | {rate} |")
+        rows.append(f"| {dt} | {part} | other (in tasks) | {100 * (busy - named) / busy:.0f} % | – | – | |")
+        rows.append(f"| {dt} | {part} | busy / (threads × wall) | {100 * busy / (threads * d['wall_s']):.0f} % "
+                    f"| – | – | |")
+    return rows
+
+
+def onednn_rows(dt: str, od: dict) -> list[str]:
+    """Rows of the oneDNN table for one precision (``od``: :func:`parse_onednn`)."""
+    rows = []
+    for impl in ("peer", "cpu"):
+        head = f"| {dt} | {impl} | {od['isa']} |"
+        for (kind, name), (calls, ms) in sorted(od["primitives"].get(impl, {}).items()):
+            rows.append(f"{head} primitive {kind} | {name} | {calls} | {ms:.2f} | – |")
+        for (kind, src), (calls, ms, shapes) in sorted(od["ukernels"].get(impl, {}).items()):
+            rows.append(f"{head} ukernel {kind} | src {src} | {calls} | {ms:.2f} | {len(shapes)} |")
+        if not od["primitives"].get(impl) and not od["ukernels"].get(impl):
+            rows.append(f"{head} none | (its GEMMs ran outside oneDNN) | 0 | – | – |")
+    return rows
+
+
 def run(dtypes: list[str], quick: bool, rounds: int) -> str:
+    """The four tables (see the module docstring) as markdown."""
     shape = QUICK_SHAPE if quick else SHAPE
-    n = 512 if quick else 2048
     threads = torch.get_num_threads()
-    measured = {dt: matmul_rate(DTYPES[dt], n) for dt in dtypes}
+    measured = {dt: matmul_rate(DTYPES[dt], 512 if quick else 2048) for dt in dtypes}
     rates = {dt: r for dt, (r, _) in measured.items()}
     s = ", ".join(f"{k} {v}" for k, v in shape.items())
     lines = [f"Shape {s}; {threads} threads; {rounds} paired rounds.", "",
@@ -217,7 +253,7 @@ def run(dtypes: list[str], quick: bool, rounds: int) -> str:
                       "100 %: read its bf16 rows against the fp32 rate."]
     lines += ["", "| precision | mode | impl | ms | GFLOP/s | % of matmul rate | speed-up vs peer |",
               "|---|---|---|---:|---:|---:|---:|"]
-    phase_rows, onednn_rows = [], []
+    phases, onednn = [], []
     for dt in dtypes:
         for mode in MODES:
             tensors = inputs(shape, DTYPES[dt], grad=mode != "fwd")
@@ -226,34 +262,13 @@ def run(dtypes: list[str], quick: bool, rounds: int) -> str:
                 gf = flops(shape, mode) / ms[impl] / 1e6
                 lines.append(f"| {dt} | {mode} | {impl} | {ms[impl]:.2f} | {gf:.1f} | {100 * gf / rates[dt]:.0f} % | "
                              f"{ms['peer'] / ms[impl]:.2f}× |")
-        ph = phase_times(inputs(shape, DTYPES[dt], grad=True), rounds)
-        for part, d in ph.items():
-            busy = d["task"][0]
-            named = 0.0
-            for name in ("gemm", "elementwise", "pack", "store"):
-                sec, sections, work = d[name]
-                named += sec
-                rate = f"{2 * work / sec / 1e9:.1f} GFLOP/s per thread ({100 * 2 * work / sec / 1e9 / (rates[dt] / threads):.0f} % of a core's matmul)" \
-                    if name == "gemm" and sec > 0 else ""
-                phase_rows.append(f"| {dt} | {part} | {name} | {100 * sec / busy:.0f} % | "
-                                  f"{1e6 * sec / max(sections, 1):.1f} | {sections // rounds} | {rate} |")
-            phase_rows.append(f"| {dt} | {part} | other (in tasks) | {100 * (busy - named) / busy:.0f} % | – | – | |")
-            phase_rows.append(f"| {dt} | {part} | busy / (threads × wall) | "
-                              f"{100 * busy / (threads * d['wall_s']):.0f} % | – | – | |")
-        od = onednn_summary(dt, quick)
-        for impl in ("peer", "cpu"):
-            for (kind, name), (calls, tms) in sorted(od["primitives"].get(impl, {}).items()):
-                onednn_rows.append(f"| {dt} | {impl} | {od['isa']} | primitive {kind} | {name} | {calls} | "
-                                   f"{tms:.2f} | – |")
-            for (kind, src), (calls, tms, shapes) in sorted(od["ukernels"].get(impl, {}).items()):
-                onednn_rows.append(f"| {dt} | {impl} | {od['isa']} | ukernel {kind} | src {src} | {calls} | "
-                                   f"{tms:.2f} | {len(shapes)} |")
-            if not od["primitives"].get(impl) and not od["ukernels"].get(impl):
-                onednn_rows.append(f"| {dt} | {impl} | {od['isa']} | none | (its GEMMs ran outside oneDNN) | 0 | – | – |")
+        phases += phase_rows(dt, phase_times(inputs(shape, DTYPES[dt], grad=True), rounds), rounds,
+                             rates[dt] / threads, threads)
+        onednn += onednn_rows(dt, onednn_summary(dt, quick))
     lines += ["", "| precision | part | phase | share of busy thread time | µs per section | sections per call | "
-              "GEMM rate |", "|---|---|---|---:|---:|---:|---|"] + phase_rows
+              "GEMM rate |", "|---|---|---|---:|---:|---:|---|"] + phases
     lines += ["", "| precision | impl | oneDNN ISA | executed | implementation | calls | ms (verbose) | shapes |",
-              "|---|---|---|---|---|---:|---:|---:|"] + onednn_rows
+              "|---|---|---|---|---|---:|---:|---:|"] + onednn
     return "\n".join(lines)
 
 

@@ -25,39 +25,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from clfast.utils.cpu import cpu_model, isa_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench:{name}:begin -->", "<!-- bench:{name}:end -->"
-
-
-def _cpuinfo(field: str) -> Optional[str]:
-    """The value of ``field`` in /proc/cpuinfo (its first processor); None where it cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == field:
-                return value.strip()
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_model() -> str:
-    return _cpuinfo("model name") or platform.processor() or "unknown"
-
-
-def cpu_flags() -> Optional[set[str]]:
-    """The CPU's feature flags as /proc/cpuinfo names them (its first processor); None where it cannot be read."""
-    flags = _cpuinfo("flags")
-    return None if flags is None else set(flags.split())
-
-
-def _isa_flags() -> str:
-    """The vector/matrix ISA extensions the CPU kernels can use, as /proc/cpuinfo names them."""
-    want = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-    have = cpu_flags()
-    if have is None:
-        return "unknown"
-    return " ".join(f for f in want if f in have) or "none of " + " ".join(want)
 
 
 def _kernel_forms() -> str:
@@ -110,7 +81,7 @@ def header(data: dict) -> str:
         triton_v = "n/a"
     dev = extra.get("device", "cpu")
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if dev == "cuda" and torch.cuda.is_available() else ""
-    return (f"Machine: {_cpu_model()} ({_isa_flags()}; kernels: {_kernel_forms()}), {os.cpu_count()} cores, "
+    return (f"Machine: {cpu_model()} ({isa_flags()}; kernels: {_kernel_forms()}), {os.cpu_count()} cores, "
             f"torch threads "
             f"{os.environ.get('CLFAST_BENCH_THREADS', '2')}{gpu}. "
             f"Versions: Python {platform.python_version()}, torch {torch.__version__}, triton {triton_v}. "

@@ -11,6 +11,7 @@ import torch
 
 from clfast import __version__, _ext, _triton
 from clfast.ops import backend_summary, backends
+from clfast.utils.cpu import cpu_model, isa_flags
 
 __all__ = ["report", "backend_summary", "main"]  # backend_summary: an alias of clfast.ops.backend_summary
 
@@ -29,6 +30,7 @@ def report() -> str:
              f"threads {torch.get_num_threads()}"]
     for mod in ("triton", "timm", "open_clip", "faiss", "numpy"):
         lines.append(f"{mod} {_version(mod)}")
+    lines.append(f"cpu: {cpu_model()} ({isa_flags()})")
     lines.append(f"extension clfast._C: {_ext.build_info()}")
     lines.append(f"cpu kernels here: {_ext.cpu_kernels_info()}")
     if torch.cuda.is_available():

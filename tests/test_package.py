@@ -8,6 +8,7 @@ import pytest
 
 import clfast
 from clfast import _ext
+from clfast.utils.cpu import KERNEL_ISA, cpu_flags, cpu_model, isa_flags
 
 _BLOCK_EXT = """
 import importlib.abc, sys
@@ -53,11 +54,35 @@ def test_clfast_info_cli_and_module():
         assert f"clfast {clfast.__version__}" in res.stdout
         assert "op prefix_attention" in res.stdout
         assert "extension clfast._C: compiler=" in res.stdout
+        assert f"cpu: {cpu_model()} ({isa_flags()})" in res.stdout
+
+
+# two processors, as /proc/cpuinfo lists them (the first one's fields are read)
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx2 fma avx512f avx512bw amx_bf16 amx_tile avx512_bf16
+
+processor\t: 1
+model name\t: another
+flags\t\t: fpu
+"""
+
+
+def test_cpu_model_and_isa_flags_read_the_first_processor(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    assert cpu_model(str(path)) == "Intel(R) Xeon(R) Platinum 8480+"
+    assert cpu_flags(str(path)) == {"fpu", "sse2", "avx2", "fma", "avx512f", "avx512bw", "amx_bf16", "amx_tile",
+                                    "avx512_bf16"}
+    assert isa_flags(str(path)) == "avx2 fma avx512f avx512bw avx512_bf16 amx_tile amx_bf16"      # KERNEL_ISA order
+    missing = str(tmp_path / "none")
+    assert cpu_flags(missing) is None and isa_flags(missing) == "unknown" and cpu_model(missing) != ""
+    path.write_text("processor\t: 0\nflags\t\t: fpu sse2\n")
+    assert isa_flags(str(path)) == "none of " + " ".join(KERNEL_ISA)
 
 
 def _cpu_flags() -> set:
-    from benchmarks.report import cpu_flags
-
     return cpu_flags() or set()
 
 

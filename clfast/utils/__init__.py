@@ -1,1 +1,2 @@
-"""Leaf utilities (files, seeding): importable from any layer; they import nothing of clfast."""
+"""Leaf utilities (files, seeding, the CPU's model and flags): importable from any layer; they import nothing
+of clfast."""
