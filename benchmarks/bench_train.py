@@ -25,14 +25,21 @@ shipped ``vit_tiny_synth`` and ``clip_tiny_synth``), augmentation on, so no per-
 The floors (group ``train_step floors``): the bare ViT's forward and backward through every block (``floor``), and
 its frozen forward with only a head's backward (``floor_head``), in the engine's default precision (``amp=auto``:
 bf16 autocast where the CPU or GPU computes bf16 natively, fp32 elsewhere); for the VLM the frozen towers, then
-the fusion encoder's backward through every layer or none (:func:`benchmarks.steps.vlm_floor_fn`). After the timed
-rounds, one more step of each configuration runs under :func:`benchmarks.harness.peak_memory`, recorded in the
-figure's ``extra_info`` (``peak_mem_mb``, ``peak_mem_kind``). The configurations share the method object, its
-optimizer and the batch; each step trains them on. report.py renders the per-method table (s/step, images/s, peak
-memory, speed-up vs peer, × floor).
+the fusion encoder's backward through every layer or none (:func:`benchmarks.steps.vlm_floor_fn`), three rounds after
+a warm-up each. Each configuration's own case times one step after a warm-up step, then one more step under
+:func:`benchmarks.harness.peak_memory`, recorded in the figure's ``extra_info`` (``peak_mem_mb``,
+``peak_mem_kind``). Then ``test_train_step_paired`` runs the method's configurations in paired rounds (one step of
+each per round, the order reversed every other round; ``paired_s`` in its ``extra_info``): on a machine whose speed
+drifts by 10-25 % over a run, rounds taken one configuration after another cannot resolve the differences that
+matter, the rounds' ratios can. The configurations share the method object, its optimizer and the batch; each step
+trains them on. report.py renders the per-method table (s/step and speed-up vs peer from the paired rounds, with the
+rounds' range; images/s, peak memory, × floor).
 """
 
 from __future__ import annotations
+
+import time
+from typing import Callable
 
 import pytest
 import torch
@@ -44,8 +51,11 @@ from clfast.engine.config import resolve_amp
 METHODS = list(steps.VARIANTS)
 CONFIGS = list(steps.CONFIGS)
 BATCH = {False: 16, True: 16}
-# rounds after warm-up: ViT-B/16 steps take seconds (the peers' tens of seconds), so few
-ROUNDS = {False: dict(rounds=3, warmup_rounds=1), True: dict(rounds=3, warmup_rounds=1)}
+# rounds after warm-up: ViT-B/16 steps take seconds (the peers' tens of seconds), so few. A configuration's own case
+# times one round after its warm-up (its figure where no paired rounds ran); the table's times are the paired rounds'.
+ROUNDS = {False: dict(rounds=1, warmup_rounds=1), True: dict(rounds=1, warmup_rounds=1)}
+FLOOR_ROUNDS = {False: dict(rounds=3, warmup_rounds=1), True: dict(rounds=3, warmup_rounds=1)}
+PAIRED_ROUNDS = {False: 3, True: 3}
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +64,34 @@ def setups():
     return {}
 
 
+def _setup(setups, method: str, quick: bool, tmp_path_factory) -> steps.StepSetup:
+    if method not in setups:
+        setups[method] = steps.setup(method, quick=quick, batch_size=BATCH[quick],
+                                     out=str(tmp_path_factory.mktemp(method)))
+    return setups[method]
+
+
+def _names(s: steps.StepSetup, method: str, quick: bool) -> tuple[str, str]:
+    """(backbone label, floors key) of a variant's rows."""
+    B = BATCH[quick]
+    v = steps.VARIANTS[method]
+    name = _backbone(quick, v.vlm)
+    floors = f"{name} B{B}" if v.floors else ""
+    if hasattr(s.method.cfg, "clip_model") and not v.vlm:   # STAR-Prompt: its CLIP named (alone where no ViT runs)
+        clip = f"clip:{s.method.cfg.clip_model}"          # one word: plots.py parses "<method> <backbone> B<n>"
+        name = f"{name}+{clip}" if v.floors else clip
+    return name, floors
+
+
 def _backbone(quick: bool, vlm: bool = False) -> str:
     if vlm:
         return "vlm_clip_tiny_synth@64" if quick else "vlm_ViT-B-16@384"
     return "vit_tiny_synth" if quick else "vit_base_patch16_224"
 
 
-def _time(benchmark, fn, quick: bool, **info) -> None:
+def _time(benchmark, fn, rounds: dict, **info) -> None:
     benchmark.extra_info.update(op="train_step", threads=torch.get_num_threads(), device=device(), **info)
-    benchmark.pedantic(fn, iterations=1, **ROUNDS[quick])
+    benchmark.pedantic(fn, iterations=1, **rounds)
     benchmark.extra_info.update(peak_memory(fn))
 
 
@@ -70,19 +99,45 @@ def _time(benchmark, fn, quick: bool, **info) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_train_step(benchmark, setups, quick, tmp_path_factory, method, config):
     B = BATCH[quick]
-    if method not in setups:
-        setups[method] = steps.setup(method, quick=quick, batch_size=B, out=str(tmp_path_factory.mktemp(method)))
-    s = setups[method]
+    s = _setup(setups, method, quick, tmp_path_factory)
     amp = "fp32" if config == "peer" else str(s.trainer.amp_dtype or "fp32").replace("torch.", "")
-    v = steps.VARIANTS[method]
-    name = _backbone(quick, v.vlm)
-    floors = f"{name} B{B}" if v.floors else ""
-    if hasattr(s.method.cfg, "clip_model") and not v.vlm:   # STAR-Prompt: its CLIP named (alone where no ViT runs)
-        clip = f"clip:{s.method.cfg.clip_model}"          # one word: plots.py parses "<method> <backbone> B<n>"
-        name = f"{name}+{clip}" if v.floors else clip
+    name, floors = _names(s, method, quick)
     benchmark.group = f"train_step {method} {name} B{B}"
-    _time(benchmark, steps.step_fn(s, config), quick, impl=config, method=method, backbone=name,
+    _time(benchmark, steps.step_fn(s, config), ROUNDS[quick], impl=config, method=method, backbone=name,
           images=B, amp=amp, floors=floors)
+
+
+def paired_rounds(fns: dict, rounds: int) -> Callable[[], None]:
+    """A callable running one round per call: one step of each of ``fns`` (name -> step), in their order in even
+    rounds and reversed in odd ones (so a drift of the machine reaches every configuration alike), each step's
+    seconds appended to ``fn.seconds[name]``."""
+    order = list(fns)
+    seconds: dict[str, list[float]] = {n: [] for n in order}
+    done = [0]
+
+    def one_round() -> None:
+        for name in (order if done[0] % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            seconds[name].append(time.perf_counter() - t0)
+        done[0] += 1
+    one_round.seconds = seconds
+    return one_round
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_step_paired(benchmark, setups, quick, tmp_path_factory, method):
+    """Every configuration of ``method`` in paired rounds (after their own cases warmed them up): the table's seconds
+    per step and speed-ups (the median of the rounds' ratios, and their range) come from these."""
+    B = BATCH[quick]
+    s = _setup(setups, method, quick, tmp_path_factory)
+    name, floors = _names(s, method, quick)
+    run = paired_rounds({c: steps.step_fn(s, c) for c in CONFIGS}, PAIRED_ROUNDS[quick])
+    benchmark.group = f"train_step {method} {name} B{B}"
+    benchmark.extra_info.update(op="train_step", impl="paired", method=method, backbone=name, images=B,
+                                floors=floors, threads=torch.get_num_threads(), device=device())
+    benchmark.pedantic(run, iterations=1, rounds=PAIRED_ROUNDS[quick], warmup_rounds=0)
+    benchmark.extra_info["paired_s"] = run.seconds
 
 
 @pytest.mark.parametrize("vlm", [False, True], ids=["vit", "vlm"])
@@ -93,5 +148,6 @@ def test_floor(benchmark, quick, floor, vlm):
     benchmark.group = f"train_step floors {name} B{B}"
     amp = resolve_amp(device())[0]     # the engine's default precision here (amp=auto), as the clfast column runs
     dtype = torch.bfloat16 if amp == "bf16" else None
-    _time(benchmark, steps.floor_fn(floor, quick=quick, batch_size=B, vlm=vlm, amp_dtype=dtype), quick, impl=floor,
-          method="floors", backbone=name, images=B, amp="bfloat16" if dtype else "fp32", floors=f"{name} B{B}")
+    fn = steps.floor_fn(floor, quick=quick, batch_size=B, vlm=vlm, amp_dtype=dtype)
+    _time(benchmark, fn, FLOOR_ROUNDS[quick], impl=floor, method="floors", backbone=name, images=B,
+          amp="bfloat16" if dtype else "fp32", floors=f"{name} B{B}")

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,12 +101,23 @@ def _x(num: Optional[float], den: Optional[float]) -> str:
     return f"{num / den:.2f}×" if num is not None and den else "–"
 
 
+def paired_speedups(seconds: dict[str, list[float]], impl: str, base: str = "peer") -> Optional[list[float]]:
+    """Per paired round, ``base``'s seconds over ``impl``'s (None where either did not run every round)."""
+    a, b = seconds.get(base), seconds.get(impl)
+    if not a or not b or len(a) != len(b):
+        return None
+    return [x / y for x, y in zip(a, b)]
+
+
 def train_step_table(benches: list[dict]) -> str:
-    """The per-method table of ``train_step`` figures (bench_train.py): per method and configuration the median
-    seconds per step, images/s, peak memory, the speed-up over ``peer`` (the official code's way) and the multiple
-    of the two floors (the bare backbone's forward+backward through every block, ``floor``; its frozen forward and
-    a head's backward, ``floor_head``), taken from the same run's ``floors`` group of the same backbone and batch.
-    Older files whose groups hold their own ``floor`` (bench_train_step.py) use that."""
+    """The per-method table of ``train_step`` figures (bench_train.py): per method and configuration the seconds
+    per step, images/s, peak memory, the speed-up over ``peer`` (the official code's way) and the multiple of the
+    two floors (the bare backbone's forward+backward through every block, ``floor``; its frozen forward and a
+    head's backward, ``floor_head``), taken from the same run's ``floors`` group of the same backbone and batch.
+    Where the group holds paired rounds (``impl`` ``paired``: one step of each configuration per round), the seconds
+    are their medians per configuration and the speed-up the median of the rounds' ratios, with the rounds' range
+    beside it; else each configuration's own median. Older files whose groups hold their own ``floor``
+    (bench_train_step.py) use that."""
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     floors: dict[str, dict[str, float]] = defaultdict(dict)
     for b in benches:
@@ -113,16 +125,23 @@ def train_step_table(benches: list[dict]) -> str:
         groups[b["group"]][info["impl"]] = {"median": b["stats"]["median"], **info}
         if info.get("method") == "floors":
             floors[info["floors"]][info["impl"]] = b["stats"]["median"]
-    rows = ["| case | impl | median s/step | images/s | peak memory MB | speed-up vs peer | × floor | × floor_head |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| case | impl | median s/step | images/s | peak memory MB | speed-up vs peer | per round | × floor | "
+            "× floor_head |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     kinds = set()
     for group in sorted(groups, key=lambda g: (" floors " in g, g)):
-        impls = groups[group]
+        impls = dict(groups[group])
+        paired = impls.pop("paired", {}).get("paired_s", {})
         case = group[len("train_step"):].strip()
-        peer = impls.get("peer", {}).get("median")
+
+        def median(impl: str) -> Optional[float]:
+            if paired.get(impl):
+                return statistics.median(paired[impl])
+            return impls.get(impl, {}).get("median")
+
+        peer = median("peer")
         for impl in sorted(impls, key=lambda i: (_ORDER.get(i, 9), i)):
             info = impls[impl]
-            med = info["median"]
+            med = median(impl)
             fl = floors.get(info.get("floors", ""), {})
             floor, head = fl.get("floor", impls.get("floor", {}).get("median")), fl.get("floor_head")
             mem = info.get("peak_mem_mb")
@@ -131,7 +150,10 @@ def train_step_table(benches: list[dict]) -> str:
             mem_s = f"{mem:.0f}" if isinstance(mem, (int, float)) and mem == mem else "–"
             images = int(info.get("images", 0))
             ips = f"{images / med:.2f}" if images else "–"
-            rows.append(f"| {case} | {impl} | {med:.3f} | {ips} | {mem_s} | {_x(peer, med)} | {_x(med, floor)} | "
+            ratios = paired_speedups(paired, impl) if impl != "peer" else None
+            speedup = f"{statistics.median(ratios):.2f}×" if ratios else _x(peer, med)
+            spread = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "–"
+            rows.append(f"| {case} | {impl} | {med:.3f} | {ips} | {mem_s} | {speedup} | {spread} | {_x(med, floor)} | "
                         f"{_x(med, head)} |")
     notes = [f"Peak memory: {MEMORY_KINDS.get(k, k)}." for k in sorted(kinds) if k]
     return "\n".join(rows + ([""] + notes if notes else []))

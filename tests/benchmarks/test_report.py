@@ -21,7 +21,7 @@ def rows_of(table: str) -> dict[tuple[str, str], list[str]]:
     out = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 8 and cells[0] not in ("case",) and not cells[0].startswith("---"):
+        if len(cells) == 9 and cells[0] not in ("case",) and not cells[0].startswith("---"):
             out[(cells[0], cells[1])] = cells[2:]
     return out
 
@@ -40,9 +40,9 @@ def test_train_step_table_ratios_against_peer_and_both_floors():
     tabs = report.tables(data)
     assert set(tabs) == {"train_step", "prefix_attention"}
     rows = rows_of(tabs["train_step"])
-    assert rows[("l2p vit B16", "peer")] == ["8.000", "2.00", "900", "1.00×", "5.00×", "16.00×"]
-    assert rows[("l2p vit B16", "clfast")] == ["2.000", "8.00", "300", "4.00×", "1.25×", "4.00×"]
-    assert rows[("floors vit B16", "floor")][4:] == ["1.00×", "3.20×"]
+    assert rows[("l2p vit B16", "peer")] == ["8.000", "2.00", "900", "1.00×", "–", "5.00×", "16.00×"]
+    assert rows[("l2p vit B16", "clfast")] == ["2.000", "8.00", "300", "4.00×", "–", "1.25×", "4.00×"]
+    assert rows[("floors vit B16", "floor")][5:] == ["1.00×", "3.20×"]
     # methods first in the order peer, reference, clfast; the floors group last
     order = [k for k in rows]
     assert order.index(("l2p vit B16", "peer")) < order.index(("l2p vit B16", "reference")) \
@@ -68,7 +68,27 @@ def test_old_files_with_a_floor_in_the_group_still_render():
     data = {"benchmarks": [bench("train_step convprompt F5", "cpu", 7.0, floors=None),
                            bench("train_step convprompt F5", "floor", 3.5, floors=None)]}
     rows = rows_of(report.tables(data)["train_step"])
-    assert rows[("convprompt F5", "cpu")][4] == "2.00×" and rows[("convprompt F5", "cpu")][2] == "–"
+    assert rows[("convprompt F5", "cpu")][5] == "2.00×" and rows[("convprompt F5", "cpu")][2] == "–"
+
+
+def test_paired_rounds_give_the_seconds_and_the_speed_up_with_its_range():
+    """The paired rounds, not each configuration's own case, make the table: medians per configuration, and the
+    median of the rounds' ratios (which is not the ratio of the medians) with their range."""
+    paired = {"peer": [10.0, 12.0, 14.0], "reference": [9.0, 9.0, 9.0], "clfast": [5.0, 10.0, 7.0]}
+    data = {"benchmarks": [
+        bench("train_step gpls vit B16", "peer", 99.0, method="gpls", peak_mem_mb=900.0),
+        bench("train_step gpls vit B16", "reference", 99.0, method="gpls"),
+        bench("train_step gpls vit B16", "clfast", 1.0, method="gpls"),
+        bench("train_step gpls vit B16", "paired", 30.0, method="gpls", paired_s=paired),
+        bench("train_step floors vit B16", "floor", 7.0, method="floors"),
+    ]}
+    rows = rows_of(report.tables(data)["train_step"])
+    assert ("gpls vit B16", "paired") not in rows
+    assert rows[("gpls vit B16", "peer")][:6] == ["12.000", "1.33", "900", "1.00×", "–", "1.71×"]
+    # rounds' ratios 2.00, 1.20, 2.00: median 2.00 (the medians' ratio would be 12 / 7 = 1.71)
+    assert rows[("gpls vit B16", "clfast")][:6] == ["7.000", "2.29", "–", "2.00×", "1.20–2.00", "1.00×"]
+    assert rows[("gpls vit B16", "reference")][3:5] == ["1.33×", "1.11–1.56"]
+    assert report.paired_speedups({"peer": [1.0], "clfast": [1.0, 2.0]}, "clfast") is None    # a round missing
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not os.path.exists("/proc/self/statm"),
@@ -94,3 +114,14 @@ def test_header_names_the_kernel_forms_that_ran():
     text = report.header({"datetime": "2026-12-07T00:00:00"})
     forms = _ext.cpu_kernels_info().split(";")[0].split("=", 1)[1].split(" (")[0]
     assert f"kernels: {forms}, bf16 GEMMs " in text, text
+
+
+def test_bench_train_pairs_rounds_in_alternating_order():
+    from benchmarks.bench_train import paired_rounds
+
+    order = []
+    run = paired_rounds({c: (lambda c=c: order.append(c)) for c in ("peer", "reference", "clfast")}, rounds=3)
+    for _ in range(3):
+        run()
+    assert order == ["peer", "reference", "clfast", "clfast", "reference", "peer", "peer", "reference", "clfast"]
+    assert {k: len(v) for k, v in run.seconds.items()} == {"peer": 3, "reference": 3, "clfast": 3}
