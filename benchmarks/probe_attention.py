@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -196,10 +196,6 @@ def onednn_summary(dtype_name: str, quick: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- tables
-
-def _fmt(x: Optional[float], spec: str = ".1f") -> str:
-    return "–" if x is None else format(x, spec)
-
 
 def phase_rows(dt: str, ph: dict[str, dict], rounds: int, core_rate: float, threads: int) -> list[str]:
     """Rows of the phases table for one precision (``ph``: :func:`phase_times`; ``core_rate``: a core's matmul
