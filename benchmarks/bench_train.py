@@ -38,14 +38,11 @@ rounds' range; images/s, peak memory, × floor).
 
 from __future__ import annotations
 
-import time
-from typing import Callable
-
 import pytest
 import torch
 
 from benchmarks import steps
-from benchmarks.harness import device, peak_memory
+from benchmarks.harness import PairedRounds, device, peak_memory
 from clfast.engine.config import resolve_amp
 
 METHODS = list(steps.VARIANTS)
@@ -107,24 +104,6 @@ def test_train_step(benchmark, setups, quick, tmp_path_factory, method, config):
           images=B, amp=amp, floors=floors)
 
 
-def paired_rounds(fns: dict, rounds: int) -> Callable[[], None]:
-    """A callable running one round per call: one step of each of ``fns`` (name -> step), in their order in even
-    rounds and reversed in odd ones (so a drift of the machine reaches every configuration alike), each step's
-    seconds appended to ``fn.seconds[name]``."""
-    order = list(fns)
-    seconds: dict[str, list[float]] = {n: [] for n in order}
-    done = [0]
-
-    def one_round() -> None:
-        for name in (order if done[0] % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            seconds[name].append(time.perf_counter() - t0)
-        done[0] += 1
-    one_round.seconds = seconds
-    return one_round
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_train_step_paired(benchmark, setups, quick, tmp_path_factory, method):
     """Every configuration of ``method`` in paired rounds (after their own cases warmed them up): the table's seconds
@@ -132,7 +111,7 @@ def test_train_step_paired(benchmark, setups, quick, tmp_path_factory, method):
     B = BATCH[quick]
     s = _setup(setups, method, quick, tmp_path_factory)
     name, floors = _names(s, method, quick)
-    run = paired_rounds({c: steps.step_fn(s, c) for c in CONFIGS}, PAIRED_ROUNDS[quick])
+    run = PairedRounds({c: steps.step_fn(s, c) for c in CONFIGS})
     benchmark.group = f"train_step {method} {name} B{B}"
     benchmark.extra_info.update(op="train_step", impl="paired", method=method, backbone=name, images=B,
                                 floors=floors, threads=torch.get_num_threads(), device=device())

@@ -1,13 +1,14 @@
 """The body every op benchmark shares: which implementations run here, the function to time (a peer, or clfast
 with one backend forced), a forward or forward+backward step, and one pytest-benchmark group per case whose
 figures carry their metadata (op, impl, dtype, mode, shape, device) for report.py; and the peak memory of a
-call (:func:`peak_memory`)."""
+call (:func:`peak_memory`); paired rounds of several callables (:class:`PairedRounds`, :func:`paired`)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import threading
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -129,3 +130,30 @@ def peak_memory(fn: Callable, interval_s: float = 0.001) -> dict:
         thread.join()
     peak[0] = max(peak[0], _rss_bytes())
     return {"peak_mem_mb": (peak[0] - base) / 2**20, "peak_mem_kind": "cpu_rss_sampled"}
+
+
+class PairedRounds:
+    """Paired rounds of several callables (name -> fn): each call runs one round, one call of every fn, in their
+    order in even rounds and reversed in odd ones, so that a slow drift of the machine reaches every one alike; each
+    call's wall seconds go to ``seconds[name]``. Ratios of the same round are what a drifting machine can resolve."""
+
+    def __init__(self, fns: dict[str, Callable[[], object]]):
+        self.fns = dict(fns)
+        self.seconds: dict[str, list[float]] = {n: [] for n in self.fns}
+        self.rounds = 0
+
+    def __call__(self) -> None:
+        order = list(self.fns)
+        for name in (order if self.rounds % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            self.fns[name]()
+            self.seconds[name].append(time.perf_counter() - t0)
+        self.rounds += 1
+
+
+def paired(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of ``rounds`` :class:`PairedRounds` of ``fns``, per name."""
+    run = PairedRounds(fns)
+    for _ in range(rounds):
+        run()
+    return run.seconds

@@ -37,11 +37,12 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from benchmarks.harness import DTYPES, implementation, step
+from benchmarks.harness import DTYPES, implementation, paired, step
 from benchmarks.peers import prefix_attention_peer
 from clfast.ops import cpu_phases, prefix_attention, use_backend
 
@@ -50,6 +51,7 @@ QUICK_SHAPE = dict(B=2, H=3, N=65, d=64, P=5)
 IMPLS = ("cpu", "torch", "peer")
 MODES = ("fwd", "fwd+bwd")
 MARK = "probe-mark"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def matmul_rate(dtype: torch.dtype, n: int, rounds: int = 3) -> tuple[float, int]:
@@ -99,16 +101,9 @@ def flops(shape: dict, mode: str) -> float:
 
 def paired_ms(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
     """Median ms per function over ``rounds`` paired rounds (one warm-up call each first)."""
-    names = list(fns)
     for f in fns.values():
         f()
-    times: dict[str, list[float]] = defaultdict(list)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    return {n: 1e3 * statistics.median(t) for n, t in paired(fns, rounds).items()}
 
 
 def phase_times(tensors: tuple[torch.Tensor, ...], rounds: int) -> dict[str, dict]:
@@ -188,8 +183,7 @@ def parse_onednn(text: str) -> dict:
 def onednn_summary(dtype_name: str, quick: bool) -> dict:
     env = dict(os.environ, ONEDNN_VERBOSE="1")
     cmd = [sys.executable, "-m", "benchmarks.probe_attention", "--onednn-child", dtype_name] + (["--quick"] * quick)
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)   # where `-m benchmarks` resolves
     if res.returncode != 0:
         raise RuntimeError(f"probe_attention: the ONEDNN_VERBOSE child failed:\n{res.stderr[-2000:]}")
     return parse_onednn(res.stdout)

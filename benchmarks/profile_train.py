@@ -40,6 +40,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from benchmarks import steps
+from benchmarks.harness import paired
 
 PHASES = ("query", "forward", "backward", "optimizer")
 QUERY_LABEL = "bench::query"
@@ -120,19 +121,6 @@ def labelled_query(method) -> Iterator[None]:
                 setattr(obj, attr, fn)
             else:
                 delattr(obj, attr)      # the instance attribute: the class's method again
-
-
-def paired(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Wall seconds of ``rounds`` steps of each configuration, interleaved (one step of each per round, the order
-    reversed every other round) so that a slow drift of the machine reaches every configuration alike."""
-    names = list(fns)
-    walls: dict[str, list[float]] = {c: [] for c in names}
-    for r in range(rounds):
-        for c in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[c]()
-            walls[c].append(time.perf_counter() - t0)
-    return walls
 
 
 def profile(fn: Callable[[], float], method, walls: Sequence[float] = ()) -> Profile:
