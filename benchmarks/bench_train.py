@@ -31,9 +31,12 @@ a warm-up each. Each configuration's own case times one step after a warm-up ste
 ``peak_mem_kind``). Then ``test_train_step_paired`` runs the method's configurations in paired rounds (one step of
 each per round, the order reversed every other round; ``paired_s`` in its ``extra_info``): on a machine whose speed
 drifts by 10-25 % over a run, rounds taken one configuration after another cannot resolve the differences that
-matter, the rounds' ratios can. The configurations share the method object, its optimizer and the batch; each step
-trains them on. report.py renders the per-method table (s/step and speed-up vs peer from the paired rounds, with the
-rounds' range; images/s, peak memory, × floor).
+matter, the rounds' ratios can. Each round also runs the floor the method's step must pay
+(:func:`benchmarks.steps.must_pay_fn`: its frozen query pass, where it has one, then the backbone's forward and
+backward as deep as its shallowest prompted block; ``impl`` ``floor`` in the table, its peak memory in
+``floor_peak_mem_mb``), so the ``× floor`` column is a ratio of the same rounds too. The configurations share the
+method object, its optimizer and the batch; each step trains them on. report.py renders the per-method table (s/step and speed-up vs peer from the paired rounds, with the
+rounds' range; images/s, peak memory, × the method's floor with its rounds' range).
 """
 
 from __future__ import annotations
@@ -111,12 +114,25 @@ def test_train_step_paired(benchmark, setups, quick, tmp_path_factory, method):
     B = BATCH[quick]
     s = _setup(setups, method, quick, tmp_path_factory)
     name, floors = _names(s, method, quick)
-    run = PairedRounds({c: steps.step_fn(s, c) for c in CONFIGS})
+    fns = {c: steps.step_fn(s, c) for c in CONFIGS}
+    floor = steps.must_pay_fn(s, method, quick=quick, batch_size=B, amp_dtype=s.trainer.amp_dtype)
+    if floor is not None:           # the floor this method's step must pay, in the same rounds
+        floor()                     # its warm-up (the configurations had theirs in their own cases)
+        fns["floor"] = floor
+    run = PairedRounds(fns)
     benchmark.group = f"train_step {method} {name} B{B}"
     benchmark.extra_info.update(op="train_step", impl="paired", method=method, backbone=name, images=B,
-                                floors=floors, threads=torch.get_num_threads(), device=device())
+                                floors=floors, pays="+".join(steps.VARIANTS[method].pays),
+                                threads=torch.get_num_threads(), device=device())
     benchmark.pedantic(run, iterations=1, rounds=PAIRED_ROUNDS[quick], warmup_rounds=0)
     benchmark.extra_info["paired_s"] = run.seconds
+    if floor is not None:
+        benchmark.extra_info.update({f"floor_{k}": v for k, v in peak_memory(floor).items()})
+
+
+def _amp_dtype():
+    """The engine's default precision here (amp=auto), as the clfast column runs: bf16 or None (fp32)."""
+    return torch.bfloat16 if resolve_amp(device())[0] == "bf16" else None
 
 
 @pytest.mark.parametrize("vlm", [False, True], ids=["vit", "vlm"])
@@ -125,8 +141,7 @@ def test_floor(benchmark, quick, floor, vlm):
     B = BATCH[quick]
     name = _backbone(quick, vlm)
     benchmark.group = f"train_step floors {name} B{B}"
-    amp = resolve_amp(device())[0]     # the engine's default precision here (amp=auto), as the clfast column runs
-    dtype = torch.bfloat16 if amp == "bf16" else None
+    dtype = _amp_dtype()
     fn = steps.floor_fn(floor, quick=quick, batch_size=B, vlm=vlm, amp_dtype=dtype)
     _time(benchmark, fn, FLOOR_ROUNDS[quick], impl=floor, method="floors", backbone=name, images=B,
           amp="bfloat16" if dtype else "fp32", floors=f"{name} B{B}")

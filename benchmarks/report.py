@@ -109,15 +109,25 @@ def paired_speedups(seconds: dict[str, list[float]], impl: str, base: str = "pee
     return [x / y for x, y in zip(a, b)]
 
 
+def _ratio_cells(ratios: Optional[list[float]], fallback: str) -> tuple[str, str]:
+    """(median of per-round ratios, their range), or (``fallback``, "–") without paired rounds."""
+    if not ratios:
+        return fallback, "–"
+    return f"{statistics.median(ratios):.2f}×", f"{min(ratios):.2f}–{max(ratios):.2f}"
+
+
 def train_step_table(benches: list[dict]) -> str:
     """The per-method table of ``train_step`` figures (bench_train.py): per method and configuration the seconds
     per step, images/s, peak memory, the speed-up over ``peer`` (the official code's way) and the multiple of the
-    two floors (the bare backbone's forward+backward through every block, ``floor``; its frozen forward and a
-    head's backward, ``floor_head``), taken from the same run's ``floors`` group of the same backbone and batch.
+    floor the method's step must pay.
+
     Where the group holds paired rounds (``impl`` ``paired``: one step of each configuration per round), the seconds
     are their medians per configuration and the speed-up the median of the rounds' ratios, with the rounds' range
-    beside it; else each configuration's own median. Older files whose groups hold their own ``floor``
-    (bench_train_step.py) use that."""
+    beside it; else each configuration's own median. Where those rounds also ran the method's own floor (``floor``
+    in ``paired_s``: its frozen query pass, then the backbone's forward and backward as deep as its shallowest
+    prompted block), it gets a ``floor`` row and ``× floor`` is the median of the rounds' ratios to it, with their
+    range; else ``× floor`` is the multiple of the same run's ``floors`` group (the bare backbone's forward and
+    backward through every block), or, in older files (bench_train_step.py), of the group's own ``floor``."""
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     floors: dict[str, dict[str, float]] = defaultdict(dict)
     for b in benches:
@@ -126,12 +136,18 @@ def train_step_table(benches: list[dict]) -> str:
         if info.get("method") == "floors":
             floors[info["floors"]][info["impl"]] = b["stats"]["median"]
     rows = ["| case | impl | median s/step | images/s | peak memory MB | speed-up vs peer | per round | × floor | "
-            "× floor_head |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
-    kinds = set()
+            "per round |", "|---|---|---:|---:|---:|---:|---|---:|---|"]
+    kinds, pays = set(), defaultdict(list)
     for group in sorted(groups, key=lambda g: (" floors " in g, g)):
         impls = dict(groups[group])
-        paired = impls.pop("paired", {}).get("paired_s", {})
+        paired_info = impls.pop("paired", {})
+        paired = paired_info.get("paired_s", {})
         case = group[len("train_step"):].strip()
+        if paired.get("floor"):
+            impls["floor"] = {"images": paired_info.get("images", 0),
+                              "peak_mem_mb": paired_info.get("floor_peak_mem_mb"),
+                              "peak_mem_kind": paired_info.get("floor_peak_mem_kind", "")}
+            pays[paired_info.get("pays", "?").replace("+", " + ")].append(case.split()[0])
 
         def median(impl: str) -> Optional[float]:
             if paired.get(impl):
@@ -143,19 +159,25 @@ def train_step_table(benches: list[dict]) -> str:
             info = impls[impl]
             med = median(impl)
             fl = floors.get(info.get("floors", ""), {})
-            floor, head = fl.get("floor", impls.get("floor", {}).get("median")), fl.get("floor_head")
+            floor = median("floor") if paired.get("floor") else fl.get("floor", impls.get("floor", {}).get("median"))
             mem = info.get("peak_mem_mb")
             if mem is not None:
                 kinds.add(info.get("peak_mem_kind", ""))
             mem_s = f"{mem:.0f}" if isinstance(mem, (int, float)) and mem == mem else "–"
             images = int(info.get("images", 0))
             ips = f"{images / med:.2f}" if images else "–"
-            ratios = paired_speedups(paired, impl) if impl != "peer" else None
-            speedup = f"{statistics.median(ratios):.2f}×" if ratios else _x(peer, med)
-            spread = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "–"
-            rows.append(f"| {case} | {impl} | {med:.3f} | {ips} | {mem_s} | {speedup} | {spread} | {_x(med, floor)} | "
-                        f"{_x(med, head)} |")
+            speedup, spread = ("–", "–") if impl == "floor" else _ratio_cells(
+                paired_speedups(paired, impl) if impl != "peer" else None, _x(peer, med))
+            by_floor, floor_spread = _ratio_cells(paired_speedups(paired, "floor", base=impl) if impl != "floor"
+                                                  else None, _x(med, floor))
+            rows.append(f"| {case} | {impl} | {med:.3f} | {ips} | {mem_s} | {speedup} | {spread} | {by_floor} | "
+                        f"{floor_spread} |")
     notes = [f"Peak memory: {MEMORY_KINDS.get(k, k)}." for k in sorted(kinds) if k]
+    if pays:
+        parts = "; ".join(f"{', '.join(sorted(ms))}: {p}" for p, ms in sorted(pays.items()))
+        notes.append("`floor` rows: the floor each method's step must pay, in its paired rounds (" + parts + "; "
+                     "query: the method's frozen query pass of the batch; floor: the bare backbone's forward and "
+                     "backward through every block; floor_head: its frozen forward and a head's backward).")
     return "\n".join(rows + ([""] + notes if notes else []))
 
 

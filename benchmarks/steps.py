@@ -13,7 +13,9 @@ Floors (no method, the same backbone shape and batch, under the engine's autocas
 forward and backward through every block (the tokens entering block 0 need a gradient, as a prompt at block 0
 makes them), a linear head and Adam on it; ``floor_head``, the frozen forward without autograd and the head's
 forward, backward and Adam step. No prompt method's step can cost less than ``floor`` when it prompts block 0, nor
-any method's less than ``floor_head``.
+any method's less than ``floor_head``. The floor a variant's step must pay (:func:`must_pay_fn`, its
+:attr:`Variant.pays`): its frozen query pass of the batch, where it has one, then the floor of its shallowest
+prompted block.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from clfast.ops import use_backend
 
 CONFIGS = ("peer", "reference", "clfast")
 FLOORS = ("floor", "floor_head")
+PAYS = ("query", *FLOORS)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,11 @@ class Variant:
     first), the ``task`` it is set up for (0-based; the data has 10 tasks of 10 classes), ``cacheable``: whether the
     step's context allows the per-image query cache (only for a stage that trains without augmentation in the
     official code too; the peer never caches), ``floors``: whether the backbone's floors apply (False: the step
-    runs no ViT, as STAR-Prompt's stage 1), config ``overrides``; at ViT-B/16 shapes only, ``full_overrides``
+    runs no ViT, as STAR-Prompt's stage 1; derived from ``pays``), ``pays``: the parts of the floor its step must
+    pay (:func:`must_pay_fn`): ``"query"``, the method's own frozen query pass of the batch (its ``clip_query``
+    or ``query``); ``"floor"``, the backbone's forward and backward through every block (the method prompts block
+    0: a test checks it); ``"floor_head"``, its frozen forward and a head's backward; empty where no backbone runs;
+    config ``overrides``; at ViT-B/16 shapes only, ``full_overrides``
     (the paper's settings where the fast preset narrows them for the tiny backbone); with ``quick`` only,
     ``quick_overrides`` (fewer prompts where the peer's cost grows with them, so that the quick run stays short)."""
 
@@ -50,17 +57,27 @@ class Variant:
     stage: Optional[str] = None
     task: int = 1
     cacheable: bool = False
-    floors: bool = True
+    pays: tuple[str, ...] = ("query", "floor")
     overrides: tuple[str, ...] = ()
     full_overrides: tuple[str, ...] = ()
     quick_overrides: tuple[str, ...] = ()
     vlm: bool = False          # a VQA method on the clfast VLM (synth-vqa; a vlm_finetune checkpoint to load)
 
+    def __post_init__(self):
+        bad = [p for p in self.pays if p not in PAYS]
+        if bad:
+            raise ValueError(f"steps.Variant({self.method!r}): pays must be parts of {PAYS}, got {bad}")
+
+    @property
+    def floors(self) -> bool:
+        """Whether the backbone's floors apply (the step runs the benchmark's backbone)."""
+        return bool(self.pays)
+
 
 STAR_CLIP = ("method_args.clip_model=ViT-L-14", "method_args.clip_pretrained=none")
 
 VARIANTS = {
-    "linear": Variant("linear"),
+    "linear": Variant("linear", pays=("floor_head",)),      # the frozen forward is its feature; no query pass
     "l2p": Variant("l2p"),
     "dualprompt": Variant("dualprompt"),
     "coda_prompt": Variant("coda_prompt"),
@@ -68,7 +85,8 @@ VARIANTS = {
     # every task gets K = 5 prompts (no phrase encoder in the loop): 10 prompts in use at task 2; the paper's
     # blocks 0-6 at ViT-B (the fast preset prompts the tiny ViT's 6 blocks); --quick: 2 prompts in blocks 0-1 (the
     # loop of the peer and of the reference backend costs 2H·f convolutions per block, each on B copies)
-    "convprompt": Variant("convprompt", overrides=("method_args.language_guidance=false",),
+    # its query reads the [CLS] entering each prompted block in the prompted pass itself: no separate query pass
+    "convprompt": Variant("convprompt", pays=("floor",), overrides=("method_args.language_guidance=false",),
                           full_overrides=("method_args.layers=[0,1,2,3,4,5,6]",),
                           quick_overrides=("method_args.layers=[0,1]", "method_args.prompts_per_task=1")),
     # level 2: CLIP query of the augmented batch, per-block class selection, the ViT with residual value prompts; at
@@ -77,16 +95,17 @@ VARIANTS = {
     "star_prompt": Variant("star_prompt", stage="stage2", full_overrides=STAR_CLIP),
     # level 1: CLIP's image query and its text encoder over the classes (the official code recomputes every seen
     # class's key each step, clfast the current task's only), at task 2 (10 past classes) and at the last task (90)
-    "star_prompt_stage1": Variant("star_prompt_stage1", stage="stage1", floors=False, full_overrides=STAR_CLIP),
-    "star_prompt_stage1_last": Variant("star_prompt_stage1", stage="stage1", task=9, floors=False,
+    "star_prompt_stage1": Variant("star_prompt_stage1", stage="stage1", pays=(), full_overrides=STAR_CLIP),
+    "star_prompt_stage1_last": Variant("star_prompt_stage1", stage="stage1", task=9, pays=(),
                                        full_overrides=STAR_CLIP),
     # stage 1 trains on CLIP's deterministic preprocess in both codes (no augmentation): clfast's per-image cache of
     # the CLIP query serves every epoch after the first; the step of those epochs (the batch's query cached)
     "star_prompt_stage1_last_cached": Variant("star_prompt_stage1", stage="stage1", task=9, cacheable=True,
-                                              floors=False, full_overrides=STAR_CLIP),
+                                              pays=(), full_overrides=STAR_CLIP),
     # the paper preset's VLM (ViT-B-16 towers at 384 px: 577 image tokens, fusion 6 x 768 x 12) with random weights;
     # --quick: the fast preset's (clip_tiny_synth at 64 px, fusion 2 x 192 x 3)
-    "clumo": Variant("clumo", vlm=True),
+    # its pool is chosen from the towers' features of the same pass (no query pass); prompts in every fusion layer
+    "clumo": Variant("clumo", vlm=True, pays=("floor",)),
 }
 
 BACKBONE = {False: ("backbone=vit_base_patch16_224", "pretrained=false"), True: ()}
@@ -218,6 +237,37 @@ def floor_fn(kind: str, *, quick: bool, batch_size: int, classes: int = 10,
         loss.backward()
         opt.step()
         return float(loss.detach())
+    return step
+
+
+def must_pay_fn(s: StepSetup, name: str, *, quick: bool, batch_size: int,
+                amp_dtype: Optional[torch.dtype] = None) -> Optional[Callable[[], float]]:
+    """The floor variant ``name``'s step must pay (its :attr:`Variant.pays`), as one callable: the method's own
+    frozen query pass of ``s``'s batch under the step's autocast (STAR-Prompt's ``clip_query``, else ``query``),
+    then one step of each floor part on a fresh backbone of the benchmark's shape (:func:`floor_fn`, under
+    ``amp_dtype``). None where the variant pays none (its step runs no backbone). Returns the floor's loss."""
+    if name not in VARIANTS:
+        raise ValueError(f"steps.must_pay_fn: unknown variant {name!r}; known: {sorted(VARIANTS)}")
+    v = VARIANTS[name]
+    if not v.pays:
+        return None
+    parts = [floor_fn(kind, quick=quick, batch_size=batch_size, vlm=v.vlm, amp_dtype=amp_dtype)
+             for kind in v.pays if kind != "query"]
+    query = None
+    if "query" in v.pays:
+        query = getattr(s.method, "clip_query", None) or getattr(s.method, "query", None)
+        if not callable(query) or isinstance(query, torch.nn.Module):
+            raise ValueError(f"steps.must_pay_fn: variant {name!r} pays a query pass, but "
+                             f"{type(s.method).__name__} has neither a clip_query nor a query method")
+
+    def step() -> float:
+        if query is not None:
+            with torch.no_grad(), s.ctx.autocast():
+                query(s.batch, s.ctx)
+        loss = 0.0
+        for part in parts:
+            loss = part()
+        return loss
     return step
 
 

@@ -26,7 +26,7 @@ def rows_of(table: str) -> dict[tuple[str, str], list[str]]:
     return out
 
 
-def test_train_step_table_ratios_against_peer_and_both_floors():
+def test_train_step_table_ratios_against_peer_and_the_floor():
     data = {"benchmarks": [
         bench("train_step l2p vit B16", "peer", 8.0, method="l2p", peak_mem_mb=900.0, peak_mem_kind="cpu_rss_sampled"),
         bench("train_step l2p vit B16", "reference", 4.0, method="l2p", peak_mem_mb=500.0,
@@ -40,9 +40,10 @@ def test_train_step_table_ratios_against_peer_and_both_floors():
     tabs = report.tables(data)
     assert set(tabs) == {"train_step", "prefix_attention"}
     rows = rows_of(tabs["train_step"])
-    assert rows[("l2p vit B16", "peer")] == ["8.000", "2.00", "900", "1.00×", "–", "5.00×", "16.00×"]
-    assert rows[("l2p vit B16", "clfast")] == ["2.000", "8.00", "300", "4.00×", "–", "1.25×", "4.00×"]
-    assert rows[("floors vit B16", "floor")][5:] == ["1.00×", "3.20×"]
+    assert rows[("l2p vit B16", "peer")] == ["8.000", "2.00", "900", "1.00×", "–", "5.00×", "–"]
+    assert rows[("l2p vit B16", "clfast")] == ["2.000", "8.00", "300", "4.00×", "–", "1.25×", "–"]
+    assert rows[("floors vit B16", "floor")][5:] == ["1.00×", "–"]
+    assert rows[("floors vit B16", "floor_head")][5:] == ["0.31×", "–"]
     # methods first in the order peer, reference, clfast; the floors group last
     order = [k for k in rows]
     assert order.index(("l2p vit B16", "peer")) < order.index(("l2p vit B16", "reference")) \
@@ -89,6 +90,32 @@ def test_paired_rounds_give_the_seconds_and_the_speed_up_with_its_range():
     assert rows[("gpls vit B16", "clfast")][:6] == ["7.000", "2.29", "–", "2.00×", "1.20–2.00", "1.00×"]
     assert rows[("gpls vit B16", "reference")][3:5] == ["1.33×", "1.11–1.56"]
     assert report.paired_speedups({"peer": [1.0], "clfast": [1.0, 2.0]}, "clfast") is None    # a round missing
+
+
+def test_the_floor_in_the_paired_rounds_gets_a_row_and_the_ratios_of_the_same_rounds():
+    """A method's own floor run in its paired rounds: a ``floor`` row (its median, images/s, peak memory), and
+    ``× floor`` is the median of each round's ratio to it (not the ratio of medians, not the floors group)."""
+    paired = {"peer": [10.0, 12.0, 14.0], "reference": [9.0, 9.0, 9.0], "clfast": [5.0, 10.0, 7.0],
+              "floor": [4.0, 5.0, 7.0]}
+    data = {"benchmarks": [
+        bench("train_step gpls vit B16", "peer", 99.0, method="gpls"),
+        bench("train_step gpls vit B16", "reference", 99.0, method="gpls"),
+        bench("train_step gpls vit B16", "clfast", 1.0, method="gpls"),
+        bench("train_step gpls vit B16", "paired", 30.0, method="gpls", paired_s=paired, pays="query+floor",
+              floor_peak_mem_mb=123.4, floor_peak_mem_kind="cpu_rss_sampled"),
+        bench("train_step linear vit B16", "clfast", 2.0, method="linear"),
+        bench("train_step linear vit B16", "paired", 2.0, method="linear", pays="floor_head",
+              paired_s={"clfast": [2.0, 3.0], "floor": [1.0, 1.0]}),
+        bench("train_step floors vit B16", "floor", 99.0, method="floors"),
+    ]}
+    table = report.tables(data)["train_step"]
+    rows = rows_of(table)
+    # clfast / floor per round: 1.25, 2.00, 1.00 -> median 1.25 (the medians' ratio would be 7 / 5 = 1.40)
+    assert rows[("gpls vit B16", "clfast")][5:] == ["1.25×", "1.00–2.00"]
+    assert rows[("gpls vit B16", "peer")][5:] == ["2.40×", "2.00–2.50"]
+    assert rows[("gpls vit B16", "floor")] == ["5.000", "3.20", "123", "–", "–", "1.00×", "–"]
+    assert rows[("linear vit B16", "clfast")][5:] == ["2.50×", "2.00–3.00"]
+    assert "gpls: query + floor" in table and "linear: floor_head" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not os.path.exists("/proc/self/statm"),
