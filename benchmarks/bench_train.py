@@ -20,7 +20,9 @@ shipped ``vit_tiny_synth`` and ``clip_tiny_synth``), augmentation on, so no per-
   per-step recomputation of every seen class's key in stage 1), fp32;
 - ``reference``: the engine's step (``Trainer._step``: bf16 autocast where the hardware has it) with every op on its
   reference backend (``CLFAST_BACKEND=reference``);
-- ``clfast``: the engine's step with the defaults.
+- ``clfast``: the engine's step with the defaults;
+- ``peer_amp``, where the engine's autocast is on (bf16 on a CPU with AVX512-BF16 or AMX, or a GPU): ``peer`` with
+  that autocast wrapped around its step by hand, the official code at the ``clfast`` column's precision.
 
 The floors (group ``train_step floors``): the bare ViT's forward and backward through every block (``floor``), and
 its frozen forward with only a head's backward (``floor_head``), in the engine's default precision (``amp=auto``:
@@ -48,8 +50,14 @@ from benchmarks import steps
 from benchmarks.harness import PairedRounds, device, peak_memory
 from clfast.engine.config import resolve_amp
 
+
+def _amp_dtype():
+    """The engine's default precision here (amp=auto), as the clfast column runs: bf16 or None (fp32)."""
+    return torch.bfloat16 if resolve_amp(device())[0] == "bf16" else None
+
+
 METHODS = list(steps.VARIANTS)
-CONFIGS = list(steps.CONFIGS)
+CONFIGS = list(steps.configs(_amp_dtype()))         # + peer_amp where amp=auto is bf16 here
 BATCH = {False: 16, True: 16}
 # rounds after warm-up: ViT-B/16 steps take seconds (the peers' tens of seconds), so few. A configuration's own case
 # times one round after its warm-up (its figure where no paired rounds ran); the table's times are the paired rounds'.
@@ -100,6 +108,8 @@ def _time(benchmark, fn, rounds: dict, **info) -> None:
 def test_train_step(benchmark, setups, quick, tmp_path_factory, method, config):
     B = BATCH[quick]
     s = _setup(setups, method, quick, tmp_path_factory)
+    if config not in steps.configs(s.trainer.amp_dtype):
+        pytest.skip(f"{config}: the engine's autocast is off in this setup (amp {s.trainer.amp_dtype})")
     amp = "fp32" if config == "peer" else str(s.trainer.amp_dtype or "fp32").replace("torch.", "")
     name, floors = _names(s, method, quick)
     benchmark.group = f"train_step {method} {name} B{B}"
@@ -114,7 +124,7 @@ def test_train_step_paired(benchmark, setups, quick, tmp_path_factory, method):
     B = BATCH[quick]
     s = _setup(setups, method, quick, tmp_path_factory)
     name, floors = _names(s, method, quick)
-    fns = {c: steps.step_fn(s, c) for c in CONFIGS}
+    fns = {c: steps.step_fn(s, c) for c in steps.configs(s.trainer.amp_dtype)}
     floor = steps.must_pay_fn(s, method, quick=quick, batch_size=B, amp_dtype=s.trainer.amp_dtype)
     if floor is not None:           # the floor this method's step must pay, in the same rounds
         floor()                     # its warm-up (the configurations had theirs in their own cases)
@@ -122,17 +132,12 @@ def test_train_step_paired(benchmark, setups, quick, tmp_path_factory, method):
     run = PairedRounds(fns)
     benchmark.group = f"train_step {method} {name} B{B}"
     benchmark.extra_info.update(op="train_step", impl="paired", method=method, backbone=name, images=B,
-                                floors=floors, pays="+".join(steps.VARIANTS[method].pays),
+                                amp=str(s.trainer.amp_dtype or "fp32").replace("torch.", ""), floors=floors, pays="+".join(steps.VARIANTS[method].pays),
                                 threads=torch.get_num_threads(), device=device())
     benchmark.pedantic(run, iterations=1, rounds=PAIRED_ROUNDS[quick], warmup_rounds=0)
     benchmark.extra_info["paired_s"] = run.seconds
     if floor is not None:
         benchmark.extra_info.update({f"floor_{k}": v for k, v in peak_memory(floor).items()})
-
-
-def _amp_dtype():
-    """The engine's default precision here (amp=auto), as the clfast column runs: bf16 or None (fp32)."""
-    return torch.bfloat16 if resolve_amp(device())[0] == "bf16" else None
 
 
 @pytest.mark.parametrize("vlm", [False, True], ids=["vit", "vlm"])

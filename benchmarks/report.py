@@ -89,7 +89,8 @@ def header(data: dict) -> str:
             f"Commit: {_commit_text(data)}. Date: {data.get('datetime', '')[:19]}.")
 
 
-_ORDER = {"peer": 0, "reference": 1, "clfast": 2, "cpu": 2, "floor": 3, "floor_head": 4}
+_ORDER = {"peer": 0, "peer_amp": 1, "reference": 2, "clfast": 3, "cpu": 3, "floor": 4, "floor_head": 5}
+_AMP = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 MEMORY_KINDS = {
     "cpu_rss_sampled": "the process's resident set size above its value at the step's start, sampled every ms "
                        "during one extra step (CPU: a lower bound of the step's working memory)",
@@ -117,12 +118,13 @@ def _ratio_cells(ratios: Optional[list[float]], fallback: str) -> tuple[str, str
 
 
 def train_step_table(benches: list[dict]) -> str:
-    """The per-method table of ``train_step`` figures (bench_train.py): per method and configuration the seconds
-    per step, images/s, peak memory, the speed-up over ``peer`` (the official code's way) and the multiple of the
-    floor the method's step must pay.
+    """The per-method table of ``train_step`` figures (bench_train.py): per method and configuration its precision,
+    the seconds per step, images/s, peak memory, the speed-up over ``peer`` (the official code as it runs, fp32),
+    over ``peer_amp`` where the run has it (the official code under the engine's autocast: equal precision; the
+    columns appear only then) and the multiple of the floor the method's step must pay.
 
     Where the group holds paired rounds (``impl`` ``paired``: one step of each configuration per round), the seconds
-    are their medians per configuration and the speed-up the median of the rounds' ratios, with the rounds' range
+    are their medians per configuration and each speed-up the median of the rounds' ratios, with the rounds' range
     beside it; else each configuration's own median. Where those rounds also ran the method's own floor (``floor``
     in ``paired_s``: its frozen query pass, then the backbone's forward and backward as deep as its shallowest
     prompted block), it gets a ``floor`` row and ``× floor`` is the median of the rounds' ratios to it, with their
@@ -135,8 +137,12 @@ def train_step_table(benches: list[dict]) -> str:
         groups[b["group"]][info["impl"]] = {"median": b["stats"]["median"], **info}
         if info.get("method") == "floors":
             floors[info["floors"]][info["impl"]] = b["stats"]["median"]
-    rows = ["| case | impl | median s/step | images/s | peak memory MB | speed-up vs peer | per round | × floor | "
-            "per round |", "|---|---|---:|---:|---:|---:|---|---:|---|"]
+    amp_peer = any("peer_amp" in g for g in groups.values())
+    head = ["case", "impl", "amp", "median s/step", "images/s", "peak memory MB", "speed-up vs peer", "per round",
+            *(["vs peer_amp", "per round"] if amp_peer else []), "× floor", "per round"]
+    align = ["---", "---", "---", "---:", "---:", "---:", "---:", "---", *(["---:", "---"] if amp_peer else []),
+             "---:", "---"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     kinds, pays = set(), defaultdict(list)
     for group in sorted(groups, key=lambda g: (" floors " in g, g)):
         impls = dict(groups[group])
@@ -144,7 +150,7 @@ def train_step_table(benches: list[dict]) -> str:
         paired = paired_info.get("paired_s", {})
         case = group[len("train_step"):].strip()
         if paired.get("floor"):
-            impls["floor"] = {"images": paired_info.get("images", 0),
+            impls["floor"] = {"images": paired_info.get("images", 0), "amp": paired_info.get("amp"),
                               "peak_mem_mb": paired_info.get("floor_peak_mem_mb"),
                               "peak_mem_kind": paired_info.get("floor_peak_mem_kind", "")}
             pays[paired_info.get("pays", "?").replace("+", " + ")].append(case.split()[0])
@@ -154,7 +160,13 @@ def train_step_table(benches: list[dict]) -> str:
                 return statistics.median(paired[impl])
             return impls.get(impl, {}).get("median")
 
-        peer = median("peer")
+        def versus(base: str, impl: str) -> tuple[str, str]:
+            if impl == "floor" or base not in impls:
+                return "–", "–"
+            if impl == base:
+                return _x(median(base), median(impl)), "–"
+            return _ratio_cells(paired_speedups(paired, impl, base=base), _x(median(base), median(impl)))
+
         for impl in sorted(impls, key=lambda i: (_ORDER.get(i, 9), i)):
             info = impls[impl]
             med = median(impl)
@@ -166,13 +178,15 @@ def train_step_table(benches: list[dict]) -> str:
             mem_s = f"{mem:.0f}" if isinstance(mem, (int, float)) and mem == mem else "–"
             images = int(info.get("images", 0))
             ips = f"{images / med:.2f}" if images else "–"
-            speedup, spread = ("–", "–") if impl == "floor" else _ratio_cells(
-                paired_speedups(paired, impl) if impl != "peer" else None, _x(peer, med))
             by_floor, floor_spread = _ratio_cells(paired_speedups(paired, "floor", base=impl) if impl != "floor"
                                                   else None, _x(med, floor))
-            rows.append(f"| {case} | {impl} | {med:.3f} | {ips} | {mem_s} | {speedup} | {spread} | {by_floor} | "
-                        f"{floor_spread} |")
+            cells = [case, impl, _AMP.get(info.get("amp"), info.get("amp") or "–"), f"{med:.3f}", ips, mem_s,
+                     *versus("peer", impl), *(versus("peer_amp", impl) if amp_peer else ()), by_floor, floor_spread]
+            rows.append("| " + " | ".join(cells) + " |")
     notes = [f"Peak memory: {MEMORY_KINDS.get(k, k)}." for k in sorted(kinds) if k]
+    if amp_peer:
+        notes.append("`peer_amp`: the peer with the engine's autocast wrapped around its step by hand (its official "
+                     "code runs fp32): `vs peer_amp` compares at equal precision.")
     if pays:
         parts = "; ".join(f"{', '.join(sorted(ms))}: {p}" for p, ms in sorted(pays.items()))
         notes.append("`floor` rows: the floor each method's step must pay, in its paired rounds (" + parts + "; "

@@ -4,6 +4,9 @@
 Configurations of a step (the same method object, optimizer and batch):
 
 - ``peer``: the method computed the way its official code does (:mod:`benchmarks.peers`), fp32;
+- ``peer_amp``: the same under the engine's autocast (``torch.autocast`` wrapped around the official step by hand,
+  as its code does not): the peer at the ``clfast`` column's precision, where that is not fp32
+  (:func:`configs`);
 - ``reference``: the engine's step (``Trainer._step``, its autocast) with every op on its reference backend
   (``CLFAST_BACKEND=reference``);
 - ``clfast``: the engine's step with the defaults (dispatch picks each op's backend; bf16 autocast where the run
@@ -35,6 +38,7 @@ from clfast.engine.trainer import eager_hooks
 from clfast.ops import use_backend
 
 CONFIGS = ("peer", "reference", "clfast")
+AMP_CONFIGS = ("peer_amp",)        # only where the engine's autocast is on (amp=auto: bf16 where computed natively)
 FLOORS = ("floor", "floor_head")
 PAYS = ("query", *FLOORS)
 
@@ -187,14 +191,26 @@ def vlm_checkpoint(out: str, overrides: list[str]) -> str:
     return warm
 
 
+def configs(amp_dtype: Optional[torch.dtype]) -> tuple[str, ...]:
+    """The configurations a run times: :data:`CONFIGS`, and where the engine's autocast is on (``amp_dtype``, e.g.
+    bf16 on a CPU with AVX512-BF16 or AMX) :data:`AMP_CONFIGS` too: the peer at equal precision beside the peer as
+    its official code runs (fp32)."""
+    return (*CONFIGS, *AMP_CONFIGS) if amp_dtype is not None else CONFIGS
+
+
 def step_fn(s: StepSetup, config: str) -> Callable[[], float]:
-    """A callable running one training step of ``s`` in ``config`` (one of :data:`CONFIGS`); returns the loss.
-    No gradient clipping in any configuration (the engine's clip is one norm over the parameters: the same cost
-    whichever way the gradients came)."""
+    """A callable running one training step of ``s`` in ``config`` (one of :data:`CONFIGS` and
+    :data:`AMP_CONFIGS`); returns the loss. No gradient clipping in any configuration (the engine's clip is one norm
+    over the parameters: the same cost whichever way the gradients came)."""
     if config == "peer":
         return lambda: peers.step(s.method, s.opt, s.batch, s.ctx)
+    if config == "peer_amp":
+        if s.trainer.amp_dtype is None:
+            raise ValueError("steps.step_fn: config 'peer_amp' needs the engine's autocast on (amp bf16 or fp16); "
+                             "this setup runs fp32 (amp=auto here: fp32), where it is 'peer'")
+        return lambda: peers.step(s.method, s.opt, s.batch, s.ctx, amp_dtype=s.trainer.amp_dtype)
     if config not in ("reference", "clfast"):
-        raise ValueError(f"steps.step_fn: config must be one of {CONFIGS}, got {config!r}")
+        raise ValueError(f"steps.step_fn: config must be one of {CONFIGS + AMP_CONFIGS}, got {config!r}")
 
     def run() -> float:
         with use_backend("reference") if config == "reference" else contextlib.nullcontext():

@@ -16,7 +16,7 @@ their repositories), for the benchmarks' ``peer`` columns and the tests that che
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -41,14 +41,15 @@ def loss_fn(method) -> Callable[[object, dict, object], Tensor]:
     return importlib.import_module(f"{__name__}.{METHODS[name]}").loss
 
 
-def step(method, opt: torch.optim.Optimizer, batch: dict, ctx) -> float:
-    """One training step the official way: zero the gradients, the peer's loss in fp32 (autocast off), backward,
+def step(method, opt: torch.optim.Optimizer, batch: dict, ctx, amp_dtype: Optional[torch.dtype] = None) -> float:
+    """One training step the official way: zero the gradients, the peer's loss in fp32 (autocast off; with
+    ``amp_dtype``, under ``torch.autocast`` to it, wrapped around the official step by hand), backward,
     ``opt.step()``, the method's frozen rows restored (as the engine does); gradients left on parameters outside the
     optimizer (CODA-Prompt's unfrozen ViT) are dropped. Returns the loss."""
     fn = loss_fn(method)
     opt.zero_grad(set_to_none=True)
     dev = batch["image"].device.type
-    with torch.autocast(dev, enabled=False):
+    with torch.autocast(dev, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss = fn(method, batch, ctx)
     loss.backward()
     opt.step()

@@ -17,13 +17,22 @@ def bench(group: str, impl: str, median: float, **info) -> dict:
             "extra_info": {"op": "train_step", "impl": impl, "images": 16, "floors": "vit B16", **info}}
 
 
-def rows_of(table: str) -> dict[tuple[str, str], list[str]]:
+def named(table: str) -> dict[tuple[str, str], dict[str, str]]:
+    """(case, impl) -> {column header: cell}; a repeated header (``per round``) is named after the column before."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    head = [h if h != "per round" else f"{head[i - 1]} per round" for i, h in enumerate(head)]
     out = {}
-    for line in table.splitlines():
+    for line in lines[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 9 and cells[0] not in ("case",) and not cells[0].startswith("---"):
-            out[(cells[0], cells[1])] = cells[2:]
+        assert len(cells) == len(head), line
+        out[(cells[0], cells[1])] = dict(zip(head, cells))
     return out
+
+
+def rows_of(table: str) -> dict[tuple[str, str], list[str]]:
+    """(case, impl) -> the cells from ``median s/step`` on, in a table without ``peer_amp`` columns."""
+    return {k: [c for h, c in row.items() if h not in ("case", "impl", "amp")] for k, row in named(table).items()}
 
 
 def test_train_step_table_ratios_against_peer_and_the_floor():
@@ -116,6 +125,35 @@ def test_the_floor_in_the_paired_rounds_gets_a_row_and_the_ratios_of_the_same_ro
     assert rows[("gpls vit B16", "floor")] == ["5.000", "3.20", "123", "–", "–", "1.00×", "–"]
     assert rows[("linear vit B16", "clfast")][5:] == ["2.50×", "2.00–3.00"]
     assert "gpls: query + floor" in table and "linear: floor_head" in table
+    assert "vs peer_amp" not in table and "peer_amp" not in table      # no autocast peer in this run: no columns
+
+
+def test_the_autocast_peer_gets_its_own_columns_at_equal_precision():
+    """Where the run has ``peer_amp`` (the peer under the engine's autocast), every row also gets the speed-up over
+    it, the median of the rounds' ratios with their range, and each row names its precision."""
+    paired = {"peer": [20.0, 24.0, 28.0], "peer_amp": [10.0, 12.0, 14.0], "reference": [9.0, 9.0, 9.0],
+              "clfast": [5.0, 10.0, 7.0], "floor": [4.0, 5.0, 7.0]}
+    amp = {"peer": "fp32", "peer_amp": "bfloat16", "reference": "bfloat16", "clfast": "bfloat16"}
+    data = {"benchmarks": [
+        *(bench("train_step gpls vit B16", c, 99.0, method="gpls", amp=a) for c, a in amp.items()),
+        bench("train_step gpls vit B16", "paired", 30.0, method="gpls", paired_s=paired, pays="query+floor",
+              amp="bfloat16"),
+        bench("train_step floors vit B16", "floor", 3.0, method="floors", amp="bfloat16"),
+    ]}
+    table = report.tables(data)["train_step"]
+    rows = named(table)
+    clfast = rows[("gpls vit B16", "clfast")]
+    assert clfast["amp"] == "bf16" and rows[("gpls vit B16", "peer")]["amp"] == "fp32"
+    # vs peer per round 4.00, 2.40, 4.00; vs peer_amp 2.00, 1.20, 2.00; floor / clfast 1.25, 2.00, 1.00
+    assert (clfast["speed-up vs peer"], clfast["speed-up vs peer per round"]) == ("4.00×", "2.40–4.00")
+    assert (clfast["vs peer_amp"], clfast["vs peer_amp per round"]) == ("2.00×", "1.20–2.00")
+    assert rows[("gpls vit B16", "peer_amp")]["vs peer_amp"] == "1.00×"
+    assert rows[("gpls vit B16", "peer_amp")]["speed-up vs peer"] == "2.00×"
+    assert rows[("gpls vit B16", "floor")]["amp"] == "bf16" and rows[("gpls vit B16", "floor")]["vs peer_amp"] == "–"
+    assert rows[("floors vit B16", "floor")]["vs peer_amp"] == "–"
+    order = [impl for case, impl in rows if case == "gpls vit B16"]
+    assert order == ["peer", "peer_amp", "reference", "clfast", "floor"]
+    assert "at equal precision" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not os.path.exists("/proc/self/statm"),

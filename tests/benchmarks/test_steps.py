@@ -87,3 +87,28 @@ def test_floor_parts_run_in_order_on_a_fresh_backbone(tmp_path, monkeypatch):
     assert order == ["query", "floor", "query", "floor"]
     assert all(torch.equal(before[k], p) and p.grad is None for k, p in s.method.named_parameters()), \
         "the floor trained the method"
+
+
+def test_peer_amp_is_the_peer_under_the_engines_autocast_and_only_where_it_is_on(tmp_path):
+    """``peer_amp`` runs the official step's own code with the engine's autocast around it (a block's MLP computes
+    in bf16 there, in fp32 in ``peer``); a run times it only where that autocast is on, and a fp32 setup refuses
+    it by name."""
+    assert steps.configs(None) == steps.CONFIGS
+    assert steps.configs(torch.bfloat16) == (*steps.CONFIGS, "peer_amp")
+    s = steps.setup("dualprompt", quick=True, batch_size=4, out=str(tmp_path / "bf16"), overrides=("amp=bf16",))
+    assert s.trainer.amp_dtype == torch.bfloat16
+    dtypes: dict[str, set] = {}
+    for config in ("peer", "peer_amp"):
+        seen = dtypes.setdefault(config, set())
+        hooks = [b.mlp.register_forward_hook(lambda m, args, out, seen=seen: seen.add(out.dtype))
+                 for b in s.method.backbone.vit.blocks]
+        try:
+            loss = steps.step_fn(s, config)()
+        finally:
+            for h in hooks:
+                h.remove()
+        assert math.isfinite(loss), (config, loss)
+    assert dtypes == {"peer": {torch.float32}, "peer_amp": {torch.bfloat16}}
+    s32 = steps.setup("linear", quick=True, batch_size=4, out=str(tmp_path / "fp32"), overrides=("amp=none",))
+    with pytest.raises(ValueError, match="peer_amp"):
+        steps.step_fn(s32, "peer_amp")
