@@ -34,14 +34,12 @@ BEGIN, END = "<!-- bench:{name}:begin -->", "<!-- bench:{name}:end -->"
 
 def _kernel_forms() -> str:
     """Which forms clfast's CPU kernels run here (chosen at run time; the build's baseline is AVX2)."""
-    try:
-        from clfast import _ext
+    from clfast import _ext
 
-        info = _ext.cpu_kernels_info()
-    except Exception as e:   # no extension: say so rather than fail the report
-        return f"unknown ({type(e).__name__})"
-    parts = dict(p.split("=", 1) for p in info.split("; ") if "=" in p)
-    return f"{parts.get('simd forms', '?').split(' (')[0]}, bf16 GEMMs {parts.get('bf16', '?')}"
+    k = _ext.cpu_kernels()
+    if "error" in k:    # no extension: say so rather than fail the report
+        return "unknown (no extension)"
+    return f"{k.get('simd', '?')}, bf16 GEMMs {k.get('bf16', '?')}"
 
 
 def _git_commit() -> tuple[str, bool]:

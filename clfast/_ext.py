@@ -66,5 +66,24 @@ def cpu_kernels_info() -> str:
     return torch.ops._clfast_C.cpu_kernels_info()
 
 
+def cpu_kernels() -> dict[str, str]:
+    """:func:`cpu_kernels_info` as fields: ``simd`` (the element-wise forms chosen here: ``avx512``, ``avx2`` or
+    ``scalar``), ``simd_note`` (why, where the text says; else empty), and per GEMM operand type (``fp32``,
+    ``bf16``, ``fp16``) what oneDNN's brgemm does with it (``yes``, ``computed in fp32``, ``no (at::mm)``, ...).
+    ``{"error": ...}`` without the extension."""
+    if EXT_ERROR is not None:
+        return {"error": EXT_ERROR}
+    import re
+
+    m = re.fullmatch(r"simd forms=(\w+)(?: \((.*?)\))?((?:; [^=;]+=[^;]*)*)", cpu_kernels_info())
+    if m is None:
+        raise RuntimeError(f"clfast._ext.cpu_kernels: cannot read {cpu_kernels_info()!r}")
+    out = {"simd": m.group(1), "simd_note": m.group(2) or ""}
+    for part in filter(None, m.group(3).split("; ")):
+        key, _, value = part.partition("=")
+        out[key.replace("brgemm ", "")] = value
+    return out
+
+
 def built_with_cuda() -> bool:
     return EXT_ERROR is None and bool(torch.ops._clfast_C.built_with_cuda())

@@ -106,6 +106,32 @@ def test_cpu_kernels_info_reports_the_forms_chosen_here():
     nogemm = _python(code, CLFAST_CPU_DISABLE_BRGEMM="1")
     assert "brgemm fp32=no (at::mm)" in nogemm.stdout and "bf16=computed in fp32" in nogemm.stdout, nogemm.stdout
     assert "cpu kernels here: simd forms=" in _python("import clfast.info as i; print(i.report())").stdout
+    fields = _python("import clfast._ext as e; print(e.cpu_kernels())", CLFAST_CPU_DISABLE_AVX512="1").stdout
+    assert "'simd': 'avx2', 'simd_note': 'avx512 forms off: CLFAST_CPU_DISABLE_AVX512=1'" in fields, fields
+    assert "'fp32': 'yes'" in fields or "'fp32': 'no (at::mm)'" in fields, fields
+    assert ("'bf16': 'computed in fp32'" in fields) == ("bf16=computed in fp32" in here.stdout), fields
+
+
+def test_cpu_kernels_reads_each_form_of_the_info_text(monkeypatch):
+    """``cpu_kernels()`` is the one reader of the extension's text (report.py's header uses it): each form the C++
+    side writes, a missing extension, and text it cannot read refused by name."""
+    monkeypatch.setattr(_ext, "EXT_ERROR", None)
+    texts = {
+        "simd forms=avx512; brgemm fp32=yes; bf16=native; fp16=native":
+            {"simd": "avx512", "simd_note": "", "fp32": "yes", "bf16": "native", "fp16": "native"},
+        "simd forms=scalar (avx512 forms compiled; this CPU lacks avx512 f/bw/vl/dq/bf16); brgemm fp32=no (at::mm); "
+        "bf16=computed in fp32; fp16=computed in fp32":
+            {"simd": "scalar", "simd_note": "avx512 forms compiled; this CPU lacks avx512 f/bw/vl/dq/bf16",
+             "fp32": "no (at::mm)", "bf16": "computed in fp32", "fp16": "computed in fp32"},
+    }
+    for text, fields in texts.items():
+        monkeypatch.setattr(_ext, "cpu_kernels_info", lambda text=text: text)
+        assert _ext.cpu_kernels() == fields
+    monkeypatch.setattr(_ext, "cpu_kernels_info", lambda: "simd=avx2")
+    with pytest.raises(RuntimeError, match="cannot read 'simd=avx2'"):
+        _ext.cpu_kernels()
+    monkeypatch.setattr(_ext, "EXT_ERROR", "clfast._C not built")
+    assert _ext.cpu_kernels() == {"error": "clfast._C not built"}
 
 
 def test_cli_rejects_unknown_command():
