@@ -37,8 +37,9 @@ matter, the rounds' ratios can. Each round also runs the floor the method's step
 (:func:`benchmarks.steps.must_pay_fn`: its frozen query pass, where it has one, then the backbone's forward and
 backward as deep as its shallowest prompted block; ``impl`` ``floor`` in the table, its peak memory in
 ``floor_peak_mem_mb``), so the ``× floor`` column is a ratio of the same rounds too. The configurations share the
-method object, its optimizer and the batch; each step trains them on. report.py renders the per-method table (s/step and speed-up vs peer from the paired rounds, with the
-rounds' range; images/s, peak memory, × the method's floor with its rounds' range).
+method object, its optimizer and the batch; each step trains them on. report.py renders the per-method table
+(precision; s/step and the speed-ups vs peer and peer_amp from the paired rounds, with the rounds' range;
+images/s, peak memory, × the method's floor with its rounds' range).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def test_train_step_paired(benchmark, setups, quick, tmp_path_factory, method):
     run = PairedRounds(fns)
     benchmark.group = f"train_step {method} {name} B{B}"
     benchmark.extra_info.update(op="train_step", impl="paired", method=method, backbone=name, images=B,
-                                amp=str(s.trainer.amp_dtype or "fp32").replace("torch.", ""), floors=floors, pays="+".join(steps.VARIANTS[method].pays),
+                                amp=str(s.trainer.amp_dtype or "fp32").replace("torch.", ""), floors=floors,
+                                pays="+".join(steps.VARIANTS[method].pays),
                                 threads=torch.get_num_threads(), device=device())
     benchmark.pedantic(run, iterations=1, rounds=PAIRED_ROUNDS[quick], warmup_rounds=0)
     benchmark.extra_info["paired_s"] = run.seconds

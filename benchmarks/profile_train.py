@@ -201,7 +201,8 @@ def run(methods: Sequence[str], configs: Sequence[str], *, quick: bool, top: int
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks.profile_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(steps.VARIANTS))
-    ap.add_argument("--configs", nargs="+", default=list(steps.CONFIGS), choices=[*steps.CONFIGS, *steps.AMP_CONFIGS, "compile"],
+    ap.add_argument("--configs", nargs="+", default=list(steps.CONFIGS),
+                    choices=[*steps.CONFIGS, *steps.AMP_CONFIGS, "compile"],
                     help="configurations side by side (compile: clfast with compile=true)")
     ap.add_argument("--rounds", type=int, default=3, help="paired rounds of unprofiled steps (default 3)")
     ap.add_argument("--quick", action="store_true", help="the shipped vit_tiny_synth instead of ViT-B/16")
