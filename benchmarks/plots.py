@@ -7,7 +7,8 @@ number the tables do not).
   line per implementation;
 - ``prompt_conv_prompts.png``: ``prompt_conv`` time against the prompts per task F (forward + backward), one line
   per (implementation, batch);
-- ``train_step_methods.png``: images/s of a full training step per method and configuration (every table of
+- ``train_step_methods.png``: images/s of a full training step per method and configuration, each bar labelled
+  with its precision (the ``train_step`` table between the markers: one run; without it, every table of
   BENCHMARKS.md whose first column is a training-step case: ``<method> <backbone> B<batch> ...``).
 
 Each table row is ``| case | impl | median ... |``; cases are parsed by the regular expressions below, and a table
@@ -139,33 +140,46 @@ def _label(case: str) -> str:
     return case
 
 
-def plot_train(tables, out: Path) -> Path:
-    rates: dict[str, dict[str, float]] = defaultdict(dict)   # case -> impl -> images/s
+def train_rates(tables) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """(case -> impl -> images/s, impl -> its precision where the table names it) of the training-step rows of
+    the ``train_step`` table between the markers (one run, one machine); without it, of every table whose rows are
+    training-step cases."""
+    rates: dict[str, dict[str, float]] = defaultdict(dict)
+    amps: dict[str, str] = {}
     for name, rows in tables.items():
+        if "train_step" in tables and name != "train_step":
+            continue
         for row in rows:
             m = TRAIN.match(row.get("case", ""))
             value = _number(row.get("images/s", ""))
             if m and value is not None and "s/step" in " ".join(row):
                 rates[row["case"]][row["impl"]] = value
+                if row.get("amp", "–") != "–":
+                    amps.setdefault(row["impl"], row["amp"])
     if not rates:
         raise ValueError("plots: no training-step table (case '<method> <backbone> B<batch> ...' with an "
                          "'images/s' column) in BENCHMARKS.md")
+    return dict(rates), amps
+
+
+def plot_train(tables, out: Path) -> Path:
+    rates, amps = train_rates(tables)
     cases = sorted(rates, reverse=True)   # top to bottom in name order
-    impls = [i for i in ("peer", "reference", "clfast", "cpu", "floor", "floor_head")
+    impls = [i for i in ("peer", "peer_amp", "reference", "clfast", "cpu", "floor", "floor_head")
              if any(i in r for r in rates.values())]
     impls += sorted({i for r in rates.values() for i in r} - set(impls))
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(cases) + 1.6), dpi=110)
     ax.set_title("training step, images/s (log scale): compare bars within a method\n"
-                 "(each method's bars come from one run; runs differ in machine load)", fontsize=10)
+                 "(BENCHMARKS.md's train_step table: one run, paired rounds)", fontsize=10)
     ax.set_xlabel("images/s (higher is faster)")
     ax.grid(True, which="both", axis="x", alpha=0.3)
     height = 0.8 / len(impls)
     for j, impl in enumerate(impls):
         ys = [i + 0.4 - (j + 0.5) * height for i, c in enumerate(cases) if impl in rates[c]]
         xs = [rates[c][impl] for c in cases if impl in rates[c]]
-        ax.barh(ys, xs, height, label=impl)
+        ax.barh(ys, xs, height, label=f"{impl} ({amps[impl]})" if impl in amps else impl)
     ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 

@@ -43,3 +43,31 @@ def test_the_plots_of_the_committed_tables_are_drawn(tmp_path):
     for name in ("retrieve_pool_size.png", "prompt_conv_prompts.png", "train_step_methods.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+TRAIN_TOY = """
+### train_step: GPLS (bench_train.py, under load)
+| case | impl | median s/step | images/s |
+|---|---|---:|---:|
+| gpls vit_base_patch16_224 B16 | clfast | 9.000 | 1.78 |
+| gpls vit_base_patch16_224 B16 | floor | 4.000 | 4.00 |
+
+<!-- bench:train_step:begin -->
+### train_step
+| case | impl | amp | median s/step | images/s |
+|---|---|---|---:|---:|
+| gpls vit_base_patch16_224 B16 | peer | fp32 | 8.000 | 2.00 |
+| gpls vit_base_patch16_224 B16 | clfast | bf16 | 2.000 | 8.00 |
+<!-- bench:train_step:end -->
+"""
+
+
+def test_the_training_plot_reads_the_one_run_between_the_markers_with_each_precision():
+    """Where the train_step block exists, the bars are its run only (another table of the same case, from another
+    run or machine, must not overwrite or add bars), each configuration labelled with its precision."""
+    rates, amps = plots.train_rates(plots.read_tables(TRAIN_TOY))
+    assert rates == {"gpls vit_base_patch16_224 B16": {"peer": 2.0, "clfast": 8.0}}
+    assert amps == {"peer": "fp32", "clfast": "bf16"}
+    without_block = TRAIN_TOY.split("<!-- bench:train_step:begin -->")[0]
+    rates, amps = plots.train_rates(plots.read_tables(without_block))
+    assert rates == {"gpls vit_base_patch16_224 B16": {"clfast": 1.78, "floor": 4.0}} and amps == {}
