@@ -1,7 +1,7 @@
 """Train-step throughput and peak memory per method, in three configurations side by side, with the backbone's
 floors in the same run.
 
-    clfast bench train [--quick] [-k gpls] [--write]        (also part of ``clfast bench all``, ``make bench``)
+    clfast bench train [--quick] [-k gpls] [--write] [--amp none]     (also in ``clfast bench all``, ``make bench``)
 
 One group per method (:data:`benchmarks.steps.VARIANTS`: ``linear``, ``l2p``, ``dualprompt``, ``coda_prompt``,
 ``gpls``, ``convprompt`` with 10 prompts in use, STAR-Prompt's stage-2 step and its stage-1 step with the paper's
@@ -25,8 +25,8 @@ shipped ``vit_tiny_synth`` and ``clip_tiny_synth``), augmentation on, so no per-
   that autocast wrapped around its step by hand, the official code at the ``clfast`` column's precision.
 
 The floors (group ``train_step floors``): the bare ViT's forward and backward through every block (``floor``), and
-its frozen forward with only a head's backward (``floor_head``), in the engine's default precision (``amp=auto``:
-bf16 autocast where the CPU or GPU computes bf16 natively, fp32 elsewhere); for the VLM the frozen towers, then
+its frozen forward with only a head's backward (``floor_head``), in the run's precision (``--amp``, default the
+engine's ``amp=auto``: bf16 autocast where the CPU or GPU computes bf16 natively, fp32 elsewhere); for the VLM the frozen towers, then
 the fusion encoder's backward through every layer or none (:func:`benchmarks.steps.vlm_floor_fn`), three rounds after
 a warm-up each. Each configuration's own case times one step after a warm-up step, then one more step under
 :func:`benchmarks.harness.peak_memory`, recorded in the figure's ``extra_info`` (``peak_mem_mb``,
@@ -44,6 +44,8 @@ images/s, peak memory, × the method's floor with its rounds' range).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -52,9 +54,17 @@ from benchmarks.harness import PairedRounds, device, peak_memory
 from clfast.engine.config import resolve_amp
 
 
+# the engine's amp for the run (``clfast bench train --amp``): auto (its default: bf16 where the hardware computes
+# it), bf16 or none (fp32); the peer always runs fp32
+AMP = os.environ.get("CLFAST_BENCH_AMP", "auto")
+if AMP not in ("auto", "bf16", "none"):
+    raise ValueError(f"bench_train: CLFAST_BENCH_AMP must be auto, bf16 or none, got {AMP!r}")
+
+
 def _amp_dtype():
-    """The engine's default precision here (amp=auto), as the clfast column runs: bf16 or None (fp32)."""
-    return torch.bfloat16 if resolve_amp(device())[0] == "bf16" else None
+    """The run's precision as the clfast column runs it (:data:`AMP`): bf16 or None (fp32)."""
+    amp = resolve_amp(device())[0] if AMP == "auto" else AMP
+    return torch.bfloat16 if amp == "bf16" else None
 
 
 METHODS = list(steps.VARIANTS)
@@ -76,7 +86,7 @@ def setups():
 def _setup(setups, method: str, quick: bool, tmp_path_factory) -> steps.StepSetup:
     if method not in setups:
         setups[method] = steps.setup(method, quick=quick, batch_size=BATCH[quick],
-                                     out=str(tmp_path_factory.mktemp(method)))
+                                     out=str(tmp_path_factory.mktemp(method)), overrides=(f"amp={AMP}",))
     return setups[method]
 
 

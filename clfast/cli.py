@@ -29,7 +29,14 @@ def cmd_bench(args) -> int:
     bench = _repo_benchmarks()
     results = bench / "results"
     results.mkdir(exist_ok=True)
-    tag = "quick" if args.quick else "full"
+    amp = getattr(args, "amp", "auto")
+    if amp != "auto" and args.suite not in ("train", "all"):
+        return _fail(f"bench: --amp {amp} sets the training steps' precision; suite {args.suite!r} has none "
+                     "(the op suites time each precision side by side)")
+    if amp != "auto" and args.write:
+        return _fail(f"bench: --write with --amp {amp} would replace BENCHMARKS.md's train_step table, which holds "
+                     "amp=auto's run (the engine's default); run without --write and the table is printed")
+    tag = ("quick" if args.quick else "full") + ("" if amp == "auto" else f"_{amp}")
     out_json = results / f"{args.suite}_{tag}.json"
     ops = sorted(str(p) for p in bench.glob("bench_ops*.py"))
     train = [str(bench / "bench_train.py")]
@@ -42,7 +49,7 @@ def cmd_bench(args) -> int:
         cmd.append("--quick")
     if args.k:
         cmd += ["-k", args.k]
-    env = dict(os.environ)
+    env = dict(os.environ, CLFAST_BENCH_AMP=amp)     # bench_train.py's precision (amp=auto: the engine's default)
     rc = subprocess.call(cmd, cwd=bench.parent, env=env)
     if rc != 0:
         return rc
@@ -217,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small shapes only (`all --quick`: at most 3 minutes on 2 idle cores)")
     s.add_argument("-k", default=None, help="pytest -k expression to select cases")
     s.add_argument("--write", action="store_true", help="also write the table into BENCHMARKS.md")
+    s.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                   help="precision of the training steps (train, all): the engine's amp for the reference and clfast "
+                        "configurations, peer_amp and the floors (default auto: bf16 where the hardware computes it, "
+                        "else fp32; none: fp32 everywhere); the peer always runs fp32")
     s.set_defaults(fn=cmd_bench)
     s = sub.add_parser("demo", help="a continual-learning run on the data and backbone that ship with clfast")
     s.add_argument("--method", default=None, help=f"method to run (default: {_default_method()})")

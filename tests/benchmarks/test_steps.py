@@ -112,3 +112,25 @@ def test_peer_amp_is_the_peer_under_the_engines_autocast_and_only_where_it_is_on
     s32 = steps.setup("linear", quick=True, batch_size=4, out=str(tmp_path / "fp32"), overrides=("amp=none",))
     with pytest.raises(ValueError, match="peer_amp"):
         steps.step_fn(s32, "peer_amp")
+
+
+def test_bench_train_takes_the_runs_precision_from_clfast_bench_amp(monkeypatch):
+    """``clfast bench train --amp`` reaches bench_train.py as CLFAST_BENCH_AMP: none is fp32 without peer_amp, bf16
+    times peer_amp too, anything else is refused by name."""
+    import importlib
+
+    from benchmarks import bench_train
+
+    try:
+        monkeypatch.setenv("CLFAST_BENCH_AMP", "none")
+        m = importlib.reload(bench_train)
+        assert m._amp_dtype() is None and m.CONFIGS == list(steps.CONFIGS)
+        monkeypatch.setenv("CLFAST_BENCH_AMP", "bf16")
+        m = importlib.reload(bench_train)
+        assert m._amp_dtype() == torch.bfloat16 and m.CONFIGS == [*steps.CONFIGS, "peer_amp"]
+        monkeypatch.setenv("CLFAST_BENCH_AMP", "fp8")
+        with pytest.raises(ValueError, match="CLFAST_BENCH_AMP must be auto, bf16 or none"):
+            importlib.reload(bench_train)
+    finally:
+        monkeypatch.delenv("CLFAST_BENCH_AMP")
+        importlib.reload(bench_train)

@@ -184,3 +184,20 @@ def test_bench_runs_the_suites_it_names(monkeypatch, suite, want):
     assert kinds == want and "--quick" in pytest_cmd
     assert ("bench_ops.py" in files) == ("ops" in want)
     assert report_cmd[-1].endswith(f"{suite}_quick.json") and os.path.basename(report_cmd[1]) == "report.py"
+
+
+def test_bench_amp_sets_the_training_steps_precision_and_refuses_what_it_cannot_do(monkeypatch, capsys):
+    """`clfast bench train --amp none` runs bench_train.py in fp32 (CLFAST_BENCH_AMP), into its own JSON; it refuses
+    --write (the train_step table holds amp=auto's run) and suites without a training step, naming the option."""
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw.get("env", {}))) or 0)
+    assert main(["bench", "train", "--quick", "--amp", "none"]) == 0
+    (pytest_cmd, env), (report_cmd, _) = calls
+    assert env["CLFAST_BENCH_AMP"] == "none" and report_cmd[-1].endswith("train_quick_none.json")
+    calls.clear()
+    assert main(["bench", "train", "--quick"]) == 0 and calls[0][1]["CLFAST_BENCH_AMP"] == "auto"
+    calls.clear()
+    assert main(["bench", "train", "--amp", "none", "--write"]) == 2
+    assert "--write with --amp none" in capsys.readouterr().err
+    assert main(["bench", "ops", "--amp", "bf16"]) == 2
+    assert "--amp bf16" in capsys.readouterr().err and calls == []
