@@ -26,7 +26,8 @@ shipped ``vit_tiny_synth`` and ``clip_tiny_synth``), augmentation on, so no per-
 
 The floors (group ``train_step floors``): the bare ViT's forward and backward through every block (``floor``), and
 its frozen forward with only a head's backward (``floor_head``), in the run's precision (``--amp``, default the
-engine's ``amp=auto``: bf16 autocast where the CPU or GPU computes bf16 natively, fp32 elsewhere); for the VLM the frozen towers, then
+engine's ``amp=auto``: bf16 autocast where the CPU or GPU computes bf16 natively, fp32 elsewhere); for the VLM the
+frozen towers, then
 the fusion encoder's backward through every layer or none (:func:`benchmarks.steps.vlm_floor_fn`), three rounds after
 a warm-up each. Each configuration's own case times one step after a warm-up step, then one more step under
 :func:`benchmarks.harness.peak_memory`, recorded in the figure's ``extra_info`` (``peak_mem_mb``,
@@ -67,6 +68,11 @@ def _amp_dtype():
     return torch.bfloat16 if amp == "bf16" else None
 
 
+def _amp_name(dtype) -> str:
+    """A precision as the figures' ``amp`` field names it: ``bfloat16``, ``float16`` or ``fp32``."""
+    return str(dtype).replace("torch.", "") if dtype is not None else "fp32"
+
+
 METHODS = list(steps.VARIANTS)
 CONFIGS = list(steps.configs(_amp_dtype()))         # + peer_amp where amp=auto is bf16 here
 BATCH = {False: 16, True: 16}
@@ -87,6 +93,9 @@ def _setup(setups, method: str, quick: bool, tmp_path_factory) -> steps.StepSetu
     if method not in setups:
         setups[method] = steps.setup(method, quick=quick, batch_size=BATCH[quick],
                                      out=str(tmp_path_factory.mktemp(method)), overrides=(f"amp={AMP}",))
+        if setups[method].trainer.amp_dtype != _amp_dtype():     # CONFIGS (peer_amp or not) were chosen for it
+            raise RuntimeError(f"bench_train: {method}'s trainer runs amp {setups[method].trainer.amp_dtype}, the "
+                               f"run's CONFIGS were chosen for {_amp_dtype()} (CLFAST_BENCH_AMP={AMP})")
     return setups[method]
 
 
@@ -119,9 +128,7 @@ def _time(benchmark, fn, rounds: dict, **info) -> None:
 def test_train_step(benchmark, setups, quick, tmp_path_factory, method, config):
     B = BATCH[quick]
     s = _setup(setups, method, quick, tmp_path_factory)
-    if config not in steps.configs(s.trainer.amp_dtype):
-        pytest.skip(f"{config}: the engine's autocast is off in this setup (amp {s.trainer.amp_dtype})")
-    amp = "fp32" if config == "peer" else str(s.trainer.amp_dtype or "fp32").replace("torch.", "")
+    amp = "fp32" if config == "peer" else _amp_name(s.trainer.amp_dtype)
     name, floors = _names(s, method, quick)
     benchmark.group = f"train_step {method} {name} B{B}"
     _time(benchmark, steps.step_fn(s, config), ROUNDS[quick], impl=config, method=method, backbone=name,
@@ -135,7 +142,7 @@ def test_train_step_paired(benchmark, setups, quick, tmp_path_factory, method):
     B = BATCH[quick]
     s = _setup(setups, method, quick, tmp_path_factory)
     name, floors = _names(s, method, quick)
-    fns = {c: steps.step_fn(s, c) for c in steps.configs(s.trainer.amp_dtype)}
+    fns = {c: steps.step_fn(s, c) for c in CONFIGS}
     floor = steps.must_pay_fn(s, method, quick=quick, batch_size=B, amp_dtype=s.trainer.amp_dtype)
     if floor is not None:           # the floor this method's step must pay, in the same rounds
         floor()                     # its warm-up (the configurations had theirs in their own cases)
@@ -143,7 +150,7 @@ def test_train_step_paired(benchmark, setups, quick, tmp_path_factory, method):
     run = PairedRounds(fns)
     benchmark.group = f"train_step {method} {name} B{B}"
     benchmark.extra_info.update(op="train_step", impl="paired", method=method, backbone=name, images=B,
-                                amp=str(s.trainer.amp_dtype or "fp32").replace("torch.", ""), floors=floors,
+                                amp=_amp_name(s.trainer.amp_dtype), floors=floors,
                                 pays="+".join(steps.VARIANTS[method].pays),
                                 threads=torch.get_num_threads(), device=device())
     benchmark.pedantic(run, iterations=1, rounds=PAIRED_ROUNDS[quick], warmup_rounds=0)
@@ -164,4 +171,4 @@ def test_floor(benchmark, quick, floor, vlm):
     dtype = _amp_dtype()
     fn = steps.floor_fn(floor, quick=quick, batch_size=B, vlm=vlm, amp_dtype=dtype)
     _time(benchmark, fn, FLOOR_ROUNDS[quick], impl=floor, method="floors", backbone=name, images=B,
-          amp="bfloat16" if dtype else "fp32", floors=f"{name} B{B}")
+          amp=_amp_name(dtype), floors=f"{name} B{B}")

@@ -207,7 +207,7 @@ def step_fn(s: StepSetup, config: str) -> Callable[[], float]:
     if config == "peer_amp":
         if s.trainer.amp_dtype is None:
             raise ValueError("steps.step_fn: config 'peer_amp' needs the engine's autocast on (amp bf16 or fp16); "
-                             "this setup runs fp32 (amp=auto here: fp32), where it is 'peer'")
+                             "this setup runs fp32, where the peer's own precision is 'peer'")
         return lambda: peers.step(s.method, s.opt, s.batch, s.ctx, amp_dtype=s.trainer.amp_dtype)
     if config not in ("reference", "clfast"):
         raise ValueError(f"steps.step_fn: config must be one of {CONFIGS + AMP_CONFIGS}, got {config!r}")

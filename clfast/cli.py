@@ -29,7 +29,7 @@ def cmd_bench(args) -> int:
     bench = _repo_benchmarks()
     results = bench / "results"
     results.mkdir(exist_ok=True)
-    amp = getattr(args, "amp", "auto")
+    amp = args.amp
     if amp != "auto" and args.suite not in ("train", "all"):
         return _fail(f"bench: --amp {amp} sets the training steps' precision; suite {args.suite!r} has none "
                      "(the op suites time each precision side by side)")
