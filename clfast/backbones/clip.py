@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..ops.attention import fuse_self_attention
 from ..utils.files import sha256_file
 from . import zoo
 from .weights import (WeightsInfo, check_file, close_matches, hf_cached, hub_offline, logger, loud_warning,
@@ -47,7 +48,8 @@ def create_clip(name: str, *, pretrained: Union[bool, str, None] = None, checkpo
         device: where to put the model.
 
     Returns:
-        ``(model, preprocess, tokenizer, weights)``: the model in eval mode, open_clip's validation
+        ``(model, preprocess, tokenizer, weights)``: the model in eval mode (its ``nn.MultiheadAttention``
+        self-attention on clfast's fused op: :func:`clfast.ops.fuse_self_attention`), open_clip's validation
         transform for PIL images, the tokenizer (``tok(texts) -> (N, L) int64``) and a :class:`WeightsInfo`.
 
     Raises:
@@ -91,6 +93,7 @@ def create_clip(name: str, *, pretrained: Union[bool, str, None] = None, checkpo
     else:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=load, device=device)
     model.eval()
+    fuse_self_attention(model)
     tokenizer = zoo.clip_tiny_synth_tokenizer() if name == "clip_tiny_synth" else open_clip.get_tokenizer(name)
     logger.info("create_clip: %s", weights)
     return model, preprocess, tokenizer, weights

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clfast.ops import prefix_attention
+from clfast.ops import fuse_self_attention, prefix_attention
 from clfast.utils.checkpoint_file import latest_task_checkpoint, read_checkpoint, tensor_digest
 from clfast.utils.files import sha256_file
 
@@ -107,7 +107,8 @@ class CLIPTokenTowers(nn.Module):
         clip_model: an open_clip ``CLIP`` or ``CustomTextCLIP`` whose ``visual`` is open_clip's
             ``VisionTransformer`` (no attentional pooler) and whose text tower is open_clip's (``CLIP``'s own
             or a ``TextTransformer``, without a CoCa class token). Frozen (``requires_grad=False``) and kept in
-            eval mode here, whatever a parent's ``.train()``.
+            eval mode here, whatever a parent's ``.train()``; its ``nn.MultiheadAttention`` modules run the fused
+            op (:func:`clfast.ops.fuse_self_attention`, in place: same weights and keys, ~20x faster in bf16).
         image_size: run the image tower at this size (int, square): the grid of position embeddings is
             resampled with open_clip's ``resize_pos_embed`` (bicubic; class token kept) and the model's
             ``image_size``/``grid_size``/preprocess size updated. None keeps the model's size.
@@ -140,6 +141,7 @@ class CLIPTokenTowers(nn.Module):
         if getattr(text, "use_pad_mask", False):
             raise ValueError("CLIPTokenTowers: bidirectional text towers with a pad mask are not supported")
         self.clip = clip_model.requires_grad_(False).eval()
+        fuse_self_attention(self.clip)   # the towers' attention on the fused op (fast under bf16 autocast)
         self.image_width = int(visual.conv1.out_channels)
         self.text_width = int(text.token_embedding.embedding_dim)
         self.context_length = int(text.context_length)

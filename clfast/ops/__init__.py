@@ -3,6 +3,7 @@ torch.library registration and its public function / nn.Module.
 
     clfast.ops.prefix_attention(q, k, v, prefix_k, prefix_v, kv_mask=..., scale=...)
     clfast.ops.PromptedAttention(timm_attention, layer, context)
+    clfast.ops.fuse_self_attention(model)   (nn.MultiheadAttention self-attention -> the fused op, in place)
     clfast.ops.mahalanobis(x, means, prec_chol), clfast.ops.gaussian_kl(mu, log_var, prior_mean, prec_chol)
     clfast.ops.GaussianStats(dim, num_groups)
     clfast.ops.prompt_conv(embeddings, weight, bias, prompt_weights), clfast.ops.PromptConv(...)
@@ -17,7 +18,8 @@ Backends are picked per call (``clfast info`` lists them, ``backend_summary()`` 
 """
 
 from clfast.ops._dispatch import backend_summary, backends, forced_backend, ops as list_ops, select, use_backend
-from clfast.ops.attention import PromptContext, PromptedAttention, prefix_attention
+from clfast.ops.attention import (FusedMultiheadAttention, PromptContext, PromptedAttention, fuse_self_attention,
+                                  prefix_attention)
 from clfast.ops.clustering import kmeans
 from clfast.ops.conv import PromptConv, prompt_conv
 from clfast.ops.gaussian import gaussian_kl, mahalanobis
@@ -31,6 +33,8 @@ __all__ = [
     "prefix_attention",
     "PromptedAttention",
     "PromptContext",
+    "FusedMultiheadAttention",
+    "fuse_self_attention",
     "mahalanobis",
     "gaussian_kl",
     "GaussianStats",

@@ -16,7 +16,7 @@ import open_clip
 import clfast.backbones as B
 from clfast.backbones.vlm import (AnswerHead, CLIPTokenTowers, FusionEncoder, PromptedCrossAttention, create_vlm,
                                   pool_tokens)
-from clfast.ops import use_backend
+from clfast.ops import FusedMultiheadAttention, use_backend
 
 torch.set_num_threads(1)
 
@@ -53,6 +53,15 @@ def vlm():
     return create_vlm("clip_tiny_synth", answers=ANSWERS)
 
 
+def unfused(model):
+    """A copy of ``model`` whose attention is PyTorch's own ``nn.MultiheadAttention`` (the towers fuse theirs)."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is FusedMultiheadAttention:
+            m.__class__ = nn.MultiheadAttention
+    return model
+
+
 def images(n, size=32, seed=0):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -74,11 +83,13 @@ def test_shapes(vlm):
 
 def test_image_tokens_equal_open_clip(any_clip):
     model, _ = any_clip
+    stock = unfused(model)
     towers = CLIPTokenTowers(model)
+    assert any(type(m) is FusedMultiheadAttention for m in towers.visual.modules())
     size = towers.image_size[0]
     x = images(2, size)
     ours = towers.image_tokens(x)
-    v = model.visual
+    v = stock.visual
     v.output_tokens = True
     try:
         with torch.no_grad():
@@ -86,21 +97,23 @@ def test_image_tokens_equal_open_clip(any_clip):
     finally:
         v.output_tokens = False
     assert ours.shape == (2, towers.num_image_tokens, towers.image_width)
-    torch.testing.assert_close(ours[:, 1:], patches, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[:, 1:], patches, rtol=0, atol=1e-5)   # fused attention: fp32 rounding
     torch.testing.assert_close(ours[:, 0] @ v.proj, pooled, rtol=1e-5, atol=1e-6)
 
 
 def test_text_tokens_equal_open_clip(any_clip):
     model, tok = any_clip
+    stock = unfused(model)
     towers = CLIPTokenTowers(model)
+    assert any(type(m) is FusedMultiheadAttention for m in towers.text.modules())
     t = tok(["a red circle", "is there a blue star above the square ?"])
     x, mask, eot = towers.text_tokens(t)
     assert eot.tolist() == t.argmax(-1).tolist()
     with torch.no_grad():
-        ref = model.forward_intermediates(text=t, text_indices=1, normalize_intermediates=True,
+        ref = stock.forward_intermediates(text=t, text_indices=1, normalize_intermediates=True,
                                           intermediates_only=True)["text_intermediates"][-1]
-        emb = model.encode_text(t)
-    torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)
+        emb = stock.encode_text(t)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
     proj = B.clip_text.text_tower(model).text_projection
     pooled = x[torch.arange(2), eot]
     pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
@@ -110,6 +123,30 @@ def test_text_tokens_equal_open_clip(any_clip):
     tt = B.clip_text.text_tower(model)
     torch.testing.assert_close(towers.text_input_embeddings(t), tt.token_embedding(t) + tt.positional_embedding,
                                rtol=0, atol=0)
+
+
+def test_towers_under_bf16_autocast_match_open_clip_in_float32(tiny):
+    """The engine's amp: the frozen towers run bf16 (their fused attention, not PyTorch's module, whose
+    in-projection is a bmm against an L-fold expanded weight under autocast); tokens within bf16 noise."""
+    model, tok = tiny
+    stock, towers = unfused(model), CLIPTokenTowers(copy.deepcopy(model))
+    x, t = images(3), tok(QUESTIONS)
+    with torch.no_grad():
+        v = stock.visual
+        v.output_tokens = True
+        try:
+            want_img = v(B.clip_normalize(x))[1]
+        finally:
+            v.output_tokens = False
+        want_txt = stock.forward_intermediates(text=t, text_indices=1, normalize_intermediates=True,
+                                               intermediates_only=True)["text_intermediates"][-1]
+    with torch.autocast("cpu", torch.bfloat16):
+        img, (txt, pad, _) = towers.image_tokens(x), towers.text_tokens(t)
+    assert img.dtype == torch.bfloat16   # the image stream is bf16 from conv1 on (the text stream stays fp32)
+    scale = max(want_img.abs().max().item(), 1.0)
+    torch.testing.assert_close(img[:, 1:].float(), want_img, rtol=0, atol=0.05 * scale)
+    scale = max(want_txt.abs().max().item(), 1.0)
+    torch.testing.assert_close(txt.float()[pad], want_txt[pad], rtol=0, atol=0.05 * scale)
 
 
 def test_padding_mask_and_pooling_invariant_to_padding_length(tiny):
