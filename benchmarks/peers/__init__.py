@@ -4,6 +4,7 @@ their repositories), for the benchmarks' ``peer`` columns and the tests that che
 - :mod:`.ops`: single ops (prefix attention by concatenation, retrieval by the full similarity matrix, the
   textbook Mahalanobis and KL, GPLS's SVD ELBO, ConvPrompt's per-prompt convolution loop);
 - :mod:`.vit`: the ViT forward of the official codes (naive attention, prompts concatenated);
+- :mod:`.towers`: the frozen open_clip towers' self-attention as the official codes run it;
 - one module per method (``linear``, ``l2p``, ``dualprompt``, ``coda_prompt``, ``gpls``, ``convprompt``,
   ``star_prompt``, ``clumo``), each with ``loss(method, batch, ctx)``: the training loss of a clfast method object
   computed the way the official code computes it, on the method's own parameters (so the two can be compared exactly).

@@ -1,6 +1,7 @@
 """CluMo's training step the way the official code (``clumo``, on ALBEF) computes it, on the clfast VLM: the
-frozen towers run with autograd on (no ``no_grad``: their weights are frozen, so no graph is kept, but nothing is
-skipped either); the key selection in Python loops, one cosine per sample and key; the prompt Π = [G_τ ; P_τ[idx]]
+frozen towers' self-attention as ALBEF's ViT and BERT write it (one qkv matrix product on the batch-first tokens,
+then ``q kᵀ``, mask, softmax, ``· v``; not clfast's fused op, not PyTorch's ``nn.MultiheadAttention``); the key
+selection in Python loops, one cosine per sample and key; the prompt Π = [G_τ ; P_τ[idx]]
 gathered per sample and **concatenated** onto the image memory of every fusion layer before the key/value
 projection, attention written out (``q kᵀ``, mask, softmax, ``· v``); the previous head's forward for the
 distillation; fp32.
@@ -18,6 +19,8 @@ from torch import Tensor
 
 from clfast.backbones.vlm import pool_tokens
 from clfast.methods.vqa_losses import head_distillation, soft_target_ce
+
+from .towers import WrittenOutAttention, attention_as
 
 
 def _attention(attn, x: Tensor, memory: Tensor, mask) -> Tensor:
@@ -63,8 +66,9 @@ def loss(method, batch: dict, ctx) -> Tensor:
         raise ValueError("clumo peer: covers key_pooling=mean with trained prompts")
     vlm, pool, tau = method.vlm, method.pool, int(ctx.task)
     towers = vlm.towers
-    image = towers.image_tokens(batch["image"])                     # autograd on, as the code
-    text, text_mask, eot = towers.text_tokens(batch["question"])
+    with attention_as(towers, WrittenOutAttention):
+        image = towers.image_tokens(batch["image"])
+        text, text_mask, eot = towers.text_tokens(batch["question"])
     emb = towers.text_input_embeddings(batch["question"])
     pad, _ = towers.padding_mask(batch["question"])
     h_v = pool_tokens(image[:, 1:].float(), None, "mean")

@@ -1,6 +1,9 @@
 """STAR-Prompt's training steps the way the official code (``aimagelab/mammoth`` ``starprompt``) computes them
 (spec ``methods/star_prompt.md`` §6), fp32.
 
+The CLIP towers' attention is PyTorch's on ``(L, B, D)`` tokens, as OpenAI's ``clip`` package runs it
+(:class:`.towers.SeqFirstAttention`), not clfast's fused op.
+
 - Stage 1 (level 1): the keys of **every** seen class recomputed by the CLIP text encoder each step, the past ones
   under ``no_grad`` (clfast computes them once per task and caches them), logits over all seen classes with the past
   ones set to −inf.
@@ -17,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import vit
+from .towers import SeqFirstAttention, attention_as
 
 
 def _clip_query(method, images: Tensor) -> Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), attention_as(method.clip, SeqFirstAttention):   # OpenAI's clip package
         return method.clip.encode_image(method.clip_images(images)).float()
 
 
@@ -70,10 +74,11 @@ def stage1_loss(method, batch: dict, ctx) -> Tensor:
     first, stop = ctx.class_range
     q = _clip_query(method, batch["image"])
     enc = method._text_encoder
-    with torch.no_grad():                                        # the past keys, recomputed every step
-        past = (enc(method.context[:first], torch.arange(0, first, device=q.device)).float() if first
-                else q.new_zeros(0, q.shape[1]))
-    current = enc(method.context[first:stop], torch.arange(first, stop, device=q.device)).float()
+    with attention_as(method.clip, SeqFirstAttention):           # OpenAI's clip package
+        with torch.no_grad():                                    # the past keys, recomputed every step
+            past = (enc(method.context[:first], torch.arange(0, first, device=q.device)).float() if first
+                    else q.new_zeros(0, q.shape[1]))
+        current = enc(method.context[first:stop], torch.arange(first, stop, device=q.device)).float()
     keys = torch.cat([past, current])
     logits = method.clip.logit_scale.detach().float().exp() * F.normalize(q, dim=-1) @ keys.T
     logits = torch.cat([torch.full_like(logits[:, :first], float("-inf")), logits[:, first:]], 1)

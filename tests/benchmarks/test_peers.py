@@ -85,6 +85,27 @@ def test_peer_loss_and_gradients_equal_the_reference_backend(name, extra, tmp_pa
     assert [p.requires_grad for p in m.parameters()] == flags, f"{name}: the peer changed what trains"
 
 
+@pytest.mark.parametrize("name", ["clumo", "star_prompt", "star_prompt_stage1_last"])
+def test_peer_runs_the_clip_towers_attention_as_the_official_code(name, tmp_path, monkeypatch):
+    """The open_clip towers' attention in the peers is the official codes' (ALBEF's written out for CluMo,
+    OpenAI CLIP's for STAR-Prompt), not clfast's fused op (which the towers run otherwise), and the towers get
+    their own modules back after the step."""
+    from clfast.ops import attention
+
+    s = make(name, tmp_path, 2, "amp=none")
+    m = s.method
+    towers = m.vlm.towers if name == "clumo" else m.clip
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the peer ran clfast's fused attention")
+
+    monkeypatch.setattr(attention, "prefix_attention", forbidden)
+    monkeypatch.setattr(attention.FusedMultiheadAttention, "forward", forbidden)
+    assert torch.isfinite(peers.loss_fn(m)(m, s.batch, s.ctx))
+    mha = [x for x in towers.modules() if isinstance(x, torch.nn.MultiheadAttention)]
+    assert mha and all(type(x) is attention.FusedMultiheadAttention for x in mha)
+
+
 def test_peer_step_trains_and_drops_gradients_outside_the_optimizer(tmp_path):
     """peers.step: a real optimizer step on the method's parameters (they move), the CODA-Prompt ViT's gradients,
     which the peer computes as the official code does, dropped afterwards."""
