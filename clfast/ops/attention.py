@@ -479,7 +479,8 @@ class PromptedAttention(torch.nn.Module):
 class FusedMultiheadAttention(torch.nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose batch-first self-attention runs :func:`prefix_attention` (no prefix).
 
-    Same parameters, state-dict keys and results as the module it replaces (see :func:`fuse_self_attention`);
+    Same parameters and state-dict keys as the module it replaces, and its results up to rounding (see
+    :func:`fuse_self_attention`);
     any call it does not cover — cross-attention, ``need_weights=True``, ``key_padding_mask``, attention
     dropout while training, separate k/v projections, ``bias_k`` or ``add_zero_attn`` — runs PyTorch's own
     forward. With an ``attn_mask`` (or ``is_causal``) the attention itself is SDPA.
