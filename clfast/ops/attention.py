@@ -480,10 +480,9 @@ class FusedMultiheadAttention(torch.nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose batch-first self-attention runs :func:`prefix_attention` (no prefix).
 
     Same parameters and state-dict keys as the module it replaces, and its results up to rounding (see
-    :func:`fuse_self_attention`);
-    any call it does not cover — cross-attention, ``need_weights=True``, ``key_padding_mask``, attention
-    dropout while training, separate k/v projections, ``bias_k`` or ``add_zero_attn`` — runs PyTorch's own
-    forward. With an ``attn_mask`` (or ``is_causal``) the attention itself is SDPA.
+    :func:`fuse_self_attention`); any call it does not cover — cross-attention, ``need_weights=True``,
+    ``key_padding_mask``, attention dropout while training, separate k/v projections, ``bias_k`` or
+    ``add_zero_attn`` — runs PyTorch's own forward. With an ``attn_mask`` (or ``is_causal``) the attention itself is SDPA.
 
     Why: PyTorch's module transposes a batch-first input to ``(L, B, D)`` before its in-projection, and that
     strided 3-D ``linear`` becomes a ``bmm`` against the weight copied ``L`` times whenever it cannot be folded
