@@ -1,7 +1,7 @@
 """Turn a pytest-benchmark JSON file into the ratio tables of BENCHMARKS.md (op tables, and the per-method
 training-step table of bench_train.py).
 
-    python benchmarks/report.py benchmarks/results/ops_full.json [--write] [--allow-dirty]
+    python benchmarks/report.py benchmarks/results/ops_full.json [--write] [--allow-dirty] [--train-block NAME]
 
 Each group is one case (op, shape, dtype, mode); within it every implementation's median is quoted with
 its speed-up over ``peer`` (the way the official codes compute it) and over ``torch`` (the best stock
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -267,7 +268,12 @@ def main(argv=None) -> int:
     p.add_argument("--allow-dirty", action="store_true",
                    help="let --write quote results measured in a tree with uncommitted changes")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--train-block", default="train_step", metavar="NAME",
+                   help="the markers the training-step table goes between (default train_step, the engine's default "
+                        "amp; `clfast bench train --amp none` names train_step_fp32)")
     args = p.parse_args(argv)
+    if not re.fullmatch(r"[\w-]+", args.train_block):
+        p.error(f"--train-block: expected a marker name of letters, digits, '_' or '-', got {args.train_block!r}")
     data = json.loads(args.json.read_text())
     sha, dirty = commit(data)
     if dirty and args.write and not args.allow_dirty:
@@ -284,9 +290,10 @@ def main(argv=None) -> int:
         return 1
     print(head)
     for op, tab in tabs.items():
-        print(f"\n## {op}\n{tab}")
+        name = args.train_block if op == "train_step" else op
+        print(f"\n## {name}\n{tab}")
         if args.write:
-            write(args.out, op, f"### {op}\n\n{head}\n\n{tab}")
+            write(args.out, name, f"### {name}\n\n{head}\n\n{tab}")
     if args.write:
         print(f"\nwritten to {args.out}")
     return 0

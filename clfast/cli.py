@@ -33,9 +33,13 @@ def cmd_bench(args) -> int:
     if amp != "auto" and args.suite not in ("train", "all"):
         return _fail(f"bench: --amp {amp} sets the training steps' precision; suite {args.suite!r} has none "
                      "(the op suites time each precision side by side)")
-    if amp != "auto" and args.write:
-        return _fail(f"bench: --write with --amp {amp} would replace BENCHMARKS.md's train_step table, which holds "
-                     "amp=auto's run (the engine's default); run without --write and the table is printed")
+    if amp == "bf16" and args.write:
+        return _fail("bench: --write with --amp bf16 would replace BENCHMARKS.md's train_step table, which holds "
+                     "amp=auto's run (the engine's default: bf16 where the hardware computes it); run without "
+                     "--write and the table is printed")
+    if args.k and args.write:
+        return _fail(f"bench: --write with -k {args.k!r} would replace BENCHMARKS.md's tables with the selected "
+                     "cases only; run the whole suite to write, or drop --write and the table is printed")
     tag = ("quick" if args.quick else "full") + ("" if amp == "auto" else f"_{amp}")
     out_json = results / f"{args.suite}_{tag}.json"
     ops = sorted(str(p) for p in bench.glob("bench_ops*.py"))
@@ -56,6 +60,8 @@ def cmd_bench(args) -> int:
     report = [sys.executable, str(bench / "report.py"), str(out_json)]
     if args.write:
         report.append("--write")
+    if amp == "none":       # fp32 everywhere: its own table beside amp=auto's (``train_step_fp32``)
+        report += ["--train-block", "train_step_fp32"]
     return subprocess.call(report, cwd=bench.parent)
 
 
@@ -223,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true",
                    help="small shapes only (`all --quick`: at most 3 minutes on 2 idle cores)")
     s.add_argument("-k", default=None, help="pytest -k expression to select cases")
-    s.add_argument("--write", action="store_true", help="also write the table into BENCHMARKS.md")
+    s.add_argument("--write", action="store_true",
+                   help="also write the tables into BENCHMARKS.md (the whole suite only, not with -k; the training "
+                        "steps of --amp none into their own table, train_step_fp32)")
     s.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
                    help="precision of the training steps (train, all): the engine's amp for the reference and clfast "
                         "configurations, peer_amp and the floors (default auto: bf16 where the hardware computes it, "

@@ -3,6 +3,7 @@ vs peer, × the floors of the same backbone and batch) and the peak-memory probe
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -188,3 +189,36 @@ def test_paired_rounds_alternate_the_order():
         run()
     assert order == ["peer", "reference", "clfast", "clfast", "reference", "peer", "peer", "reference", "clfast"]
     assert {k: len(v) for k, v in run.seconds.items()} == {"peer": 3, "reference": 3, "clfast": 3}
+
+
+def _results(tmp_path, dirty=False):
+    data = {"commit_info": {"id": "0123456789abcdef", "dirty": dirty}, "datetime": "2026-12-07T00:00:00",
+            "benchmarks": [bench("train_step l2p vit B16", "peer", 8.0, method="l2p"),
+                           bench("train_step l2p vit B16", "clfast", 2.0, method="l2p")]}
+    path = tmp_path / ("dirty.json" if dirty else "results.json")
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_write_puts_the_fp32_run_between_its_own_markers_and_keeps_the_default_table(tmp_path, capsys):
+    """`clfast bench train --amp none --write` names ``--train-block train_step_fp32``: its table goes between those
+    markers, amp=auto's ``train_step`` table and the text around both stay as they were; a second write replaces
+    the block in place. Results measured in a dirty tree are refused without --allow-dirty, a marker name that
+    the plots could not read is refused by name."""
+    out = tmp_path / "BENCHMARKS.md"
+    kept = "<!-- bench:train_step:begin -->\n### train_step\n\nthe bf16 run\n<!-- bench:train_step:end -->\n"
+    out.write_text(f"# clfast benchmarks\n\nprose before\n\n{kept}\nprose after\n")
+    results = _results(tmp_path)
+    assert report.main([str(results), "--write", "--out", str(out), "--train-block", "train_step_fp32"]) == 0
+    text = out.read_text()
+    assert kept in text and "prose before" in text and "prose after" in text
+    block = text.split("<!-- bench:train_step_fp32:begin -->\n", 1)[1].split("<!-- bench:train_step_fp32:end -->")[0]
+    assert block.startswith("### train_step_fp32\n") and "Commit: 0123456." in block
+    assert rows_of(block)[("l2p vit B16", "clfast")][:2] == ["2.000", "8.00"]
+    assert report.main([str(results), "--write", "--out", str(out), "--train-block", "train_step_fp32"]) == 0
+    assert out.read_text() == text     # rewritten in place, not appended again
+    assert report.main([str(_results(tmp_path, dirty=True)), "--write", "--out", str(out)]) == 2
+    assert "uncommitted changes" in capsys.readouterr().err and out.read_text() == text
+    with pytest.raises(SystemExit):
+        report.main([str(results), "--write", "--out", str(out), "--train-block", "train step"])
+    assert "--train-block" in capsys.readouterr().err

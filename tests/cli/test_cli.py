@@ -187,17 +187,28 @@ def test_bench_runs_the_suites_it_names(monkeypatch, suite, want):
 
 
 def test_bench_amp_sets_the_training_steps_precision_and_refuses_what_it_cannot_do(monkeypatch, capsys):
-    """`clfast bench train --amp none` runs bench_train.py in fp32 (CLFAST_BENCH_AMP), into its own JSON; it refuses
-    --write (the train_step table holds amp=auto's run) and suites without a training step, naming the option."""
+    """`clfast bench train --amp none` runs bench_train.py in fp32 (CLFAST_BENCH_AMP), into its own JSON and, with
+    --write, its own table (train_step_fp32: the train_step table holds amp=auto's run); it refuses --write with
+    --amp bf16 or with -k (a part of the suite would replace a whole table) and suites without a training step,
+    naming the option."""
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw.get("env", {}))) or 0)
     assert main(["bench", "train", "--quick", "--amp", "none"]) == 0
     (pytest_cmd, env), (report_cmd, _) = calls
-    assert env["CLFAST_BENCH_AMP"] == "none" and report_cmd[-1].endswith("train_quick_none.json")
+    assert env["CLFAST_BENCH_AMP"] == "none" and report_cmd[2].endswith("train_quick_none.json")
+    assert report_cmd[3:] == ["--train-block", "train_step_fp32"]      # printed under that name
     calls.clear()
     assert main(["bench", "train", "--quick"]) == 0 and calls[0][1]["CLFAST_BENCH_AMP"] == "auto"
     calls.clear()
-    assert main(["bench", "train", "--amp", "none", "--write"]) == 2
-    assert "--write with --amp none" in capsys.readouterr().err
+    assert main(["bench", "train", "--amp", "none", "--write"]) == 0
+    report_cmd = calls[1][0]
+    assert report_cmd[-3:] == ["--write", "--train-block", "train_step_fp32"]
+    calls.clear()
+    assert main(["bench", "train", "--write"]) == 0 and "--train-block" not in calls[1][0]
+    calls.clear()
+    assert main(["bench", "train", "--amp", "bf16", "--write"]) == 2
+    assert "--write with --amp bf16" in capsys.readouterr().err
+    assert main(["bench", "train", "-k", "gpls", "--write"]) == 2
+    assert "--write with -k 'gpls'" in capsys.readouterr().err
     assert main(["bench", "ops", "--amp", "bf16"]) == 2
     assert "--amp bf16" in capsys.readouterr().err and calls == []
