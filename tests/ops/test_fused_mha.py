@@ -133,3 +133,97 @@ def test_fuse_keeps_modules_parameters_and_state_dict_keys():
     assert type(restored[0]) is FusedMultiheadAttention
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         fuse_self_attention("not a model")
+
+
+# masked_attention: the masked self-attention of the CLIP text tower, explicit on the CPU in bf16
+
+def _heads(B, H, L, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, L, d, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _float_mask(L, kind):
+    if kind == "causal_float":
+        return torch.full((L, L), float("-inf"), dtype=torch.float64).triu(1)
+    if kind == "holes":     # -inf here and there, never a whole row
+        g = torch.Generator().manual_seed(L)
+        m = torch.randn(L, L, generator=g, dtype=torch.float64)
+        m[torch.rand(L, L, generator=g) < 0.3] = float("-inf")
+        m[:, 0] = 0.0
+        return m
+    return causal(L, "random")
+
+
+def _sdpa_spy(monkeypatch):
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("B,H,L,d", [(3, 5, 13, 8), (1, 2, 77, 16), (2, 3, 1, 4), (4, 1, 31, 12)])
+@pytest.mark.parametrize("mask", ["is_causal", "causal_float", "holes", "random"])
+def test_masked_attention_in_bf16_on_the_cpu_runs_explicitly_and_matches_float64(monkeypatch, B, H, L, d, mask):
+    """bf16 on the CPU: no SDPA call, and the output and the three input gradients within bf16 rounding of SDPA
+    in float64 (the output measured at 1–2 % of its scale, as SDPA's own bf16 kernel)."""
+    from clfast.ops.attention import masked_attention
+
+    q, k, v = _heads(B, H, L, d, seed=B * L + d)
+    m = None if mask == "is_causal" else _float_mask(L, mask)
+    causal_ = mask == "is_causal"
+    ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=m, is_causal=causal_)
+    g = torch.randn_like(want)
+    want.backward(g)
+    calls = _sdpa_spy(monkeypatch)
+    got_in = [t.bfloat16().requires_grad_(True) for t in (q, k, v)]
+    got = masked_attention(*got_in, None if m is None else m.bfloat16(), is_causal=causal_)
+    got.backward(g.bfloat16())
+    assert calls == [] and got.dtype == torch.bfloat16 and got.shape == want.shape
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=0.02, atol=0.02 * scale)
+    for name, a, b in zip("qkv", got_in, ref):
+        err = (a.grad.double() - b.grad).abs().max().item() / max(b.grad.abs().max().item(), 1e-6)
+        assert err < 0.03, f"d{name}: relative error {err:.3g}"    # (dk is 0 at L = 1: one key, no choice)
+
+
+def test_masked_attention_leaves_fp32_long_scores_and_keyless_rows_to_sdpa(monkeypatch):
+    """SDPA where the explicit form is not measured faster (fp32), where its scores would exceed
+    EXPLICIT_MAX_SCORES, and where a row has no key (SDPA's zeros there, not softmax's NaN)."""
+    from clfast.ops import attention
+    from clfast.ops.attention import masked_attention
+
+    calls = _sdpa_spy(monkeypatch)
+    q, k, v = (t.float() for t in _heads(2, 3, 9, 4, seed=1))
+    masked_attention(q, k, v, None, is_causal=True)
+    assert len(calls) == 1 and calls[0]["is_causal"]
+    qb, kb, vb = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
+    monkeypatch.setattr(attention, "EXPLICIT_MAX_SCORES", 2 * 3 * 9 * 9 - 1)
+    masked_attention(qb, kb, vb, None, is_causal=True)
+    assert len(calls) == 2
+    monkeypatch.setattr(attention, "EXPLICIT_MAX_SCORES", 1 << 25)
+    m = torch.zeros(9, 9, dtype=torch.bfloat16)
+    m[4] = float("-inf")
+    out = masked_attention(qb, kb, vb, m)
+    assert len(calls) == 3
+    assert torch.equal(out[:, :, 4], torch.zeros_like(out[:, :, 4])) and out.isfinite().all()
+    out.sum().backward()
+    assert all(t.grad.isfinite().all() for t in (qb, kb, vb))
+
+
+def test_the_text_towers_causal_attention_under_bf16_autocast_skips_sdpa():
+    """The case it was written for: a frozen CLIP text block (causal float mask) under bf16 autocast runs no SDPA
+    kernel, and stays within bf16 rounding of the float64 module."""
+    stock, fused = (m.requires_grad_(False) for m in pair(64, 4, dtype=torch.float32))
+    ref = copy.deepcopy(stock).double()
+    x = torch.randn(3, 21, 64)
+    m = causal(21, "float")
+    xb = x.bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), torch.profiler.profile() as prof:
+        got = fused(xb, xb, xb, need_weights=False, attn_mask=m.float())[0]
+    keys = {e.key for e in prof.key_averages()}
+    assert "aten::baddbmm" in keys and not any("scaled_dot_product" in key for key in keys)
+    with torch.no_grad():
+        want = ref(x.double(), x.double(), x.double(), need_weights=False, attn_mask=m)[0]
+    torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05)
