@@ -491,20 +491,23 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
     as a ``baddbmm``, a softmax and a ``bmm`` (fwd+bwd on an AMD EPYC with AVX512-BF16, 2 threads: 23.2 against
     5.0 ms at B 10, H 12, L 77, d 64; 61.5 against 27.2 ms at B 16, L 197; 119 against 40 ms at B 4, L 577; its
     backward alone is 3× its fp32 one), with errors against float64 of the same size. There, while the scores fit
-    in :data:`EXPLICIT_MAX_SCORES` elements and no row is fully masked, the attention runs explicitly; everywhere
-    else (fp32, GPUs, longer sequences) it is SDPA."""
+    in :data:`EXPLICIT_MAX_SCORES` elements, the attention runs explicitly (without a data-dependent branch, so
+    ``torch.compile`` traces it whole); everywhere else (fp32, GPUs, longer sequences) it is SDPA."""
     B, H, L, d = q.shape
     S = k.shape[-2]
     if not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and B * H * L * S <= EXPLICIT_MAX_SCORES):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-    if is_causal:       # SDPA's causal mask: aligned at the top left
+    keyless = None
+    if is_causal:       # SDPA's causal mask: aligned at the top left (row i sees keys 0..i: never keyless)
         attn_mask = torch.zeros(L, S, dtype=q.dtype, device=q.device).masked_fill_(
             torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    elif bool(torch.isneginf(attn_mask).all(-1).any()):    # a row with no key: SDPA's zeros, not softmax's NaN
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    else:               # a row with no key: SDPA's zeros (and zero gradients), not softmax's NaN; no branch on data
+        keyless = torch.isneginf(attn_mask).all(-1, keepdim=True)
+        attn_mask = attn_mask.masked_fill(keyless, 0.0)
     scores = torch.baddbmm(attn_mask.expand(B * H, L, S), q.reshape(B * H, L, d),
                            k.reshape(B * H, S, d).transpose(1, 2), alpha=d ** -0.5)
-    return torch.bmm(scores.softmax(-1), v.reshape(B * H, S, v.shape[-1])).view(B, H, L, v.shape[-1])
+    out = torch.bmm(scores.softmax(-1), v.reshape(B * H, S, v.shape[-1])).view(B, H, L, v.shape[-1])
+    return out if keyless is None else out.masked_fill(keyless, 0.0)
 
 
 class FusedMultiheadAttention(torch.nn.MultiheadAttention):

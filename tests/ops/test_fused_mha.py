@@ -188,9 +188,9 @@ def test_masked_attention_in_bf16_on_the_cpu_runs_explicitly_and_matches_float64
         assert err < 0.03, f"d{name}: relative error {err:.3g}"    # (dk is 0 at L = 1: one key, no choice)
 
 
-def test_masked_attention_leaves_fp32_long_scores_and_keyless_rows_to_sdpa(monkeypatch):
-    """SDPA where the explicit form is not measured faster (fp32), where its scores would exceed
-    EXPLICIT_MAX_SCORES, and where a row has no key (SDPA's zeros there, not softmax's NaN)."""
+def test_masked_attention_leaves_fp32_and_long_scores_to_sdpa(monkeypatch):
+    """SDPA where the explicit form is not measured faster (fp32) and where its scores would exceed
+    EXPLICIT_MAX_SCORES."""
     from clfast.ops import attention
     from clfast.ops.attention import masked_attention
 
@@ -198,18 +198,41 @@ def test_masked_attention_leaves_fp32_long_scores_and_keyless_rows_to_sdpa(monke
     q, k, v = (t.float() for t in _heads(2, 3, 9, 4, seed=1))
     masked_attention(q, k, v, None, is_causal=True)
     assert len(calls) == 1 and calls[0]["is_causal"]
-    qb, kb, vb = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
     monkeypatch.setattr(attention, "EXPLICIT_MAX_SCORES", 2 * 3 * 9 * 9 - 1)
     masked_attention(qb, kb, vb, None, is_causal=True)
     assert len(calls) == 2
-    monkeypatch.setattr(attention, "EXPLICIT_MAX_SCORES", 1 << 25)
-    m = torch.zeros(9, 9, dtype=torch.bfloat16)
+    monkeypatch.setattr(attention, "EXPLICIT_MAX_SCORES", 2 * 3 * 9 * 9)
+    masked_attention(qb, kb, vb, None, is_causal=True)
+    assert len(calls) == 2
+
+
+def test_masked_attention_gives_keyless_rows_sdpas_zeros_and_zero_gradients(monkeypatch):
+    """A row whose keys are all masked: zeros out and no gradient from it (SDPA's answer), not softmax's NaN; the
+    other rows as SDPA's in float64; and no data-dependent branch (torch.compile traces it in one graph)."""
+    from clfast.ops.attention import masked_attention
+
+    q, k, v = _heads(2, 3, 9, 4, seed=2)
+    m = torch.randn(9, 9, dtype=torch.float64)
     m[4] = float("-inf")
-    out = masked_attention(qb, kb, vb, m)
-    assert len(calls) == 3
-    assert torch.equal(out[:, :, 4], torch.zeros_like(out[:, :, 4])) and out.isfinite().all()
-    out.sum().backward()
-    assert all(t.grad.isfinite().all() for t in (qb, kb, vb))
+    ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=m)
+    g = torch.randn_like(want)
+    want.backward(g)
+    calls = _sdpa_spy(monkeypatch)
+    got_in = [t.bfloat16().requires_grad_(True) for t in (q, k, v)]
+    got = masked_attention(*got_in, m.bfloat16())
+    got.backward(g.bfloat16())
+    assert calls == [] and torch.equal(got[:, :, 4], torch.zeros_like(got[:, :, 4]))
+    assert torch.equal(want[:, :, 4].detach(), torch.zeros_like(want[:, :, 4]))
+    torch.testing.assert_close(got.double(), want.detach(), rtol=0.02, atol=0.02 * want.abs().max().item())
+    assert torch.equal(got_in[0].grad[:, :, 4], torch.zeros_like(got_in[0].grad[:, :, 4]))
+    for a, b in zip(got_in, ref):
+        assert a.grad.isfinite().all()
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0.03, atol=0.03 * b.grad.abs().max().item())
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(masked_attention)(*(t.detach() for t in got_in), m.bfloat16())
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
 def test_the_text_towers_causal_attention_under_bf16_autocast_skips_sdpa():
