@@ -487,10 +487,10 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
     :class:`FusedMultiheadAttention` (CLIP's text tower). SDPA's results, rows whose keys are all masked included
     (zeros).
 
-    On the CPU in bf16, PyTorch's SDPA kernel (its flash-attention CPU path) is 2–5× slower than the same attention
-    as a ``baddbmm``, a softmax and a ``bmm`` (fwd+bwd on an AMD EPYC with AVX512-BF16, 2 threads: 23.2 against
-    5.0 ms at B 10, H 12, L 77, d 64; 61.5 against 27.2 ms at B 16, L 197; 119 against 40 ms at B 4, L 577; its
-    backward alone is 3× its fp32 one), with errors against float64 of the same size. There, while the scores fit
+    On the CPU in bf16, PyTorch's SDPA kernel (its flash-attention CPU path) is slower than the same attention
+    as a ``baddbmm``, a softmax and a ``bmm``: 3.5–6× fwd+bwd and 1.6–2.2× forward at B 10–100, H 12, L 77–197,
+    d 64 on an AMD EPYC with AVX512-BF16, 2 threads (bench_ops.py's ``masked_attention`` cases; SDPA's bf16
+    backward there is about 3× its fp32 one), with errors against float64 of the same size. There, while the scores fit
     in :data:`EXPLICIT_MAX_SCORES` elements, the attention runs explicitly (without a data-dependent branch, so
     ``torch.compile`` traces it whole); everywhere else (fp32, GPUs, longer sequences) it is SDPA."""
     B, H, L, d = q.shape
