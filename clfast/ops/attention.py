@@ -491,8 +491,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
     as a ``baddbmm``, a softmax and a ``bmm``: 3.5–6× fwd+bwd and 1.6–2.2× forward at B 10–100, H 12, L 77–197,
     d 64 on an AMD EPYC with AVX512-BF16, 2 threads (bench_ops.py's ``masked_attention`` cases; SDPA's bf16
     backward there is about 3× its fp32 one), with errors against float64 of the same size. There, while the scores fit
-    in :data:`EXPLICIT_MAX_SCORES` elements, the attention runs explicitly (without a data-dependent branch, so
-    ``torch.compile`` traces it whole); everywhere else (fp32, GPUs, longer sequences) it is SDPA."""
+    in :data:`EXPLICIT_MAX_SCORES` elements, the attention runs explicitly (``torch.compile`` traces it in one
+    graph); everywhere else (fp32, GPUs, longer sequences) it is SDPA."""
     B, H, L, d = q.shape
     S = k.shape[-2]
     if not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and B * H * L * S <= EXPLICIT_MAX_SCORES):
@@ -501,9 +501,15 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
     if is_causal:       # SDPA's causal mask: aligned at the top left (row i sees keys 0..i: never keyless)
         attn_mask = torch.zeros(L, S, dtype=q.dtype, device=q.device).masked_fill_(
             torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    else:               # a row with no key: SDPA's zeros (and zero gradients), not softmax's NaN; no branch on data
+    else:
+        # A row with no key gets SDPA's zeros (and zero gradients), not softmax's NaN: its mask row set finite, its
+        # output row zeroed. That fill costs a pass over the output (4–30 % of the call at text-tower shapes), so eager
+        # calls pay it only when such a row exists; a compiled graph takes it always (no branch on data; fused there).
         keyless = torch.isneginf(attn_mask).all(-1, keepdim=True)
-        attn_mask = attn_mask.masked_fill(keyless, 0.0)
+        if torch.compiler.is_compiling() or bool(keyless.any()):
+            attn_mask = attn_mask.masked_fill(keyless, 0.0)
+        else:
+            keyless = None
     scores = torch.baddbmm(attn_mask.expand(B * H, L, S), q.reshape(B * H, L, d),
                            k.reshape(B * H, S, d).transpose(1, 2), alpha=d ** -0.5)
     out = torch.bmm(scores.softmax(-1), v.reshape(B * H, S, v.shape[-1])).view(B, H, L, v.shape[-1])

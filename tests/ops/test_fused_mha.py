@@ -209,7 +209,8 @@ def test_masked_attention_leaves_fp32_and_long_scores_to_sdpa(monkeypatch):
 
 def test_masked_attention_gives_keyless_rows_sdpas_zeros_and_zero_gradients(monkeypatch):
     """A row whose keys are all masked: zeros out and no gradient from it (SDPA's answer), not softmax's NaN; the
-    other rows as SDPA's in float64; and no data-dependent branch (torch.compile traces it in one graph)."""
+    other rows as SDPA's in float64; eager calls check for such rows, a compiled graph fills them without a branch
+    on data (torch.compile traces it in one graph)."""
     from clfast.ops.attention import masked_attention
 
     q, k, v = _heads(2, 3, 9, 4, seed=2)
