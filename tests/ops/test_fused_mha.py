@@ -144,7 +144,7 @@ def _heads(B, H, L, d, seed):
 
 def _float_mask(L, kind):
     if kind == "causal_float":
-        return torch.full((L, L), float("-inf"), dtype=torch.float64).triu(1)
+        return causal(L, "float")
     if kind == "holes":     # -inf here and there, never a whole row
         g = torch.Generator().manual_seed(L)
         m = torch.randn(L, L, generator=g, dtype=torch.float64)
